@@ -1,0 +1,54 @@
+//! The sluice control plane: sources, the config pipeline, and the commands of the `sluice`
+//! binary.
+
+pub mod file_source;
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use sluice_translator::diagnostic::Diagnostic;
+use sluice_translator::envoy::{ProxyResources, Resource, translate_sidecar};
+use sluice_translator::snapshot::Snapshot;
+
+/// A loaded config: the snapshot of every accepted object and every diagnostic on the way.
+pub struct LoadedConfig {
+    /// The validated snapshot.
+    pub snapshot: Snapshot,
+    /// Errors (rejected objects) and warnings, sorted by origin.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Loads files and directories into a snapshot.
+pub fn load_config(paths: &[PathBuf]) -> LoadedConfig {
+    let (objects, mut diagnostics) = file_source::load(paths);
+    let (snapshot, more) = Snapshot::build(objects);
+    diagnostics.extend(more);
+    diagnostics.sort();
+    diagnostics.dedup();
+    LoadedConfig { snapshot, diagnostics }
+}
+
+/// Failure to produce a proxy's config.
+#[derive(Debug, thiserror::Error)]
+pub enum TranslateError {
+    /// Bad node id.
+    #[error(transparent)]
+    Node(#[from] sluice_translator::envoy::NodeError),
+    /// A generated resource does not fit Envoy's API (a sluice bug).
+    #[error("generated resource rejected by Envoy's API: {0}")]
+    Codec(#[from] sluice_xds::codec::CodecError),
+}
+
+/// The proxy's resources as an Envoy `/config_dump`, plus translation warnings.
+pub fn translate_config_dump(snapshot: &Snapshot, node_id: &str) -> Result<(Value, ProxyResources), TranslateError> {
+    let resources = translate_sidecar(snapshot, node_id)?;
+    let named = |list: &[Resource]| list.iter().map(|r| (r.name.clone(), r.body.clone())).collect::<Vec<_>>();
+    let dump = sluice_xds::config_dump::config_dump(
+        "1",
+        &named(&resources.listeners),
+        &named(&resources.routes),
+        &named(&resources.clusters),
+        &named(&resources.endpoints),
+    )?;
+    Ok((dump, resources))
+}

@@ -1,0 +1,33 @@
+//! Golden tests: each Bookinfo example (base + variant) for a proxy → Envoy config dump JSON,
+//! compared with `tests/golden/<case>.json`. To accept intended changes:
+//! `SLUICE_UPDATE_GOLDEN=1 cargo test -p sluice-controlplane --test golden`.
+
+mod common;
+
+use sluice_controlplane::{load_config, translate_config_dump};
+use sluice_translator::diagnostic::Severity;
+
+#[test]
+fn examples_match_golden_files() {
+    let update = std::env::var_os("SLUICE_UPDATE_GOLDEN").is_some();
+    let dir = common::root().join("controlplane/tests/golden");
+    let mut mismatches = Vec::new();
+    for (name, paths, node) in common::cases() {
+        let loaded = load_config(&paths);
+        let errors: Vec<_> = loaded.diagnostics.iter().filter(|d| d.severity == Severity::Error).collect();
+        assert!(errors.is_empty(), "{name}: example config has errors: {errors:#?}");
+        let (dump, _) = translate_config_dump(&loaded.snapshot, node).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let text = serde_json::to_string_pretty(&dump).expect("json") + "\n";
+        let file = dir.join(format!("{name}.json"));
+        if update {
+            std::fs::write(&file, &text).expect("write golden");
+            continue;
+        }
+        let expected = std::fs::read_to_string(&file).unwrap_or_default();
+        if expected != text {
+            mismatches.push(name.clone());
+            pretty_assertions::assert_eq!(expected, text, "golden mismatch for {name} ({})", file.display());
+        }
+    }
+    assert!(mismatches.is_empty(), "golden mismatches: {mismatches:?}");
+}

@@ -1,0 +1,338 @@
+//! CDS: outbound clusters per service port and subset with DestinationRule traffic policy,
+//! inbound clusters for the proxy's own workload, and Istio's passthrough/blackhole clusters.
+
+use serde_json::{Map, Value, json};
+
+use super::proxy::Proxy;
+use super::{Resource, address, ads_source, inbound_cluster_name, outbound_cluster_name, typed};
+use crate::model::IstioObject;
+use crate::model::common::Protocol;
+use crate::model::destination_rule::{
+    ConnectionPoolSettings, DestinationRuleSpec, LoadBalancerSettings, OutlierDetection, SimpleLb, TrafficPolicy,
+};
+use crate::snapshot::{
+    MeshService, ROOT_NAMESPACE, ServicePort, ServiceResolution, exported_to, host_matches, resolve_host,
+};
+
+/// Istio's default connect timeout.
+const CONNECT_TIMEOUT: &str = "10s";
+/// "No limit" as Istio writes circuit breaker thresholds.
+const UNLIMITED: u64 = 4_294_967_295;
+
+/// The DestinationRule that applies to `fqdn` for this proxy: Istio looks in the proxy's
+/// namespace, then the service's, then the root namespace; an exact host beats a wildcard.
+pub(super) fn destination_rule<'a>(
+    proxy: &Proxy<'a>,
+    service: &MeshService,
+) -> Option<&'a IstioObject<DestinationRuleSpec>> {
+    let ns = &proxy.node.namespace;
+    let candidates: Vec<_> = proxy
+        .snapshot
+        .destination_rules
+        .iter()
+        .filter(|dr| exported_to(&dr.spec.export_to, &dr.meta.namespace, ns))
+        .filter(|dr| {
+            dr.spec
+                .workload_selector
+                .as_ref()
+                .is_none_or(|s| crate::model::common::labels_match(&s.labels, &proxy.labels))
+        })
+        .filter(|dr| host_matches(&resolve_host(&dr.spec.host, &dr.meta.namespace), &service.hostname))
+        .collect();
+    for scope in [ns.as_str(), service.namespace.as_str(), ROOT_NAMESPACE] {
+        let in_scope = candidates.iter().filter(|dr| dr.meta.namespace == scope);
+        let exact = in_scope.clone().find(|dr| resolve_host(&dr.spec.host, &dr.meta.namespace) == service.hostname);
+        if let Some(dr) = exact.or_else(|| in_scope.clone().next()) {
+            return Some(dr);
+        }
+    }
+    None
+}
+
+/// The policy settings in force for one port of one subset.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Effective {
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl Effective {
+    /// Applies `policy` (and its matching port-level settings) over what is set so far.
+    fn apply(&mut self, policy: &TrafficPolicy, port: u32) {
+        if policy.load_balancer.is_some() {
+            self.load_balancer = policy.load_balancer.clone();
+        }
+        if policy.connection_pool.is_some() {
+            self.connection_pool = policy.connection_pool.clone();
+        }
+        if policy.outlier_detection.is_some() {
+            self.outlier_detection = policy.outlier_detection.clone();
+        }
+        if let Some(p) = policy.port_level_settings.iter().find(|p| p.port.is_some_and(|n| n.number == port)) {
+            if p.load_balancer.is_some() {
+                self.load_balancer = p.load_balancer.clone();
+            }
+            if p.connection_pool.is_some() {
+                self.connection_pool = p.connection_pool.clone();
+            }
+            if p.outlier_detection.is_some() {
+                self.outlier_detection = p.outlier_detection.clone();
+            }
+        }
+    }
+
+    /// Top-level policy, then the subset's, each with their port-level settings.
+    pub fn resolve(dr: Option<&DestinationRuleSpec>, subset: Option<&str>, port: u32) -> Self {
+        let mut e = Effective::default();
+        if let Some(dr) = dr {
+            if let Some(tp) = &dr.traffic_policy {
+                e.apply(tp, port);
+            }
+            if let Some(tp) =
+                subset.and_then(|s| dr.subsets.iter().find(|x| x.name == s)).and_then(|s| s.traffic_policy.as_ref())
+            {
+                e.apply(tp, port);
+            }
+        }
+        e
+    }
+}
+
+/// All clusters of the proxy.
+pub(super) fn build(proxy: &Proxy<'_>) -> Vec<Resource> {
+    let mut out = vec![
+        Resource {
+            name: "BlackHoleCluster".into(),
+            body: json!({"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT}),
+        },
+        Resource {
+            name: "PassthroughCluster".into(),
+            body: json!({"name": "PassthroughCluster", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": CONNECT_TIMEOUT}),
+        },
+    ];
+    for service in proxy.visible_services() {
+        let dr = destination_rule(proxy, service);
+        for port in service.ports.iter().filter(|p| p.protocol != Protocol::Udp) {
+            out.push(outbound(service, port, None, dr.map(|d| &d.spec)));
+            for subset in dr.iter().flat_map(|d| d.spec.subsets.iter()) {
+                out.push(outbound(service, port, Some(&subset.name), dr.map(|d| &d.spec)));
+            }
+        }
+    }
+    let inbound = proxy.inbound_ports();
+    if !inbound.is_empty() && !proxy.interception_none {
+        out.push(Resource {
+            name: "InboundPassthroughCluster".into(),
+            body: json!({"name": "InboundPassthroughCluster", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": CONNECT_TIMEOUT,
+                "upstream_bind_config": {"source_address": {"address": "127.0.0.6", "port_value": 0}}}),
+        });
+    }
+    for p in inbound {
+        let name = inbound_cluster_name(p.port);
+        let mut body = json!({
+            "name": name, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT,
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(&p.endpoint.0, p.endpoint.1)}}]}]},
+            "circuit_breakers": {"thresholds": [thresholds(None)]},
+        });
+        if p.protocol.is_http2() {
+            body["typed_extension_protocol_options"] = protocol_options(p.protocol, None);
+        }
+        out.push(Resource { name, body });
+    }
+    out
+}
+
+fn thresholds(pool: Option<&ConnectionPoolSettings>) -> Value {
+    let tcp = pool.and_then(|p| p.tcp.as_ref());
+    let http = pool.and_then(|p| p.http.as_ref());
+    let limit = |v: Option<i64>| v.filter(|v| *v > 0).map_or(UNLIMITED, |v| v as u64);
+    json!({
+        "max_connections": limit(tcp.and_then(|t| t.max_connections)),
+        "max_pending_requests": limit(http.and_then(|h| h.http1_max_pending_requests)),
+        "max_requests": limit(http.and_then(|h| h.http2_max_requests)),
+        "max_retries": limit(http.and_then(|h| h.max_retries)),
+        "track_remaining": true,
+    })
+}
+
+/// `typed_extension_protocol_options` for HTTP upstream settings.
+fn protocol_options(protocol: Protocol, pool: Option<&ConnectionPoolSettings>) -> Value {
+    let http = pool.and_then(|p| p.http.as_ref());
+    let tcp = pool.and_then(|p| p.tcp.as_ref());
+    let mut options = Map::new();
+    let mut common = Map::new();
+    if let Some(n) = http.and_then(|h| h.max_requests_per_connection).filter(|n| *n > 0) {
+        common.insert("max_requests_per_connection".into(), json!(n));
+    }
+    if let Some(d) = http.and_then(|h| h.idle_timeout) {
+        common.insert("idle_timeout".into(), json!(d.to_proto_json()));
+    }
+    if let Some(d) = tcp.and_then(|t| t.max_connection_duration) {
+        common.insert("max_connection_duration".into(), json!(d.to_proto_json()));
+    }
+    if !common.is_empty() {
+        options.insert("common_http_protocol_options".into(), Value::Object(common));
+    }
+    let upgrade = http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE");
+    if http.and_then(|h| h.use_client_protocol) == Some(true) {
+        options.insert(
+            "use_downstream_protocol_config".into(),
+            json!({"http_protocol_options": {}, "http2_protocol_options": {}}),
+        );
+    } else if protocol.is_http2() || upgrade {
+        let mut h2 = Map::new();
+        if let Some(n) = http.and_then(|h| h.max_concurrent_streams).filter(|n| *n > 0) {
+            h2.insert("max_concurrent_streams".into(), json!(n));
+        }
+        options.insert("explicit_http_config".into(), json!({"http2_protocol_options": h2}));
+    } else {
+        options.insert("explicit_http_config".into(), json!({"http_protocol_options": {}}));
+    }
+    json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions":
+        typed("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", Value::Object(options))})
+}
+
+fn outbound(
+    service: &MeshService,
+    port: &ServicePort,
+    subset: Option<&str>,
+    dr: Option<&DestinationRuleSpec>,
+) -> Resource {
+    let name = outbound_cluster_name(port.port, subset.unwrap_or(""), &service.hostname);
+    let policy = Effective::resolve(dr, subset, port.port);
+    let mut c = Map::new();
+    c.insert("name".into(), json!(name));
+    let connect_timeout = policy
+        .connection_pool
+        .as_ref()
+        .and_then(|p| p.tcp.as_ref())
+        .and_then(|t| t.connect_timeout)
+        .map_or(CONNECT_TIMEOUT.to_string(), |d| d.to_proto_json());
+    c.insert("connect_timeout".into(), json!(connect_timeout));
+    let passthrough_lb = policy.load_balancer.as_ref().and_then(|l| l.simple) == Some(SimpleLb::Passthrough);
+    match service.resolution {
+        ServiceResolution::Passthrough => {
+            c.insert("type".into(), json!("ORIGINAL_DST"));
+        }
+        _ if passthrough_lb => {
+            c.insert("type".into(), json!("ORIGINAL_DST"));
+        }
+        ServiceResolution::Eds => {
+            c.insert("type".into(), json!("EDS"));
+            c.insert("eds_cluster_config".into(), json!({"eds_config": ads_source(), "service_name": name}));
+        }
+        ServiceResolution::Dns | ServiceResolution::DnsRoundRobin => {
+            let kind = if service.resolution == ServiceResolution::Dns { "STRICT_DNS" } else { "LOGICAL_DNS" };
+            c.insert("type".into(), json!(kind));
+            c.insert("dns_lookup_family".into(), json!("V4_ONLY"));
+            let mut cla = super::endpoint::load_assignment(&name, service, port, subset, dr);
+            if kind == "LOGICAL_DNS" {
+                // LOGICAL_DNS clusters take exactly one endpoint.
+                if let Some(groups) = cla["endpoints"].as_array_mut() {
+                    groups.truncate(1);
+                    if let Some(lbs) = groups.first_mut().and_then(|g| g["lb_endpoints"].as_array_mut()) {
+                        lbs.truncate(1);
+                    }
+                }
+            }
+            c.insert("load_assignment".into(), cla);
+        }
+    }
+    let original_dst = c["type"] == "ORIGINAL_DST";
+    let lb = if original_dst { json!("CLUSTER_PROVIDED") } else { lb_policy(policy.load_balancer.as_ref(), &mut c) };
+    c.insert("lb_policy".into(), lb);
+    c.insert("circuit_breakers".into(), json!({"thresholds": [thresholds(policy.connection_pool.as_ref())]}));
+    if let Some(k) = policy.connection_pool.as_ref().and_then(|p| p.tcp.as_ref()).and_then(|t| t.tcp_keepalive.as_ref())
+    {
+        let mut ka = Map::new();
+        if let Some(p) = k.probes {
+            ka.insert("keepalive_probes".into(), json!(p));
+        }
+        if let Some(t) = k.time {
+            ka.insert("keepalive_time".into(), json!(t.0.as_secs()));
+        }
+        if let Some(i) = k.interval {
+            ka.insert("keepalive_interval".into(), json!(i.0.as_secs()));
+        }
+        c.insert("upstream_connection_options".into(), json!({"tcp_keepalive": ka}));
+    }
+    if port.protocol.is_http() {
+        c.insert(
+            "typed_extension_protocol_options".into(),
+            protocol_options(port.protocol, policy.connection_pool.as_ref()),
+        );
+    }
+    if let Some(o) = &policy.outlier_detection {
+        c.insert("outlier_detection".into(), outlier(o));
+        if let Some(min) = o.min_health_percent {
+            c.insert("common_lb_config".into(), json!({"healthy_panic_threshold": {"value": min as f64}}));
+        }
+    }
+    let mut meta = json!({"services": [{"host": service.hostname, "name": service.source.name, "namespace": service.namespace}], "default_original_port": port.port});
+    if let Some(s) = subset {
+        meta["subset"] = json!(s);
+    }
+    c.insert("metadata".into(), json!({"filter_metadata": {"istio": meta}}));
+    Resource { name, body: Value::Object(c) }
+}
+
+fn lb_policy(lb: Option<&LoadBalancerSettings>, cluster: &mut Map<String, Value>) -> Value {
+    let Some(lb) = lb else { return json!("LEAST_REQUEST") };
+    if let Some(ch) = &lb.consistent_hash {
+        if let Some(m) = &ch.maglev {
+            if let Some(size) = m.table_size {
+                cluster.insert("maglev_lb_config".into(), json!({"table_size": size}));
+            }
+            return json!("MAGLEV");
+        }
+        let size = ch.ring_hash.as_ref().and_then(|r| r.minimum_ring_size).or(ch.minimum_ring_size);
+        if let Some(size) = size {
+            cluster.insert("ring_hash_lb_config".into(), json!({"minimum_ring_size": size}));
+        }
+        return json!("RING_HASH");
+    }
+    if let Some(d) = lb.warmup_duration_secs {
+        cluster.insert("slow_start_config".into(), json!({"slow_start_window": d.to_proto_json()}));
+    }
+    json!(match lb.simple {
+        Some(SimpleLb::RoundRobin) => "ROUND_ROBIN",
+        Some(SimpleLb::Random) => "RANDOM",
+        _ => "LEAST_REQUEST",
+    })
+}
+
+fn outlier(o: &OutlierDetection) -> Value {
+    let mut m = Map::new();
+    let five_xx = o.consecutive_5xx_errors;
+    let gateway = o.consecutive_gateway_errors.or(o.consecutive_errors);
+    if let Some(n) = five_xx {
+        m.insert("consecutive_5xx".into(), json!(n));
+        m.insert("enforcing_consecutive_5xx".into(), json!(if n > 0 { 100 } else { 0 }));
+    } else {
+        // Istio turns 5xx detection off unless it is asked for.
+        m.insert("enforcing_consecutive_5xx".into(), json!(0));
+    }
+    if let Some(n) = gateway {
+        m.insert("consecutive_gateway_failure".into(), json!(n));
+        m.insert("enforcing_consecutive_gateway_failure".into(), json!(if n > 0 { 100 } else { 0 }));
+    }
+    if let Some(n) = o.consecutive_local_origin_failures {
+        m.insert("consecutive_local_origin_failure".into(), json!(n));
+        m.insert("enforcing_consecutive_local_origin_failure".into(), json!(100));
+    }
+    if let Some(b) = o.split_external_local_origin_errors {
+        m.insert("split_external_local_origin_errors".into(), json!(b));
+    }
+    if let Some(d) = o.interval {
+        m.insert("interval".into(), json!(d.to_proto_json()));
+    }
+    if let Some(d) = o.base_ejection_time {
+        m.insert("base_ejection_time".into(), json!(d.to_proto_json()));
+    }
+    if let Some(p) = o.max_ejection_percent {
+        m.insert("max_ejection_percent".into(), json!(p));
+    }
+    m.insert("enforcing_success_rate".into(), json!(0));
+    Value::Object(m)
+}

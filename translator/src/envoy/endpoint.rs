@@ -1,0 +1,82 @@
+//! EDS: ClusterLoadAssignments from EndpointSlices, WorkloadEntries and ServiceEntry endpoints,
+//! filtered by subset labels and grouped by locality.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use super::cluster::destination_rule;
+use super::proxy::Proxy;
+use super::{Resource, address, outbound_cluster_name};
+use crate::model::common::{Protocol, labels_match};
+use crate::model::destination_rule::DestinationRuleSpec;
+use crate::snapshot::{MeshService, ServicePort, ServiceResolution};
+
+/// Load assignments for every EDS cluster the proxy has.
+pub(super) fn build(proxy: &Proxy<'_>) -> Vec<Resource> {
+    let mut out = Vec::new();
+    for service in proxy.visible_services().into_iter().filter(|s| s.resolution == ServiceResolution::Eds) {
+        let dr = destination_rule(proxy, service).map(|d| &d.spec);
+        let passthrough = |subset: Option<&str>| {
+            let policy = super::cluster::Effective::resolve(dr, subset, 0);
+            policy.load_balancer.and_then(|l| l.simple) == Some(crate::model::destination_rule::SimpleLb::Passthrough)
+        };
+        for port in service.ports.iter().filter(|p| p.protocol != Protocol::Udp) {
+            let subsets =
+                std::iter::once(None).chain(dr.iter().flat_map(|d| d.subsets.iter().map(|s| Some(s.name.as_str()))));
+            for subset in subsets {
+                if passthrough(subset) {
+                    continue;
+                }
+                let name = outbound_cluster_name(port.port, subset.unwrap_or(""), &service.hostname);
+                out.push(Resource { body: load_assignment(&name, service, port, subset, dr), name });
+            }
+        }
+    }
+    out
+}
+
+/// The ClusterLoadAssignment of one cluster.
+pub(super) fn load_assignment(
+    name: &str,
+    service: &MeshService,
+    port: &ServicePort,
+    subset: Option<&str>,
+    dr: Option<&DestinationRuleSpec>,
+) -> Value {
+    let selector =
+        subset.and_then(|s| dr?.subsets.iter().find(|x| x.name == s)).map(|s| s.labels.clone()).unwrap_or_default();
+    let mut by_locality: BTreeMap<Option<String>, Vec<Value>> = BTreeMap::new();
+    for e in service.endpoints.iter().filter(|e| labels_match(&selector, &e.labels)) {
+        // A workload entry that names ports but not this one does not serve it.
+        if !e.ports.is_empty() && !e.ports.contains_key(&port.name) && service.resolution != ServiceResolution::Eds {
+            continue;
+        }
+        let mut lb = json!({
+            "endpoint": {"address": address(&e.address, service.endpoint_port(port, e))},
+            "health_status": if e.ready { "HEALTHY" } else { "UNHEALTHY" },
+        });
+        if let Some(w) = e.weight.filter(|w| *w > 0) {
+            lb["load_balancing_weight"] = json!(w);
+        }
+        by_locality.entry(e.locality.clone()).or_default().push(lb);
+    }
+    let groups: Vec<Value> = by_locality
+        .into_iter()
+        .map(|(locality, lbs)| {
+            let mut g = json!({"lb_endpoints": lbs});
+            if let Some(l) = locality {
+                let mut parts = l.split('/');
+                let mut loc = serde_json::Map::new();
+                for key in ["region", "zone", "sub_zone"] {
+                    if let Some(v) = parts.next() {
+                        loc.insert(key.into(), json!(v));
+                    }
+                }
+                g["locality"] = Value::Object(loc);
+            }
+            g
+        })
+        .collect();
+    json!({"cluster_name": name, "endpoints": groups})
+}

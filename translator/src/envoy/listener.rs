@@ -1,0 +1,242 @@
+//! LDS: `virtualOutbound` (15001), per-port outbound listeners (HTTP → RDS, TCP → tcp_proxy),
+//! `virtualInbound` (15006) with a chain per inbound port, and the bound listeners that Sidecar
+//! `captureMode: NONE` asks for.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+
+use super::authorization::{self, Layer};
+use super::proxy::{InboundPort, Proxy};
+use super::route::http_ports;
+use super::{Resource, ads_source, inbound_cluster_name, outbound_cluster_name, typed};
+use crate::model::common::{Protocol, labels_match};
+use crate::model::sidecar::OutboundMode;
+use crate::snapshot::{MeshService, exported_to, host_matches, resolve_host};
+
+/// Port of `virtualOutbound`.
+pub const VIRTUAL_OUTBOUND_PORT: u32 = 15001;
+/// Port of `virtualInbound`.
+pub const VIRTUAL_INBOUND_PORT: u32 = 15006;
+
+/// All listeners of the proxy.
+pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
+    let mut out = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut push = |out: &mut Vec<Resource>, r: Resource| {
+        if names.insert(r.name.clone()) {
+            out.push(r);
+        }
+    };
+    let mut http_taken = BTreeSet::new();
+    for hp in http_ports(proxy) {
+        let explicit = hp.listener.port.is_some();
+        if !explicit && proxy.interception_none {
+            continue;
+        }
+        let binds = explicit && proxy.binds(hp.listener.capture_mode);
+        let addr =
+            hp.listener.bind.clone().unwrap_or_else(|| if binds { "127.0.0.1".into() } else { "0.0.0.0".into() });
+        if addr == "0.0.0.0" {
+            http_taken.insert(hp.port);
+        }
+        let name = format!("{addr}_{}", hp.port);
+        let hcm = hcm(
+            &format!("outbound_{name}"),
+            json!({"rds": {"config_source": ads_source(), "route_config_name": hp.route_name}}),
+            outbound_http_filters(),
+        );
+        push(&mut out, listener(&name, &addr, hp.port, binds, "OUTBOUND", vec![json!({"filters": [hcm]})]));
+    }
+    for l in proxy.egress_listeners() {
+        let explicit = l.port.clone();
+        if explicit.is_none() && proxy.interception_none {
+            continue;
+        }
+        if explicit.as_ref().is_some_and(|p| p.protocol().is_http() || p.protocol() == Protocol::Udp) {
+            continue;
+        }
+        let binds = explicit.is_some() && proxy.binds(l.capture_mode);
+        for service in proxy.services_for(&l) {
+            for port in service.ports.iter().filter(|p| !p.protocol.is_http() && p.protocol != Protocol::Udp) {
+                if explicit.as_ref().is_some_and(|p| p.number != port.port) {
+                    continue;
+                }
+                let addr = match (&l.bind, binds, service.addresses.first()) {
+                    (Some(b), _, _) => b.clone(),
+                    (None, true, _) => "127.0.0.1".into(),
+                    (None, false, Some(vip)) if !vip.contains('/') => vip.clone(),
+                    _ if http_taken.contains(&port.port) => continue,
+                    _ => "0.0.0.0".into(),
+                };
+                let name = format!("{addr}_{}", port.port);
+                let tcp =
+                    tcp_proxy(proxy, service, port.port, &format!("outbound|{}||{}", port.port, service.hostname));
+                push(&mut out, listener(&name, &addr, port.port, binds, "OUTBOUND", vec![json!({"filters": [tcp]})]));
+            }
+        }
+    }
+    if !proxy.interception_none {
+        let catch_all = match proxy.outbound_mode() {
+            OutboundMode::AllowAny => "PassthroughCluster",
+            OutboundMode::RegistryOnly => "BlackHoleCluster",
+        };
+        let mut l = listener(
+            "virtualOutbound",
+            "0.0.0.0",
+            VIRTUAL_OUTBOUND_PORT,
+            true,
+            "OUTBOUND",
+            vec![json!({
+                "name": "virtualOutbound-catchall-tcp",
+                "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", json!({"stat_prefix": catch_all, "cluster": catch_all}))}],
+            })],
+        );
+        l.body["use_original_dst"] = json!(true);
+        push(&mut out, l);
+    }
+    let inbound = proxy.inbound_ports();
+    let mut chains = Vec::new();
+    for p in &inbound {
+        let chain = inbound_chain(proxy, p);
+        match &p.bind {
+            Some(addr) => {
+                let name = format!("{addr}_{}", p.port);
+                push(&mut out, listener(&name, addr, p.port, true, "INBOUND", vec![chain]));
+            }
+            None => chains.push(chain),
+        }
+    }
+    if !proxy.interception_none {
+        chains.push(json!({
+            "name": "virtualInbound-catchall-tcp",
+            "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", json!({"stat_prefix": "InboundPassthroughCluster", "cluster": "InboundPassthroughCluster"}))}],
+        }));
+        let mut l = listener("virtualInbound", "0.0.0.0", VIRTUAL_INBOUND_PORT, true, "INBOUND", chains);
+        l.body["listener_filters"] = json!([{"name": "envoy.filters.listener.original_dst", "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", json!({}))}]);
+        push(&mut out, l);
+    }
+    out
+}
+
+fn listener(name: &str, addr: &str, port: u32, bind: bool, direction: &str, chains: Vec<Value>) -> Resource {
+    let mut body = json!({
+        "name": name,
+        "address": super::address(addr, port),
+        "traffic_direction": direction,
+        "filter_chains": chains,
+    });
+    if !bind {
+        body["bind_to_port"] = json!(false);
+    }
+    Resource { name: name.to_string(), body }
+}
+
+fn router() -> Value {
+    json!({"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", json!({}))})
+}
+
+/// CORS and fault filters take their settings per route; the router goes last.
+fn outbound_http_filters() -> Vec<Value> {
+    vec![
+        json!({"name": "envoy.filters.http.cors", "typed_config": typed("envoy.extensions.filters.http.cors.v3.Cors", json!({}))}),
+        json!({"name": "envoy.filters.http.fault", "typed_config": typed("envoy.extensions.filters.http.fault.v3.HTTPFault", json!({}))}),
+        router(),
+    ]
+}
+
+fn hcm(stat_prefix: &str, routes: Value, filters: Vec<Value>) -> Value {
+    let mut config = json!({
+        "stat_prefix": stat_prefix,
+        "http_filters": filters,
+        "use_remote_address": false,
+        "normalize_path": true,
+        "stream_idle_timeout": "0s",
+        "upgrade_configs": [{"upgrade_type": "websocket"}],
+    });
+    for (k, v) in routes.as_object().expect("route source is an object") {
+        config[k] = v.clone();
+    }
+    json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", config)})
+}
+
+/// The tcp_proxy for `service` on `port`: the first TCP route of its VirtualService that applies
+/// to this proxy, else the service's default cluster.
+fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &str) -> Value {
+    let vs = proxy.snapshot.virtual_services.iter().find(|vs| {
+        !vs.spec.tcp.is_empty()
+            && exported_to(&vs.spec.export_to, &vs.meta.namespace, &proxy.node.namespace)
+            && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+            && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
+    });
+    let route = vs.and_then(|vs| {
+        vs.spec
+            .tcp
+            .iter()
+            .find(|r| {
+                r.matches.is_empty()
+                    || r.matches.iter().any(|m| {
+                        m.port.is_none_or(|p| p == port)
+                            && labels_match(&m.source_labels, &proxy.labels)
+                            && m.source_namespace.as_ref().is_none_or(|ns| *ns == proxy.node.namespace)
+                            && (m.destination_subnets.is_empty()
+                                || service.addresses.iter().any(|a| {
+                                    let ip = a.parse::<std::net::IpAddr>();
+                                    m.destination_subnets.iter().any(|s| {
+                                        crate::model::parse_cidr(s)
+                                            .zip(ip.as_ref().ok())
+                                            .is_some_and(|(net, ip)| net.contains(ip))
+                                    })
+                                }))
+                    })
+            })
+            .map(|r| (vs.meta.namespace.as_str(), r))
+    });
+    let mut config = json!({"stat_prefix": stat_prefix});
+    let cluster_of = |ns: &str, d: &crate::model::virtual_service::Destination| {
+        let fqdn = resolve_host(&d.host, ns);
+        let p = d.port.map(|p| p.number).unwrap_or(port);
+        outbound_cluster_name(p, d.subset.as_deref().unwrap_or(""), &fqdn)
+    };
+    match route {
+        Some((ns, r)) if r.route.len() > 1 => {
+            let clusters: Vec<Value> = r
+                .route
+                .iter()
+                .filter(|d| d.weight.unwrap_or(0) > 0)
+                .map(|d| json!({"name": cluster_of(ns, &d.destination), "weight": d.weight.unwrap_or(0)}))
+                .collect();
+            config["weighted_clusters"] = json!({"clusters": clusters});
+        }
+        Some((ns, r)) => config["cluster"] = json!(cluster_of(ns, &r.route[0].destination)),
+        None => config["cluster"] = json!(outbound_cluster_name(port, "", &service.hostname)),
+    }
+    json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", config)})
+}
+
+fn inbound_chain(proxy: &mut Proxy<'_>, p: &InboundPort) -> Value {
+    let cluster = inbound_cluster_name(p.port);
+    let filters = if p.protocol.is_http() {
+        let mut http = authorization::filters(proxy, Layer::Http);
+        http.push(router());
+        let route_config = json!({
+            "name": cluster,
+            "virtual_hosts": [{"name": format!("inbound|http|{}", p.port), "domains": ["*"], "routes": [{
+                "name": "default", "match": {"prefix": "/"},
+                "route": {"cluster": cluster, "timeout": "0s", "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}},
+                "decorator": {"operation": format!(":{}/*", p.port)},
+            }]}],
+            "validate_clusters": false,
+        });
+        vec![hcm(&format!("inbound_0.0.0.0_{}", p.port), json!({"route_config": route_config}), http)]
+    } else {
+        let mut tcp = authorization::filters(proxy, Layer::Tcp);
+        tcp.push(json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", json!({"stat_prefix": cluster, "cluster": cluster}))}));
+        tcp
+    };
+    let mut chain = json!({"name": format!("0.0.0.0_{}", p.port), "filters": filters});
+    if p.bind.is_none() {
+        chain["filter_chain_match"] = json!({"destination_port": p.port});
+    }
+    chain
+}

@@ -1,0 +1,447 @@
+//! `networking.istio.io` DestinationRule: types and Istio's validation rules.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{Duration, PortSelector, WorkloadSelector, validate_export_to, validate_host, validate_port};
+use crate::diagnostic::Findings;
+
+/// DestinationRule `spec`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    /// The service host the rule applies to.
+    #[serde(default)]
+    pub host: String,
+    /// Policy for all subsets and ports.
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Named subsets by endpoint labels.
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+    /// Namespaces this rule is visible to.
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    /// Workloads the rule applies to (as a client).
+    #[serde(default)]
+    pub workload_selector: Option<WorkloadSelector>,
+}
+
+/// A subset of a service's endpoints.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subset {
+    /// Subset name, used in cluster names.
+    #[serde(default)]
+    pub name: String,
+    /// Endpoint labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Overrides of the top-level policy.
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// Load balancing, connection pool, outlier detection and TLS settings.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    /// Load balancer.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection limits.
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Outlier detection.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Client TLS (parsed; not translated yet).
+    #[serde(default)]
+    pub tls: Option<serde_json::Value>,
+    /// Per-port overrides.
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// Per-port policy.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    /// The port.
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+    /// Load balancer.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection limits.
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Outlier detection.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Client TLS (parsed; not translated yet).
+    #[serde(default)]
+    pub tls: Option<serde_json::Value>,
+}
+
+/// Load balancer settings: `simple` or `consistentHash`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerSettings {
+    /// A standard algorithm.
+    #[serde(default)]
+    pub simple: Option<SimpleLb>,
+    /// Session affinity by hash.
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHashLb>,
+    /// Locality settings (parsed; not translated yet).
+    #[serde(default)]
+    pub locality_lb_setting: Option<serde_json::Value>,
+    /// Slow start window.
+    #[serde(default)]
+    pub warmup_duration_secs: Option<Duration>,
+}
+
+/// Istio's simple load balancers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SimpleLb {
+    /// Envoy's default (LEAST_REQUEST in current Istio).
+    Unspecified,
+    /// Deprecated alias of LEAST_REQUEST.
+    LeastConn,
+    /// Random.
+    Random,
+    /// Forward to the original destination.
+    Passthrough,
+    /// Round robin.
+    RoundRobin,
+    /// Least request.
+    LeastRequest,
+}
+
+/// Consistent hashing.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHashLb {
+    /// Hash on a header.
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    /// Hash on a cookie (generated if absent).
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookie>,
+    /// Hash on the source IP.
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    /// Hash on a query parameter.
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    /// Ring hash settings.
+    #[serde(default)]
+    pub ring_hash: Option<RingHash>,
+    /// Maglev settings.
+    #[serde(default)]
+    pub maglev: Option<Maglev>,
+    /// Deprecated ring size.
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+/// Hash cookie.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCookie {
+    /// Cookie name.
+    #[serde(default)]
+    pub name: String,
+    /// Cookie path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Cookie lifetime.
+    #[serde(default)]
+    pub ttl: Option<Duration>,
+}
+
+/// Ring hash.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RingHash {
+    /// Minimum ring size.
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+/// Maglev.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Maglev {
+    /// Table size (prime).
+    #[serde(default)]
+    pub table_size: Option<u64>,
+}
+
+/// Connection pool limits.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPoolSettings {
+    /// TCP limits.
+    #[serde(default)]
+    pub tcp: Option<TcpSettings>,
+    /// HTTP limits.
+    #[serde(default)]
+    pub http: Option<HttpSettings>,
+}
+
+/// TCP limits.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpSettings {
+    /// Max connections to the service.
+    #[serde(default)]
+    pub max_connections: Option<i64>,
+    /// Connect timeout.
+    #[serde(default)]
+    pub connect_timeout: Option<Duration>,
+    /// Keepalive probes.
+    #[serde(default)]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// Max connection lifetime.
+    #[serde(default)]
+    pub max_connection_duration: Option<Duration>,
+    /// Idle timeout.
+    #[serde(default)]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// TCP keepalive.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpKeepalive {
+    /// Probes before giving up.
+    #[serde(default)]
+    pub probes: Option<u32>,
+    /// Idle time before probing.
+    #[serde(default)]
+    pub time: Option<Duration>,
+    /// Probe interval.
+    #[serde(default)]
+    pub interval: Option<Duration>,
+}
+
+/// HTTP limits.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSettings {
+    /// Max pending requests.
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<i64>,
+    /// Max concurrent requests.
+    #[serde(default)]
+    pub http2_max_requests: Option<i64>,
+    /// Requests per connection.
+    #[serde(default)]
+    pub max_requests_per_connection: Option<i64>,
+    /// Max concurrent retries.
+    #[serde(default)]
+    pub max_retries: Option<i64>,
+    /// Idle timeout.
+    #[serde(default)]
+    pub idle_timeout: Option<Duration>,
+    /// Upgrade to HTTP/2.
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<String>,
+    /// Use the downstream protocol upstream.
+    #[serde(default)]
+    pub use_client_protocol: Option<bool>,
+    /// Max concurrent streams per HTTP/2 connection.
+    #[serde(default)]
+    pub max_concurrent_streams: Option<i64>,
+}
+
+/// Outlier detection.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Deprecated: consecutive gateway errors.
+    #[serde(default)]
+    pub consecutive_errors: Option<i64>,
+    /// Consecutive 5xx before ejection.
+    #[serde(default)]
+    pub consecutive_5xx_errors: Option<i64>,
+    /// Consecutive 502/503/504 before ejection.
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<i64>,
+    /// Consecutive local-origin failures before ejection.
+    #[serde(default)]
+    pub consecutive_local_origin_failures: Option<i64>,
+    /// Distinguish local-origin failures.
+    #[serde(default)]
+    pub split_external_local_origin_errors: Option<bool>,
+    /// Analysis interval.
+    #[serde(default)]
+    pub interval: Option<Duration>,
+    /// Minimum ejection duration.
+    #[serde(default)]
+    pub base_ejection_time: Option<Duration>,
+    /// Max share of hosts ejected.
+    #[serde(default)]
+    pub max_ejection_percent: Option<i64>,
+    /// Minimum healthy share for detection to run.
+    #[serde(default)]
+    pub min_health_percent: Option<i64>,
+}
+
+/// Istio's DestinationRule validation rules.
+pub fn validate(spec: &DestinationRuleSpec, findings: &mut Findings) {
+    if spec.host.is_empty() {
+        findings.error("spec.host", "host is required");
+    } else {
+        validate_host("spec.host", &spec.host, true, findings);
+    }
+    validate_export_to("spec.exportTo", &spec.export_to, findings);
+    if let Some(tp) = &spec.traffic_policy {
+        validate_policy("spec.trafficPolicy", tp, findings);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, s) in spec.subsets.iter().enumerate() {
+        let path = format!("spec.subsets[{i}]");
+        if s.name.is_empty() {
+            findings.error(format!("{path}.name"), "subset name is required");
+        } else if !super::common::is_dns1123_label(&s.name) {
+            findings.error(format!("{path}.name"), format!("subset name {:?} must be a DNS-1123 label", s.name));
+        } else if !seen.insert(&s.name) {
+            findings.error(format!("{path}.name"), format!("duplicate subset name {:?}", s.name));
+        }
+        if let Some(tp) = &s.traffic_policy {
+            validate_policy(&format!("{path}.trafficPolicy"), tp, findings);
+        }
+    }
+}
+
+fn validate_policy(path: &str, tp: &TrafficPolicy, findings: &mut Findings) {
+    validate_settings(
+        path,
+        tp.load_balancer.as_ref(),
+        tp.connection_pool.as_ref(),
+        tp.outlier_detection.as_ref(),
+        findings,
+    );
+    if tp.tls.is_some() {
+        findings.warn(format!("{path}.tls"), "client TLS settings are not translated yet by sluice; they are ignored");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, p) in tp.port_level_settings.iter().enumerate() {
+        let pp = format!("{path}.portLevelSettings[{i}]");
+        match p.port {
+            None => findings.error(format!("{pp}.port"), "port is required"),
+            Some(port) => {
+                validate_port(&format!("{pp}.port.number"), port.number, findings);
+                if !seen.insert(port.number) {
+                    findings.error(format!("{pp}.port.number"), format!("duplicate port {}", port.number));
+                }
+            }
+        }
+        validate_settings(
+            &pp,
+            p.load_balancer.as_ref(),
+            p.connection_pool.as_ref(),
+            p.outlier_detection.as_ref(),
+            findings,
+        );
+    }
+}
+
+fn validate_settings(
+    path: &str,
+    lb: Option<&LoadBalancerSettings>,
+    pool: Option<&ConnectionPoolSettings>,
+    outlier: Option<&OutlierDetection>,
+    findings: &mut Findings,
+) {
+    if let Some(lb) = lb {
+        if lb.simple.is_some() && lb.consistent_hash.is_some() {
+            findings.error(format!("{path}.loadBalancer"), "only one of simple or consistentHash may be set");
+        }
+        if let Some(ch) = &lb.consistent_hash {
+            let cp = format!("{path}.loadBalancer.consistentHash");
+            let keys = [
+                ch.http_header_name.is_some(),
+                ch.http_cookie.is_some(),
+                ch.use_source_ip == Some(true),
+                ch.http_query_parameter_name.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count();
+            if keys != 1 {
+                findings.error(
+                    &cp,
+                    "exactly one of httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName must be set",
+                );
+            }
+            if let Some(c) = &ch.http_cookie
+                && c.name.is_empty()
+            {
+                findings.error(format!("{cp}.httpCookie.name"), "cookie name is required");
+            }
+            if ch.ring_hash.is_some() && ch.maglev.is_some() {
+                findings.error(&cp, "only one of ringHash or maglev may be set");
+            }
+        }
+    }
+    if let Some(pool) = pool {
+        let pp = format!("{path}.connectionPool");
+        let checks = [
+            ("tcp.maxConnections", pool.tcp.as_ref().and_then(|t| t.max_connections)),
+            ("http.http1MaxPendingRequests", pool.http.as_ref().and_then(|h| h.http1_max_pending_requests)),
+            ("http.http2MaxRequests", pool.http.as_ref().and_then(|h| h.http2_max_requests)),
+            ("http.maxRequestsPerConnection", pool.http.as_ref().and_then(|h| h.max_requests_per_connection)),
+            ("http.maxRetries", pool.http.as_ref().and_then(|h| h.max_retries)),
+            ("http.maxConcurrentStreams", pool.http.as_ref().and_then(|h| h.max_concurrent_streams)),
+        ];
+        for (field, v) in checks {
+            if let Some(v) = v
+                && !(0..=i64::from(u32::MAX)).contains(&v)
+            {
+                findings.error(format!("{pp}.{field}"), format!("{v} must be between 0 and 4294967295"));
+            }
+        }
+        if let Some(h) = pool.http.as_ref().and_then(|h| h.h2_upgrade_policy.as_deref())
+            && !["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"].contains(&h)
+        {
+            findings.error(
+                format!("{pp}.http.h2UpgradePolicy"),
+                format!("{h:?} is not one of DEFAULT, DO_NOT_UPGRADE, UPGRADE"),
+            );
+        }
+    }
+    if let Some(o) = outlier {
+        let op = format!("{path}.outlierDetection");
+        for (field, v) in [("maxEjectionPercent", o.max_ejection_percent), ("minHealthPercent", o.min_health_percent)] {
+            if let Some(v) = v
+                && !(0..=100).contains(&v)
+            {
+                findings.error(format!("{op}.{field}"), format!("{v} must be between 0 and 100"));
+            }
+        }
+        for (field, v) in [
+            ("consecutiveErrors", o.consecutive_errors),
+            ("consecutive5xxErrors", o.consecutive_5xx_errors),
+            ("consecutiveGatewayErrors", o.consecutive_gateway_errors),
+            ("consecutiveLocalOriginFailures", o.consecutive_local_origin_failures),
+        ] {
+            if let Some(v) = v
+                && v < 0
+            {
+                findings.error(format!("{op}.{field}"), format!("{v} must not be negative"));
+            }
+        }
+        if o.interval.is_some_and(|d| d.as_millis() < 1) {
+            findings.error(format!("{op}.interval"), "interval must be at least 1ms");
+        }
+        if o.base_ejection_time.is_some_and(|d| d.as_millis() < 1) {
+            findings.error(format!("{op}.baseEjectionTime"), "baseEjectionTime must be at least 1ms");
+        }
+    }
+}

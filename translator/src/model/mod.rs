@@ -1,0 +1,155 @@
+//! The config model: typed Istio and Kubernetes objects as sluice reads them.
+
+pub mod authorization_policy;
+pub mod common;
+pub mod destination_rule;
+pub mod service_entry;
+pub mod sidecar;
+pub mod virtual_service;
+
+use std::collections::BTreeMap;
+
+pub use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+pub use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::diagnostic::ObjectRef;
+
+/// The metadata sluice uses from any object.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace` (`default` when absent, empty for cluster-scoped kinds).
+    pub namespace: String,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Meta {
+    /// Takes the fields sluice uses from Kubernetes metadata.
+    pub fn from_object_meta(m: &ObjectMeta, namespaced: bool) -> Self {
+        Self {
+            name: m.name.clone().unwrap_or_default(),
+            namespace: if namespaced { m.namespace.clone().unwrap_or_else(|| "default".into()) } else { String::new() },
+            labels: m.labels.clone().unwrap_or_default(),
+            annotations: m.annotations.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// An Istio object: metadata and a typed spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IstioObject<S> {
+    /// Metadata.
+    pub meta: Meta,
+    /// The spec.
+    pub spec: S,
+    /// File (or other source) it came from.
+    pub origin: String,
+}
+
+/// Every kind sluice understands.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// core/v1 Service.
+    Service,
+    /// discovery.k8s.io/v1 EndpointSlice.
+    EndpointSlice,
+    /// core/v1 Pod.
+    Pod,
+    /// core/v1 Namespace.
+    Namespace,
+    /// networking.istio.io VirtualService.
+    VirtualService,
+    /// networking.istio.io DestinationRule.
+    DestinationRule,
+    /// networking.istio.io ServiceEntry.
+    ServiceEntry,
+    /// networking.istio.io WorkloadEntry.
+    WorkloadEntry,
+    /// networking.istio.io Sidecar.
+    Sidecar,
+    /// security.istio.io AuthorizationPolicy.
+    AuthorizationPolicy,
+    /// security.istio.io PeerAuthentication.
+    PeerAuthentication,
+}
+
+impl Kind {
+    /// Resolves `apiVersion` and `kind`. `Ok(None)` for kinds sluice does not read; `Err` for a
+    /// known kind at a version Istio/Kubernetes does not serve.
+    pub fn resolve(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let (k, versions): (Kind, &[&str]) = match (group, kind) {
+            ("", "Service") => (Kind::Service, &["v1"]),
+            ("", "Pod") => (Kind::Pod, &["v1"]),
+            ("", "Namespace") => (Kind::Namespace, &["v1"]),
+            ("discovery.k8s.io", "EndpointSlice") => (Kind::EndpointSlice, &["v1"]),
+            ("networking.istio.io", "VirtualService") => (Kind::VirtualService, &["v1", "v1beta1", "v1alpha3"]),
+            ("networking.istio.io", "DestinationRule") => (Kind::DestinationRule, &["v1", "v1beta1", "v1alpha3"]),
+            ("networking.istio.io", "ServiceEntry") => (Kind::ServiceEntry, &["v1", "v1beta1", "v1alpha3"]),
+            ("networking.istio.io", "WorkloadEntry") => (Kind::WorkloadEntry, &["v1", "v1beta1", "v1alpha3"]),
+            ("networking.istio.io", "Sidecar") => (Kind::Sidecar, &["v1", "v1beta1", "v1alpha3"]),
+            ("security.istio.io", "AuthorizationPolicy") => (Kind::AuthorizationPolicy, &["v1", "v1beta1"]),
+            ("security.istio.io", "PeerAuthentication") => (Kind::PeerAuthentication, &["v1", "v1beta1"]),
+            _ => return Ok(None),
+        };
+        if versions.contains(&version) {
+            Ok(Some(k))
+        } else {
+            Err(format!("apiVersion {api_version:?} is not served for kind {kind}; use one of {}", versions.join(", ")))
+        }
+    }
+
+    /// False for cluster-scoped kinds.
+    pub fn namespaced(&self) -> bool {
+        *self != Kind::Namespace
+    }
+}
+
+/// One typed object. Kubernetes objects are boxed: they are much larger than the Istio specs.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// Kubernetes Service.
+    Service(Box<Service>),
+    /// Kubernetes EndpointSlice.
+    EndpointSlice(Box<EndpointSlice>),
+    /// Kubernetes Pod.
+    Pod(Box<Pod>),
+    /// Kubernetes Namespace.
+    Namespace(Box<Namespace>),
+    /// Istio VirtualService.
+    VirtualService(IstioObject<virtual_service::VirtualServiceSpec>),
+    /// Istio DestinationRule.
+    DestinationRule(IstioObject<destination_rule::DestinationRuleSpec>),
+    /// Istio ServiceEntry.
+    ServiceEntry(IstioObject<service_entry::ServiceEntrySpec>),
+    /// Istio WorkloadEntry.
+    WorkloadEntry(IstioObject<service_entry::WorkloadEntrySpec>),
+    /// Istio Sidecar.
+    Sidecar(IstioObject<sidecar::SidecarSpec>),
+    /// Istio AuthorizationPolicy.
+    AuthorizationPolicy(IstioObject<authorization_policy::AuthorizationPolicySpec>),
+    /// Istio PeerAuthentication.
+    PeerAuthentication(IstioObject<authorization_policy::PeerAuthenticationSpec>),
+}
+
+/// An object with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The object.
+    pub object: Object,
+    /// Its kind/namespace/name.
+    pub reference: ObjectRef,
+    /// File (or other source) it came from.
+    pub origin: String,
+}
+
+/// Parses an IP address or CIDR (a bare IP is a /32 or /128).
+pub fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>().ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}

@@ -1,0 +1,178 @@
+//! Multi-document YAML (the files one would `kubectl apply`) → typed, individually validated
+//! objects. Pure: the caller reads the files.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::diagnostic::{Diagnostic, Findings, ObjectRef, Severity};
+use crate::model::{self, IstioObject, Kind, Loaded, Meta, Object};
+
+/// Parses every YAML document in `text` (from `origin`) into objects. Documents that fail to parse
+/// or validate are reported and left out; the others are returned.
+pub fn parse_documents(origin: &str, text: &str) -> (Vec<Loaded>, Vec<Diagnostic>) {
+    let mut out = Parsed { origin, objects: Vec::new(), diagnostics: Vec::new() };
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        match Value::deserialize(document) {
+            Ok(value) => out.document(value, &format!("document {index}")),
+            Err(e) => {
+                out.diagnostics.push(Diagnostic {
+                    severity: Severity::Error,
+                    origin: origin.to_string(),
+                    object: None,
+                    path: format!("document {index}"),
+                    code: None,
+                    message: format!("invalid YAML: {e}"),
+                });
+                // The YAML stream cannot be resynchronised after a syntax error.
+                break;
+            }
+        }
+    }
+    (out.objects, out.diagnostics)
+}
+
+struct Parsed<'a> {
+    origin: &'a str,
+    objects: Vec<Loaded>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Parsed<'_> {
+    fn error(&mut self, object: Option<ObjectRef>, path: &str, message: String) {
+        self.diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            origin: self.origin.to_string(),
+            object,
+            path: path.to_string(),
+            code: None,
+            message,
+        });
+    }
+
+    fn document(&mut self, value: Value, where_: &str) {
+        if value.is_null() {
+            return;
+        }
+        let Some(map) = value.as_object() else {
+            return self.error(None, where_, "a document must be a mapping with apiVersion and kind".into());
+        };
+        let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
+        let kind = map.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+        let name = value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
+        let namespace = value.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string();
+        if kind.is_empty() || api_version.is_empty() {
+            let r = (!name.is_empty()).then(|| ObjectRef::new(&kind, &namespace, &name));
+            return self.error(r, where_, "apiVersion and kind are required".into());
+        }
+        // `kubectl get -o yaml` writes lists; read their items as documents of their own.
+        if kind.ends_with("List")
+            && let Some(items) = map.get("items").and_then(Value::as_array)
+        {
+            for (i, item) in items.iter().enumerate() {
+                self.document(item.clone(), &format!("{where_}.items[{i}]"));
+            }
+            return;
+        }
+        let resolved = match Kind::resolve(&api_version, &kind) {
+            Ok(Some(k)) => k,
+            Ok(None) => {
+                self.diagnostics.push(Diagnostic {
+                    severity: Severity::Warning,
+                    origin: self.origin.to_string(),
+                    object: Some(ObjectRef::new(&kind, &namespace, &name)),
+                    path: String::new(),
+                    code: None,
+                    message: format!("kind {kind} ({api_version}) is not read by sluice; skipped"),
+                });
+                return;
+            }
+            Err(e) => return self.error(Some(ObjectRef::new(&kind, &namespace, &name)), "apiVersion", e),
+        };
+        let namespace = if resolved.namespaced() && namespace.is_empty() { "default".to_string() } else { namespace };
+        let reference = ObjectRef::new(&kind, &namespace, &name);
+        let mut ignored = Vec::new();
+        let object = match decode_object(&resolved, &value, self.origin, &mut ignored) {
+            Ok(o) => o,
+            Err((path, message)) => return self.error(Some(reference), &path, message),
+        };
+        let mut findings = Findings::default();
+        for path in ignored {
+            findings.warn(path, "unknown field, ignored");
+        }
+        if name.is_empty() {
+            findings.error("metadata.name", "name is required");
+        } else if !is_dns1123_subdomain(&name) {
+            findings.error("metadata.name", format!("{name:?} is not a valid DNS-1123 subdomain"));
+        }
+        crate::validation::validate_object(&object, &mut findings);
+        let failed = findings.has_errors();
+        self.diagnostics.extend(findings.into_diagnostics(self.origin, &reference));
+        if !failed {
+            self.objects.push(Loaded { object, reference, origin: self.origin.to_string() });
+        }
+    }
+}
+
+/// RFC 1123 subdomain: what Kubernetes requires of most object names.
+fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(model::common::is_dns1123_label)
+}
+
+type DecodeError = (String, String);
+
+/// `http[1].tyop` rather than serde_ignored's `http.1.tyop`, matching the other diagnostics.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => {
+            let p = field_path(parent);
+            if p.is_empty() { key.clone() } else { format!("{p}.{key}") }
+        }
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+/// Deserializes `value` (rooted at field `prefix`) recording unknown fields in `ignored`.
+fn decode<T: DeserializeOwned>(value: &Value, prefix: &str, ignored: &mut Vec<String>) -> Result<T, DecodeError> {
+    let join = |p: String| match (prefix.is_empty(), p.as_str()) {
+        (true, _) => p,
+        (false, "" | ".") => prefix.to_string(),
+        (false, _) => format!("{prefix}.{p}"),
+    };
+    let mut unknown = Vec::new();
+    let mut record = |path: serde_ignored::Path<'_>| unknown.push(field_path(&path));
+    let de = serde_ignored::Deserializer::new(value, &mut record);
+    let result =
+        serde_path_to_error::deserialize(de).map_err(|e| (join(e.path().to_string()), e.into_inner().to_string()));
+    ignored.extend(unknown.into_iter().map(join));
+    result
+}
+
+fn decode_istio<S: DeserializeOwned>(
+    value: &Value,
+    origin: &str,
+    ignored: &mut Vec<String>,
+) -> Result<IstioObject<S>, DecodeError> {
+    let meta = decode(value.get("metadata").unwrap_or(&Value::Null), "metadata", ignored)?;
+    let spec = decode(value.get("spec").unwrap_or(&Value::Object(Default::default())), "spec", ignored)?;
+    Ok(IstioObject { meta: Meta::from_object_meta(&meta, true), spec, origin: origin.to_string() })
+}
+
+fn decode_object(kind: &Kind, value: &Value, origin: &str, ignored: &mut Vec<String>) -> Result<Object, DecodeError> {
+    Ok(match kind {
+        Kind::Service => Object::Service(Box::new(decode(value, "", ignored)?)),
+        Kind::EndpointSlice => Object::EndpointSlice(Box::new(decode(value, "", ignored)?)),
+        Kind::Pod => Object::Pod(Box::new(decode(value, "", ignored)?)),
+        Kind::Namespace => Object::Namespace(Box::new(decode(value, "", ignored)?)),
+        Kind::VirtualService => Object::VirtualService(decode_istio(value, origin, ignored)?),
+        Kind::DestinationRule => Object::DestinationRule(decode_istio(value, origin, ignored)?),
+        Kind::ServiceEntry => Object::ServiceEntry(decode_istio(value, origin, ignored)?),
+        Kind::WorkloadEntry => Object::WorkloadEntry(decode_istio(value, origin, ignored)?),
+        Kind::Sidecar => Object::Sidecar(decode_istio(value, origin, ignored)?),
+        Kind::AuthorizationPolicy => Object::AuthorizationPolicy(decode_istio(value, origin, ignored)?),
+        Kind::PeerAuthentication => Object::PeerAuthentication(decode_istio(value, origin, ignored)?),
+    })
+}

@@ -1,0 +1,108 @@
+//! Envoy resources between protobuf JSON and protobuf bytes, checked against Envoy's own
+//! descriptors: a field Envoy does not know is an error here, not a NACK later.
+//!
+//! The descriptor set is the one `envoy-types` 0.7.7 generates its Rust types from
+//! (`descriptors/envoy-types-0.7.7.bin`; see `descriptors/README.md` to regenerate it).
+
+use std::sync::LazyLock;
+
+use prost::Message;
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, SerializeOptions};
+use serde_json::Value;
+
+static DESCRIPTORS: &[u8] = include_bytes!("../descriptors/envoy-types-0.7.7.bin");
+
+/// Envoy's API descriptors, decoded once.
+pub fn pool() -> &'static DescriptorPool {
+    static POOL: LazyLock<DescriptorPool> =
+        LazyLock::new(|| DescriptorPool::decode(DESCRIPTORS).expect("the bundled Envoy descriptor set decodes"));
+    &POOL
+}
+
+/// A resource that does not fit its Envoy message type.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The type URL names no message in Envoy's API.
+    #[error("unknown Envoy type {0:?}")]
+    UnknownType(String),
+    /// The JSON does not fit the message.
+    #[error("{type_name} {name:?}: {reason}")]
+    Invalid {
+        /// Full message name.
+        type_name: String,
+        /// Resource name.
+        name: String,
+        /// The descriptor check's message.
+        reason: String,
+    },
+}
+
+/// The message descriptor behind a type URL (`type.googleapis.com/<full name>`).
+pub fn descriptor(type_url: &str) -> Result<MessageDescriptor, CodecError> {
+    let full = type_url.rsplit('/').next().unwrap_or(type_url);
+    pool().get_message_by_name(full).ok_or_else(|| CodecError::UnknownType(type_url.to_string()))
+}
+
+/// Parses protobuf JSON into a message of `type_url`, rejecting unknown fields.
+pub fn from_json(type_url: &str, name: &str, json: &Value) -> Result<DynamicMessage, CodecError> {
+    let desc = descriptor(type_url)?;
+    let options = DeserializeOptions::new().deny_unknown_fields(true);
+    DynamicMessage::deserialize_with_options(desc.clone(), json, &options).map_err(|e| CodecError::Invalid {
+        type_name: desc.full_name().to_string(),
+        name: name.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Encodes protobuf JSON of `type_url` to protobuf bytes.
+pub fn encode(type_url: &str, name: &str, json: &Value) -> Result<Vec<u8>, CodecError> {
+    Ok(from_json(type_url, name, json)?.encode_to_vec())
+}
+
+/// The canonical protobuf JSON of a message: proto field names, default values left out.
+pub fn to_json(message: &DynamicMessage) -> Value {
+    let options = SerializeOptions::new().use_proto_field_name(true).stringify_64_bit_integers(false);
+    message
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .expect("a dynamic message always serializes to JSON")
+}
+
+/// Round-trips protobuf JSON through Envoy's descriptors: validates it and returns its
+/// canonical form, with `@type` first.
+pub fn canonical(type_url: &str, name: &str, json: &Value) -> Result<Value, CodecError> {
+    let message = from_json(type_url, name, json)?;
+    let mut out = serde_json::Map::new();
+    out.insert("@type".into(), Value::String(type_url.to_string()));
+    if let Value::Object(fields) = to_json(&message) {
+        out.extend(fields);
+    }
+    Ok(Value::Object(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    #[test]
+    fn known_fields_round_trip() {
+        let c = json!({"name": "a", "type": "STATIC", "connect_timeout": "10s",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}});
+        let out = canonical(CLUSTER, "a", &c).unwrap();
+        assert_eq!(out["connect_timeout"], "10s");
+        assert_eq!(out["@type"], CLUSTER);
+        let bytes = encode(CLUSTER, "a", &c).unwrap();
+        assert!(!bytes.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = canonical(CLUSTER, "a", &json!({"name": "a", "conect_timeout": "1s"})).unwrap_err();
+        assert!(err.to_string().contains("conect_timeout"), "{err}");
+        assert!(matches!(descriptor("type.googleapis.com/no.Such"), Err(CodecError::UnknownType(_))));
+    }
+}
