@@ -389,8 +389,13 @@ impl Snapshot {
                     };
                     ep.ports = slice_ports.clone();
                     ep.ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                    // The slice knows the zone; the Pod's labels may know only the region.
                     if let Some(zone) = &e.zone {
-                        ep.locality.get_or_insert_with(|| zone.clone());
+                        ep.locality = match ep.locality.take() {
+                            Some(l) if l.contains('/') => Some(l),
+                            Some(region) => Some(format!("{region}/{zone}")),
+                            None => Some(format!("/{zone}")),
+                        };
                     }
                     endpoints.push(ep);
                 }

@@ -69,7 +69,7 @@ pub(super) fn load_assignment(
                 let mut parts = l.split('/');
                 let mut loc = serde_json::Map::new();
                 for key in ["region", "zone", "sub_zone"] {
-                    if let Some(v) = parts.next() {
+                    if let Some(v) = parts.next().filter(|v| !v.is_empty()) {
                         loc.insert(key.into(), json!(v));
                     }
                 }

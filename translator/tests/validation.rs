@@ -1,0 +1,500 @@
+//! Every validation rule, one row each: the object is rejected (or warned about) at the exact
+//! field path with the reason.
+
+use sluice_translator::diagnostic::{Diagnostic, Severity};
+use sluice_translator::parse::parse_documents;
+
+const NET: &str = "networking.istio.io/v1";
+const SEC: &str = "security.istio.io/v1";
+
+fn doc(api: &str, kind: &str, body: &str) -> String {
+    format!("apiVersion: {api}\nkind: {kind}\nmetadata: {{name: x, namespace: ns}}\n{body}\n")
+}
+
+fn diagnostics(text: &str) -> (usize, Vec<Diagnostic>) {
+    let (objects, diags) = parse_documents("case.yaml", text);
+    (objects.len(), diags)
+}
+
+/// Asserts the document is rejected with a diagnostic at `path` containing `reason`.
+fn rejected(text: &str, path: &str, reason: &str) {
+    let (accepted, diags) = diagnostics(text);
+    assert_eq!(accepted, 0, "expected rejection of:\n{text}\n{diags:#?}");
+    assert!(
+        diags.iter().any(|d| d.severity == Severity::Error && d.path == path && d.message.contains(reason)),
+        "no error at {path:?} containing {reason:?} for:\n{text}\ngot: {:#?}",
+        diags.iter().map(ToString::to_string).collect::<Vec<_>>()
+    );
+}
+
+/// Asserts the document is accepted with a warning at `path` containing `reason`.
+fn warned(text: &str, path: &str, reason: &str) {
+    let (accepted, diags) = diagnostics(text);
+    assert_eq!(accepted, 1, "expected acceptance of:\n{text}\n{diags:#?}");
+    assert!(
+        diags.iter().any(|d| d.severity == Severity::Warning && d.path == path && d.message.contains(reason)),
+        "no warning at {path:?} containing {reason:?}: {diags:#?}"
+    );
+}
+
+fn vs(http: &str) -> String {
+    doc(NET, "VirtualService", &format!("spec:\n  hosts: [a]\n  http:\n{http}"))
+}
+
+#[test]
+fn virtual_service_rules() {
+    let two = |w1: i64, w2: i64| {
+        vs(&format!(
+            "  - route:\n    - {{destination: {{host: a, subset: v1}}, weight: {w1}}}\n    - {{destination: {{host: a, subset: v2}}, weight: {w2}}}\n"
+        ))
+    };
+    rejected(&two(50, 40), "spec.http[0].route", "sum to 90");
+    rejected(&two(110, -10), "spec.http[0].route[1].weight", "negative");
+    rejected(
+        &vs("  - match: [{uri: {regex: \"[\"}}]\n    route: [{destination: {host: a}}]\n"),
+        "spec.http[0].match[0].uri.regex",
+        "RE2",
+    );
+    rejected(
+        &vs("  - match: [{uri: {exact: /a, prefix: /b}}]\n    route: [{destination: {host: a}}]\n"),
+        "spec.http[0].match[0].uri",
+        "exactly one",
+    );
+    rejected(
+        &vs("  - match: [{headers: {X-Upper: {exact: a}}}]\n    route: [{destination: {host: a}}]\n"),
+        "spec.http[0].match[0].headers.X-Upper",
+        "lowercase",
+    );
+    rejected(
+        &vs("  - match: [{queryParams: {q: {}}}]\n    route: [{destination: {host: a}}]\n"),
+        "spec.http[0].match[0].queryParams.q",
+        "exactly one",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: \"a b\"}}]\n"),
+        "spec.http[0].route[0].destination.host",
+        "not a valid DNS name",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a, port: {number: 0}}}]\n"),
+        "spec.http[0].route[0].destination.port.number",
+        "out of range",
+    );
+    rejected(&vs("  - timeout: 5s\n"), "spec.http[0]", "one of route, redirect");
+    rejected(&vs("  - route: [{destination: {host: a}}]\n    redirect: {uri: /b}\n"), "spec.http[0]", "only one of");
+    rejected(&vs("  - redirect: {uri: /b}\n    rewrite: {uri: /c}\n"), "spec.http[0].rewrite", "redirect");
+    rejected(
+        &vs("  - redirect: {uri: /b, redirectCode: 200}\n"),
+        "spec.http[0].redirect.redirectCode",
+        "not a redirect",
+    );
+    rejected(&vs("  - redirect: {}\n"), "spec.http[0].redirect", "at least one");
+    rejected(&vs("  - directResponse: {status: 99}\n"), "spec.http[0].directResponse.status", "between 200 and 599");
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    retries: {attempts: 2, retryOn: \"5xx,sometimes\"}\n"),
+        "spec.http[0].retries.retryOn",
+        "\"sometimes\"",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    retries: {attempts: -1}\n"),
+        "spec.http[0].retries.attempts",
+        "negative",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    fault: {abort: {httpStatus: 500, percentage: {value: 150}}}\n"),
+        "spec.http[0].fault.abort.percentage.value",
+        "between 0 and 100",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    fault: {abort: {percentage: {value: 5}}}\n"),
+        "spec.http[0].fault.abort",
+        "httpStatus or grpcStatus",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    fault: {delay: {percentage: {value: 5}}}\n"),
+        "spec.http[0].fault.delay.fixedDelay",
+        "required",
+    );
+    rejected(&vs("  - route: [{destination: {host: a}}]\n    fault: {}\n"), "spec.http[0].fault", "delay or abort");
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    mirror: {host: b}\n    mirrors: [{destination: {host: c}}]\n"),
+        "spec.http[0].mirrors",
+        "cannot both",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    mirrorPercentage: {value: 101}\n"),
+        "spec.http[0].mirrorPercentage.value",
+        "between 0 and 100",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    corsPolicy: {allowMethods: [FETCH]}\n"),
+        "spec.http[0].corsPolicy.allowMethods[0]",
+        "not an HTTP method",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    rewrite: {uriRegexRewrite: {match: \"(\", rewrite: x}}\n"),
+        "spec.http[0].rewrite.uriRegexRewrite.match",
+        "RE2",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    timeout: 5 seconds\n"),
+        "spec.http[0].timeout",
+        "unknown unit",
+    );
+    rejected(
+        &doc(NET, "VirtualService", "spec:\n  hosts: [\"*\"]\n  http: [{route: [{destination: {host: a}}]}]"),
+        "spec.hosts",
+        "only allowed when",
+    );
+    rejected(
+        &doc(NET, "VirtualService", "spec:\n  hosts: []\n  http: [{route: [{destination: {host: a}}]}]"),
+        "spec.hosts",
+        "at least one host",
+    );
+    rejected(&doc(NET, "VirtualService", "spec:\n  hosts: [a]"), "spec", "at least one of http, tcp or tls");
+    rejected(
+        &doc(
+            NET,
+            "VirtualService",
+            "spec:\n  hosts: [a]\n  exportTo: [\"*\", \".\"]\n  http: [{route: [{destination: {host: a}}]}]",
+        ),
+        "spec.exportTo",
+        "cannot be combined",
+    );
+    rejected(
+        &doc(
+            NET,
+            "VirtualService",
+            "spec:\n  hosts: [a]\n  tcp: [{match: [{destinationSubnets: [nope]}], route: [{destination: {host: a}}]}]",
+        ),
+        "spec.tcp[0].match[0].destinationSubnets[0]",
+        "not an IP or CIDR",
+    );
+    rejected(
+        &doc(NET, "VirtualService", "spec:\n  hosts: [a]\n  tcp: [{route: []}]"),
+        "spec.tcp[0].route",
+        "at least one destination",
+    );
+    warned(&vs("  - delegate: {name: b}\n"), "spec.http[0].delegate", "not supported");
+}
+
+fn dr(spec: &str) -> String {
+    doc(NET, "DestinationRule", &format!("spec:\n  host: a\n{spec}"))
+}
+
+#[test]
+fn destination_rule_rules() {
+    rejected(&doc(NET, "DestinationRule", "spec: {}"), "spec.host", "required");
+    rejected(&dr("  subsets: [{name: v1}, {name: v1}]"), "spec.subsets[1].name", "duplicate");
+    rejected(&dr("  subsets: [{name: V_1}]"), "spec.subsets[0].name", "DNS-1123");
+    rejected(
+        &dr("  trafficPolicy: {loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}}"),
+        "spec.trafficPolicy.loadBalancer",
+        "only one of simple",
+    );
+    rejected(
+        &dr("  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, httpHeaderName: x}}}"),
+        "spec.trafficPolicy.loadBalancer.consistentHash",
+        "exactly one",
+    );
+    rejected(
+        &dr("  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {ttl: 1s}}}}"),
+        "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+        "required",
+    );
+    rejected(
+        &dr("  trafficPolicy: {loadBalancer: {simple: FAST}}"),
+        "spec.trafficPolicy.loadBalancer.simple",
+        "unknown variant `FAST`",
+    );
+    rejected(
+        &dr("  trafficPolicy: {connectionPool: {tcp: {maxConnections: -1}}}"),
+        "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+        "between 0 and",
+    );
+    rejected(
+        &dr("  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: SOMETIMES}}}"),
+        "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+        "not one of",
+    );
+    rejected(
+        &dr("  trafficPolicy: {outlierDetection: {maxEjectionPercent: 101}}"),
+        "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+        "between 0 and 100",
+    );
+    rejected(
+        &dr("  trafficPolicy: {outlierDetection: {consecutive5xxErrors: -2}}"),
+        "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
+        "negative",
+    );
+    rejected(
+        &dr("  trafficPolicy: {portLevelSettings: [{port: {number: 80}}, {port: {number: 80}}]}"),
+        "spec.trafficPolicy.portLevelSettings[1].port.number",
+        "duplicate",
+    );
+    rejected(
+        &dr("  trafficPolicy: {portLevelSettings: [{loadBalancer: {simple: RANDOM}}]}"),
+        "spec.trafficPolicy.portLevelSettings[0].port",
+        "required",
+    );
+    rejected(
+        &dr("  subsets: [{name: v1, trafficPolicy: {loadBalancer: {consistentHash: {}}}}]"),
+        "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash",
+        "exactly one",
+    );
+    warned(&dr("  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}"), "spec.trafficPolicy.tls", "not translated");
+}
+
+fn se(spec: &str) -> String {
+    doc(NET, "ServiceEntry", spec)
+}
+
+#[test]
+fn service_entry_and_workload_entry_rules() {
+    rejected(&se("spec: {hosts: [a.com]}"), "spec.ports", "at least one port");
+    rejected(
+        &se("spec: {hosts: [a.com], ports: [{number: 80, name: http}, {number: 81, name: http}]}"),
+        "spec.ports[1].name",
+        "duplicate port name",
+    );
+    rejected(
+        &se("spec: {hosts: [a.com], ports: [{number: 80, name: a}, {number: 80, name: b}]}"),
+        "spec.ports[1].number",
+        "duplicate port number",
+    );
+    rejected(&se("spec: {hosts: [a.com], ports: [{number: 80}]}"), "spec.ports[0].name", "required");
+    rejected(
+        &se("spec: {hosts: [\"*\"], ports: [{number: 80, name: a}]}"),
+        "spec.hosts[0]",
+        "not allowed in a ServiceEntry",
+    );
+    rejected(
+        &se("spec: {hosts: [a.com], addresses: [300.1.1.1], ports: [{number: 80, name: a}]}"),
+        "spec.addresses[0]",
+        "not an IP",
+    );
+    rejected(
+        &se("spec: {hosts: [a.com], ports: [{number: 80, name: a}], endpoints: [{address: 127.0.0.1}]}"),
+        "spec.endpoints",
+        "resolution STATIC or DNS",
+    );
+    rejected(
+        &se(
+            "spec: {hosts: [a.com], ports: [{number: 80, name: a}], resolution: STATIC, endpoints: [{address: a.com}]}",
+        ),
+        "spec.endpoints[0].address",
+        "must be an IP",
+    );
+    rejected(
+        &se(
+            "spec: {hosts: [a.com], ports: [{number: 80, name: a}], resolution: STATIC, endpoints: [{address: 127.0.0.1, ports: {b: 90}}]}",
+        ),
+        "spec.endpoints[0].ports.b",
+        "no port named",
+    );
+    rejected(
+        &se("spec: {hosts: [\"*.a.com\"], ports: [{number: 80, name: a}], resolution: DNS}"),
+        "spec.hosts",
+        "without wildcards",
+    );
+    rejected(
+        &se(
+            "spec: {hosts: [a.com], ports: [{number: 80, name: a}], resolution: STATIC, workloadSelector: {labels: {a: b}}, endpoints: [{address: 127.0.0.1}]}",
+        ),
+        "spec.workloadSelector",
+        "cannot both",
+    );
+    rejected(
+        &se("spec: {hosts: [a.com], ports: [{number: 80, name: a}], resolution: MAGIC}"),
+        "spec.resolution",
+        "unknown variant",
+    );
+    rejected(
+        &doc(NET, "WorkloadEntry", "spec: {address: 127.0.0.1, locality: a//b}"),
+        "spec.locality",
+        "region/zone/subzone",
+    );
+    rejected(&doc(NET, "WorkloadEntry", "spec: {address: \"\"}"), "spec.address", "required");
+    rejected(
+        &doc(NET, "WorkloadEntry", "spec: {address: 127.0.0.1, ports: {http: 0}}"),
+        "spec.ports.http",
+        "out of range",
+    );
+    warned(
+        &se("spec: {hosts: [a.com], ports: [{number: 80, name: a}], resolution: STATIC}"),
+        "spec.endpoints",
+        "no endpoints",
+    );
+}
+
+fn sidecar(spec: &str) -> String {
+    doc(NET, "Sidecar", spec)
+}
+
+#[test]
+fn sidecar_rules() {
+    rejected(&sidecar("spec: {egress: [{hosts: [nohost]}]}"), "spec.egress[0].hosts[0]", "namespace/host");
+    rejected(&sidecar("spec: {egress: [{hosts: [\"Bad_NS/*\"]}]}"), "spec.egress[0].hosts[0]", "namespace");
+    rejected(&sidecar("spec: {egress: [{hosts: []}]}"), "spec.egress[0].hosts", "at least one");
+    rejected(
+        &sidecar("spec: {egress: [{hosts: [\"./*\"]}, {port: {number: 80}, hosts: [\"./*\"]}]}"),
+        "spec.egress",
+        "must be the last",
+    );
+    rejected(
+        &sidecar("spec: {egress: [{hosts: [\"./*\"]}, {hosts: [\"*/*\"]}]}"),
+        "spec.egress",
+        "only one egress listener",
+    );
+    rejected(&sidecar("spec: {egress: [{bind: 127.0.0.1, hosts: [\"./*\"]}]}"), "spec.egress[0]", "need a port");
+    rejected(
+        &sidecar("spec: {egress: [{port: {number: 80}, bind: localhost, hosts: [\"./*\"]}]}"),
+        "spec.egress[0].bind",
+        "IP address",
+    );
+    rejected(
+        &sidecar("spec: {ingress: [{port: {number: 80}, defaultEndpoint: \"127.0.0.1\"}]}"),
+        "spec.ingress[0].defaultEndpoint",
+        "IP:PORT",
+    );
+    rejected(
+        &sidecar("spec: {ingress: [{port: {number: 80, protocol: SMTP}}]}"),
+        "spec.ingress[0].port.protocol",
+        "unknown protocol",
+    );
+    rejected(
+        &sidecar("spec: {ingress: [{port: {number: 80}}, {port: {number: 80}}]}"),
+        "spec.ingress[1].port",
+        "duplicate",
+    );
+    rejected(
+        &sidecar("spec: {ingress: [{port: {number: 80}, captureMode: SOMETIMES}]}"),
+        "spec.ingress[0].captureMode",
+        "unknown variant",
+    );
+}
+
+fn ap(spec: &str) -> String {
+    doc(SEC, "AuthorizationPolicy", spec)
+}
+
+#[test]
+fn authorization_policy_rules() {
+    rejected(&ap("spec: {action: CUSTOM}"), "spec.provider", "needs a provider");
+    rejected(&ap("spec: {action: DENY, provider: {name: x}}"), "spec.provider", "only allowed with action CUSTOM");
+    rejected(&ap("spec: {rules: [{from: [{}]}]}"), "spec.rules[0].from[0].source", "required");
+    rejected(&ap("spec: {rules: [{to: [{operation: {}}]}]}"), "spec.rules[0].to[0].operation", "at least one field");
+    rejected(
+        &ap("spec: {rules: [{from: [{source: {principals: [a], serviceAccounts: [b]}}]}]}"),
+        "spec.rules[0].from[0].source",
+        "cannot be combined",
+    );
+    rejected(
+        &ap("spec: {rules: [{from: [{source: {ipBlocks: [1.2.3.4/40]}}]}]}"),
+        "spec.rules[0].from[0].source.ipBlocks[0]",
+        "not an IP",
+    );
+    rejected(
+        &ap("spec: {rules: [{from: [{source: {principals: [\"a*b*c\"]}}]}]}"),
+        "spec.rules[0].from[0].source.principals[0]",
+        "only allowed at the start or end",
+    );
+    rejected(
+        &ap("spec: {rules: [{to: [{operation: {ports: [\"99999\"]}}]}]}"),
+        "spec.rules[0].to[0].operation.ports[0]",
+        "not a port",
+    );
+    rejected(&ap("spec: {rules: [{when: [{key: source.ip}]}]}"), "spec.rules[0].when[0]", "values or notValues");
+    rejected(
+        &ap("spec: {rules: [{when: [{key: source.ip, values: [x]}]}]}"),
+        "spec.rules[0].when[0].values[0]",
+        "not an IP",
+    );
+    rejected(
+        &ap("spec: {rules: [{when: [{key: destination.port, values: [\"0\"]}]}]}"),
+        "spec.rules[0].when[0].values[0]",
+        "not a port",
+    );
+    rejected(
+        &ap("spec: {rules: [{when: [{key: \"request.headers[]\", values: [a]}]}]}"),
+        "spec.rules[0].when[0].key",
+        "unknown attribute",
+    );
+    rejected(&ap("spec: {targetRefs: [{kind: Gateway, name: g}]}"), "spec.targetRefs", "not supported");
+    warned(
+        &ap("spec: {rules: [{to: [{operation: {methods: [get]}}]}]}"),
+        "spec.rules[0].to[0].operation.methods[0]",
+        "not a standard",
+    );
+    warned(&ap("spec: {action: AUDIT, rules: [{}]}"), "spec.action", "not enforced");
+    rejected(
+        &doc(SEC, "PeerAuthentication", "spec: {portLevelMtls: {80: {mode: STRICT}}}"),
+        "spec.portLevelMtls",
+        "requires a workload selector",
+    );
+    warned(&doc(SEC, "PeerAuthentication", "spec: {mtls: {mode: STRICT}}"), "spec.mtls.mode", "not enforced");
+}
+
+#[test]
+fn kubernetes_and_metadata_rules() {
+    let svc =
+        |spec: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec: {spec}\n");
+    rejected(&svc("{ports: [{port: 80}, {port: 81, name: b}]}"), "spec.ports[0].name", "must be named");
+    rejected(&svc("{ports: [{name: a, port: 70000}]}"), "spec.ports[0].port", "out of range");
+    rejected(&svc("{clusterIP: nope, ports: [{name: a, port: 80}]}"), "spec.clusterIP", "not an IP");
+    warned(&svc("{ports: [{name: web, port: 80}]}"), "spec.ports[0].name", "treats it as TCP");
+    let slice = |labels: &str, body: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e, namespace: ns{labels}}}\n{body}\n"
+        )
+    };
+    rejected(&slice("", "addressType: IPv4\nendpoints: []"), "metadata.labels.kubernetes.io/service-name", "required");
+    rejected(
+        &slice(", labels: {kubernetes.io/service-name: s}", "addressType: IPv4\nendpoints: [{addresses: [\"::1\"]}]"),
+        "endpoints[0].addresses[0]",
+        "not an IPv4",
+    );
+    rejected(
+        &slice(", labels: {kubernetes.io/service-name: s}", "addressType: Carrier"),
+        "addressType",
+        "not IPv4, IPv6 or FQDN",
+    );
+    rejected(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c}]}\nstatus: {podIP: nope}\n",
+        "status.podIP",
+        "not an IP",
+    );
+    rejected(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {sluice.io/dataplane: warp}}\nspec: {containers: [{name: c}]}\n",
+        "metadata.labels.sluice.io/dataplane",
+        "not a data-plane mode",
+    );
+    rejected(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: none}\n",
+        "spec.containers",
+        "invalid type",
+    );
+    rejected(&doc(NET, "Sidecar", "spec: {}").replace("name: x", "name: Bad_Name"), "metadata.name", "DNS-1123");
+    rejected(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {namespace: a}\nspec: {}\n",
+        "metadata.name",
+        "required",
+    );
+    rejected("kind: Sidecar\nmetadata: {name: a}\n", "document 0", "apiVersion and kind are required");
+    rejected("- just\n- a list\n", "document 0", "mapping");
+}
+
+#[test]
+fn unknown_kinds_are_skipped_with_a_warning_and_lists_are_read() {
+    let (n, d) = diagnostics("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n");
+    assert_eq!(n, 0);
+    assert!(d[0].severity == Severity::Warning && d[0].message.contains("not read by sluice"));
+    let (n, d) = diagnostics(&format!(
+        "apiVersion: v1\nkind: List\nitems:\n- {}\n- {}\n",
+        "{apiVersion: v1, kind: Namespace, metadata: {name: a}}",
+        "{apiVersion: v1, kind: Namespace, metadata: {name: b}}"
+    ));
+    assert_eq!((n, d.len()), (2, 0));
+    let (n, _) = diagnostics("---\n# only a comment\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n");
+    assert_eq!(n, 1, "empty documents are skipped");
+}
