@@ -1,7 +1,18 @@
-//! sluice's xDS building blocks. Generic over Envoy resources; knows nothing of Istio.
+//! sluice's xDS server library, in the spirit of go-control-plane. Generic over Envoy resources;
+//! knows nothing of Istio.
 //!
-//! Today: encoding of Envoy resources against Envoy's descriptors and config dumps. The ADS
-//! server (State-of-the-World and Delta) lands here next.
+//! - [`codec`]: protobuf JSON ↔ protobuf, checked against Envoy's descriptors.
+//! - [`resource`]: resources encoded once and shared.
+//! - [`cache`]: per-proxy snapshots with per-type versions.
+//! - [`server`]: ADS (State-of-the-World and Delta) and the per-type services, ACK/NACK
+//!   bookkeeping ([`status`]), push on refresh.
 
+pub mod cache;
 pub mod codec;
 pub mod config_dump;
+mod delta;
+pub mod resource;
+pub mod server;
+mod sotw;
+pub mod status;
+mod typed;

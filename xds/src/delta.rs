@@ -1,0 +1,249 @@
+//! Delta (incremental) xDS streams: per-resource versions, subscribe/unsubscribe, removals.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use crate::cache::{PUSH_ORDER, Snapshot, is_wildcard_type};
+use crate::server::{NodeInfo, Shared};
+use crate::status::{Nack, ProxyStatus};
+
+#[derive(Default)]
+struct TypeState {
+    subscribed: BTreeSet<String>,
+    wildcard: bool,
+    /// What the client holds: name → version.
+    known: BTreeMap<String, String>,
+    nonce: String,
+    sent_version: String,
+}
+
+struct Stream {
+    shared: Arc<Shared>,
+    node: NodeInfo,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    status: Arc<Mutex<ProxyStatus>>,
+    snapshot: Arc<Snapshot>,
+    types: HashMap<String, TypeState>,
+    nonce: u64,
+    fixed_type: Option<&'static str>,
+    synced_version: Option<u64>,
+}
+
+struct Gone;
+
+/// Serves one Delta stream until the client or the server ends it.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut requests: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    fixed_type: Option<&'static str>,
+) {
+    let first = match requests.message().await {
+        Ok(Some(r)) => r,
+        _ => return,
+    };
+    let Some(node) = NodeInfo::from_proto(first.node.as_ref()) else {
+        let _ = tx.send(Err(Status::invalid_argument("the first request must carry node.id"))).await;
+        return;
+    };
+    let (_registration, mut snapshots, status) = match shared.register(node.clone(), "delta") {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    };
+    let mut shutdown = shared.shutdown.subscribe();
+    let snapshot = snapshots.borrow_and_update().clone();
+    let mut s = Stream {
+        shared,
+        node,
+        tx,
+        status,
+        snapshot,
+        types: HashMap::new(),
+        nonce: 0,
+        fixed_type,
+        synced_version: None,
+    };
+    tracing::info!(node = %s.node.id, "delta stream opened");
+    if s.handle(first).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            msg = requests.message() => match msg {
+                Ok(Some(req)) => if s.handle(req).await.is_err() { break },
+                Ok(None) => break,
+                Err(e) => { tracing::debug!(node = %s.node.id, error = %e, "stream error"); break }
+            },
+            changed = snapshots.changed() => {
+                if changed.is_err() { break }
+                s.snapshot = snapshots.borrow_and_update().clone();
+                s.status.lock().expect("status").snapshot_version = s.snapshot.version;
+                if s.push_changes().await.is_err() { break }
+            },
+            _ = shutdown.changed() => {
+                let _ = s.tx.send(Err(Status::unavailable("server shutting down"))).await;
+                break;
+            }
+        }
+    }
+    tracing::info!(node = %s.node.id, "delta stream closed");
+}
+
+impl Stream {
+    fn type_version(&self, type_url: &str) -> String {
+        self.snapshot.of(type_url).map_or_else(|| self.snapshot.version.to_string(), |t| t.version.clone())
+    }
+
+    async fn handle(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Gone> {
+        let type_url = self.fixed_type.map_or(req.type_url.clone(), str::to_string);
+        if type_url.is_empty() {
+            let _ = self.tx.send(Err(Status::invalid_argument("type_url is required on ADS"))).await;
+            return Err(Gone);
+        }
+        let first = !self.types.contains_key(&type_url);
+        let state = self.types.entry(type_url.clone()).or_default();
+        if first {
+            state.known = req.initial_resource_versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            state.wildcard = req.resource_names_subscribe.is_empty() && is_wildcard_type(&type_url);
+        }
+        if !req.response_nonce.is_empty() && req.response_nonce == state.nonce {
+            let mut status = self.status.lock().expect("status");
+            let t = status.types.entry(type_url.clone()).or_default();
+            match &req.error_detail {
+                Some(err) => {
+                    tracing::warn!(node = %self.node.id, type_url, error = %err.message, "NACK");
+                    t.last_nack = Some(Nack { version: state.sent_version.clone(), message: err.message.clone() });
+                    self.shared.observer.nacked(&self.node.id, &type_url, &err.message);
+                }
+                None => t.acked_version = state.sent_version.clone(),
+            }
+        }
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                state.wildcard = true;
+            } else {
+                state.subscribed.insert(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == "*" {
+                state.wildcard = false;
+            } else {
+                state.subscribed.remove(name);
+                state.known.remove(name);
+            }
+        }
+        let changed = !req.resource_names_subscribe.is_empty();
+        if first || changed || req.error_detail.is_none() {
+            self.send(&type_url, first).await?;
+        }
+        self.report_sync();
+        Ok(())
+    }
+
+    async fn push_changes(&mut self) -> Result<(), Gone> {
+        let mut order: Vec<String> = PUSH_ORDER.iter().map(|t| t.to_string()).collect();
+        let mut rest: Vec<String> = self.types.keys().filter(|t| !order.contains(t)).cloned().collect();
+        rest.sort();
+        order.extend(rest);
+        for t in order {
+            if self.types.contains_key(&t) {
+                self.send(&t, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what the client lacks or holds at another version, and what it holds that is gone.
+    /// Sends nothing when there is no difference, unless `always` (the first request of a type).
+    async fn send(&mut self, type_url: &str, always: bool) -> Result<(), Gone> {
+        let start = Instant::now();
+        let version = self.type_version(type_url);
+        let state = self.types.get_mut(type_url).expect("state exists for requested type");
+        let items = self.snapshot.of(type_url).map(|t| &t.items);
+        let scope: BTreeSet<String> = if state.wildcard {
+            items.into_iter().flat_map(|i| i.keys().cloned()).chain(state.known.keys().cloned()).collect()
+        } else {
+            state.subscribed.clone()
+        };
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for name in scope {
+            match items.and_then(|i| i.get(&name)) {
+                Some(r) if state.known.get(&name) != Some(&r.version) => resources.push(r.clone()),
+                None if state.known.contains_key(&name) => removed.push(name),
+                _ => {}
+            }
+        }
+        if resources.is_empty() && removed.is_empty() && !always {
+            // Nothing this client holds changed: it is current at the new version already.
+            if state.sent_version != version {
+                let mut status = self.status.lock().expect("status");
+                let t = status.types.entry(type_url.to_string()).or_default();
+                if t.acked_version == t.sent_version {
+                    t.acked_version = version.clone();
+                }
+                t.sent_version = version.clone();
+                state.sent_version = version;
+            }
+            return Ok(());
+        }
+        for r in &resources {
+            state.known.insert(r.name.clone(), r.version.clone());
+        }
+        for name in &removed {
+            state.known.remove(name);
+        }
+        self.nonce += 1;
+        state.nonce = self.nonce.to_string();
+        state.sent_version = version.clone();
+        let response = DeltaDiscoveryResponse {
+            system_version_info: version.clone(),
+            resources: resources
+                .iter()
+                .map(|r| Resource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.to_any()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce: state.nonce.clone(),
+            control_plane: Some(ControlPlane { identifier: "sluice".into() }),
+            ..Default::default()
+        };
+        {
+            let mut status = self.status.lock().expect("status");
+            let t = status.types.entry(type_url.to_string()).or_default();
+            t.sent_version = version;
+            t.sent_nonce = state.nonce.clone();
+            t.resources = state.known.len();
+        }
+        self.tx.send(Ok(response)).await.map_err(|_| Gone)?;
+        self.shared.observer.pushed(&self.node.id, type_url, start.elapsed());
+        Ok(())
+    }
+
+    fn report_sync(&mut self) {
+        let version = self.snapshot.version;
+        if self.synced_version == Some(version) {
+            return;
+        }
+        let all_current = self.types.iter().all(|(t, s)| s.sent_version == self.type_version(t));
+        if all_current && self.status.lock().expect("status").in_sync() {
+            self.synced_version = Some(version);
+            self.shared.observer.synced(&self.node.id, version);
+        }
+    }
+}

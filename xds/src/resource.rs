@@ -1,0 +1,93 @@
+//! Encoded resources: converted to protobuf once, then shared (by `Arc`) by every snapshot and
+//! every proxy that receives them.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, Weak};
+
+use serde_json::Value;
+
+use crate::codec::{CodecError, encode};
+
+/// One resource in protobuf form.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Encoded {
+    /// Type URL.
+    pub type_url: String,
+    /// Resource name.
+    pub name: String,
+    /// Content version (hash of the encoded bytes), as sent in Delta xDS.
+    pub version: String,
+    /// The protobuf bytes of the resource message.
+    pub bytes: Vec<u8>,
+}
+
+impl Encoded {
+    /// Wraps already-encoded bytes.
+    pub fn new(type_url: &str, name: &str, bytes: Vec<u8>) -> Self {
+        let mut h = DefaultHasher::new();
+        bytes.hash(&mut h);
+        Self { type_url: type_url.to_string(), name: name.to_string(), version: format!("{:016x}", h.finish()), bytes }
+    }
+
+    /// As a `google.protobuf.Any`.
+    pub fn to_any(&self) -> envoy_types::pb::google::protobuf::Any {
+        envoy_types::pb::google::protobuf::Any { type_url: self.type_url.clone(), value: self.bytes.clone() }
+    }
+}
+
+/// Key of an interned resource: type, name and a hash of its JSON text.
+type Key = (String, String, u64);
+
+/// Encodes protobuf JSON once per distinct content: proxies that get the same resource share
+/// one encoding. Entries live as long as some snapshot holds them.
+#[derive(Debug, Default)]
+pub struct Interner {
+    entries: Mutex<HashMap<Key, Weak<Encoded>>>,
+}
+
+impl Interner {
+    /// The shared encoding of `json` as `type_url`, encoding it only if no live snapshot has it.
+    pub fn encode(&self, type_url: &str, name: &str, json: &Value) -> Result<Arc<Encoded>, CodecError> {
+        let mut h = DefaultHasher::new();
+        json.to_string().hash(&mut h);
+        let key = (type_url.to_string(), name.to_string(), h.finish());
+        if let Some(hit) = self.entries.lock().expect("interner lock").get(&key).and_then(Weak::upgrade) {
+            return Ok(hit);
+        }
+        let encoded = Arc::new(Encoded::new(type_url, name, encode(type_url, name, json)?));
+        let mut entries = self.entries.lock().expect("interner lock");
+        // Drop dead entries now and then so the map does not grow without bound.
+        if entries.len() > 1024 && entries.len().is_power_of_two() {
+            entries.retain(|_, w| w.strong_count() > 0);
+        }
+        entries.insert(key, Arc::downgrade(&encoded));
+        Ok(encoded)
+    }
+
+    /// Number of live shared encodings.
+    pub fn live(&self) -> usize {
+        self.entries.lock().expect("interner lock").values().filter(|w| w.strong_count() > 0).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    #[test]
+    fn same_content_is_encoded_once() {
+        let i = Interner::default();
+        let a = i.encode(CLUSTER, "a", &json!({"name": "a"})).unwrap();
+        let b = i.encode(CLUSTER, "a", &json!({"name": "a"})).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = i.encode(CLUSTER, "a", &json!({"name": "a", "connect_timeout": "1s"})).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_ne!(a.version, c.version);
+        drop((a, b));
+        assert_eq!(i.live(), 1);
+    }
+}

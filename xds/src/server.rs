@@ -1,0 +1,290 @@
+//! The xDS server: per-stream snapshots from a caller-supplied generator, fan-out on refresh,
+//! sync status, and the gRPC services (ADS and the per-type CDS/EDS/LDS/RDS).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cache::Snapshot;
+use crate::status::ProxyStatus;
+
+/// The identity a proxy presents in its first request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// `node.id`.
+    pub id: String,
+    /// `node.cluster`.
+    pub cluster: String,
+    /// String-valued fields of `node.metadata`.
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl NodeInfo {
+    /// Reads the node from a request, if it carries one.
+    pub fn from_proto(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> Option<Self> {
+        use envoy_types::pb::google::protobuf::value::Kind;
+        let node = node?;
+        if node.id.is_empty() {
+            return None;
+        }
+        let metadata = node
+            .metadata
+            .as_ref()
+            .map(|m| {
+                m.fields
+                    .iter()
+                    .filter_map(|(k, v)| match &v.kind {
+                        Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(Self { id: node.id.clone(), cluster: node.cluster.clone(), metadata })
+    }
+}
+
+/// Builds a proxy's snapshot. Implemented by the application (sluice's control plane).
+pub trait Generator: Send + Sync + 'static {
+    /// The snapshot for `node`; `previous` is what its stream holds now, so unchanged types can
+    /// keep their versions. An error refuses the stream with that message.
+    fn generate(&self, node: &NodeInfo, previous: Option<&Snapshot>) -> Result<Snapshot, String>;
+}
+
+/// Hooks for metrics and logs. Every method has a no-op default.
+pub trait Observer: Send + Sync + 'static {
+    /// A stream opened.
+    fn connected(&self, _node: &NodeInfo) {}
+    /// A stream closed.
+    fn disconnected(&self, _node: &NodeInfo) {}
+    /// A response was sent; `elapsed` is the time to build and queue it.
+    fn pushed(&self, _node: &str, _type_url: &str, _elapsed: Duration) {}
+    /// A response was rejected.
+    fn nacked(&self, _node: &str, _type_url: &str, _message: &str) {}
+    /// The stream acknowledged everything of snapshot `version`.
+    fn synced(&self, _node: &str, _version: u64) {}
+}
+
+/// An observer that does nothing.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+pub(crate) struct StreamEntry {
+    pub node: NodeInfo,
+    pub snapshot: watch::Sender<Arc<Snapshot>>,
+    pub status: Arc<Mutex<ProxyStatus>>,
+}
+
+pub(crate) struct Shared {
+    pub generator: Arc<dyn Generator>,
+    pub observer: Arc<dyn Observer>,
+    pub streams: Mutex<HashMap<u64, StreamEntry>>,
+    next_stream: AtomicU64,
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Removes a stream from the registry when its task ends, however it ends.
+pub(crate) struct Registration {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let removed = self.shared.streams.lock().expect("streams lock").remove(&self.id);
+        if let Some(entry) = removed {
+            self.shared.observer.disconnected(&entry.node);
+        }
+    }
+}
+
+impl Shared {
+    /// Registers a stream for `node` with its first snapshot.
+    pub fn register(
+        self: &Arc<Self>,
+        node: NodeInfo,
+        protocol: &str,
+    ) -> Result<(Registration, watch::Receiver<Arc<Snapshot>>, Arc<Mutex<ProxyStatus>>), Status> {
+        let snapshot = self.generator.generate(&node, None).map_err(Status::failed_precondition)?;
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let status = Arc::new(Mutex::new(ProxyStatus {
+            node_id: node.id.clone(),
+            protocol: protocol.to_string(),
+            snapshot_version: snapshot.version,
+            types: Default::default(),
+        }));
+        let (tx, rx) = watch::channel(Arc::new(snapshot));
+        self.observer.connected(&node);
+        self.streams
+            .lock()
+            .expect("streams lock")
+            .insert(id, StreamEntry { node, snapshot: tx, status: status.clone() });
+        Ok((Registration { shared: self.clone(), id }, rx, status))
+    }
+}
+
+/// The xDS server. Cheap to clone.
+#[derive(Clone)]
+pub struct XdsServer {
+    shared: Arc<Shared>,
+}
+
+impl XdsServer {
+    /// A server that asks `generator` for each proxy's snapshot and reports to `observer`.
+    pub fn new(generator: Arc<dyn Generator>, observer: Arc<dyn Observer>) -> Self {
+        let (shutdown, _) = watch::channel(false);
+        Self {
+            shared: Arc::new(Shared {
+                generator,
+                observer,
+                streams: Mutex::new(HashMap::new()),
+                next_stream: AtomicU64::new(1),
+                shutdown,
+            }),
+        }
+    }
+
+    /// Regenerates every connected proxy's snapshot; streams push only the types that changed.
+    /// Returns the number of proxies whose snapshot changed.
+    pub fn refresh(&self) -> usize {
+        let targets: Vec<(NodeInfo, watch::Sender<Arc<Snapshot>>)> = self
+            .shared
+            .streams
+            .lock()
+            .expect("streams lock")
+            .values()
+            .map(|e| (e.node.clone(), e.snapshot.clone()))
+            .collect();
+        let mut changed = 0;
+        for (node, tx) in targets {
+            let current = tx.borrow().clone();
+            match self.shared.generator.generate(&node, Some(&current)) {
+                Ok(next) => {
+                    let differs = next
+                        .types
+                        .iter()
+                        .map(|(t, r)| (t, &r.version))
+                        .ne(current.types.iter().map(|(t, r)| (t, &r.version)));
+                    if differs {
+                        changed += 1;
+                        tx.send_replace(Arc::new(next));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node.id, error = %e, "cannot regenerate snapshot; the proxy keeps its current config")
+                }
+            }
+        }
+        changed
+    }
+
+    /// Sync status of every open stream, sorted by node id.
+    pub fn statuses(&self) -> Vec<ProxyStatus> {
+        let mut out: Vec<ProxyStatus> = self
+            .shared
+            .streams
+            .lock()
+            .expect("streams lock")
+            .values()
+            .map(|e| e.status.lock().expect("status").clone())
+            .collect();
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        out
+    }
+
+    /// Number of open streams.
+    pub fn connected(&self) -> usize {
+        self.shared.streams.lock().expect("streams lock").len()
+    }
+
+    /// Ends every stream (they return UNAVAILABLE) so a graceful transport shutdown completes.
+    pub fn close_streams(&self) {
+        self.shared.shutdown.send_replace(true);
+    }
+
+    /// The ADS gRPC service.
+    pub fn ads_service(&self) -> AggregatedDiscoveryServiceServer<Ads> {
+        AggregatedDiscoveryServiceServer::new(Ads { shared: self.shared.clone() })
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024)
+    }
+
+    /// Serves ADS and the per-type services on `addr` until `shutdown` resolves, then closes the
+    /// streams and waits for the transport to finish.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), tonic::transport::Error> {
+        let this = self.clone();
+        let signal = async move {
+            shutdown.await;
+            this.close_streams();
+        };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let typed = crate::typed::services(&self.shared);
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(self.ads_service())
+            .add_service(typed.0)
+            .add_service(typed.1)
+            .add_service(typed.2)
+            .add_service(typed.3)
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await
+    }
+
+    /// Binds `addr` and serves (see [`XdsServer::serve`]).
+    pub async fn bind_and_serve(
+        &self,
+        addr: SocketAddr,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        self.serve(listener, shutdown).await.map_err(std::io::Error::other)
+    }
+}
+
+/// Responses are queued per stream; a proxy that stops reading blocks only its own stream.
+pub(crate) const STREAM_BUFFER: usize = 16;
+
+/// The Aggregated Discovery Service.
+pub struct Ads {
+    pub(crate) shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(crate::sotw::run(self.shared.clone(), request.into_inner(), tx, None));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(crate::delta::run(self.shared.clone(), request.into_inner(), tx, None));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

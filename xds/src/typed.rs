@@ -1,0 +1,117 @@
+//! The single-type services (CDS, EDS, LDS, RDS): the same streams as ADS with the type fixed.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_server::{
+    ClusterDiscoveryService, ClusterDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_server::{
+    EndpointDiscoveryService, EndpointDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_server::{
+    ListenerDiscoveryService, ListenerDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::route::v3::route_discovery_service_server::{
+    RouteDiscoveryService, RouteDiscoveryServiceServer,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use crate::server::{STREAM_BUFFER, Shared};
+
+/// One single-type service.
+pub struct Typed {
+    shared: Arc<Shared>,
+}
+
+macro_rules! single_type_service {
+    ($trait:ident, $type_url:expr, $stream:ident, $delta:ident, $fetch:ident, $stream_ty:ident, $delta_ty:ident) => {
+        #[tonic::async_trait]
+        impl $trait for Typed {
+            type $stream_ty = ReceiverStream<Result<DiscoveryResponse, Status>>;
+            type $delta_ty = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+            async fn $stream(
+                &self,
+                request: Request<Streaming<DiscoveryRequest>>,
+            ) -> Result<Response<Self::$stream_ty>, Status> {
+                let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+                tokio::spawn(crate::sotw::run(self.shared.clone(), request.into_inner(), tx, Some($type_url)));
+                Ok(Response::new(ReceiverStream::new(rx)))
+            }
+
+            async fn $delta(
+                &self,
+                request: Request<Streaming<DeltaDiscoveryRequest>>,
+            ) -> Result<Response<Self::$delta_ty>, Status> {
+                let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+                tokio::spawn(crate::delta::run(self.shared.clone(), request.into_inner(), tx, Some($type_url)));
+                Ok(Response::new(ReceiverStream::new(rx)))
+            }
+
+            async fn $fetch(&self, _request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
+                Err(Status::unimplemented("REST-style fetch is not served; use the streaming or delta method"))
+            }
+        }
+    };
+}
+
+single_type_service!(
+    ClusterDiscoveryService,
+    CLUSTER,
+    stream_clusters,
+    delta_clusters,
+    fetch_clusters,
+    StreamClustersStream,
+    DeltaClustersStream
+);
+single_type_service!(
+    EndpointDiscoveryService,
+    ENDPOINT,
+    stream_endpoints,
+    delta_endpoints,
+    fetch_endpoints,
+    StreamEndpointsStream,
+    DeltaEndpointsStream
+);
+single_type_service!(
+    ListenerDiscoveryService,
+    LISTENER,
+    stream_listeners,
+    delta_listeners,
+    fetch_listeners,
+    StreamListenersStream,
+    DeltaListenersStream
+);
+single_type_service!(
+    RouteDiscoveryService,
+    ROUTE,
+    stream_routes,
+    delta_routes,
+    fetch_routes,
+    StreamRoutesStream,
+    DeltaRoutesStream
+);
+
+/// CDS, EDS, LDS and RDS services sharing the server's state.
+pub(crate) fn services(
+    shared: &Arc<Shared>,
+) -> (
+    ClusterDiscoveryServiceServer<Typed>,
+    EndpointDiscoveryServiceServer<Typed>,
+    ListenerDiscoveryServiceServer<Typed>,
+    RouteDiscoveryServiceServer<Typed>,
+) {
+    let t = || Typed { shared: shared.clone() };
+    (
+        ClusterDiscoveryServiceServer::new(t()),
+        EndpointDiscoveryServiceServer::new(t()),
+        ListenerDiscoveryServiceServer::new(t()),
+        RouteDiscoveryServiceServer::new(t()),
+    )
+}

@@ -1,0 +1,316 @@
+//! ADS protocol behaviour against a real gRPC client on loopback: SotW and Delta, versions,
+//! nonces, ACK/NACK bookkeeping, EDS-only pushes, named subscriptions, removals, bad clients and
+//! shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use serde_json::{Value, json};
+use sluice_xds::cache::{CLUSTER, ENDPOINT, Snapshot};
+use sluice_xds::resource::Interner;
+use sluice_xds::server::{Generator, NoObserver, NodeInfo, Observer, XdsServer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+/// A generator serving whatever the test set, at the test's version.
+#[derive(Default)]
+struct Fixed {
+    state: Mutex<(u64, Vec<(&'static str, String, Value)>)>,
+    interner: Interner,
+}
+
+impl Fixed {
+    fn set(&self, version: u64, resources: Vec<(&'static str, String, Value)>) {
+        *self.state.lock().unwrap() = (version, resources);
+    }
+}
+
+impl Generator for Fixed {
+    fn generate(&self, node: &NodeInfo, previous: Option<&Snapshot>) -> Result<Snapshot, String> {
+        if node.id == "refuse-me" {
+            return Err("unknown proxy".into());
+        }
+        let (version, resources) = self.state.lock().unwrap().clone();
+        let encoded: Result<Vec<_>, _> = resources.iter().map(|(t, n, j)| self.interner.encode(t, n, j)).collect();
+        Ok(Snapshot::new(version, encoded.map_err(|e| e.to_string())?, previous))
+    }
+}
+
+fn cluster(name: &str, eds: bool) -> (&'static str, String, Value) {
+    let body = if eds {
+        json!({"name": name, "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}}})
+    } else {
+        json!({"name": name, "type": "STATIC"})
+    };
+    (CLUSTER, name.to_string(), body)
+}
+
+fn endpoints(name: &str, port: u32) -> (&'static str, String, Value) {
+    (
+        ENDPOINT,
+        name.to_string(),
+        json!({"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}),
+    )
+}
+
+#[derive(Default)]
+struct Synced(Mutex<Vec<(String, u64)>>);
+impl Observer for Synced {
+    fn synced(&self, node: &str, version: u64) {
+        self.0.lock().unwrap().push((node.to_string(), version));
+    }
+}
+
+struct Harness {
+    server: XdsServer,
+    generator: Arc<Fixed>,
+    synced: Arc<Synced>,
+    addr: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let generator = Arc::new(Fixed::default());
+        generator.set(1, vec![cluster("a", true), endpoints("a", 1000), cluster("b", false)]);
+        let synced = Arc::new(Synced::default());
+        let server = XdsServer::new(generator.clone(), synced.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let s = server.clone();
+        let task = tokio::spawn(async move {
+            s.serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self { server, generator, synced, addr, stop: Some(stop), task }
+    }
+
+    async fn client(&self) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
+        AggregatedDiscoveryServiceClient::connect(self.addr.clone()).await.unwrap()
+    }
+}
+
+fn node(id: &str) -> Option<Node> {
+    Some(Node { id: id.into(), ..Default::default() })
+}
+
+async fn next<T>(s: &mut Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), s.message())
+        .await
+        .expect("response in time")
+        .expect("stream ok")
+        .expect("message")
+}
+
+async fn nothing<T: std::fmt::Debug>(s: &mut Streaming<T>) {
+    if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+        panic!("unexpected message: {m:?}");
+    }
+}
+
+async fn sotw(h: &Harness, id: &str) -> (mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>) {
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(DiscoveryRequest { node: node(id), type_url: CLUSTER.into(), ..Default::default() }).await.unwrap();
+    let stream = h.client().await.stream_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    (tx, stream)
+}
+
+fn ack(r: &DiscoveryResponse, names: &[&str]) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: r.type_url.clone(),
+        version_info: r.version_info.clone(),
+        response_nonce: r.nonce.clone(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn sotw_wildcard_named_ack_and_eds_only_push() {
+    let h = Harness::start().await;
+    let (tx, mut rx) = sotw(&h, "p1").await;
+    let cds = next(&mut rx).await;
+    assert_eq!((cds.type_url.as_str(), cds.version_info.as_str(), cds.resources.len()), (CLUSTER, "1", 2));
+    tx.send(ack(&cds, &[])).await.unwrap();
+    nothing(&mut rx).await;
+    // Named EDS subscription: only what was asked for.
+    tx.send(DiscoveryRequest { type_url: ENDPOINT.into(), resource_names: vec!["a".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let eds = next(&mut rx).await;
+    assert_eq!(eds.resources.len(), 1);
+    tx.send(ack(&eds, &["a"])).await.unwrap();
+    nothing(&mut rx).await;
+    let status = &h.server.statuses()[0];
+    assert_eq!(status.types[CLUSTER].acked_version, "1");
+    assert_eq!(status.types[ENDPOINT].acked_version, "1");
+    assert!(h.synced.0.lock().unwrap().contains(&("p1".to_string(), 1)));
+    // An endpoint-only change pushes EDS and nothing else.
+    h.generator.set(2, vec![cluster("a", true), endpoints("a", 2000), cluster("b", false)]);
+    assert_eq!(h.server.refresh(), 1);
+    let eds2 = next(&mut rx).await;
+    assert_eq!((eds2.type_url.as_str(), eds2.version_info.as_str()), (ENDPOINT, "2"));
+    tx.send(ack(&eds2, &["a"])).await.unwrap();
+    nothing(&mut rx).await;
+    assert_eq!(h.server.statuses()[0].types[CLUSTER].sent_version, "1", "CDS version kept");
+    // A refresh with nothing new pushes nothing.
+    assert_eq!(h.server.refresh(), 0);
+    nothing(&mut rx).await;
+}
+
+#[tokio::test]
+async fn sotw_nack_is_recorded_and_not_retried_then_fixed_version_is_acked() {
+    let h = Harness::start().await;
+    let (tx, mut rx) = sotw(&h, "p2").await;
+    let cds = next(&mut rx).await;
+    let mut nack = ack(&cds, &[]);
+    nack.version_info = String::new();
+    nack.error_detail = Some(RpcStatus { code: 3, message: "cluster b: bad thing".into(), details: vec![] });
+    tx.send(nack).await.unwrap();
+    nothing(&mut rx).await;
+    let st = h.server.statuses()[0].types[CLUSTER].clone();
+    assert_eq!(
+        st.last_nack.as_ref().map(|n| (n.version.as_str(), n.message.as_str())),
+        Some(("1", "cluster b: bad thing"))
+    );
+    assert_eq!(st.acked_version, "");
+    // A stale nonce is ignored.
+    tx.send(DiscoveryRequest { type_url: CLUSTER.into(), response_nonce: "999".into(), ..Default::default() })
+        .await
+        .unwrap();
+    nothing(&mut rx).await;
+    h.generator.set(3, vec![cluster("a", true), endpoints("a", 1000)]);
+    h.server.refresh();
+    let fixed = next(&mut rx).await;
+    assert_eq!((fixed.version_info.as_str(), fixed.resources.len()), ("3", 1));
+    tx.send(ack(&fixed, &[])).await.unwrap();
+    nothing(&mut rx).await;
+    assert_eq!(h.server.statuses()[0].types[CLUSTER].acked_version, "3");
+}
+
+#[tokio::test]
+async fn delta_sends_differences_and_removals() {
+    let h = Harness::start().await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(DeltaDiscoveryRequest { node: node("d1"), type_url: CLUSTER.into(), ..Default::default() }).await.unwrap();
+    let mut stream = h.client().await.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let first: DeltaDiscoveryResponse = next(&mut stream).await;
+    let mut names: Vec<_> = first.resources.iter().map(|r| r.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, vec!["a", "b"]);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        resource_names_subscribe: vec!["a".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let eds = next(&mut stream).await;
+    assert_eq!(eds.resources.len(), 1);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        response_nonce: eds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    nothing(&mut stream).await;
+    // One endpoint changes: one resource on the wire. Cluster b goes away: a removal.
+    h.generator.set(4, vec![cluster("a", true), endpoints("a", 3000)]);
+    h.server.refresh();
+    let cds = next(&mut stream).await;
+    assert_eq!(
+        (cds.type_url.as_str(), cds.resources.len(), cds.removed_resources.clone()),
+        (CLUSTER, 0, vec!["b".to_string()])
+    );
+    let eds = next(&mut stream).await;
+    assert_eq!((eds.type_url.as_str(), eds.resources.len()), (ENDPOINT, 1));
+    for r in [&cds, &eds] {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    nothing(&mut stream).await;
+    assert!(h.server.statuses()[0].in_sync());
+    // Unsubscribing and resubscribing resends the resource.
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        resource_names_unsubscribe: vec!["a".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        resource_names_subscribe: vec!["a".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(next(&mut stream).await.resources.len(), 1);
+}
+
+#[tokio::test]
+async fn bad_clients_and_shutdown() {
+    let mut h = Harness::start().await;
+    // No node: refused.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(DiscoveryRequest { type_url: CLUSTER.into(), ..Default::default() }).await.unwrap();
+    let mut s = h.client().await.stream_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let err = tokio::time::timeout(Duration::from_secs(5), s.message()).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // The generator refuses the node: the stream ends with its message.
+    let (_tx2, mut s2) = sotw(&h, "refuse-me").await;
+    let err = tokio::time::timeout(Duration::from_secs(5), s2.message()).await.unwrap().unwrap_err();
+    assert!(err.message().contains("unknown proxy"));
+    // Garbage bytes on the gRPC port: the server survives.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut raw = tokio::net::TcpStream::connect(h.addr.trim_start_matches("http://")).await.unwrap();
+        raw.write_all(b"this is not http/2 at all\r\n\r\n").await.unwrap();
+    }
+    // A client that never ACKs keeps its stream; closing it unregisters it.
+    let (tx3, mut s3) = sotw(&h, "silent").await;
+    next(&mut s3).await;
+    assert_eq!(h.server.connected(), 1);
+    drop(tx3);
+    drop(s3);
+    for _ in 0..50 {
+        if h.server.connected() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.server.connected(), 0, "closed streams are unregistered");
+    // Shutdown ends open streams with UNAVAILABLE and the server task finishes.
+    let (_tx4, mut s4) = sotw(&h, "p4").await;
+    next(&mut s4).await;
+    h.stop.take().unwrap().send(()).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), s4.message()).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    tokio::time::timeout(Duration::from_secs(5), h.task).await.expect("server stops").unwrap();
+    let _ = NoObserver;
+}
