@@ -110,13 +110,12 @@ impl Drop for Registration {
     }
 }
 
+/// A registered stream: its registry guard, its snapshot channel and its status.
+pub(crate) type Registered = (Registration, watch::Receiver<Arc<Snapshot>>, Arc<Mutex<ProxyStatus>>);
+
 impl Shared {
     /// Registers a stream for `node` with its first snapshot.
-    pub fn register(
-        self: &Arc<Self>,
-        node: NodeInfo,
-        protocol: &str,
-    ) -> Result<(Registration, watch::Receiver<Arc<Snapshot>>, Arc<Mutex<ProxyStatus>>), Status> {
+    pub fn register(self: &Arc<Self>, node: NodeInfo, protocol: &str) -> Result<Registered, Status> {
         let snapshot = self.generator.generate(&node, None).map_err(Status::failed_precondition)?;
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let status = Arc::new(Mutex::new(ProxyStatus {
