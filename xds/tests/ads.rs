@@ -19,15 +19,18 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
+/// (type URL, name, protobuf JSON).
+type Json = (&'static str, String, Value);
+
 /// A generator serving whatever the test set, at the test's version.
 #[derive(Default)]
 struct Fixed {
-    state: Mutex<(u64, Vec<(&'static str, String, Value)>)>,
+    state: Mutex<(u64, Vec<Json>)>,
     interner: Interner,
 }
 
 impl Fixed {
-    fn set(&self, version: u64, resources: Vec<(&'static str, String, Value)>) {
+    fn set(&self, version: u64, resources: Vec<Json>) {
         *self.state.lock().unwrap() = (version, resources);
     }
 }
@@ -43,7 +46,7 @@ impl Generator for Fixed {
     }
 }
 
-fn cluster(name: &str, eds: bool) -> (&'static str, String, Value) {
+fn cluster(name: &str, eds: bool) -> Json {
     let body = if eds {
         json!({"name": name, "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}}})
     } else {
@@ -52,7 +55,7 @@ fn cluster(name: &str, eds: bool) -> (&'static str, String, Value) {
     (CLUSTER, name.to_string(), body)
 }
 
-fn endpoints(name: &str, port: u32) -> (&'static str, String, Value) {
+fn endpoints(name: &str, port: u32) -> Json {
     (
         ENDPOINT,
         name.to_string(),
