@@ -1,7 +1,13 @@
 //! The sluice control plane: sources, the config pipeline, and the commands of the `sluice`
 //! binary.
 
+pub mod bootstrap;
 pub mod file_source;
+pub mod generator;
+pub mod metrics;
+pub mod monitoring;
+pub mod serve;
+pub mod store;
 
 use std::path::PathBuf;
 

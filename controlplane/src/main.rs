@@ -27,6 +27,39 @@ enum Command {
         #[arg(long)]
         proxy: String,
     },
+    /// Serve xDS to Envoy proxies from a config directory, watching it for changes.
+    Serve {
+        /// Config files or directories; may repeat.
+        #[arg(long, required = true)]
+        config: Vec<PathBuf>,
+        /// xDS (gRPC, plaintext) address.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds_addr: std::net::SocketAddr,
+        /// Monitoring address (/ready, /metrics, /debug/syncz, /debug/configz).
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        monitoring_addr: std::net::SocketAddr,
+        /// Directory where the last good config and the version live (sled).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Quiet time after a file change before reloading, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        debounce_ms: u64,
+    },
+    /// Print an Envoy bootstrap that gets everything from sluice over ADS.
+    Bootstrap {
+        /// Proxy node id: sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local
+        #[arg(long)]
+        proxy: String,
+        /// sluice's xDS address.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds_addr: String,
+        /// Envoy admin port (on 127.0.0.1).
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+        /// Use Delta xDS (DELTA_GRPC) instead of State-of-the-World.
+        #[arg(long)]
+        delta: bool,
+    },
     /// Check config: print every rejected object and every warning; fail if any was rejected.
     Validate {
         /// Config files or directories; may repeat.
@@ -63,6 +96,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&dump)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve { config, xds_addr, monitoring_addr, state_dir, debounce_ms } => {
+            let options = sluice_controlplane::serve::ServeOptions {
+                config,
+                xds_addr,
+                monitoring_addr,
+                state_dir,
+                debounce: std::time::Duration::from_millis(debounce_ms),
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(sluice_controlplane::serve::serve(options, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bootstrap { proxy, xds_addr, admin_port, delta } => {
+            let options = sluice_controlplane::bootstrap::BootstrapOptions { proxy, xds_addr, admin_port, delta };
+            let b = sluice_controlplane::bootstrap::bootstrap(&options).map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string_pretty(&b)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { config } => {
             let loaded = load_config(&config);
             let errors = loaded.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
@@ -73,5 +124,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{errors} rejected, {warnings} warnings");
             Ok(if errors > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::path::PathBuf;
 
 /// productpage's node id (no iptables; Sidecar binds real addresses).

@@ -147,6 +147,8 @@ pub struct Loaded {
     pub reference: ObjectRef,
     /// File (or other source) it came from.
     pub origin: String,
+    /// The document as read (JSON form), kept so the last good version can be persisted.
+    pub raw: serde_json::Value,
 }
 
 /// Parses an IP address or CIDR (a bare IP is a /32 or /128).

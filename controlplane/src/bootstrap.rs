@@ -1,0 +1,71 @@
+//! `sluice bootstrap`: an Envoy bootstrap that takes everything from sluice over ADS.
+
+use serde_json::{Value, json};
+
+/// Options of `sluice bootstrap`.
+#[derive(Debug, Clone)]
+pub struct BootstrapOptions {
+    /// Node id (`sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`).
+    pub proxy: String,
+    /// sluice's xDS address, `host:port`.
+    pub xds_addr: String,
+    /// Envoy admin port on 127.0.0.1.
+    pub admin_port: u16,
+    /// Delta xDS instead of State-of-the-World.
+    pub delta: bool,
+}
+
+/// The cluster name of the xDS server in the bootstrap (Istio's name).
+pub const XDS_CLUSTER: &str = "xds-grpc";
+
+/// Builds the bootstrap; it is checked against Envoy's Bootstrap message before it is returned.
+pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, String> {
+    sluice_translator::envoy::NodeId::parse(&o.proxy).map_err(|e| e.to_string())?;
+    let (host, port) =
+        o.xds_addr.rsplit_once(':').ok_or_else(|| format!("--xds-addr {:?} must be host:port", o.xds_addr))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| format!("--xds-addr {:?}: bad port", o.xds_addr))?;
+    let cluster_type = if host.parse::<std::net::IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
+    let pod_ns = o.proxy.split('~').nth(2).unwrap_or_default();
+    let api = if o.delta { "DELTA_GRPC" } else { "GRPC" };
+    let b = json!({
+        "node": {"id": o.proxy, "cluster": pod_ns, "metadata": {"GENERATOR": "sluice"}},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {"api_type": api, "transport_api_version": "V3", "set_node_on_first_message_only": true,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [{
+            "name": XDS_CLUSTER, "type": cluster_type, "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}},
+        }]},
+    });
+    sluice_xds::codec::canonical("type.googleapis.com/envoy.config.bootstrap.v3.Bootstrap", "bootstrap", &b)
+        .map_err(|e| e.to_string())?;
+    Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_fits_envoy_and_names_the_node() {
+        let o = BootstrapOptions {
+            proxy: "sidecar~127.0.1.10~productpage-v1.default~default.svc.cluster.local".into(),
+            xds_addr: "127.0.0.1:15010".into(),
+            admin_port: 15000,
+            delta: true,
+        };
+        let b = bootstrap(&o).unwrap();
+        assert_eq!(b["node"]["id"], o.proxy);
+        assert_eq!(b["dynamic_resources"]["ads_config"]["api_type"], "DELTA_GRPC");
+        assert!(bootstrap(&BootstrapOptions { proxy: "nope".into(), ..o.clone() }).is_err());
+        assert!(bootstrap(&BootstrapOptions { xds_addr: "nohostport".into(), ..o }).is_err());
+    }
+}

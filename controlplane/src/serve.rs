@@ -1,0 +1,174 @@
+//! `sluice serve`: the file source watched with notify, the store, the xDS server and the
+//! monitoring port, wired together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use notify::{EventKind, RecursiveMode, Watcher};
+use sluice_translator::diagnostic::Severity;
+use sluice_xds::server::XdsServer;
+use tokio::sync::mpsc;
+
+use crate::generator::{Current, MeshGenerator};
+use crate::metrics::Metrics;
+use crate::monitoring::{Monitor, router};
+use crate::store::ConfigStore;
+
+/// Options of `sluice serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Config files and directories.
+    pub config: Vec<PathBuf>,
+    /// xDS gRPC address.
+    pub xds_addr: SocketAddr,
+    /// Monitoring HTTP address.
+    pub monitoring_addr: SocketAddr,
+    /// sled state directory.
+    pub state_dir: Option<PathBuf>,
+    /// Quiet time after a file change before reloading.
+    pub debounce: Duration,
+}
+
+struct Pipeline {
+    config: Vec<PathBuf>,
+    store: Arc<Mutex<ConfigStore>>,
+    generator: Arc<MeshGenerator>,
+    xds: XdsServer,
+    metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    /// Reloads the sources; on change, rebuilds and pushes. `seen` is when the change was noticed.
+    fn reload(&self, seen: Instant) -> anyhow::Result<()> {
+        let (loaded, diagnostics) = crate::file_source::load(&self.config);
+        let mut store = self.store.lock().expect("store lock");
+        let rejected = diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
+        for d in &diagnostics {
+            match d.severity {
+                Severity::Error => tracing::warn!("{d}"),
+                Severity::Warning => tracing::debug!("{d}"),
+            }
+        }
+        if !store.apply(loaded, diagnostics)? {
+            tracing::debug!("config unchanged");
+            return Ok(());
+        }
+        let (snapshot, _) = store.snapshot();
+        let version = store.version();
+        let objects = store.len();
+        drop(store);
+        self.metrics.config_changed(version, seen, rejected);
+        self.generator.set(Current { version, snapshot });
+        let pushed = self.xds.refresh();
+        tracing::info!(version, objects, rejected, proxies_updated = pushed, "config loaded");
+        Ok(())
+    }
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn serve(
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = ConfigStore::open(options.state_dir.as_deref())?;
+    let from_state = !store.is_empty();
+    let (snapshot, _) = store.snapshot();
+    let generator = Arc::new(MeshGenerator::new(Current { version: store.version(), snapshot }));
+    let metrics = Arc::new(Metrics::new());
+    metrics.config_changed(store.version(), Instant::now(), 0);
+    let xds = XdsServer::new(generator.clone(), metrics.clone());
+    let store = Arc::new(Mutex::new(store));
+    let ready = Arc::new(AtomicBool::new(from_state));
+    if from_state {
+        tracing::info!(version = generator.version(), "serving the last good config from the state directory");
+    }
+
+    let xds_listener = tokio::net::TcpListener::bind(options.xds_addr)
+        .await
+        .with_context(|| format!("binding xDS address {}", options.xds_addr))?;
+    let monitoring_listener = tokio::net::TcpListener::bind(options.monitoring_addr)
+        .await
+        .with_context(|| format!("binding monitoring address {}", options.monitoring_addr))?;
+    tracing::info!(xds = %xds_listener.local_addr()?, monitoring = %monitoring_listener.local_addr()?, "listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let xds_task = {
+        let xds = xds.clone();
+        let stop = wait(stop_rx.clone());
+        tokio::spawn(async move { xds.serve(xds_listener, stop).await })
+    };
+    let monitor =
+        Arc::new(Monitor { metrics: metrics.clone(), xds: xds.clone(), store: store.clone(), ready: ready.clone() });
+    let monitoring_task = {
+        let stop = wait(stop_rx.clone());
+        tokio::spawn(
+            async move { axum::serve(monitoring_listener, router(monitor)).with_graceful_shutdown(stop).await },
+        )
+    };
+
+    let pipeline = Arc::new(Pipeline { config: options.config.clone(), store, generator, xds, metrics });
+    // Watch before the first load so no change between the two is missed.
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let state_dir = options.state_dir.clone().map(|d| d.canonicalize().unwrap_or(d));
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        let relevant = matches!(event.kind, EventKind::Create(_) | EventKind::Remove(_))
+            || matches!(event.kind, EventKind::Modify(k) if !matches!(k, notify::event::ModifyKind::Metadata(_)));
+        let in_state = state_dir.as_ref().is_some_and(|s| event.paths.iter().all(|p| p.starts_with(s)));
+        if relevant && !in_state {
+            let _ = events_tx.send(Instant::now());
+        }
+    })
+    .context("starting the file watcher")?;
+    for path in &options.config {
+        let (target, mode) = if path.is_dir() {
+            (path.clone(), RecursiveMode::Recursive)
+        } else {
+            (path.parent().map(PathBuf::from).unwrap_or_else(|| ".".into()), RecursiveMode::NonRecursive)
+        };
+        watcher.watch(&target, mode).with_context(|| format!("watching {}", target.display()))?;
+    }
+    {
+        let p = pipeline.clone();
+        tokio::task::spawn_blocking(move || p.reload(Instant::now())).await??;
+    }
+    ready.store(true, Ordering::Release);
+
+    let debounce = options.debounce;
+    let reloader = {
+        let p = pipeline.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let seen = tokio::select! {
+                    e = events.recv() => match e { Some(t) => t, None => break },
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                // Coalesce a burst of changes into one reload.
+                while let Ok(Some(_)) = tokio::time::timeout(debounce, events.recv()).await {}
+                let p = p.clone();
+                match tokio::task::spawn_blocking(move || p.reload(seen)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "reload failed"),
+                    Err(e) => tracing::error!(error = %e, "reload task failed"),
+                }
+            }
+        })
+    };
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    drop(watcher);
+    let _ = stop_tx.send(true);
+    let _ = reloader.await;
+    xds_task.await?.context("xDS server")?;
+    monitoring_task.await?.context("monitoring server")?;
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! End to end with real Envoy 1.40 and real backends, all on 127.0.0.0/8: `sluice serve` on a
+//! copy of `examples/bookinfo`, productpage's sidecar started from `sluice bootstrap`, requests
+//! through its outbound listener (bound by the Sidecar's `captureMode: NONE`) and its inbound
+//! listener. Variants are switched by editing the served directory while Envoy runs.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::procs::{Backend, Proc, envoy_bin, eventually, free_port, http_get};
+
+/// Bookinfo's listeners use fixed addresses: one mesh at a time in this binary.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const OUTBOUND: &str = "127.0.0.1:9080";
+const INBOUND: &str = "127.0.1.10:9080";
+
+struct Mesh {
+    dir: tempfile::TempDir,
+    sluice: Option<Proc>,
+    envoy: Proc,
+    xds_port: u16,
+    monitoring_port: u16,
+    _backends: Vec<Backend>,
+}
+
+fn sluice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+fn start_sluice(dir: &Path, xds_port: u16, monitoring_port: u16, log: &str) -> Proc {
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args(["serve", "--debounce-ms", "20", "--config"])
+        .arg(dir.join("cfg"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args([
+            "--xds-addr",
+            &format!("127.0.0.1:{xds_port}"),
+            "--monitoring-addr",
+            &format!("127.0.0.1:{monitoring_port}"),
+        ])
+        .env("RUST_LOG", "info");
+    let p = Proc::spawn("sluice", &mut cmd, &dir.join(log));
+    let ready = eventually(Duration::from_secs(20), || {
+        http_get(&format!("127.0.0.1:{monitoring_port}"), "x", "/ready", &[]).ok().filter(|(s, _)| *s == 200)
+    });
+    assert!(
+        ready.is_some(),
+        "sluice did not become ready: {}",
+        std::fs::read_to_string(dir.join(log)).unwrap_or_default()
+    );
+    p
+}
+
+fn variant_text(variant: &str) -> String {
+    let dir = common::root().join("examples/bookinfo-variants").join(variant);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("variant").map(|e| e.unwrap().path()).collect();
+    files.sort();
+    files.iter().map(|f| std::fs::read_to_string(f).unwrap() + "\n---\n").collect()
+}
+
+impl Mesh {
+    fn start(delta: bool, variant: &str) -> Mesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("cfg");
+        copy_dir(&common::root().join("examples/bookinfo"), &cfg);
+        std::fs::write(cfg.join("variant.yaml"), variant_text(variant)).unwrap();
+        let backends = [
+            ("productpage-app", "127.0.0.1:19080"),
+            ("details-v1", "127.0.1.20:9080"),
+            ("ratings-v1", "127.0.1.30:9080"),
+            ("reviews-v1", "127.0.1.40:9080"),
+            ("reviews-v2", "127.0.1.41:9080"),
+            ("reviews-v3", "127.0.1.42:9080"),
+        ]
+        .iter()
+        .map(|(n, a)| Backend::start(n, a.parse::<SocketAddr>().unwrap()))
+        .collect();
+        let (xds_port, monitoring_port, admin_port) = (free_port(), free_port(), free_port());
+        let sluice = start_sluice(dir.path(), xds_port, monitoring_port, "sluice.log");
+        let mut args = vec![
+            "bootstrap".to_string(),
+            "--proxy".into(),
+            common::PRODUCTPAGE.into(),
+            "--xds-addr".into(),
+            format!("127.0.0.1:{xds_port}"),
+            "--admin-port".into(),
+            admin_port.to_string(),
+        ];
+        if delta {
+            args.push("--delta".into());
+        }
+        let out = Command::new(sluice_bin()).args(&args).output().expect("sluice bootstrap");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let bootstrap = dir.path().join("bootstrap.json");
+        std::fs::write(&bootstrap, &out.stdout).unwrap();
+        let envoy = Proc::spawn(
+            "envoy",
+            Command::new(envoy_bin()).arg("-c").arg(&bootstrap).args(["--use-dynamic-base-id", "--log-level", "warn"]),
+            &dir.path().join("envoy.log"),
+        );
+        let mesh = Mesh { dir, sluice: Some(sluice), envoy, xds_port, monitoring_port, _backends: backends };
+        let up = eventually(Duration::from_secs(30), || {
+            http_get(OUTBOUND, "details:9080", "/", &[]).ok().filter(|(s, _)| *s == 200)
+        });
+        assert!(up.is_some(), "Envoy never served traffic: {}", mesh.logs());
+        mesh
+    }
+
+    fn logs(&self) -> String {
+        let read = |f: &str| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+        format!("--- envoy\n{}\n--- sluice\n{}", read("envoy.log"), read("sluice.log"))
+    }
+
+    /// Replaces the variant in the served directory; returns the time of the write.
+    fn set_variant(&self, variant: &str) -> Instant {
+        let tmp = self.dir.path().join("variant.tmp");
+        std::fs::write(&tmp, variant_text(variant)).unwrap();
+        let at = Instant::now();
+        std::fs::rename(&tmp, self.dir.path().join("cfg/variant.yaml")).unwrap();
+        at
+    }
+
+    fn reviews(&self, headers: &[(&str, &str)]) -> String {
+        let (status, body) = http_get(OUTBOUND, "reviews:9080", "/", headers).expect("request");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    fn monitoring(&self, path: &str) -> String {
+        http_get(&format!("127.0.0.1:{}", self.monitoring_port), "x", path, &[]).expect("monitoring").1
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        self.envoy.kill();
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Share of `n` reviews requests answered by v1.
+fn v1_share(mesh: &Mesh, n: usize) -> f64 {
+    let v1 = (0..n).filter(|_| mesh.reviews(&[]) == "reviews-v1").count();
+    v1 as f64 / n as f64
+}
+
+/// The routing checks shared by SotW and Delta.
+fn routing_checks(mesh: &Mesh) {
+    for _ in 0..20 {
+        assert_eq!(mesh.reviews(&[]), "reviews-v1", "all-v1");
+    }
+    let written = mesh.set_variant("jason-v2");
+    let converged = eventually(Duration::from_secs(10), || {
+        (mesh.reviews(&[("end-user", "jason")]) == "reviews-v2").then(Instant::now)
+    });
+    let converged = converged.expect("jason-v2 never applied");
+    eprintln!("convergence after a file edit: {:?}", converged - written);
+    for _ in 0..10 {
+        assert_eq!(mesh.reviews(&[("end-user", "jason")]), "reviews-v2");
+        assert_eq!(mesh.reviews(&[]), "reviews-v1");
+    }
+    mesh.set_variant("reviews-80-20");
+    eventually(Duration::from_secs(10), || (mesh.reviews(&[("end-user", "jason")]) == "reviews-v1").then_some(()))
+        .expect("80/20 applied");
+    let share = v1_share(mesh, 1000);
+    eprintln!("80/20 over 1000 requests: v1 share {share:.3}");
+    assert!((0.75..=0.85).contains(&share), "v1 share {share} outside 80±5%");
+}
+
+#[test]
+fn bookinfo_sotw_routing_faults_authorization_and_restart() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut mesh = Mesh::start(false, "all-v1");
+    routing_checks(&mesh);
+
+    mesh.set_variant("ratings-abort");
+    let aborted = eventually(Duration::from_secs(10), || {
+        http_get(OUTBOUND, "ratings:9080", "/", &[("end-user", "jason")]).ok().filter(|(s, _)| *s == 500)
+    });
+    assert!(aborted.is_some(), "fault abort never applied");
+    assert_eq!(http_get(OUTBOUND, "ratings:9080", "/", &[]).unwrap(), (200, "ratings-v1".into()));
+    assert_eq!(http_get(OUTBOUND, "ratings:9080", "/ratings/broken", &[]).unwrap().0, 503);
+
+    // Inbound: productpage's own listener, bound on its pod IP, forwards to the app.
+    assert_eq!(http_get(INBOUND, "productpage:9080", "/admin", &[]).unwrap(), (200, "productpage-app".into()));
+    mesh.set_variant("deny-admin");
+    let denied = eventually(Duration::from_secs(10), || {
+        http_get(INBOUND, "productpage:9080", "/admin", &[]).ok().filter(|(s, _)| *s == 403)
+    });
+    assert!(denied.is_some(), "DENY policy never applied");
+    assert_eq!(http_get(INBOUND, "productpage:9080", "/productpage", &[]).unwrap(), (200, "productpage-app".into()));
+
+    // The convergence of file edits shows in /metrics.
+    let metrics = mesh.monitoring("/metrics");
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pilot_proxy_convergence_time_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(count >= 3, "convergence observations in /metrics: {count}\n{metrics}");
+    assert!(metrics.contains("pilot_xds 1"), "{metrics}");
+    let syncz: serde_json::Value = serde_json::from_str(&mesh.monitoring("/debug/syncz")).unwrap();
+    let proxy = &syncz["proxies"][0];
+    assert_eq!(proxy["node_id"], common::PRODUCTPAGE);
+    let version_before: u64 = proxy["snapshot_version"].as_u64().unwrap();
+
+    // Kill sluice: Envoy keeps serving its last config.
+    mesh.sluice.take().unwrap().kill();
+    for _ in 0..20 {
+        assert_eq!(http_get(INBOUND, "productpage:9080", "/admin", &[]).unwrap().0, 403);
+        // deny-admin has no reviews VirtualService: the default route spreads over all versions.
+        assert!(mesh.reviews(&[]).starts_with("reviews-v"));
+    }
+    // Restart with the same state directory: Envoy reconnects and ACKs; versions did not go back.
+    mesh.sluice = Some(start_sluice(mesh.dir.path(), mesh.xds_port, mesh.monitoring_port, "sluice-restarted.log"));
+    let synced = eventually(Duration::from_secs(30), || {
+        let s: serde_json::Value = serde_json::from_str(&mesh.monitoring("/debug/syncz")).ok()?;
+        let p = s["proxies"].get(0)?.clone();
+        let types = p["types"].as_object()?;
+        let acked = types.len() >= 4 && types.values().all(|t| t["acked_version"] == t["sent_version"]);
+        acked.then_some(p)
+    });
+    let proxy = synced.expect("Envoy did not reconnect and ACK");
+    assert!(proxy["snapshot_version"].as_u64().unwrap() >= version_before, "version went backwards: {proxy}");
+    assert_eq!(http_get(INBOUND, "productpage:9080", "/admin", &[]).unwrap().0, 403);
+}
+
+#[test]
+fn bookinfo_delta_routing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mesh = Mesh::start(true, "all-v1");
+    routing_checks(&mesh);
+    let syncz: serde_json::Value = serde_json::from_str(&mesh.monitoring("/debug/syncz")).unwrap();
+    assert_eq!(syncz["proxies"][0]["protocol"], "delta");
+}
