@@ -317,3 +317,104 @@ async fn bad_clients_and_shutdown() {
     tokio::time::timeout(Duration::from_secs(5), h.task).await.expect("server stops").unwrap();
     let _ = NoObserver;
 }
+
+/// A listener on `port` answering every request with `body`; `duplicate_chain` makes it one
+/// Envoy rejects (two filter chains with the same match) although every field is valid.
+fn listener(port: u16, body: &str, duplicate_chain: bool) -> Json {
+    let chain = json!({"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "test",
+        "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]});
+    let chains = if duplicate_chain { vec![chain.clone(), chain] } else { vec![chain] };
+    (
+        sluice_xds::cache::LISTENER,
+        "l".into(),
+        json!({"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}, "filter_chains": chains}),
+    )
+}
+
+/// Envoy rejects a resource: the NACK and Envoy's message land in the sync status, Envoy keeps
+/// serving its last accepted config, and a later good snapshot is ACKed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_envoy_nack_keeps_last_good_config() {
+    use sluice_testkit::{Proc, envoy_bin, free_port, http_get};
+    let h = Harness::start().await;
+    let port = free_port();
+    h.generator.set(1, vec![cluster("b", false), listener(port, "v1", false)]);
+    let dir = tempfile::tempdir().unwrap();
+    let xds_port: u16 = h.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let bootstrap = json!({
+        "node": {"id": "nack-test", "cluster": "test"},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "static_resources": {"clusters": [{"name": "xds", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}}]}]},
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions", "explicit_http_config": {"http2_protocol_options": {}}}}}]},
+    });
+    let file = dir.path().join("bootstrap.json");
+    std::fs::write(&file, bootstrap.to_string()).unwrap();
+    let _envoy = Proc::spawn(
+        "envoy",
+        std::process::Command::new(envoy_bin()).arg("-c").arg(&file).args([
+            "--use-dynamic-base-id",
+            "--log-level",
+            "warn",
+        ]),
+        &dir.path().join("envoy.log"),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let get = move || {
+        let addr = addr.clone();
+        async move { tokio::task::spawn_blocking(move || http_get(&addr, "x", "/", &[]).ok()).await.unwrap() }
+    };
+    let wait_body = |want: &'static str| {
+        let get = get.clone();
+        async move {
+            for _ in 0..400 {
+                if get().await.is_some_and(|(_, b)| b == want) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("Envoy never answered {want}");
+        }
+    };
+    wait_body("v1").await;
+
+    h.generator.set(2, vec![cluster("b", false), listener(port, "v2", true)]);
+    h.server.refresh();
+    let mut nack = None;
+    for _ in 0..400 {
+        nack = h
+            .server
+            .statuses()
+            .first()
+            .and_then(|s| s.types.get(sluice_xds::cache::LISTENER).and_then(|t| t.last_nack.clone()));
+        if nack.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let nack = nack.expect("Envoy did not NACK the bad listener");
+    assert_eq!(nack.version, "2");
+    assert!(nack.message.contains("filter chain"), "Envoy's message is recorded: {}", nack.message);
+    assert_eq!(h.server.statuses()[0].types[sluice_xds::cache::LISTENER].acked_version, "1");
+    for _ in 0..10 {
+        assert_eq!(get().await.map(|r| r.1).as_deref(), Some("v1"), "the last accepted listener keeps serving");
+    }
+
+    h.generator.set(3, vec![cluster("b", false), listener(port, "v3", false)]);
+    h.server.refresh();
+    wait_body("v3").await;
+    for _ in 0..100 {
+        if h.server.statuses()[0].types[sluice_xds::cache::LISTENER].acked_version == "3" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the good snapshot was not ACKed: {:?}", h.server.statuses());
+}

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-pub mod procs;
+pub use sluice_testkit as procs;
 
 use std::path::PathBuf;
 

@@ -1,4 +1,5 @@
-//! Processes and tiny HTTP peers for end-to-end tests. Everything started here stops on drop.
+//! Test support shared by sluice's crates: child processes killed on drop, free ports, a tiny
+//! HTTP/1.1 backend and client, and polling. Everything started here stops on drop.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,11 +10,14 @@ use std::time::{Duration, Instant};
 
 /// A child process killed (by its pid) and reaped on drop.
 pub struct Proc {
+    /// The process.
     pub child: Child,
+    /// What it is, for messages.
     pub name: String,
 }
 
 impl Proc {
+    /// Starts `cmd` with stdout and stderr into `log`.
     pub fn spawn(name: &str, cmd: &mut Command, log: &std::path::Path) -> Proc {
         let out = std::fs::File::create(log).expect("log file");
         let err = out.try_clone().expect("log file");
@@ -56,6 +60,7 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Serves on `addr` until dropped.
     pub fn start(name: &str, addr: SocketAddr) -> Backend {
         let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("backend {name} on {addr}: {e}"));
         listener.set_nonblocking(true).expect("nonblocking");
