@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::procs::{Backend, Proc, envoy_bin, eventually, free_port, http_get};
+use sluice_testkit::{Backend, Proc, envoy_bin, eventually, free_port, http_get};
 
 /// Bookinfo's listeners use fixed addresses: one mesh at a time in this binary.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());

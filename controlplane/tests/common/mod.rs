@@ -2,8 +2,6 @@
 
 #![allow(dead_code)]
 
-pub use sluice_testkit as procs;
-
 use std::path::PathBuf;
 
 /// productpage's node id (no iptables; Sidecar binds real addresses).
