@@ -171,6 +171,51 @@ async fn sotw_wildcard_named_ack_and_eds_only_push() {
     // A refresh with nothing new pushes nothing.
     assert_eq!(h.server.refresh(), 0);
     nothing(&mut rx).await;
+    // When every type changes, clusters go before their endpoints (Envoy's warming order).
+    tx.send(DiscoveryRequest { type_url: sluice_xds::cache::LISTENER.into(), ..Default::default() }).await.unwrap();
+    let lds = next(&mut rx).await;
+    tx.send(ack(&lds, &[])).await.unwrap();
+    h.generator.set(5, vec![cluster("a", false), endpoints("a", 4000)]);
+    h.server.refresh();
+    let order = [next(&mut rx).await.type_url, next(&mut rx).await.type_url];
+    assert_eq!(order, [CLUSTER.to_string(), ENDPOINT.to_string()]);
+}
+
+#[tokio::test]
+async fn single_type_services_serve_their_type() {
+    use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient;
+    let h = Harness::start().await;
+    let (tx, rx) = mpsc::channel(4);
+    // No type_url on a CDS stream: the service fixes it.
+    tx.send(DiscoveryRequest { node: node("cds"), ..Default::default() }).await.unwrap();
+    let mut cds = ClusterDiscoveryServiceClient::connect(h.addr.clone())
+        .await
+        .unwrap()
+        .stream_clusters(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = next(&mut cds).await;
+    assert_eq!((r.type_url.as_str(), r.resources.len()), (CLUSTER, 2));
+    let (tx2, rx2) = mpsc::channel(4);
+    tx2.send(DeltaDiscoveryRequest {
+        node: node("eds"),
+        resource_names_subscribe: vec!["a".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut eds = EndpointDiscoveryServiceClient::connect(h.addr.clone())
+        .await
+        .unwrap()
+        .delta_endpoints(ReceiverStream::new(rx2))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = next(&mut eds).await;
+    assert_eq!((r.type_url.as_str(), r.resources.len()), (ENDPOINT, 1));
+    drop((tx, tx2));
 }
 
 #[tokio::test]

@@ -138,6 +138,12 @@ pub(super) fn build(proxy: &Proxy<'_>) -> Vec<Resource> {
         if p.protocol.is_http2() {
             body["typed_extension_protocol_options"] = protocol_options(p.protocol, None);
         }
+        if p.bind.is_none() && !proxy.interception_none {
+            // As Istio: connect to the app from 127.0.0.6 so istio-init's rules let it through
+            // instead of capturing it again.
+            let source = if p.endpoint.0.contains(':') { "::6" } else { "127.0.0.6" };
+            body["upstream_bind_config"] = json!({"source_address": {"address": source, "port_value": 0}});
+        }
         out.push(Resource { name, body });
     }
     out
