@@ -102,10 +102,14 @@ impl Metrics {
         }
     }
 
-    /// Records that config `version` exists since `seen`.
-    pub fn config_changed(&self, version: u64, seen: Instant, rejected: usize) {
-        self.config_version.set(version as i64);
+    /// Records how many objects the last load rejected (served or not).
+    pub fn loaded(&self, rejected: usize) {
         self.rejected_objects.set(rejected as i64);
+    }
+
+    /// Records that config `version` exists since `seen`.
+    pub fn config_changed(&self, version: u64, seen: Instant) {
+        self.config_version.set(version as i64);
         let mut times = self.version_times.lock().expect("metrics lock");
         times.insert(version, seen);
         // Keep the recent versions only; proxies converge in seconds.

@@ -53,6 +53,7 @@ impl Pipeline {
                 Severity::Warning => tracing::debug!("{d}"),
             }
         }
+        self.metrics.loaded(rejected);
         if !store.apply(loaded, diagnostics)? {
             tracing::debug!("config unchanged");
             return Ok(());
@@ -61,7 +62,7 @@ impl Pipeline {
         let version = store.version();
         let objects = store.len();
         drop(store);
-        self.metrics.config_changed(version, seen, rejected);
+        self.metrics.config_changed(version, seen);
         self.generator.set(Current { version, snapshot });
         let pushed = self.xds.refresh();
         tracing::info!(version, objects, rejected, proxies_updated = pushed, "config loaded");
@@ -79,7 +80,7 @@ pub async fn serve(
     let (snapshot, _) = store.snapshot();
     let generator = Arc::new(MeshGenerator::new(Current { version: store.version(), snapshot }));
     let metrics = Arc::new(Metrics::new());
-    metrics.config_changed(store.version(), Instant::now(), 0);
+    metrics.config_changed(store.version(), Instant::now());
     let xds = XdsServer::new(generator.clone(), metrics.clone());
     let store = Arc::new(Mutex::new(store));
     let ready = Arc::new(AtomicBool::new(from_state));
