@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use sluice_testkit::{Proc, envoy_bin, eventually};
+use sluice_testkit::{Proc, envoy_bin, eventually, is_root};
 
 const POD: &str = "192.0.2.2";
 const CLIENT: &str = "192.0.2.1";
@@ -144,13 +144,6 @@ fn curl(ns: &str, url: &str) -> Option<(u16, String)> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n')?;
     Some((code.parse().ok()?, body.to_string()))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
 }
 
 fn spawn_in(ns: &str, name: &str, args: &[&str], log: &Path) -> Proc {
