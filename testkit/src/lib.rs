@@ -100,7 +100,7 @@ fn serve_conn(conn: TcpStream, name: &str) {
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
-        let mut length = 0usize;
+        let (mut length, mut close) = (0usize, false);
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -109,9 +109,11 @@ fn serve_conn(conn: TcpStream, name: &str) {
             if h == "\r\n" {
                 break;
             }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            let h = h.to_ascii_lowercase();
+            if let Some(v) = h.strip_prefix("content-length:") {
                 length = v.trim().parse().unwrap_or(0);
             }
+            close |= h.strip_prefix("connection:").is_some_and(|v| v.trim() == "close");
         }
         let mut body = vec![0; length];
         if reader.read_exact(&mut body).is_err() {
@@ -119,7 +121,7 @@ fn serve_conn(conn: TcpStream, name: &str) {
         }
         let reply = name.as_bytes();
         let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n", reply.len());
-        if writer.write_all(head.as_bytes()).and_then(|_| writer.write_all(reply)).is_err() {
+        if writer.write_all(head.as_bytes()).and_then(|_| writer.write_all(reply)).is_err() || close {
             return;
         }
     }

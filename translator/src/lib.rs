@@ -1,6 +1,7 @@
 //! sluice's compiler front and middle: the config model, validation, the validated snapshot, and
 //! pure translation to Envoy xDS resources. No I/O, no clocks, no async.
 
+pub mod dataplane;
 pub mod diagnostic;
 pub mod envoy;
 pub mod model;

@@ -138,6 +138,8 @@ pub struct Workload {
     pub locality: Option<String>,
     /// Named container ports → numbers (resolves named targetPorts).
     pub named_ports: BTreeMap<String, u32>,
+    /// The node it runs on (`spec.nodeName`), when known.
+    pub node: Option<String>,
 }
 
 /// Everything accepted, indexed for translation.
@@ -239,6 +241,7 @@ impl Snapshot {
                             annotations: meta.annotations,
                             locality,
                             named_ports,
+                            node: spec.and_then(|s| s.node_name.clone()),
                         },
                     );
                 }
@@ -260,6 +263,7 @@ impl Snapshot {
                             service_account: w.spec.service_account.clone().unwrap_or_else(|| "default".into()),
                             locality: w.spec.locality.clone(),
                             named_ports: w.spec.ports.clone(),
+                            node: None,
                         },
                     );
                     workload_entries.push(w);

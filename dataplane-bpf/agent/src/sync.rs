@@ -1,0 +1,337 @@
+//! Keeps the maps equal to a [`NodeDataplane`], in an order that never lets a reader find a
+//! service whose slots point at a missing backend:
+//!
+//! 1. new backends are written;
+//! 2. each changed service's slots are written (growing ones before the count is raised);
+//! 3. the service entry publishes the new slot count;
+//! 4. what is no longer referenced (slots past a shrunk count, removed services' slots,
+//!    unreferenced backends) is deleted only after a grace period, so a program that read the
+//!    old entry an instant earlier still finds what it points at.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use sluice_dataplane_common::{
+    Backend, MAX_SLOTS, ServiceKey, ServiceValue, SlotKey, Workload, mode, proto, service_flags, v4_mapped,
+};
+use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane};
+
+use crate::loader::Maps;
+use crate::{DataplaneError, Result};
+
+/// How long unreferenced entries stay before deletion.
+pub const GRACE: Duration = Duration::from_millis(200);
+
+/// A map address from an IP.
+pub fn addr(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The service key of a kernel service.
+pub fn service_key(s: &KernelService) -> Result<ServiceKey> {
+    let ip: IpAddr = s
+        .vip
+        .parse()
+        .map_err(|_| DataplaneError::Invalid(format!("service {}: VIP {:?} is not an IP", s.name, s.vip)))?;
+    Ok(ServiceKey {
+        addr: addr(ip),
+        port: s.port,
+        proto: if s.protocol == "UDP" { proto::UDP } else { proto::TCP },
+        pad: 0,
+    })
+}
+
+/// Slot owners for the given weights: backend `i` owns a share of the slots proportional to
+/// `weights[i]`, at least one, at most [`MAX_SLOTS`] slots in all.
+pub fn slots(weights: &[u32]) -> Vec<usize> {
+    let sum: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    if sum == 0 {
+        return Vec::new();
+    }
+    let budget = u64::from(MAX_SLOTS).max(weights.len() as u64);
+    let scaled: Vec<u64> = if sum > budget {
+        weights.iter().map(|w| (u64::from(*w) * budget / sum).max(1)).collect()
+    } else {
+        weights.iter().map(|w| u64::from(*w)).collect()
+    };
+    let g = scaled.iter().copied().fold(0, gcd);
+    scaled.iter().enumerate().flat_map(|(i, w)| std::iter::repeat_n(i, (w / g.max(1)) as usize)).collect()
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// FNV-1a: stable ids for identities and namespaces across agent restarts.
+pub fn stable_id(text: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in text.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// The workload value of a kernel workload.
+pub fn workload_value(w: &KernelWorkload) -> Workload {
+    Workload {
+        identity: stable_id(&format!("{}/{}", w.namespace, w.service_account)),
+        namespace: stable_id(&w.namespace),
+        mode: match w.mode.as_str() {
+            "sidecar" => mode::SIDECAR,
+            "node" => mode::NODE,
+            _ => mode::KERNEL,
+        },
+        pad: [0; 3],
+    }
+}
+
+enum Pending {
+    Slots { service: u32, from: u32, to: u32 },
+    Backend(u32),
+    Counters(u32),
+}
+
+/// What one apply did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Services written (new or changed).
+    pub services_written: usize,
+    /// Services removed.
+    pub services_removed: usize,
+    /// Backends written.
+    pub backends_written: usize,
+}
+
+/// The agent's view of what is in the maps.
+#[derive(Default)]
+pub struct MapSync {
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    slots: BTreeMap<u32, Vec<u32>>,
+    backends: BTreeMap<Backend, u32>,
+    next_service: u32,
+    next_backend: u32,
+    pending: Vec<(Instant, Pending)>,
+}
+
+fn merr(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+impl MapSync {
+    /// Reads what an earlier agent left in the maps, so ids stay stable and nothing is flushed.
+    pub fn adopt(maps: &Maps) -> Result<Self> {
+        let mut s = Self::default();
+        for item in maps.backends.iter() {
+            let (id, b) = item.map_err(merr("backends"))?;
+            s.backends.insert(b, id);
+            s.next_backend = s.next_backend.max(id + 1);
+        }
+        for item in maps.services.iter() {
+            let (k, v) = item.map_err(merr("services"))?;
+            s.services.insert(k, v);
+            s.next_service = s.next_service.max(v.id + 1);
+        }
+        for item in maps.slots.iter() {
+            let (k, backend) = item.map_err(merr("slots"))?;
+            let list = s.slots.entry(k.service).or_default();
+            if list.len() <= k.slot as usize {
+                list.resize(k.slot as usize + 1, u32::MAX);
+            }
+            list[k.slot as usize] = backend;
+        }
+        // Slots past a service's published count (or of no service) are deletions the earlier
+        // agent had not run yet: schedule them again instead of treating them as live.
+        let now = Instant::now();
+        let counts: BTreeMap<u32, u32> = s.services.values().map(|v| (v.id, v.slot_count)).collect();
+        for (service, list) in &mut s.slots {
+            let live = counts.get(service).copied().unwrap_or(0);
+            if list.len() > live as usize {
+                s.pending.push((now, Pending::Slots { service: *service, from: live, to: list.len() as u32 }));
+                list.truncate(live as usize);
+            }
+        }
+        s.slots.retain(|_, list| !list.is_empty());
+        s.next_service = s.next_service.max(1);
+        s.next_backend = s.next_backend.max(1);
+        Ok(s)
+    }
+
+    /// Makes the service maps equal `desired` (workloads are registered separately, by cgroup).
+    pub fn apply(&mut self, maps: &mut Maps, desired: &NodeDataplane, now: Instant) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        let mut wanted: BTreeMap<ServiceKey, (&KernelService, Vec<Backend>, Vec<u32>)> = BTreeMap::new();
+        for s in &desired.services {
+            let key = service_key(s)?;
+            let mut backends = Vec::new();
+            let mut weights = Vec::new();
+            for b in &s.backends {
+                let ip: IpAddr = b.address.parse().map_err(|_| {
+                    DataplaneError::Invalid(format!("service {}: backend {:?} is not an IP", s.name, b.address))
+                })?;
+                backends.push(Backend {
+                    addr: addr(ip),
+                    port: b.port,
+                    family: if ip.is_ipv4() { 4 } else { 6 },
+                    pad: 0,
+                });
+                weights.push(b.weight);
+            }
+            wanted.insert(key, (s, backends, weights));
+        }
+        // 1. Backends first.
+        for (_, backends, _) in wanted.values() {
+            for b in backends {
+                if !self.backends.contains_key(b) {
+                    let id = self.next_backend;
+                    self.next_backend += 1;
+                    maps.backends.insert(id, *b, 0).map_err(merr("backends"))?;
+                    self.backends.insert(*b, id);
+                    stats.backends_written += 1;
+                }
+            }
+        }
+        // 2 and 3. Slots, then the service entry.
+        for (key, (s, backends, weights)) in &wanted {
+            let owners = slots(weights);
+            let new_slots: Vec<u32> = owners.iter().map(|i| self.backends[&backends[*i]]).collect();
+            let flags = if s.needs_l7 { service_flags::NEEDS_L7 } else { 0 };
+            let current = self.services.get(key).copied();
+            let id = current.map_or_else(
+                || {
+                    let id = self.next_service;
+                    self.next_service += 1;
+                    id
+                },
+                |c| c.id,
+            );
+            let old_slots = self.slots.get(&id).cloned().unwrap_or_default();
+            if current.is_some_and(|c| c.slot_count as usize == new_slots.len() && c.flags == flags)
+                && old_slots == new_slots
+            {
+                continue;
+            }
+            for (i, backend) in new_slots.iter().enumerate() {
+                if old_slots.get(i) != Some(backend) {
+                    maps.slots.insert(SlotKey { service: id, slot: i as u32 }, *backend, 0).map_err(merr("slots"))?;
+                }
+            }
+            let value = ServiceValue {
+                id,
+                slot_count: new_slots.len() as u32,
+                flags,
+                revision: current.map_or(1, |c| c.revision.wrapping_add(1)),
+            };
+            maps.services.insert(*key, value, 0).map_err(merr("services"))?;
+            if old_slots.len() > new_slots.len() {
+                self.pending.push((
+                    now,
+                    Pending::Slots { service: id, from: new_slots.len() as u32, to: old_slots.len() as u32 },
+                ));
+            }
+            self.services.insert(*key, value);
+            self.slots.insert(id, new_slots);
+            stats.services_written += 1;
+        }
+        // 4. Removed services: unpublish now, free their slots later.
+        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in gone {
+            let value = self.services.remove(&key).expect("listed");
+            match maps.services.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(merr("services")(e)),
+            }
+            let count = self.slots.remove(&value.id).map_or(0, |s| s.len()) as u32;
+            self.pending.push((now, Pending::Slots { service: value.id, from: 0, to: count }));
+            self.pending.push((now, Pending::Counters(value.id)));
+            stats.services_removed += 1;
+        }
+        let referenced: BTreeSet<u32> = self.slots.values().flatten().copied().collect();
+        let unreferenced: Vec<(Backend, u32)> =
+            self.backends.iter().filter(|(_, id)| !referenced.contains(id)).map(|(b, id)| (*b, *id)).collect();
+        for (b, id) in unreferenced {
+            self.backends.remove(&b);
+            self.pending.push((now, Pending::Backend(id)));
+        }
+        Ok(stats)
+    }
+
+    /// Deletes what became unreferenced at least [`GRACE`] before `now`. Returns how many
+    /// deletions ran.
+    pub fn collect(&mut self, maps: &mut Maps, now: Instant) -> Result<usize> {
+        let (due, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|(t, _)| now.duration_since(*t) >= GRACE);
+        self.pending = later;
+        let ignore_missing = |r: std::result::Result<(), aya::maps::MapError>, map: &'static str| match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(merr(map)(e)),
+        };
+        let mut n = 0;
+        for (_, p) in due {
+            match p {
+                Pending::Slots { service, from, to } => {
+                    // A service id reused since then may own these slots again.
+                    let live = self.slots.get(&service).map_or(0, |s| s.len() as u32);
+                    for slot in from.max(live)..to {
+                        ignore_missing(maps.slots.remove(&SlotKey { service, slot }), "slots")?;
+                        n += 1;
+                    }
+                }
+                Pending::Backend(id) => {
+                    if !self.backends.values().any(|b| *b == id) {
+                        ignore_missing(maps.backends.remove(&id), "backends")?;
+                        n += 1;
+                    }
+                }
+                Pending::Counters(id) => {
+                    if !self.services.values().any(|s| s.id == id) {
+                        ignore_missing(maps.counters.remove(&id), "counters")?;
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Deletions still waiting for their grace period.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn slots_follow_weights() {
+        assert_eq!(slots(&[4, 1]), vec![0, 0, 0, 0, 1]);
+        assert_eq!(slots(&[50, 50]), vec![0, 1]);
+        assert_eq!(slots(&[1, 1, 1]), vec![0, 1, 2]);
+        assert!(slots(&[]).is_empty());
+        assert!(slots(&[0]).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn slots_are_bounded_and_give_every_backend_its_share(weights in proptest::collection::vec(1u32..100_000, 1..200)) {
+            let s = slots(&weights);
+            prop_assert!(s.len() <= MAX_SLOTS as usize || s.len() == weights.len());
+            let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+            for (i, w) in weights.iter().enumerate() {
+                let owned = s.iter().filter(|x| **x == i).count();
+                prop_assert!(owned >= 1, "every backend keeps a slot");
+                let want = f64::from(*w) / total as f64;
+                let got = owned as f64 / s.len() as f64;
+                // Scaling rounds down and keeps at least one slot each: within 1/MAX_SLOTS·n.
+                prop_assert!((want - got).abs() <= weights.len() as f64 / f64::from(MAX_SLOTS) + 1e-9, "{i}: want {want} got {got}");
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Translation for the kernel fast path: the services a node's agent balances at connect() and
+//! the workloads it knows, flattened — never Envoy's tree. VirtualService weights over
+//! DestinationRule subsets become weighted backend sets; the agent turns weights into slots.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
+use crate::model::common::{Protocol, labels_match};
+use crate::model::virtual_service::Destination;
+use crate::snapshot::{MeshService, ServicePort, ServiceResolution, Snapshot, exported_to, host_matches, resolve_host};
+
+/// Everything one node's agent programs into its maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDataplane {
+    /// Services with a virtual IP, by (VIP, port, protocol).
+    pub services: Vec<KernelService>,
+    /// Workloads the agent may run or recognise on this node.
+    pub workloads: Vec<KernelWorkload>,
+}
+
+/// One (VIP, port) the kernel balances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelService {
+    /// `<fqdn>:<port>`.
+    pub name: String,
+    /// Virtual IP.
+    pub vip: String,
+    /// Service port.
+    pub port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// Backends with relative weights (empty: connect fails at once).
+    pub backends: Vec<WeightedBackend>,
+    /// The service has L7 routes the kernel does not apply.
+    pub needs_l7: bool,
+}
+
+/// A backend and its share.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WeightedBackend {
+    /// IP address.
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// Relative weight (> 0).
+    pub weight: u32,
+}
+
+/// A workload and its data-plane mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelWorkload {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod or WorkloadEntry name.
+    pub name: String,
+    /// IP, when known.
+    pub ip: Option<String>,
+    /// Service account.
+    pub service_account: String,
+    /// `kernel`, `sidecar` or `node`.
+    pub mode: String,
+}
+
+/// The data-plane mode of a workload: its own `sluice.io/dataplane` label, else its
+/// namespace's, else `kernel`.
+fn mode(snapshot: &Snapshot, namespace: &str, labels: &BTreeMap<String, String>) -> String {
+    labels
+        .get(crate::DATAPLANE_LABEL)
+        .or_else(|| snapshot.namespaces.get(namespace).and_then(|l| l.get(crate::DATAPLANE_LABEL)))
+        .cloned()
+        .unwrap_or_else(|| "kernel".into())
+}
+
+/// Translates the snapshot for the agent of `node` (workloads whose Pod names another node are
+/// left out; objects without a node name belong to every node, as on a one-machine mesh).
+pub fn translate_node(snapshot: &Snapshot, node: &str) -> (NodeDataplane, Vec<Diagnostic>) {
+    let mut diagnostics = Vec::new();
+    let mut services = Vec::new();
+    for service in snapshot.services.values() {
+        for port in &service.ports {
+            for vip in service.addresses.iter().filter(|a| a.parse::<std::net::IpAddr>().is_ok()) {
+                if let Some(s) = kernel_service(snapshot, service, port, vip, &mut diagnostics) {
+                    services.push(s);
+                }
+            }
+        }
+    }
+    services.sort_by(|a, b| (&a.vip, a.port, &a.protocol).cmp(&(&b.vip, b.port, &b.protocol)));
+    services.dedup_by(|a, b| (&a.vip, a.port, &a.protocol) == (&b.vip, b.port, &b.protocol));
+    let workloads = snapshot
+        .workloads
+        .values()
+        .filter(|w| w.node.as_deref().is_none_or(|n| n == node))
+        .map(|w| KernelWorkload {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            ip: w.ip.clone(),
+            service_account: w.service_account.clone(),
+            mode: mode(snapshot, &w.namespace, &w.labels),
+        })
+        .collect();
+    diagnostics.sort();
+    diagnostics.dedup();
+    (NodeDataplane { services, workloads }, diagnostics)
+}
+
+/// Endpoints of `service` selected by a destination's subset.
+fn subset_endpoints(
+    snapshot: &Snapshot,
+    service: &MeshService,
+    subset: Option<&str>,
+) -> Option<BTreeMap<String, String>> {
+    let Some(name) = subset else { return Some(BTreeMap::new()) };
+    snapshot
+        .destination_rules
+        .iter()
+        .filter(|dr| host_matches(&resolve_host(&dr.spec.host, &dr.meta.namespace), &service.hostname))
+        .flat_map(|dr| dr.spec.subsets.iter())
+        .find(|s| s.name == name)
+        .map(|s| s.labels.clone())
+}
+
+/// The destinations and weights the kernel applies: the first TCP route for the port, else
+/// the first HTTP route without match conditions; L7 features it cannot apply are reported.
+fn routed_destinations(
+    snapshot: &Snapshot,
+    service: &MeshService,
+    port: u32,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> (Vec<(Destination, u32)>, bool) {
+    let vs = snapshot.virtual_services.iter().find(|vs| {
+        exported_to(&vs.spec.export_to, &vs.meta.namespace, &service.namespace)
+            && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+            && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
+    });
+    let Some(vs) = vs else { return (Vec::new(), false) };
+    let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
+    if let Some(tcp) =
+        vs.spec.tcp.iter().find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.port.is_none_or(|p| p == port)))
+    {
+        return (
+            tcp.route.iter().map(|d| (resolve(&d.destination), d.weight.unwrap_or(100).max(0) as u32)).collect(),
+            false,
+        );
+    }
+    let needs_l7 = !vs.spec.http.is_empty();
+    let catch_all = vs.spec.http.iter().find(|r| r.matches.is_empty() && !r.route.is_empty());
+    if vs.spec.http.iter().any(|r| !r.matches.is_empty() || r.fault.is_some() || r.rewrite.is_some()) {
+        diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            origin: vs.origin.clone(),
+            object: Some(ObjectRef::new("VirtualService", &vs.meta.namespace, &vs.meta.name)),
+            path: "spec.http".into(),
+            code: None,
+            message: format!("kernel-mode clients of {}:{port} get only the catch-all route's weights; matches, faults and rewrites need a sidecar or the node proxy", service.hostname),
+        });
+    }
+    let destinations = catch_all
+        .map(|r| r.route.iter().map(|d| (resolve(&d.destination), d.weight.unwrap_or(100).max(0) as u32)).collect())
+        .unwrap_or_default();
+    (destinations, needs_l7)
+}
+
+fn kernel_service(
+    snapshot: &Snapshot,
+    service: &MeshService,
+    port: &ServicePort,
+    vip: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<KernelService> {
+    if service.resolution != ServiceResolution::Eds {
+        return None;
+    }
+    let (routed, needs_l7) = routed_destinations(snapshot, service, port.port, diagnostics);
+    let destinations = if routed.is_empty() {
+        vec![(Destination { host: service.hostname.clone(), ..Default::default() }, 100)]
+    } else {
+        routed
+    };
+    let mut backends: BTreeMap<(String, u16), u32> = BTreeMap::new();
+    for (dest, weight) in destinations.iter().filter(|(_, w)| *w > 0) {
+        let Some(target) = snapshot.services.get(&dest.host) else { continue };
+        let target_port = dest.port.map(|p| p.number).unwrap_or(port.port);
+        let Some(tport) = target.port(target_port) else { continue };
+        let Some(selector) = subset_endpoints(snapshot, target, dest.subset.as_deref()) else { continue };
+        let endpoints: Vec<_> = target
+            .endpoints
+            .iter()
+            .filter(|e| e.ready && labels_match(&selector, &e.labels) && e.address.parse::<std::net::IpAddr>().is_ok())
+            .collect();
+        let total: u32 = endpoints.iter().map(|e| e.weight.unwrap_or(1).max(1)).sum();
+        for e in endpoints {
+            // The destination's share, split over its endpoints by their own weights.
+            let share = (u64::from(*weight) * 1000 * u64::from(e.weight.unwrap_or(1).max(1)) / u64::from(total.max(1)))
+                .max(1) as u32;
+            *backends.entry((e.address.clone(), target.endpoint_port(tport, e) as u16)).or_default() += share;
+        }
+    }
+    let divisor = backends.values().copied().fold(0, gcd);
+    Some(KernelService {
+        name: format!("{}:{}", service.hostname, port.port),
+        vip: vip.to_string(),
+        port: port.port as u16,
+        protocol: if port.protocol == Protocol::Udp { "UDP".into() } else { "TCP".into() },
+        backends: backends
+            .into_iter()
+            .map(|((address, port), w)| WeightedBackend { address, port, weight: w / divisor.max(1) })
+            .collect(),
+        needs_l7,
+    })
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
