@@ -2,10 +2,12 @@
 
 use std::sync::{Arc, RwLock};
 
+use prost::Message;
+use sluice_translator::dataplane::{AGENT_NODE_PREFIX, SERVICE_TYPE, WORKLOAD_TYPE, translate_node};
 use sluice_translator::envoy::{ProxyResources, translate_sidecar};
 use sluice_translator::snapshot::Snapshot;
 use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
-use sluice_xds::resource::Interner;
+use sluice_xds::resource::{Encoded, Interner};
 use sluice_xds::server::{Generator, NodeInfo};
 
 /// The config the generator translates from.
@@ -46,6 +48,9 @@ impl Generator for MeshGenerator {
         previous: Option<&sluice_xds::cache::Snapshot>,
     ) -> Result<sluice_xds::cache::Snapshot, String> {
         let current = self.current.read().expect("generator lock").clone();
+        if let Some(node_name) = node.id.strip_prefix(AGENT_NODE_PREFIX) {
+            return Ok(agent_snapshot(&current, node_name, previous));
+        }
         let ProxyResources { listeners, routes, clusters, endpoints, .. } =
             translate_sidecar(&current.snapshot, &node.id).map_err(|e| e.to_string())?;
         let mut encoded = Vec::new();
@@ -56,4 +61,21 @@ impl Generator for MeshGenerator {
         }
         Ok(sluice_xds::cache::Snapshot::new(current.version, encoded, previous))
     }
+}
+
+/// A node agent's snapshot: one resource per kernel service and per workload, so a Delta
+/// stream carries a single entry for a single endpoint change.
+fn agent_snapshot(
+    current: &Current,
+    node_name: &str,
+    previous: Option<&sluice_xds::cache::Snapshot>,
+) -> sluice_xds::cache::Snapshot {
+    let (dataplane, _) = translate_node(&current.snapshot, node_name);
+    let services =
+        dataplane.services.iter().map(|s| Arc::new(Encoded::new(SERVICE_TYPE, &s.resource_name(), s.encode_to_vec())));
+    let workloads = dataplane
+        .workloads
+        .iter()
+        .map(|w| Arc::new(Encoded::new(WORKLOAD_TYPE, &w.resource_name(), w.encode_to_vec())));
+    sluice_xds::cache::Snapshot::new(current.version, services.chain(workloads).collect::<Vec<_>>(), previous)
 }

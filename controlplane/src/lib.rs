@@ -58,3 +58,14 @@ pub fn translate_config_dump(snapshot: &Snapshot, node_id: &str) -> Result<(Valu
     )?;
     Ok((dump, resources))
 }
+
+/// What `sluice translate` prints for a node id: a proxy's `/config_dump`, or for `agent~<node>`
+/// the node agent's kernel entries; plus the translation's warnings.
+pub fn translate_json(snapshot: &Snapshot, node_id: &str) -> Result<(Value, Vec<Diagnostic>), TranslateError> {
+    if let Some(node) = node_id.strip_prefix(sluice_translator::dataplane::AGENT_NODE_PREFIX) {
+        let (entries, diagnostics) = sluice_translator::dataplane::translate_node(snapshot, node);
+        return Ok((serde_json::to_value(entries).expect("serializable"), diagnostics));
+    }
+    let (dump, resources) = translate_config_dump(snapshot, node_id)?;
+    Ok((dump, resources.diagnostics))
+}

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_controlplane::{load_config, translate_config_dump};
+use sluice_controlplane::{load_config, translate_json};
 use sluice_translator::diagnostic::Severity;
 
 /// sluice: an Istio-compatible service-mesh control plane.
@@ -23,7 +23,8 @@ enum Command {
         /// Config files or directories (YAML, as for kubectl apply); may repeat.
         #[arg(long, required = true)]
         config: Vec<PathBuf>,
-        /// Proxy node id: sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local
+        /// Proxy node id: sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local, or
+        /// agent~<node> for a node agent's kernel entries (printed as JSON)
         #[arg(long)]
         proxy: String,
     },
@@ -60,12 +61,59 @@ enum Command {
         #[arg(long)]
         delta: bool,
     },
+    /// The node agent (root): loads sluice's eBPF programs and keeps their maps in sync with the
+    /// control plane. `sluice agent dump` prints the maps; `sluice agent detach` removes it all.
+    Agent(AgentArgs),
+    /// Run a command as a mesh workload: in a new cgroup the agent knows as <name>.<namespace>.
+    Run {
+        /// `<name>.<namespace>` of a Pod or WorkloadEntry in the config.
+        #[arg(long)]
+        workload: String,
+        /// The agent's local socket.
+        #[arg(long, default_value = sluice_dataplane::socket::DEFAULT_SOCKET)]
+        agent_socket: PathBuf,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Check config: print every rejected object and every warning; fail if any was rejected.
     Validate {
         /// Config files or directories; may repeat.
         #[arg(long, required = true)]
         config: Vec<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    #[command(subcommand)]
+    action: Option<AgentAction>,
+    /// The control plane's xDS address.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    xds_addr: String,
+    /// This node's name (default: the host name); the agent's node id is agent~<name>.
+    #[arg(long)]
+    node: Option<String>,
+    /// The cgroup to attach to (default: the cgroup2 root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Where programs and maps are pinned.
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/sluice")]
+    pin_dir: PathBuf,
+    /// Metrics address.
+    #[arg(long, default_value = sluice_dataplane::metrics::DEFAULT_ADDR)]
+    metrics_addr: std::net::SocketAddr,
+    /// The local socket `sluice run` asks for workload cgroups.
+    #[arg(long, default_value = sluice_dataplane::socket::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum AgentAction {
+    /// Print every map in readable form.
+    Dump,
+    /// Detach the programs and remove the pins (connections then go where they were dialled).
+    Detach,
 }
 
 fn main() -> ExitCode {
@@ -89,8 +137,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for d in &loaded.diagnostics {
                 eprintln!("{d}");
             }
-            let (dump, resources) = translate_config_dump(&loaded.snapshot, &proxy).context("translating")?;
-            for d in &resources.diagnostics {
+            let (dump, diagnostics) = translate_json(&loaded.snapshot, &proxy).context("translating")?;
+            for d in &diagnostics {
                 eprintln!("{d}");
             }
             println!("{}", serde_json::to_string_pretty(&dump)?);
@@ -114,6 +162,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&b)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agent(args) => agent(args),
+        Command::Run { workload, agent_socket, command } => {
+            use std::os::unix::process::CommandExt;
+            let cgroup = sluice_dataplane::socket::register(&agent_socket, &workload)?;
+            sluice_dataplane::cgroup::add_process(&cgroup, std::process::id())?;
+            // exec only returns on failure; the command inherits this process's new cgroup.
+            let err = std::process::Command::new(&command[0]).args(&command[1..]).exec();
+            Err(anyhow::anyhow!("running {:?}: {err}", command[0]))
+        }
         Command::Validate { config } => {
             let loaded = load_config(&config);
             let errors = loaded.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
@@ -125,6 +182,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if errors > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
     }
+}
+
+fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    match args.action {
+        Some(AgentAction::Dump) => {
+            let maps = sluice_dataplane::loader::Maps::open(&args.pin_dir).with_context(|| {
+                format!("opening the maps pinned in {} (is the agent attached?)", args.pin_dir.display())
+            })?;
+            print!("{}", sluice_dataplane::dump::dump(&maps)?);
+        }
+        Some(AgentAction::Detach) => sluice_dataplane::loader::Dataplane::remove(&args.pin_dir)?,
+        None => {
+            let node = match args.node {
+                Some(n) => n,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .context("reading the host name")?
+                    .trim()
+                    .to_string(),
+            };
+            let cgroup = match args.cgroup {
+                Some(c) => c,
+                None => sluice_dataplane::cgroup::cgroup2_mount()?,
+            };
+            let xds_addr =
+                if args.xds_addr.contains("://") { args.xds_addr } else { format!("http://{}", args.xds_addr) };
+            let config = sluice_dataplane::agent::AgentConfig {
+                xds_addr,
+                node,
+                cgroup,
+                pin_dir: args.pin_dir,
+                metrics_addr: args.metrics_addr,
+                socket: args.socket,
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(sluice_dataplane::agent::run(config))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves on SIGINT or SIGTERM.

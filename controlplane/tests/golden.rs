@@ -1,10 +1,10 @@
-//! Golden tests: each Bookinfo example (base + variant) for a proxy → Envoy config dump JSON,
-//! compared with `tests/golden/<case>.json`. To accept intended changes:
+//! Golden tests: each Bookinfo example (base + variant) for a proxy → Envoy config dump JSON, and
+//! for the node agent (`agent~node-1`) → kernel map entries, compared with `tests/golden/<case>.json`. To accept intended changes:
 //! `SLUICE_UPDATE_GOLDEN=1 cargo test -p sluice-controlplane --test golden`.
 
 mod common;
 
-use sluice_controlplane::{load_config, translate_config_dump};
+use sluice_controlplane::{load_config, translate_json};
 use sluice_translator::diagnostic::Severity;
 
 #[test]
@@ -16,7 +16,7 @@ fn examples_match_golden_files() {
         let loaded = load_config(&paths);
         let errors: Vec<_> = loaded.diagnostics.iter().filter(|d| d.severity == Severity::Error).collect();
         assert!(errors.is_empty(), "{name}: example config has errors: {errors:#?}");
-        let (dump, _) = translate_config_dump(&loaded.snapshot, node).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (dump, _) = translate_json(&loaded.snapshot, node).unwrap_or_else(|e| panic!("{name}: {e}"));
         let text = serde_json::to_string_pretty(&dump).expect("json") + "\n";
         let file = dir.join(format!("{name}.json"));
         if update {

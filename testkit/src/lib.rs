@@ -30,6 +30,16 @@ impl Proc {
         Proc { child, name: name.to_string() }
     }
 
+    /// Waits for the process to exit and returns what it wrote to its (piped) stdout.
+    pub fn wait_for_stdout(&mut self) -> String {
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            let _ = stdout.read_to_string(&mut out);
+        }
+        let _ = self.child.wait();
+        out
+    }
+
     /// SIGKILL now.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -166,4 +176,37 @@ pub fn is_root() -> bool {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
+}
+
+/// A Python client for `python3 -c`: connects `argv[3]` times to `argv[1]:argv[2]` (pausing
+/// `argv[4]` ms between connects, default 0), sends one HTTP/1.1 request each time and prints
+/// "<response body> <getpeername host:port>" or "error <errno>" per connect. With
+/// `WAIT_STDIN=1` it first waits for a line on stdin (so a test can move it into a cgroup).
+pub const CONNECT_LOOP_PY: &str = r#"
+import os, socket, sys, time
+if os.environ.get("WAIT_STDIN"):
+    sys.stdin.readline()
+pause = int(sys.argv[4]) / 1000.0 if len(sys.argv) > 4 else 0
+for _ in range(int(sys.argv[3])):
+    try:
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+        peer = "%s:%d" % s.getpeername()[:2]
+        s.sendall(b"GET / HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        print(data.split(b"\r\n\r\n", 1)[-1].decode(), peer, flush=True)
+    except OSError as e:
+        print("error", e.errno, flush=True)
+    if pause:
+        time.sleep(pause)
+"#;
+
+/// The share of `lines` (from [`CONNECT_LOOP_PY`]) answered by `backend`.
+pub fn share(lines: &[String], backend: &str) -> f64 {
+    lines.iter().filter(|l| l.starts_with(backend)).count() as f64 / lines.len().max(1) as f64
 }

@@ -11,6 +11,13 @@ use crate::model::common::{Protocol, labels_match};
 use crate::model::virtual_service::Destination;
 use crate::snapshot::{MeshService, ServicePort, ServiceResolution, Snapshot, exported_to, host_matches, resolve_host};
 
+/// Type URL of a [`KernelService`] resource on ADS (node id `agent~<node-name>`).
+pub const SERVICE_TYPE: &str = "type.googleapis.com/sluice.dataplane.v1.KernelService";
+/// Type URL of a [`KernelWorkload`] resource on ADS.
+pub const WORKLOAD_TYPE: &str = "type.googleapis.com/sluice.dataplane.v1.KernelWorkload";
+/// Node id prefix of node agents.
+pub const AGENT_NODE_PREFIX: &str = "agent~";
+
 /// Everything one node's agent programs into its maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDataplane {
@@ -20,47 +27,82 @@ pub struct NodeDataplane {
     pub workloads: Vec<KernelWorkload>,
 }
 
-/// One (VIP, port) the kernel balances.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// The resource types are protobuf messages (delivered over ADS as `Any`) and serde types
+// (golden files and `sluice translate`): one type per concept.
+
+/// One (VIP, port) the kernel balances; its ADS resource name is [`KernelService::resource_name`].
+#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
 pub struct KernelService {
     /// `<fqdn>:<port>`.
+    #[prost(string, tag = "1")]
     pub name: String,
     /// Virtual IP.
+    #[prost(string, tag = "2")]
     pub vip: String,
     /// Service port.
-    pub port: u16,
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
     /// `TCP` or `UDP`.
+    #[prost(string, tag = "4")]
     pub protocol: String,
     /// Backends with relative weights (empty: connect fails at once).
+    #[prost(message, repeated, tag = "5")]
     pub backends: Vec<WeightedBackend>,
     /// The service has L7 routes the kernel does not apply.
+    #[prost(bool, tag = "6")]
     pub needs_l7: bool,
 }
 
+impl KernelService {
+    /// `<vip>:<port>/<protocol>` (IPv6 VIPs in brackets): unique per node.
+    pub fn resource_name(&self) -> String {
+        if self.vip.contains(':') {
+            format!("[{}]:{}/{}", self.vip, self.port, self.protocol)
+        } else {
+            format!("{}:{}/{}", self.vip, self.port, self.protocol)
+        }
+    }
+}
+
 /// A backend and its share.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, prost::Message, Serialize, Deserialize)]
 pub struct WeightedBackend {
     /// IP address.
+    #[prost(string, tag = "1")]
     pub address: String,
     /// Port.
-    pub port: u16,
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
     /// Relative weight (> 0).
+    #[prost(uint32, tag = "3")]
     pub weight: u32,
 }
 
-/// A workload and its data-plane mode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A workload and its data-plane mode; its ADS resource name is `<namespace>/<name>`.
+#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
 pub struct KernelWorkload {
     /// Namespace.
+    #[prost(string, tag = "1")]
     pub namespace: String,
     /// Pod or WorkloadEntry name.
+    #[prost(string, tag = "2")]
     pub name: String,
     /// IP, when known.
+    #[prost(string, optional, tag = "3")]
     pub ip: Option<String>,
     /// Service account.
+    #[prost(string, tag = "4")]
     pub service_account: String,
     /// `kernel`, `sidecar` or `node`.
+    #[prost(string, tag = "5")]
     pub mode: String,
+}
+
+impl KernelWorkload {
+    /// `<namespace>/<name>`.
+    pub fn resource_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 /// The data-plane mode of a workload: its own `sluice.io/dataplane` label, else its
@@ -179,7 +221,7 @@ fn kernel_service(
     } else {
         routed
     };
-    let mut backends: BTreeMap<(String, u16), u32> = BTreeMap::new();
+    let mut backends: BTreeMap<(String, u32), u32> = BTreeMap::new();
     for (dest, weight) in destinations.iter().filter(|(_, w)| *w > 0) {
         let Some(target) = snapshot.services.get(&dest.host) else { continue };
         let target_port = dest.port.map(|p| p.number).unwrap_or(port.port);
@@ -195,14 +237,14 @@ fn kernel_service(
             // The destination's share, split over its endpoints by their own weights.
             let share = (u64::from(*weight) * 1000 * u64::from(e.weight.unwrap_or(1).max(1)) / u64::from(total.max(1)))
                 .max(1) as u32;
-            *backends.entry((e.address.clone(), target.endpoint_port(tport, e) as u16)).or_default() += share;
+            *backends.entry((e.address.clone(), target.endpoint_port(tport, e))).or_default() += share;
         }
     }
     let divisor = backends.values().copied().fold(0, gcd);
     Some(KernelService {
         name: format!("{}:{}", service.hostname, port.port),
         vip: vip.to_string(),
-        port: port.port as u16,
+        port: port.port,
         protocol: if port.protocol == Protocol::Udp { "UDP".into() } else { "TCP".into() },
         backends: backends
             .into_iter()

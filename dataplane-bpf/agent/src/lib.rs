@@ -2,9 +2,13 @@
 //! programs' links and maps under a bpffs directory (so a restarted agent adopts them and no
 //! connection is dropped), and keeps the maps equal to what the control plane computed.
 
+pub mod agent;
 pub mod cgroup;
+pub mod delivery;
 pub mod dump;
 pub mod loader;
+pub mod metrics;
+pub mod socket;
 pub mod sync;
 
 /// Errors of the agent library.
@@ -45,6 +49,9 @@ pub enum DataplaneError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The xDS stream failed.
+    #[error("xDS: {0}")]
+    Xds(String),
     /// A config entry the maps cannot hold.
     #[error("{0}")]
     Invalid(String),

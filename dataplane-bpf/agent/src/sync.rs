@@ -31,6 +31,10 @@ pub fn addr(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+fn port16(service: &str, port: u32) -> Result<u16> {
+    u16::try_from(port).map_err(|_| DataplaneError::Invalid(format!("service {service}: port {port} is out of range")))
+}
+
 /// The service key of a kernel service.
 pub fn service_key(s: &KernelService) -> Result<ServiceKey> {
     let ip: IpAddr = s
@@ -39,7 +43,7 @@ pub fn service_key(s: &KernelService) -> Result<ServiceKey> {
         .map_err(|_| DataplaneError::Invalid(format!("service {}: VIP {:?} is not an IP", s.name, s.vip)))?;
     Ok(ServiceKey {
         addr: addr(ip),
-        port: s.port,
+        port: port16(&s.name, s.port)?,
         proto: if s.protocol == "UDP" { proto::UDP } else { proto::TCP },
         pad: 0,
     })
@@ -175,7 +179,7 @@ impl MapSync {
                 })?;
                 backends.push(Backend {
                     addr: addr(ip),
-                    port: b.port,
+                    port: port16(&s.name, b.port)?,
                     family: if ip.is_ipv4() { 4 } else { 6 },
                     pad: 0,
                 });

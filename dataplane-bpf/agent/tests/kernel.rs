@@ -9,7 +9,7 @@ use std::time::Instant;
 use sluice_dataplane::cgroup;
 use sluice_dataplane::loader::{Dataplane, ensure_bpffs};
 use sluice_dataplane::sync::{MapSync, workload_value};
-use sluice_testkit::{Backend, is_root};
+use sluice_testkit::{Backend, CONNECT_LOOP_PY, is_root, share};
 use sluice_translator::dataplane::{KernelWorkload, NodeDataplane, translate_node};
 use sluice_translator::parse::parse_documents;
 use sluice_translator::snapshot::Snapshot;
@@ -87,31 +87,12 @@ impl Drop for Sandbox {
     }
 }
 
-/// Connects `count` times to VIP:8080 from a process inside `cgroup` (moved there before its
-/// first connect); each line of the result is "<backend reply> <getpeername>" or "error ...".
-const CLIENT: &str = r#"
-import socket, sys
-sys.stdin.readline()
-for _ in range(int(sys.argv[3])):
-    try:
-        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-        peer = "%s:%d" % s.getpeername()
-        s.sendall(b"GET / HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        s.close()
-        print(data.split(b"\r\n\r\n", 1)[-1].decode(), peer, flush=True)
-    except OSError as e:
-        print("error", e.errno, flush=True)
-"#;
-
+/// Connects `count` times to VIP:8080 from a process moved into `cgroup_dir` before its first
+/// connect.
 fn connect_from(cgroup_dir: &Path, count: usize) -> Vec<String> {
     let mut child = Command::new("python3")
-        .args(["-c", CLIENT, VIP, "8080", &count.to_string()])
+        .args(["-c", CONNECT_LOOP_PY, VIP, "8080", &count.to_string()])
+        .env("WAIT_STDIN", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -130,10 +111,6 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = Command::new("kill").arg("-9").arg(self.0.to_string()).stderr(Stdio::null()).status();
     }
-}
-
-fn share(lines: &[String], backend: &str) -> f64 {
-    lines.iter().filter(|l| l.starts_with(backend)).count() as f64 / lines.len() as f64
 }
 
 #[test]

@@ -1,0 +1,325 @@
+//! The node agent (`sluice agent`): attaches (or adopts) the programs, keeps the maps equal to
+//! what the control plane serves over ADS, hands out workload cgroups on its local socket, and
+//! serves metrics.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+use prost::Message;
+use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane, SERVICE_TYPE, WORKLOAD_TYPE};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+use crate::loader::{Dataplane, ensure_bpffs};
+use crate::metrics::AgentMetrics;
+use crate::socket::{Register, Reply, parse_workload};
+use crate::sync::{ApplyStats, GRACE, MapSync, workload_value};
+use crate::{Result, cgroup, io};
+
+/// Directory (under the attached cgroup) that holds the workload cgroups the agent creates.
+pub const WORKLOADS_DIR: &str = "sluice-workloads";
+/// A new workload cgroup is not reaped as empty before its process had time to move in.
+const REAP_AFTER: Duration = Duration::from_secs(2);
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The control plane's xDS address (`http://host:port`).
+    pub xds_addr: String,
+    /// This node's name (the agent's node id is `agent~<name>`).
+    pub node: String,
+    /// The cgroup the programs attach to.
+    pub cgroup: PathBuf,
+    /// Where programs' links and maps are pinned.
+    pub pin_dir: PathBuf,
+    /// The metrics listener.
+    pub metrics_addr: SocketAddr,
+    /// The local socket `sluice run` talks to.
+    pub socket: PathBuf,
+}
+
+struct Registered {
+    workload: String,
+    path: PathBuf,
+    since: Instant,
+}
+
+/// What the agent holds: the attached data plane, the resources last received, and the
+/// workload cgroups it created.
+pub struct AgentState {
+    dataplane: Dataplane,
+    sync: MapSync,
+    services: BTreeMap<String, (String, KernelService)>,
+    workloads: BTreeMap<String, (String, KernelWorkload)>,
+    /// Types received at least once: until then the maps keep what an earlier agent wrote.
+    received: BTreeSet<String>,
+    registered: BTreeMap<u64, Registered>,
+    workload_root: PathBuf,
+    next_seq: u64,
+    /// The agent's metrics.
+    pub metrics: Arc<AgentMetrics>,
+}
+
+fn decode<M: Message + Default>(type_url: &str, name: &str, bytes: &[u8]) -> std::result::Result<M, String> {
+    M::decode(bytes).map_err(|e| format!("{type_url} {name}: {e}"))
+}
+
+impl AgentState {
+    /// Attaches or adopts the data plane and finds the workload cgroups an earlier agent made.
+    pub fn start(config: &AgentConfig, metrics: Arc<AgentMetrics>) -> Result<Self> {
+        ensure_bpffs()?;
+        let dataplane = Dataplane::attach(&config.pin_dir, &config.cgroup)?;
+        let sync = MapSync::adopt(&dataplane.maps)?;
+        let workload_root = config.cgroup.join(WORKLOADS_DIR);
+        cgroup::create(&workload_root)?;
+        let mut state = Self {
+            dataplane,
+            sync,
+            services: BTreeMap::new(),
+            workloads: BTreeMap::new(),
+            received: BTreeSet::new(),
+            registered: BTreeMap::new(),
+            workload_root,
+            next_seq: 0,
+            metrics,
+        };
+        state.rescan()?;
+        tracing::info!(adopted = state.dataplane.adopted, workloads = state.registered.len(), "data plane ready");
+        Ok(state)
+    }
+
+    /// Workload cgroups are named `<namespace>_<name>_<n>` (Kubernetes names have no `_`).
+    fn rescan(&mut self) -> Result<()> {
+        let entries =
+            std::fs::read_dir(&self.workload_root).map_err(io(format!("listing {}", self.workload_root.display())))?;
+        for entry in entries.flatten() {
+            let dir = entry.file_name().to_string_lossy().to_string();
+            let mut parts = dir.splitn(3, '_');
+            let (Some(ns), Some(name), Some(seq)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            self.next_seq = self.next_seq.max(seq.parse::<u64>().unwrap_or(0) + 1);
+            let id = cgroup::cgroup_id(&path)?;
+            self.registered.insert(id, Registered { workload: format!("{ns}/{name}"), path, since: Instant::now() });
+        }
+        self.metrics.workloads.set(self.registered.len() as i64);
+        Ok(())
+    }
+
+    /// Resource versions held for a type, sent when a stream (re)starts.
+    pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        match type_url {
+            SERVICE_TYPE => self.services.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
+            WORKLOAD_TYPE => self.workloads.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
+            _ => HashMap::new(),
+        }
+    }
+
+    /// Applies one Delta response to the maps. An error leaves the held resources unchanged
+    /// and is the NACK's message.
+    pub fn apply_response(&mut self, response: &DeltaDiscoveryResponse) -> std::result::Result<ApplyStats, String> {
+        let started = Instant::now();
+        let type_url = response.type_url.as_str();
+        let (mut services, mut workloads) = (self.services.clone(), self.workloads.clone());
+        for r in &response.resources {
+            let bytes = r.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+            match type_url {
+                SERVICE_TYPE => {
+                    services.insert(r.name.clone(), (r.version.clone(), decode(type_url, &r.name, bytes)?));
+                }
+                WORKLOAD_TYPE => {
+                    workloads.insert(r.name.clone(), (r.version.clone(), decode(type_url, &r.name, bytes)?));
+                }
+                other => return Err(format!("unexpected resource type {other}")),
+            }
+        }
+        for name in &response.removed_resources {
+            services.remove(name);
+            workloads.remove(name);
+        }
+        let previous =
+            (std::mem::replace(&mut self.services, services), std::mem::replace(&mut self.workloads, workloads));
+        self.received.insert(type_url.to_string());
+        match self.reconcile() {
+            Ok(stats) => {
+                self.metrics.applied(type_url, started.elapsed());
+                self.metrics.services.set(self.services.len() as i64);
+                Ok(stats)
+            }
+            Err(e) => {
+                (self.services, self.workloads) = previous;
+                self.metrics.rejected.inc();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Writes the held resources into the maps: services (once received), then the workload
+    /// entries of registered cgroups (once workloads are received).
+    fn reconcile(&mut self) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        if self.received.contains(SERVICE_TYPE) {
+            let desired = NodeDataplane {
+                services: self.services.values().map(|(_, s)| s.clone()).collect(),
+                workloads: Vec::new(),
+            };
+            stats = self.sync.apply(&mut self.dataplane.maps, &desired, Instant::now())?;
+        }
+        if self.received.contains(WORKLOAD_TYPE) {
+            for (id, r) in &self.registered {
+                let wanted = self.workloads.get(&r.workload).map(|(_, w)| workload_value(w));
+                let current = self.dataplane.maps.workloads.get(id, 0).ok();
+                match wanted {
+                    Some(v) if current != Some(v) => self.dataplane.maps.workloads.insert(id, v, 0).map_err(map_err)?,
+                    // Gone from the config: its processes are no longer a mesh workload.
+                    None if current.is_some() => self.dataplane.maps.workloads.remove(id).map_err(map_err)?,
+                    _ => {}
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Creates a cgroup for `workload` (`<name>.<namespace>`) known to the served config.
+    pub fn register(&mut self, workload: &str) -> Result<PathBuf> {
+        let (namespace, name) = parse_workload(workload)?;
+        let key = format!("{namespace}/{name}");
+        let Some((_, w)) = self.workloads.get(&key) else {
+            let why = if self.received.contains(WORKLOAD_TYPE) {
+                "is not in the config served to this node"
+            } else {
+                "is unknown: the agent has no config from the control plane yet"
+            };
+            return Err(crate::DataplaneError::Invalid(format!(
+                "workload {key} (no Pod or WorkloadEntry {name} in namespace {namespace}) {why}"
+            )));
+        };
+        let path = self.workload_root.join(format!("{namespace}_{name}_{}", self.next_seq));
+        self.next_seq += 1;
+        cgroup::create(&path)?;
+        let id = cgroup::cgroup_id(&path)?;
+        self.dataplane.maps.workloads.insert(id, workload_value(w), 0).map_err(map_err)?;
+        self.registered.insert(id, Registered { workload: key, path: path.clone(), since: Instant::now() });
+        self.metrics.workloads.set(self.registered.len() as i64);
+        Ok(path)
+    }
+
+    /// Deletes what became unreferenced past the grace period, and the workload cgroups whose
+    /// processes have all exited.
+    pub fn housekeeping(&mut self) -> Result<()> {
+        self.sync.collect(&mut self.dataplane.maps, Instant::now())?;
+        let empty: Vec<u64> = self
+            .registered
+            .iter()
+            .filter(|(_, r)| r.since.elapsed() >= REAP_AFTER && !populated(&r.path))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in empty {
+            let r = self.registered.remove(&id).expect("listed");
+            match self.dataplane.maps.workloads.remove(&id) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(e)),
+            }
+            cgroup::remove(&r.path)?;
+            tracing::info!(workload = %r.workload, cgroup = %r.path.display(), "workload exited");
+        }
+        self.metrics.workloads.set(self.registered.len() as i64);
+        Ok(())
+    }
+}
+
+fn map_err(source: aya::maps::MapError) -> crate::DataplaneError {
+    crate::DataplaneError::Map { map: sluice_dataplane_common::maps::WORKLOADS, source }
+}
+
+/// True while some process is in the cgroup or below it.
+fn populated(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("cgroup.events")).is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
+}
+
+/// Runs the agent until SIGINT or SIGTERM. The programs stay attached and pinned when it
+/// exits, so connections keep being balanced and the next agent adopts them.
+pub async fn run(config: AgentConfig) -> Result<()> {
+    let metrics = Arc::new(AgentMetrics::default());
+    let state = Arc::new(Mutex::new(AgentState::start(&config, metrics.clone())?));
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(io(format!("binding {}", config.metrics_addr)))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(metrics_listener, crate::metrics::router(metrics)).await;
+    });
+    let socket = bind_socket(&config.socket)?;
+    tokio::spawn(serve_socket(socket, state.clone()));
+    let keeper = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(GRACE);
+        loop {
+            tick.tick().await;
+            if let Err(e) = keeper.lock().expect("agent state").housekeeping() {
+                tracing::warn!(error = %e, "housekeeping");
+            }
+        }
+    });
+    let deliver = async {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match crate::delivery::stream(&config.xds_addr, &config.node, &state).await {
+                Ok(n) => tracing::info!(applied = n, "xDS stream closed by the control plane"),
+                Err(e) => tracing::warn!(error = %e, "xDS stream"),
+            }
+            // A stream that got as far as opening resets the backoff.
+            let was_connected = state.lock().expect("agent state").metrics.connected.set(0) == 1;
+            backoff =
+                if was_connected { Duration::from_millis(100) } else { (backoff * 2).min(Duration::from_secs(5)) };
+            tokio::time::sleep(backoff).await;
+        }
+    };
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
+    tokio::select! {
+        _ = deliver => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("agent stopped; programs stay attached and pinned");
+    Ok(())
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    // A socket file left by a killed agent would make bind fail.
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))
+}
+
+async fn serve_socket(listener: UnixListener, state: Arc<Mutex<AgentState>>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(read).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let reply = match serde_json::from_str::<Register>(&line) {
+                Ok(req) => match state.lock().expect("agent state").register(&req.workload) {
+                    Ok(path) => Reply::Cgroup(path),
+                    Err(e) => Reply::Error(e.to_string()),
+                },
+                Err(e) => Reply::Error(format!("bad request {line:?}: {e}")),
+            };
+            let mut text = serde_json::to_string(&reply).expect("serializable");
+            text.push('\n');
+            let _ = write.write_all(text.as_bytes()).await;
+        });
+    }
+}
