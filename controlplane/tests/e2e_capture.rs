@@ -14,31 +14,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use sluice_testkit::{Proc, envoy_bin, eventually, is_root};
+use sluice_testkit::{NetnsPair, Proc, envoy_bin, eventually, is_root, run_ok};
 
 const POD: &str = "192.0.2.2";
 const CLIENT: &str = "192.0.2.1";
 
-/// Network namespaces deleted on drop.
-struct Netns(Vec<String>);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 fn in_ns(ns: &str, args: &[&str]) {
     let mut full = vec!["ip", "netns", "exec", ns];
     full.extend_from_slice(args);
-    sh(&full);
+    run_ok(&full);
 }
 
 /// istio-init's nat rules (REDIRECT mode), inbound capture of every port, outbound of all TCP.
@@ -153,32 +137,8 @@ fn spawn_in(ns: &str, name: &str, args: &[&str], log: &Path) -> Proc {
 #[test]
 fn iptables_capture_inbound_and_outbound() {
     assert!(is_root(), "this test creates network namespaces and iptables rules: run it as root (CI does)");
-    let id = std::process::id();
-    let (pod, client) = (format!("sluice-test-{id}-pod"), format!("sluice-test-{id}-client"));
-    let _netns = Netns(vec![pod.clone(), client.clone()]);
-    sh(&["ip", "netns", "add", &pod]);
-    sh(&["ip", "netns", "add", &client]);
-    let (veth_pod, veth_client) = (format!("sp{id}"), format!("sc{id}"));
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        &veth_pod,
-        "netns",
-        &pod,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &veth_client,
-        "netns",
-        &client,
-    ]);
-    for (ns, dev, addr) in [(&pod, &veth_pod, POD), (&client, &veth_client, CLIENT)] {
-        in_ns(ns, &["ip", "link", "set", "lo", "up"]);
-        in_ns(ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", dev]);
-        in_ns(ns, &["ip", "link", "set", dev, "up"]);
-    }
+    let netns = NetnsPair::create("capture", POD, CLIENT);
+    let (pod, client) = (netns.a.clone(), netns.b.clone());
     for rule in ISTIO_INIT {
         let mut args = vec!["iptables", "-t", "nat"];
         args.extend(rule.split(' '));
@@ -188,12 +148,12 @@ fn iptables_capture_inbound_and_outbound() {
     // Files Envoy reads as uid 1337.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    sh(&["chmod", "755", root.to_str().unwrap()]);
+    run_ok(&["chmod", "755", root.to_str().unwrap()]);
     std::fs::create_dir(root.join("cfg")).unwrap();
     std::fs::write(root.join("cfg/mesh.yaml"), MESH).unwrap();
     let envoy = root.join("envoy");
     std::fs::copy(envoy_bin_path(), &envoy).expect("copy envoy");
-    sh(&["chmod", "755", envoy.to_str().unwrap()]);
+    run_ok(&["chmod", "755", envoy.to_str().unwrap()]);
 
     let sluice = env!("CARGO_BIN_EXE_sluice");
     let node = format!("sidecar~{POD}~web-1.default~default.svc.cluster.local");
@@ -218,7 +178,7 @@ fn iptables_capture_inbound_and_outbound() {
         .unwrap();
     assert!(out.status.success());
     std::fs::write(root.join("bootstrap.json"), &out.stdout).unwrap();
-    sh(&["chmod", "644", root.join("bootstrap.json").to_str().unwrap()]);
+    run_ok(&["chmod", "644", root.join("bootstrap.json").to_str().unwrap()]);
     let _web = spawn_in(&pod, "web", &["python3", "-c", PY_BACKEND, "web-1", POD, "8080"], &root.join("web.log"));
     let _api = spawn_in(&client, "api", &["python3", "-c", PY_BACKEND, "api-1", CLIENT, "8081"], &root.join("api.log"));
     let _envoy = spawn_in(

@@ -10,7 +10,12 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use sluice_dataplane::loader::{Dataplane, Maps};
-use sluice_testkit::{Backend, CONNECT_LOOP_PY, Proc, eventually, free_port, is_root, share};
+use std::sync::Mutex;
+
+use sluice_testkit::{Backend, CONNECT_LOOP_PY, NetnsPair, Proc, eventually, free_port, is_root, share};
+
+/// Bookinfo's backends use fixed addresses: one mesh at a time in this binary.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 const REVIEWS: &str = "127.100.0.40";
@@ -23,15 +28,12 @@ struct Sandbox {
 }
 
 impl Sandbox {
-    fn new() -> Self {
+    fn new(tag: &str) -> Self {
         let id = std::process::id();
-        let cgroup = sluice_dataplane::cgroup::cgroup2_mount().unwrap().join(format!("sluice-e2e-{id}"));
+        let cgroup = sluice_dataplane::cgroup::cgroup2_mount().unwrap().join(format!("sluice-e2e-{tag}-{id}"));
         sluice_dataplane::cgroup::create(&cgroup).unwrap();
-        Self {
-            cgroup,
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/sluice-e2e-{id}")),
-            dir: tempfile::tempdir().unwrap(),
-        }
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sluice-e2e-{tag}-{id}"));
+        Self { cgroup, pin_dir, dir: tempfile::tempdir().unwrap() }
     }
 
     fn socket(&self) -> PathBuf {
@@ -66,20 +68,73 @@ fn agent(sandbox: &Sandbox, xds_port: u16, metrics_port: u16, log: &str) -> Proc
     )
 }
 
+/// `sluice run --workload <workload> -- <command>`.
+fn run_as(sandbox: &Sandbox, workload: &str, command: &[&str]) -> Command {
+    let mut cmd = Command::new(SLUICE);
+    cmd.args(["run", "--workload", workload, "--agent-socket"]).arg(sandbox.socket()).arg("--").args(command);
+    cmd
+}
+
 /// `sluice run --workload <workload> -- python3 <connect loop> VIP 9080 <count> <pause ms>`.
 fn run_client(sandbox: &Sandbox, workload: &str, count: usize, pause_ms: u64) -> Command {
-    let mut cmd = Command::new(SLUICE);
-    cmd.args(["run", "--workload", workload, "--agent-socket"]).arg(sandbox.socket()).args([
-        "--",
-        "python3",
-        "-c",
-        CONNECT_LOOP_PY,
-        REVIEWS,
-        "9080",
-        &count.to_string(),
-        &pause_ms.to_string(),
-    ]);
-    cmd
+    run_as(
+        sandbox,
+        workload,
+        &["python3", "-c", CONNECT_LOOP_PY, REVIEWS, "9080", &count.to_string(), &pause_ms.to_string()],
+    )
+}
+
+/// `sluice serve` on Bookinfo plus a routes directory, and `sluice agent` attached to the
+/// sandbox's cgroup, with the maps programmed.
+struct KernelMesh {
+    routes: PathBuf,
+    xds_port: u16,
+    metrics_port: u16,
+    agent: Proc,
+    _serve: Proc,
+    _backends: Vec<Backend>,
+}
+
+impl KernelMesh {
+    /// Starts with `files` (name, content) in the routes directory; waits until the maps hold
+    /// reviews with `expect` in the dump.
+    fn start(sandbox: &Sandbox, files: &[(&str, String)], expect: &str) -> KernelMesh {
+        let routes = sandbox.dir.path().join("routes");
+        std::fs::create_dir_all(&routes).unwrap();
+        for (name, content) in files {
+            std::fs::write(routes.join(name), content).unwrap();
+        }
+        let (xds_port, metrics_port) = (free_port(), free_port());
+        let serve = Proc::spawn(
+            "sluice serve",
+            Command::new(SLUICE)
+                .args(["serve", "--debounce-ms", "0", "--config"])
+                .arg(common::root().join("examples/bookinfo"))
+                .arg("--config")
+                .arg(&routes)
+                .arg("--xds-addr")
+                .arg(format!("127.0.0.1:{xds_port}"))
+                .arg("--monitoring-addr")
+                .arg(format!("127.0.0.1:{}", free_port())),
+            &sandbox.dir.path().join("serve.log"),
+        );
+        let backends = (1..=3)
+            .map(|v| Backend::start(&format!("reviews-v{v}"), format!("127.0.1.4{}:9080", v - 1).parse().unwrap()))
+            .collect();
+        let agent = agent(sandbox, xds_port, metrics_port, "agent.log");
+        let served = eventually(Duration::from_secs(30), || dump(&sandbox.pin_dir).filter(|d| d.contains(expect)));
+        assert!(served.is_some(), "the agent never programmed {expect:?}; agent log:\n{}", log(sandbox, "agent.log"));
+        KernelMesh { routes, xds_port, metrics_port, agent, _serve: serve, _backends: backends }
+    }
+}
+
+fn log(sandbox: &Sandbox, name: &str) -> String {
+    std::fs::read_to_string(sandbox.dir.path().join(name)).unwrap_or_default()
+}
+
+fn variant(name: &str) -> String {
+    std::fs::read_to_string(common::root().join(format!("examples/bookinfo-variants/{name}/virtual-service.yaml")))
+        .unwrap()
 }
 
 fn lines(out: &Output) -> Vec<String> {
@@ -94,35 +149,11 @@ fn dump(pin_dir: &Path) -> Option<String> {
 #[test]
 fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
-    let sandbox = Sandbox::new();
-    let routes = sandbox.dir.path().join("routes");
-    std::fs::create_dir(&routes).unwrap();
-    let variant = |name: &str| common::root().join(format!("examples/bookinfo-variants/{name}/virtual-service.yaml"));
-    std::fs::copy(variant("reviews-80-20"), routes.join("reviews.yaml")).unwrap();
-    let (xds_port, metrics_port) = (free_port(), free_port());
-    let _serve = Proc::spawn(
-        "sluice serve",
-        Command::new(SLUICE)
-            .args(["serve", "--debounce-ms", "0", "--config"])
-            .arg(common::root().join("examples/bookinfo"))
-            .arg("--config")
-            .arg(&routes)
-            .arg("--xds-addr")
-            .arg(format!("127.0.0.1:{xds_port}"))
-            .arg("--monitoring-addr")
-            .arg(format!("127.0.0.1:{}", free_port())),
-        &sandbox.dir.path().join("serve.log"),
-    );
-    let _backends: Vec<Backend> = (1..=3)
-        .map(|v| Backend::start(&format!("reviews-v{v}"), format!("127.0.1.4{}:9080", v - 1).parse().unwrap()))
-        .collect();
-    let mut agent_proc = agent(&sandbox, xds_port, metrics_port, "agent.log");
-    let agent_log = || std::fs::read_to_string(sandbox.dir.path().join("agent.log")).unwrap_or_default();
-    let served = eventually(Duration::from_secs(30), || {
-        dump(&sandbox.pin_dir).filter(|d| d.contains("127.0.1.40:9080 weight 4/5"))
-    });
-    let dump_text =
-        served.unwrap_or_else(|| panic!("the agent never programmed reviews 80/20; agent log:\n{}", agent_log()));
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sandbox = Sandbox::new("split");
+    let mut mesh =
+        KernelMesh::start(&sandbox, &[("reviews.yaml", variant("reviews-80-20"))], "127.0.1.40:9080 weight 4/5");
+    let dump_text = dump(&sandbox.pin_dir).unwrap();
     // Every Bookinfo service is on the kernel path.
     for vip in ["127.100.0.10:9080/TCP", "127.100.0.20:9080/TCP", "127.100.0.30:9080/TCP", "127.100.0.40:9080/TCP"] {
         assert!(dump_text.contains(vip), "{vip} missing:\n{dump_text}");
@@ -153,8 +184,8 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("default/nobody"), "{unknown:?}");
 
     // Metrics on the agent's port.
-    let (status, metrics) =
-        sluice_testkit::http_get(&format!("127.0.0.1:{metrics_port}"), "agent", "/metrics", &[]).unwrap();
+    let metrics_addr = format!("127.0.0.1:{}", mesh.metrics_port);
+    let (status, metrics) = sluice_testkit::http_get(&metrics_addr, "agent", "/metrics", &[]).unwrap();
     assert_eq!(status, 200);
     assert!(
         metrics.contains("sluice_agent_services 4") && metrics.contains("sluice_agent_xds_connected 1"),
@@ -163,11 +194,12 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
 
     // A config edit reaches the maps: file write → map update, timed.
     let written = Instant::now();
-    std::fs::copy(variant("reviews-50-50"), routes.join("reviews.yaml")).unwrap();
+    std::fs::write(mesh.routes.join("reviews.yaml"), variant("reviews-50-50")).unwrap();
     let updated = eventually(Duration::from_secs(10), || {
         dump(&sandbox.pin_dir).filter(|d| d.contains("127.0.1.40:9080 weight 1/2")).map(|_| written.elapsed())
     });
-    let updated = updated.unwrap_or_else(|| panic!("50/50 never reached the maps; agent log:\n{}", agent_log()));
+    let updated =
+        updated.unwrap_or_else(|| panic!("50/50 never reached the maps; agent log:\n{}", log(&sandbox, "agent.log")));
     eprintln!("file write → map update (debounce 0): {updated:?}");
     let v1 = share(&lines(&run_client(&sandbox, "productpage-v1.default", 1000, 0).output().unwrap()), "reviews-v1");
     assert!((0.45..=0.55).contains(&v1), "v1 share after 50/50: {v1}");
@@ -178,18 +210,104 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
         run_client(&sandbox, "productpage-v1.default", 300, 5).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let mut client = Proc { child: client, name: "client loop".into() };
     std::thread::sleep(Duration::from_millis(300));
-    agent_proc.kill();
+    mesh.agent.kill();
     std::thread::sleep(Duration::from_millis(300));
-    let _agent2 = agent(&sandbox, xds_port, metrics_port, "agent2.log");
+    mesh.agent = agent(&sandbox, mesh.xds_port, mesh.metrics_port, "agent2.log");
     let out: Vec<String> = client.wait_for_stdout().lines().map(str::to_string).collect();
     assert_eq!(out.len(), 300);
     let failed: Vec<_> = out.iter().filter(|l| !l.starts_with("reviews-v")).collect();
     assert!(failed.is_empty(), "connects failed across the agent restart: {failed:?}");
-    let log2 = || std::fs::read_to_string(sandbox.dir.path().join("agent2.log")).unwrap_or_default();
+    let adopted = eventually(Duration::from_secs(10), || {
+        log(&sandbox, "agent2.log").contains("adopting pinned programs and maps").then_some(())
+    });
+    assert!(adopted.is_some(), "{}", log(&sandbox, "agent2.log"));
+}
+
+/// reviews accepts only productpage's identity on 9080. A second ALLOW rule for details has an
+/// HTTP method in it: as in ztunnel, it does not match at L4 (fail closed), with a warning.
+const REVIEWS_POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-from-productpage, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/bookinfo-productpage]}}]
+    to: [{operation: {ports: ["9080"]}}]
+  - from: [{source: {principals: [cluster.local/ns/default/sa/bookinfo-details]}}]
+    to: [{operation: {methods: [GET]}}]
+"#;
+
+#[test]
+fn authorization_at_connect_and_for_sources_off_the_node() {
+    assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sandbox = Sandbox::new("authz");
+    let files = [("reviews.yaml", variant("reviews-80-20")), ("policy.yaml", REVIEWS_POLICY.to_string())];
+    // reviews-v1, -v2 and -v3 each get the policy.
+    let _mesh = KernelMesh::start(&sandbox, &files, "policy sets (3)");
+
+    // The allowed identity connects; the denied one gets EPERM at connect() (errno 1), at once.
+    let allowed = lines(&run_client(&sandbox, "productpage-v1.default", 20, 0).output().unwrap());
+    assert!(allowed.iter().all(|l| l.starts_with("reviews-v")), "{allowed:?}");
+    let started = Instant::now();
+    let denied = lines(&run_client(&sandbox, "details-v1.default", 5, 0).output().unwrap());
+    assert!(denied.iter().all(|l| l == "error 1"), "details must get EPERM: {denied:?}");
+    eprintln!("5 denied connects (including the interpreter's start): {:?}", started.elapsed());
+    let d = dump(&sandbox.pin_dir).unwrap();
+    assert_eq!(totals(&d), (20, 5), "{d}");
+    let validate = Command::new(SLUICE)
+        .args(["translate", "--proxy", "agent~node-1", "--config"])
+        .arg(common::root().join("examples/bookinfo"))
+        .arg("--config")
+        .arg(sandbox.dir.path().join("routes"))
+        .output()
+        .unwrap();
+    let warnings = String::from_utf8_lossy(&validate.stderr);
     assert!(
-        eventually(Duration::from_secs(10), || log2().contains("adopting pinned programs and maps").then_some(()))
-            .is_some(),
-        "{}",
-        log2()
+        warnings.contains("AuthorizationPolicy/default/reviews-from-productpage")
+            && warnings.contains("spec.rules[1]")
+            && warnings.contains("to[0].operation.methods"),
+        "{warnings}"
     );
+
+    // A source off the node (another network namespace) reaching reviews-v1's process directly:
+    // its SYN is dropped. ratings, which no policy protects, answers the same source.
+    let net = NetnsPair::create("authz", "192.0.2.10", "192.0.2.20");
+    let server = |workload: &str, port: &str, log_name: &str| {
+        let mut cmd = run_as(
+            &sandbox,
+            workload,
+            &["ip", "netns", "exec", &net.a, "python3", "-m", "http.server", "--bind", "192.0.2.10", port],
+        );
+        Proc::spawn(workload, cmd.current_dir(sandbox.dir.path()), &sandbox.dir.path().join(log_name))
+    };
+    let _reviews = server("reviews-v1.default", "9080", "reviews-server.log");
+    let _ratings = server("ratings-v1.default", "9081", "ratings-server.log");
+    let from_b = |port: &str, count: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &net.b, "python3", "-c", CONNECT_LOOP_PY, "192.0.2.10", port, count])
+            .output()
+            .unwrap();
+        lines(&out)
+    };
+    let open = eventually(Duration::from_secs(10), || {
+        from_b("9081", "1").iter().all(|l| !l.starts_with("error")).then_some(())
+    });
+    assert!(open.is_some(), "ratings never answered the other namespace: {}", log(&sandbox, "ratings-server.log"));
+    let dropped = from_b("9080", "1");
+    assert_eq!(dropped, vec!["error None".to_string()], "the SYN must be dropped (connect times out)");
+    // The SYN and its retransmissions were each denied.
+    let d = dump(&sandbox.pin_dir).unwrap();
+    let (allowed, denied) = totals(&d);
+    assert!(allowed == 20 && denied > 5, "{d}");
+}
+
+/// (allowed, denied) from the dump's totals line.
+fn totals(dump: &str) -> (u64, u64) {
+    let line = dump.lines().find_map(|l| l.strip_prefix("authorization totals: ")).expect("totals line");
+    let value =
+        |key: &str| line.split(' ').find_map(|kv| kv.strip_prefix(key)).and_then(|v| v.parse().ok()).expect("count");
+    (value("allowed="), value("denied="))
 }

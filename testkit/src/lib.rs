@@ -210,3 +210,47 @@ for _ in range(int(sys.argv[3])):
 pub fn share(lines: &[String], backend: &str) -> f64 {
     lines.iter().filter(|l| l.starts_with(backend)).count() as f64 / lines.len().max(1) as f64
 }
+
+/// Runs a command and panics with its stderr unless it succeeds.
+pub fn run_ok(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Two network namespaces joined by a veth pair, with no route out; deleted on drop (root).
+pub struct NetnsPair {
+    /// First namespace.
+    pub a: String,
+    /// Second namespace.
+    pub b: String,
+}
+
+impl NetnsPair {
+    /// Creates `sluice-<tag>-<pid>-a` and `-b`, with `addr_a` and `addr_b` (/24) on the veth ends
+    /// and loopback up in both.
+    pub fn create(tag: &str, addr_a: &str, addr_b: &str) -> NetnsPair {
+        let id = std::process::id();
+        let pair = NetnsPair { a: format!("sluice-{tag}-{id}-a"), b: format!("sluice-{tag}-{id}-b") };
+        run_ok(&["ip", "netns", "add", &pair.a]);
+        run_ok(&["ip", "netns", "add", &pair.b]);
+        // Interface names are limited to 15 bytes.
+        let (veth_a, veth_b) = (format!("va{}{id}", &tag[..1]), format!("vb{}{id}", &tag[..1]));
+        run_ok(&[
+            "ip", "link", "add", &veth_a, "netns", &pair.a, "type", "veth", "peer", "name", &veth_b, "netns", &pair.b,
+        ]);
+        for (ns, dev, addr) in [(&pair.a, &veth_a, addr_a), (&pair.b, &veth_b, addr_b)] {
+            run_ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            run_ok(&["ip", "-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            run_ok(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        pair
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

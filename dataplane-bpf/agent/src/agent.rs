@@ -16,8 +16,9 @@ use tokio::net::UnixListener;
 
 use crate::loader::{Dataplane, ensure_bpffs};
 use crate::metrics::AgentMetrics;
+use crate::policy::{PolicySync, workload_value};
 use crate::socket::{Register, Reply, parse_workload};
-use crate::sync::{ApplyStats, GRACE, MapSync, workload_value};
+use crate::sync::{ApplyStats, GRACE, MapSync};
 use crate::{Result, cgroup, io};
 
 /// Directory (under the attached cgroup) that holds the workload cgroups the agent creates.
@@ -53,6 +54,7 @@ struct Registered {
 pub struct AgentState {
     dataplane: Dataplane,
     sync: MapSync,
+    policy: PolicySync,
     services: BTreeMap<String, (String, KernelService)>,
     workloads: BTreeMap<String, (String, KernelWorkload)>,
     /// Types received at least once: until then the maps keep what an earlier agent wrote.
@@ -74,11 +76,13 @@ impl AgentState {
         ensure_bpffs()?;
         let dataplane = Dataplane::attach(&config.pin_dir, &config.cgroup)?;
         let sync = MapSync::adopt(&dataplane.maps)?;
+        let policy = PolicySync::adopt(&dataplane.maps)?;
         let workload_root = config.cgroup.join(WORKLOADS_DIR);
         cgroup::create(&workload_root)?;
         let mut state = Self {
             dataplane,
             sync,
+            policy,
             services: BTreeMap::new(),
             workloads: BTreeMap::new(),
             received: BTreeSet::new(),
@@ -172,6 +176,9 @@ impl AgentState {
             stats = self.sync.apply(&mut self.dataplane.maps, &desired, Instant::now())?;
         }
         if self.received.contains(WORKLOAD_TYPE) {
+            // Policy sets before the workload entries that point at them.
+            let workloads: Vec<KernelWorkload> = self.workloads.values().map(|(_, w)| w.clone()).collect();
+            self.policy.apply(&mut self.dataplane.maps, &workloads, Instant::now())?;
             for (id, r) in &self.registered {
                 let wanted = self.workloads.get(&r.workload).map(|(_, w)| workload_value(w));
                 let current = self.dataplane.maps.workloads.get(id, 0).ok();
@@ -190,9 +197,9 @@ impl AgentState {
     pub fn register(&mut self, workload: &str) -> Result<PathBuf> {
         let (namespace, name) = parse_workload(workload)?;
         let key = format!("{namespace}/{name}");
-        let Some((_, w)) = self.workloads.get(&key) else {
+        let Some((_, w)) = self.workloads.get(&key).filter(|(_, w)| w.local) else {
             let why = if self.received.contains(WORKLOAD_TYPE) {
-                "is not in the config served to this node"
+                "is not in the config served to this node (or its Pod runs on another node)"
             } else {
                 "is unknown: the agent has no config from the control plane yet"
             };
@@ -214,6 +221,7 @@ impl AgentState {
     /// processes have all exited.
     pub fn housekeeping(&mut self) -> Result<()> {
         self.sync.collect(&mut self.dataplane.maps, Instant::now())?;
+        self.policy.collect(&mut self.dataplane.maps, Instant::now())?;
         let empty: Vec<u64> = self
             .registered
             .iter()
@@ -222,10 +230,7 @@ impl AgentState {
             .collect();
         for id in empty {
             let r = self.registered.remove(&id).expect("listed");
-            match self.dataplane.maps.workloads.remove(&id) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(e)),
-            }
+            crate::deleted(self.dataplane.maps.workloads.remove(&id), sluice_dataplane_common::maps::WORKLOADS)?;
             cgroup::remove(&r.path)?;
             tracing::info!(workload = %r.workload, cgroup = %r.path.display(), "workload exited");
         }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use sluice_dataplane_common::{Addr, mode, proto};
+use sluice_dataplane_common::{Addr, PolicyRule, RuleKey, mode, proto, rule_flags};
 
 use crate::loader::Maps;
 use crate::{DataplaneError, Result};
@@ -77,5 +77,81 @@ pub fn dump(maps: &Maps) -> Result<String> {
             .expect("string");
     }
     writeln!(out, "backends ({})", backends.len()).expect("string");
+    for (id, b) in &backends {
+        let connects: u64 = maps.backend_counters.get(id, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
+        writeln!(out, "  {id}: {}:{} connects={connects}", show_addr(&b.addr), b.port).expect("string");
+    }
+    let mut endpoints: Vec<_> = maps.endpoints.iter().collect::<std::result::Result<_, _>>().map_err(e("endpoints"))?;
+    endpoints.sort_by_key(|(a, _)| *a);
+    writeln!(out, "endpoints ({})", endpoints.len()).expect("string");
+    for (a, ep) in endpoints {
+        writeln!(
+            out,
+            "  {}: identity={:#010x} namespace={:#010x} policy={:#010x}",
+            show_addr(&a),
+            ep.identity,
+            ep.namespace,
+            ep.policy
+        )
+        .expect("string");
+    }
+    let mut sets: Vec<_> = maps.policy_sets.iter().collect::<std::result::Result<_, _>>().map_err(e("policy sets"))?;
+    sets.sort_by_key(|(id, _)| *id);
+    writeln!(out, "policy sets ({})", sets.len()).expect("string");
+    let (mut allowed, mut denied) = (0, 0);
+    for (id, set) in sets {
+        let (a, d) = maps
+            .policy_counters
+            .get(&id, 0)
+            .map(|per_cpu| per_cpu.iter().fold((0, 0), |acc, c| (acc.0 + c.allowed, acc.1 + c.denied)))
+            .unwrap_or((0, 0));
+        allowed += a;
+        denied += d;
+        let default = if set.default_deny != 0 { "deny" } else { "allow" };
+        writeln!(out, "  {id:#010x}: rules={} default={default} allowed={a} denied={d}", set.count).expect("string");
+        for slot in set.base..set.base + set.count {
+            match maps.policy_rules.get(&RuleKey { set: id, slot }, 0) {
+                Ok(r) => writeln!(out, "    [{}] {}", slot - set.base, show_rule(&r)).expect("string"),
+                Err(_) => writeln!(out, "    [{}] <missing>", slot - set.base).expect("string"),
+            }
+        }
+    }
+    writeln!(out, "authorization totals: allowed={allowed} denied={denied}").expect("string");
     Ok(out)
+}
+
+fn show_rule(r: &PolicyRule) -> String {
+    let action = if r.flags & rule_flags::DENY != 0 { "DENY" } else { "ALLOW" };
+    let mut parts = vec![action.to_string()];
+    let ids = |name: &str, any: bool, list: &[u32], n: u8| {
+        let mut items: Vec<String> = list[..usize::from(n)].iter().map(|i| format!("{i:#010x}")).collect();
+        if any {
+            items.push("*".into());
+        }
+        (!items.is_empty()).then(|| format!("{name}=[{}]", items.join(",")))
+    };
+    parts.extend(ids("principals", r.flags & rule_flags::ANY_PRINCIPAL != 0, &r.principals, r.n_principals));
+    parts.extend(ids(
+        "notPrincipals",
+        r.flags & rule_flags::NOT_ANY_PRINCIPAL != 0,
+        &r.not_principals,
+        r.n_not_principals,
+    ));
+    parts.extend(ids("namespaces", r.flags & rule_flags::ANY_NAMESPACE != 0, &r.namespaces, r.n_namespaces));
+    parts.extend(ids(
+        "notNamespaces",
+        r.flags & rule_flags::NOT_ANY_NAMESPACE != 0,
+        &r.not_namespaces,
+        r.n_not_namespaces,
+    ));
+    let ports = |name: &str, list: &[u16], n: u8| (n > 0).then(|| format!("{name}={:?}", &list[..usize::from(n)]));
+    parts.extend(ports("ports", &r.ports, r.n_ports));
+    parts.extend(ports("notPorts", &r.not_ports, r.n_not_ports));
+    if r.n_ip_blocks > 0 {
+        parts.push(format!("ipBlocks={}", r.n_ip_blocks));
+    }
+    if r.n_not_ip_blocks > 0 {
+        parts.push(format!("notIpBlocks={}", r.n_not_ip_blocks));
+    }
+    parts.join(" ")
 }

@@ -8,6 +8,7 @@ pub mod delivery;
 pub mod dump;
 pub mod loader;
 pub mod metrics;
+pub mod policy;
 pub mod socket;
 pub mod sync;
 
@@ -63,4 +64,14 @@ pub type Result<T> = std::result::Result<T, DataplaneError>;
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataplaneError {
     let what = what.into();
     move |source| DataplaneError::Io { what, source }
+}
+
+/// The result of deleting a map entry, with "already gone" counted as done: aya reports a
+/// delete of a missing key as the syscall's ENOENT.
+pub(crate) fn deleted(r: std::result::Result<(), aya::maps::MapError>, map: &'static str) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::Map { map, source }),
+    }
 }

@@ -5,11 +5,13 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use aya::Pod;
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
 use sluice_dataplane_common::{
-    Backend, OriginalDst, ServiceCounters, ServiceKey, ServiceValue, SlotKey, Workload, maps,
+    Addr, Backend, Endpoint, OriginalDst, PolicyCounters, PolicyRule, PolicySet, RuleKey, ServiceCounters, ServiceKey,
+    ServiceValue, SlotKey, Workload, maps,
 };
 
 use crate::{DataplaneError, Result, io};
@@ -17,8 +19,32 @@ use crate::{DataplaneError, Result, io};
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
 
-/// The programs, by function name, all `cgroup/sock_addr` attached to the workload cgroup.
-pub const PROGRAMS: [&str; 4] = ["sluice_connect4", "sluice_connect6", "sluice_getpeername4", "sluice_getpeername6"];
+/// The `cgroup/sock_addr` programs, by function name.
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "sluice_connect4",
+    "sluice_connect6",
+    "sluice_getpeername4",
+    "sluice_getpeername6",
+    "sluice_sendmsg4",
+    "sluice_sendmsg6",
+    "sluice_recvmsg4",
+    "sluice_recvmsg6",
+];
+/// The `cgroup_skb/ingress` program.
+const INGRESS_PROGRAM: &str = "sluice_ingress";
+
+/// Every program, all attached to the agent's cgroup (and so to every cgroup below it).
+pub const PROGRAMS: [&str; 9] = [
+    SOCK_ADDR_PROGRAMS[0],
+    SOCK_ADDR_PROGRAMS[1],
+    SOCK_ADDR_PROGRAMS[2],
+    SOCK_ADDR_PROGRAMS[3],
+    SOCK_ADDR_PROGRAMS[4],
+    SOCK_ADDR_PROGRAMS[5],
+    SOCK_ADDR_PROGRAMS[6],
+    SOCK_ADDR_PROGRAMS[7],
+    INGRESS_PROGRAM,
+];
 
 /// Where bpffs is expected.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -53,6 +79,16 @@ pub struct Maps {
     pub original_dst: HashMap<MapData, u64, OriginalDst>,
     /// service id → per-CPU counters.
     pub counters: PerCpuHashMap<MapData, u32, ServiceCounters>,
+    /// backend id → per-CPU connects.
+    pub backend_counters: PerCpuHashMap<MapData, u32, u64>,
+    /// workload address → identity and policy set.
+    pub endpoints: HashMap<MapData, Addr, Endpoint>,
+    /// policy set id → set.
+    pub policy_sets: HashMap<MapData, u32, PolicySet>,
+    /// (set, slot) → rule.
+    pub policy_rules: HashMap<MapData, RuleKey, PolicyRule>,
+    /// policy set id → per-CPU decisions.
+    pub policy_counters: PerCpuHashMap<MapData, u32, PolicyCounters>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -64,16 +100,30 @@ impl Maps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let data = |name: &'static str| MapData::from_pin(pin_dir.join(name)).map_err(map_err(name));
         Ok(Self {
-            services: HashMap::try_from(Map::HashMap(data(maps::SERVICES)?)).map_err(map_err(maps::SERVICES))?,
-            slots: HashMap::try_from(Map::HashMap(data(maps::SLOTS)?)).map_err(map_err(maps::SLOTS))?,
-            backends: HashMap::try_from(Map::HashMap(data(maps::BACKENDS)?)).map_err(map_err(maps::BACKENDS))?,
-            workloads: HashMap::try_from(Map::HashMap(data(maps::WORKLOADS)?)).map_err(map_err(maps::WORKLOADS))?,
+            services: hash(pin_dir, maps::SERVICES)?,
+            slots: hash(pin_dir, maps::SLOTS)?,
+            backends: hash(pin_dir, maps::BACKENDS)?,
+            workloads: hash(pin_dir, maps::WORKLOADS)?,
             original_dst: HashMap::try_from(Map::LruHashMap(data(maps::ORIGINAL_DST)?))
                 .map_err(map_err(maps::ORIGINAL_DST))?,
-            counters: PerCpuHashMap::try_from(Map::PerCpuHashMap(data(maps::SERVICE_COUNTERS)?))
-                .map_err(map_err(maps::SERVICE_COUNTERS))?,
+            counters: per_cpu(pin_dir, maps::SERVICE_COUNTERS)?,
+            backend_counters: per_cpu(pin_dir, maps::BACKEND_COUNTERS)?,
+            endpoints: hash(pin_dir, maps::ENDPOINTS)?,
+            policy_sets: hash(pin_dir, maps::POLICY_SETS)?,
+            policy_rules: hash(pin_dir, maps::POLICY_RULES)?,
+            policy_counters: per_cpu(pin_dir, maps::POLICY_COUNTERS)?,
         })
     }
+}
+
+fn hash<K: Pod, V: Pod>(pin_dir: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    HashMap::try_from(Map::HashMap(data)).map_err(map_err(name))
+}
+
+fn per_cpu<K: Pod, V: Pod>(pin_dir: &Path, name: &'static str) -> Result<PerCpuHashMap<MapData, K, V>> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(map_err(name))
 }
 
 /// The attached data plane.
@@ -110,22 +160,27 @@ impl Dataplane {
         let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(pin_dir).load(OBJECT)?;
         let cgroup_file = File::open(cgroup).map_err(io(format!("opening cgroup {}", cgroup.display())))?;
         for name in PROGRAMS {
-            let step = |what: &str| format!("{what} {name}");
-            let program: &mut CgroupSockAddr = ebpf
+            let step =
+                |what: &'static str| move |source| DataplaneError::Program { what: format!("{what} {name}"), source };
+            let program = ebpf
                 .program_mut(name)
-                .ok_or_else(|| DataplaneError::Invalid(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { what: step("typing"), source })?;
-            program.load().map_err(|source| DataplaneError::Program { what: step("loading"), source })?;
+                .ok_or_else(|| DataplaneError::Invalid(format!("program {name} missing from the object")))?;
             // Links (kernel >= 5.7) coexist with other programs on the cgroup whatever the mode;
             // bpf_link_create refuses the legacy multi-attach flag.
-            let id = program
-                .attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(|source| DataplaneError::Program { what: step("attaching"), source })?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| DataplaneError::Program { what: step("taking the link of"), source })?;
-            let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DataplaneError::Pin {
+            let link: std::result::Result<FdLink, _> = if name == INGRESS_PROGRAM {
+                let program: &mut CgroupSkb = program.try_into().map_err(step("typing"))?;
+                program.load().map_err(step("loading"))?;
+                let id = program
+                    .attach(&cgroup_file, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                    .map_err(step("attaching"))?;
+                program.take_link(id).map_err(step("taking the link of"))?.try_into()
+            } else {
+                let program: &mut CgroupSockAddr = program.try_into().map_err(step("typing"))?;
+                program.load().map_err(step("loading"))?;
+                let id = program.attach(&cgroup_file, CgroupAttachMode::Single).map_err(step("attaching"))?;
+                program.take_link(id).map_err(step("taking the link of"))?.try_into()
+            };
+            let fd = link.map_err(|e: aya::programs::links::LinkError| DataplaneError::Pin {
                 path: name.into(),
                 message: e.to_string(),
             })?;

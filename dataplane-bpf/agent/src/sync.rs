@@ -12,13 +12,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use sluice_dataplane_common::{
-    Backend, MAX_SLOTS, ServiceKey, ServiceValue, SlotKey, Workload, mode, proto, service_flags, v4_mapped,
-};
-use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane};
+use sluice_dataplane_common::{Backend, MAX_SLOTS, ServiceKey, ServiceValue, SlotKey, proto, service_flags, v4_mapped};
+use sluice_translator::dataplane::{KernelService, NodeDataplane};
 
 use crate::loader::Maps;
-use crate::{DataplaneError, Result};
+use crate::{DataplaneError, Result, deleted};
 
 /// How long unreferenced entries stay before deletion.
 pub const GRACE: Duration = Duration::from_millis(200);
@@ -68,30 +66,6 @@ pub fn slots(weights: &[u32]) -> Vec<usize> {
 
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
-}
-
-/// FNV-1a: stable ids for identities and namespaces across agent restarts.
-pub fn stable_id(text: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in text.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
-
-/// The workload value of a kernel workload.
-pub fn workload_value(w: &KernelWorkload) -> Workload {
-    Workload {
-        identity: stable_id(&format!("{}/{}", w.namespace, w.service_account)),
-        namespace: stable_id(&w.namespace),
-        mode: match w.mode.as_str() {
-            "sidecar" => mode::SIDECAR,
-            "node" => mode::NODE,
-            _ => mode::KERNEL,
-        },
-        pad: [0; 3],
-    }
 }
 
 enum Pending {
@@ -245,10 +219,7 @@ impl MapSync {
         let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for key in gone {
             let value = self.services.remove(&key).expect("listed");
-            match maps.services.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(merr("services")(e)),
-            }
+            deleted(maps.services.remove(&key), "services")?;
             let count = self.slots.remove(&value.id).map_or(0, |s| s.len()) as u32;
             self.pending.push((now, Pending::Slots { service: value.id, from: 0, to: count }));
             self.pending.push((now, Pending::Counters(value.id)));
@@ -270,10 +241,6 @@ impl MapSync {
         let (due, later): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.pending).into_iter().partition(|(t, _)| now.duration_since(*t) >= GRACE);
         self.pending = later;
-        let ignore_missing = |r: std::result::Result<(), aya::maps::MapError>, map: &'static str| match r {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(merr(map)(e)),
-        };
         let mut n = 0;
         for (_, p) in due {
             match p {
@@ -281,19 +248,19 @@ impl MapSync {
                     // A service id reused since then may own these slots again.
                     let live = self.slots.get(&service).map_or(0, |s| s.len() as u32);
                     for slot in from.max(live)..to {
-                        ignore_missing(maps.slots.remove(&SlotKey { service, slot }), "slots")?;
+                        deleted(maps.slots.remove(&SlotKey { service, slot }), "slots")?;
                         n += 1;
                     }
                 }
                 Pending::Backend(id) => {
                     if !self.backends.values().any(|b| *b == id) {
-                        ignore_missing(maps.backends.remove(&id), "backends")?;
+                        deleted(maps.backends.remove(&id), "backends")?;
                         n += 1;
                     }
                 }
                 Pending::Counters(id) => {
                     if !self.services.values().any(|s| s.id == id) {
-                        ignore_missing(maps.counters.remove(&id), "counters")?;
+                        deleted(maps.counters.remove(&id), "counters")?;
                         n += 1;
                     }
                 }

@@ -1,16 +1,19 @@
 //! The kernel fast path on the real kernel (root): programs attached to a cgroup the test
 //! creates, maps pinned under a test directory, everything removed at the end — also on failure.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::path::Path;
 use std::time::Instant;
 
+use common::{Sandbox, python_in};
+
 use sluice_dataplane::cgroup;
-use sluice_dataplane::loader::{Dataplane, ensure_bpffs};
-use sluice_dataplane::sync::{MapSync, workload_value};
+use sluice_dataplane::loader::Dataplane;
+use sluice_dataplane::policy::workload_value;
+use sluice_dataplane::sync::MapSync;
 use sluice_testkit::{Backend, CONNECT_LOOP_PY, is_root, share};
-use sluice_translator::dataplane::{KernelWorkload, NodeDataplane, translate_node};
+use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane, WeightedBackend, translate_node};
 use sluice_translator::parse::parse_documents;
 use sluice_translator::snapshot::Snapshot;
 
@@ -74,52 +77,60 @@ fn dataplane(v1: u32, v2: u32) -> NodeDataplane {
     translate_node(&snapshot, "node-1").0
 }
 
-/// Removes the test's pins and cgroups on drop, however the test ends.
-struct Sandbox {
-    pin_dir: PathBuf,
-    cgroup: PathBuf,
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = Dataplane::remove(&self.pin_dir);
-        let _ = cgroup::remove(&self.cgroup);
-    }
-}
-
 /// Connects `count` times to VIP:8080 from a process moved into `cgroup_dir` before its first
 /// connect.
 fn connect_from(cgroup_dir: &Path, count: usize) -> Vec<String> {
-    let mut child = Command::new("python3")
-        .args(["-c", CONNECT_LOOP_PY, VIP, "8080", &count.to_string()])
-        .env("WAIT_STDIN", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let guard = KillOnDrop(child.id());
-    cgroup::add_process(cgroup_dir, child.id()).expect("move into cgroup");
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let lines: Vec<String> = BufReader::new(child.stdout.take().unwrap()).lines().map(|l| l.unwrap()).collect();
-    child.wait().unwrap();
-    drop(guard);
-    lines
+    python_in(cgroup_dir, CONNECT_LOOP_PY, &[VIP, "8080", &count.to_string()]).lines()
 }
 
-struct KillOnDrop(u32);
-impl Drop for KillOnDrop {
+/// Sends `argv[3]` datagrams from one unconnected socket to `argv[1]:argv[2]`; prints
+/// "<reply> <reply's source host:port>" each.
+const UDP_CLIENT: &str = r#"
+import os, socket, sys
+if os.environ.get("WAIT_STDIN"):
+    sys.stdin.readline()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+for i in range(int(sys.argv[3])):
+    s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
+    data, source = s.recvfrom(100)
+    print(data.decode(), "%s:%d" % source, flush=True)
+"#;
+
+/// A UDP server answering each datagram with its own address; stops when dropped.
+struct UdpEcho(std::sync::Arc<std::sync::atomic::AtomicBool>, Option<std::thread::JoinHandle<()>>);
+
+fn udp_echo(addr: &str) -> UdpEcho {
+    let socket = std::net::UdpSocket::bind(addr).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(50))).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, name) = (stop.clone(), addr.split(':').next().unwrap().to_string());
+    let thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(name.as_bytes(), from);
+            }
+        }
+    });
+    UdpEcho(stop, Some(thread))
+}
+
+impl Drop for UdpEcho {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-9").arg(self.0.to_string()).stderr(Stdio::null()).status();
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.1.take() {
+            let _ = t.join();
+        }
     }
 }
 
 #[test]
 fn connect_time_balancing_getpeername_and_modes() {
     assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
-    ensure_bpffs().unwrap();
-    let id = std::process::id();
-    let root = cgroup::cgroup2_mount().unwrap().join(format!("sluice-test-{id}"));
-    let sandbox = Sandbox { pin_dir: PathBuf::from(format!("/sys/fs/bpf/sluice-test-{id}")), cgroup: root.clone() };
+    let sandbox = Sandbox::new("test");
+    let root = sandbox.cgroup.clone();
+    let pin_dir = sandbox.pin_dir.clone();
     let (client, outside, sidecar) = (root.join("client"), root.join("outside"), root.join("sidecar"));
     for c in [&client, &outside, &sidecar] {
         cgroup::create(c).unwrap();
@@ -140,6 +151,7 @@ fn connect_time_balancing_getpeername_and_modes() {
         ip: None,
         service_account: "default".into(),
         mode: mode.into(),
+        ..Default::default()
     };
     dp.maps.workloads.insert(cgroup::cgroup_id(&client).unwrap(), workload_value(&workload("kernel")), 0).unwrap();
     dp.maps.workloads.insert(cgroup::cgroup_id(&sidecar).unwrap(), workload_value(&workload("sidecar")), 0).unwrap();
@@ -188,8 +200,35 @@ fn connect_time_balancing_getpeername_and_modes() {
     assert_eq!(stats.services_written, 0, "adopting reconciles without rewriting");
     assert!(connect_from(&client, 20).iter().all(|l| l.starts_with("echo-v")));
 
+    // UDP without connect(): sendto() the VIP reaches a backend, the reply shows the VIP as its
+    // source, and one socket keeps its backend.
+    let udp_backends: Vec<_> = ["127.0.9.1:5354", "127.0.9.2:5354"].iter().map(|a| udp_echo(a)).collect();
+    let mut with_udp = dataplane(50, 50);
+    with_udp.services.push(KernelService {
+        name: "dns.default.svc.cluster.local:5353".into(),
+        vip: "127.100.9.2".into(),
+        port: 5353,
+        protocol: "UDP".into(),
+        backends: ["127.0.9.1", "127.0.9.2"]
+            .iter()
+            .map(|a| WeightedBackend { address: a.to_string(), port: 5354, weight: 1 })
+            .collect(),
+        needs_l7: false,
+    });
+    sync.apply(&mut dp.maps, &with_udp, Instant::now()).unwrap();
+    let replies = python_in(&client, UDP_CLIENT, &["127.100.9.2", "5353", "10"]).lines();
+    assert_eq!(replies.len(), 10, "{replies:?}");
+    assert!(replies.iter().all(|l| l.ends_with("127.100.9.2:5353")), "replies must come from the VIP: {replies:?}");
+    let first = replies[0].split(' ').next().unwrap().to_string();
+    assert!(
+        first.starts_with("127.0.9.") && replies.iter().all(|l| l.starts_with(&first)),
+        "one socket, one backend: {replies:?}"
+    );
+    drop(udp_backends);
+
     // A service without backends fails connect at once with EPERM.
     let mut empty = dataplane(50, 50);
+    assert_eq!(empty.services.len(), 1);
     empty.services[0].backends.clear();
     sync.apply(&mut dp.maps, &empty, Instant::now()).unwrap();
     assert!(connect_from(&client, 2).iter().all(|l| l == "error 1"), "EPERM");
@@ -199,6 +238,6 @@ fn connect_time_balancing_getpeername_and_modes() {
 
     drop(dp);
     drop(sandbox);
-    assert!(!PathBuf::from(format!("/sys/fs/bpf/sluice-test-{id}")).exists(), "pins removed");
+    assert!(!pin_dir.exists(), "pins removed");
     assert!(!root.exists(), "cgroups removed");
 }

@@ -13,8 +13,7 @@ use super::typed;
 use crate::diagnostic::ObjectRef;
 use crate::model::IstioObject;
 use crate::model::authorization_policy::{Action, AuthorizationPolicySpec, Condition, Operation, Rule, Source};
-use crate::model::common::labels_match;
-use crate::snapshot::{DOMAIN_SUFFIX, ROOT_NAMESPACE};
+use crate::snapshot::DOMAIN_SUFFIX;
 
 /// Whether the filter sits in an HTTP or a TCP filter chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,19 +26,7 @@ pub(super) enum Layer {
 
 /// The ALLOW and DENY policies that select this proxy's workload, in name order.
 fn policies<'a>(proxy: &Proxy<'a>) -> Vec<&'a IstioObject<AuthorizationPolicySpec>> {
-    proxy
-        .snapshot
-        .authorization_policies
-        .iter()
-        .filter(|p| p.meta.namespace == ROOT_NAMESPACE || p.meta.namespace == proxy.node.namespace)
-        .filter(|p| match &p.spec.selector {
-            Some(s) if !s.match_labels.is_empty() => {
-                proxy.workload.is_some() && labels_match(&s.match_labels, &proxy.labels)
-            }
-            _ => true,
-        })
-        .filter(|p| matches!(p.spec.action.unwrap_or(Action::Allow), Action::Allow | Action::Deny))
-        .collect()
+    proxy.snapshot.authorization_policies_for(&proxy.node.namespace, proxy.workload.map(|_| &proxy.labels))
 }
 
 /// The RBAC filters (DENY first, then ALLOW) for an inbound chain at `layer`.
@@ -71,43 +58,6 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
     out
 }
 
-/// HTTP-only fields of a rule, by their path, for the TCP fail-closed rule.
-fn http_only_fields(rule: &Rule) -> Vec<String> {
-    let mut out = Vec::new();
-    for (j, f) in rule.from.iter().enumerate() {
-        if let Some(s) = &f.source {
-            if !s.request_principals.is_empty() {
-                out.push(format!("from[{j}].source.requestPrincipals"));
-            }
-            if !s.not_request_principals.is_empty() {
-                out.push(format!("from[{j}].source.notRequestPrincipals"));
-            }
-        }
-    }
-    for (j, t) in rule.to.iter().enumerate() {
-        if let Some(o) = &t.operation {
-            for (field, list) in [
-                ("hosts", &o.hosts),
-                ("notHosts", &o.not_hosts),
-                ("methods", &o.methods),
-                ("notMethods", &o.not_methods),
-                ("paths", &o.paths),
-                ("notPaths", &o.not_paths),
-            ] {
-                if !list.is_empty() {
-                    out.push(format!("to[{j}].operation.{field}"));
-                }
-            }
-        }
-    }
-    for (j, c) in rule.when.iter().enumerate() {
-        if c.key.starts_with("request.") {
-            out.push(format!("when[{j}].key={}", c.key));
-        }
-    }
-    out
-}
-
 fn rule_policy(
     proxy: &mut Proxy<'_>,
     reference: &ObjectRef,
@@ -117,7 +67,7 @@ fn rule_policy(
     layer: Layer,
     ns: &str,
 ) -> Option<Value> {
-    let http_only = http_only_fields(rule);
+    let http_only = rule.http_only_fields();
     if layer == Layer::Tcp && !http_only.is_empty() {
         let fields = http_only.join(", ");
         if action == Action::Allow {

@@ -168,6 +168,47 @@ pub struct Condition {
 }
 
 /// The `when` keys Istio accepts.
+impl Rule {
+    /// HTTP-only fields of the rule, by their path under the rule (`to[0].operation.paths`):
+    /// on a TCP port (or in the kernel) an ALLOW rule with any of them never matches and a DENY
+    /// rule matches without them, as Istio does (fail closed).
+    pub fn http_only_fields(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (j, f) in self.from.iter().enumerate() {
+            if let Some(s) = &f.source {
+                if !s.request_principals.is_empty() {
+                    out.push(format!("from[{j}].source.requestPrincipals"));
+                }
+                if !s.not_request_principals.is_empty() {
+                    out.push(format!("from[{j}].source.notRequestPrincipals"));
+                }
+            }
+        }
+        for (j, t) in self.to.iter().enumerate() {
+            if let Some(o) = &t.operation {
+                for (field, list) in [
+                    ("hosts", &o.hosts),
+                    ("notHosts", &o.not_hosts),
+                    ("methods", &o.methods),
+                    ("notMethods", &o.not_methods),
+                    ("paths", &o.paths),
+                    ("notPaths", &o.not_paths),
+                ] {
+                    if !list.is_empty() {
+                        out.push(format!("to[{j}].operation.{field}"));
+                    }
+                }
+            }
+        }
+        for (j, c) in self.when.iter().enumerate() {
+            if c.key.starts_with("request.") {
+                out.push(format!("when[{j}].key={}", c.key));
+            }
+        }
+        out
+    }
+}
+
 const CONDITION_KEYS: &[&str] = &[
     "source.ip",
     "remote.ip",

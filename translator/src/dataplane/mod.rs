@@ -2,9 +2,13 @@
 //! the workloads it knows, flattened — never Envoy's tree. VirtualService weights over
 //! DestinationRule subsets become weighted backend sets; the agent turns weights into slots.
 
+pub mod authorization;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+pub use self::authorization::{KernelAuthorization, KernelRule};
 
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::common::{Protocol, labels_match};
@@ -96,6 +100,14 @@ pub struct KernelWorkload {
     /// `kernel`, `sidecar` or `node`.
     #[prost(string, tag = "5")]
     pub mode: String,
+    /// The workload runs on this node (or names no node): `sluice run` may start it here.
+    /// Other workloads are sent for their identity (remote sources) and their policy.
+    #[prost(bool, tag = "6")]
+    pub local: bool,
+    /// What the kernel enforces for connections to a kernel-mode workload; None when no
+    /// AuthorizationPolicy selects it (or its sidecar or node proxy enforces policy).
+    #[prost(message, optional, tag = "7")]
+    pub authorization: Option<KernelAuthorization>,
 }
 
 impl KernelWorkload {
@@ -115,8 +127,9 @@ fn mode(snapshot: &Snapshot, namespace: &str, labels: &BTreeMap<String, String>)
         .unwrap_or_else(|| "kernel".into())
 }
 
-/// Translates the snapshot for the agent of `node` (workloads whose Pod names another node are
-/// left out; objects without a node name belong to every node, as on a one-machine mesh).
+/// Translates the snapshot for the agent of `node`. Every workload is sent (identities of remote
+/// sources, policies of remote destinations); `local` marks those on this node (objects
+/// without a node name belong to every node, as on a one-machine mesh).
 pub fn translate_node(snapshot: &Snapshot, node: &str) -> (NodeDataplane, Vec<Diagnostic>) {
     let mut diagnostics = Vec::new();
     let mut services = Vec::new();
@@ -134,13 +147,26 @@ pub fn translate_node(snapshot: &Snapshot, node: &str) -> (NodeDataplane, Vec<Di
     let workloads = snapshot
         .workloads
         .values()
-        .filter(|w| w.node.as_deref().is_none_or(|n| n == node))
-        .map(|w| KernelWorkload {
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
-            ip: w.ip.clone(),
-            service_account: w.service_account.clone(),
-            mode: mode(snapshot, &w.namespace, &w.labels),
+        .map(|w| {
+            let mode = mode(snapshot, &w.namespace, &w.labels);
+            let authorization = (mode == "kernel").then(|| {
+                authorization::workload_authorization(
+                    snapshot,
+                    &w.namespace,
+                    &w.labels,
+                    w.ip.as_deref(),
+                    &mut diagnostics,
+                )
+            });
+            KernelWorkload {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                ip: w.ip.clone(),
+                service_account: w.service_account.clone(),
+                mode,
+                local: w.node.as_deref().is_none_or(|n| n == node),
+                authorization: authorization.flatten(),
+            }
         })
         .collect();
     diagnostics.sort();

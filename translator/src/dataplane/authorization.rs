@@ -1,0 +1,403 @@
+//! AuthorizationPolicy → L4 rules the kernel evaluates for a kernel-mode workload, with Istio
+//! ambient's (ztunnel's) fail-closed rule for what L4 cannot see: an ALLOW rule with HTTP-only
+//! attributes does not match, a DENY rule with them matches on its L4 part alone. Each such
+//! case is reported as a warning naming the policy and the field.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
+use crate::model::IstioObject;
+use crate::model::authorization_policy::{Action, AuthorizationPolicySpec, Condition, Operation, Rule, Source};
+use crate::snapshot::Snapshot;
+
+/// The authorization of one workload: what the kernel checks for connections it receives.
+#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
+pub struct KernelAuthorization {
+    /// Some ALLOW policy selects the workload: a connection no ALLOW rule matches is denied
+    /// (also when every ALLOW rule was dropped as L7-only).
+    #[prost(bool, tag = "1")]
+    pub default_deny: bool,
+    /// DENY rules first, then ALLOW rules; the first match decides.
+    #[prost(message, repeated, tag = "2")]
+    pub rules: Vec<KernelRule>,
+}
+
+/// One L4 rule: matches when every non-empty list matches and no `not_` list does.
+#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
+pub struct KernelRule {
+    /// `<namespace>/<name>` of the AuthorizationPolicy.
+    #[prost(string, tag = "1")]
+    pub policy: String,
+    /// Index of the rule in `spec.rules`.
+    #[prost(uint32, tag = "2")]
+    pub rule: u32,
+    /// DENY (else ALLOW).
+    #[prost(bool, tag = "3")]
+    pub deny: bool,
+    /// Source identities as `<namespace>/<service account>`, or `*` for any mesh identity.
+    #[prost(string, repeated, tag = "4")]
+    pub principals: Vec<String>,
+    /// Excluded source identities.
+    #[prost(string, repeated, tag = "5")]
+    pub not_principals: Vec<String>,
+    /// Source namespaces, or `*`.
+    #[prost(string, repeated, tag = "6")]
+    pub namespaces: Vec<String>,
+    /// Excluded source namespaces.
+    #[prost(string, repeated, tag = "7")]
+    pub not_namespaces: Vec<String>,
+    /// Destination ports.
+    #[prost(uint32, repeated, tag = "8")]
+    pub ports: Vec<u32>,
+    /// Excluded destination ports.
+    #[prost(uint32, repeated, tag = "9")]
+    pub not_ports: Vec<u32>,
+    /// Source address blocks (CIDR).
+    #[prost(string, repeated, tag = "10")]
+    pub ip_blocks: Vec<String>,
+    /// Excluded source address blocks.
+    #[prost(string, repeated, tag = "11")]
+    pub not_ip_blocks: Vec<String>,
+}
+
+/// Reports for one policy rule.
+struct Reporter<'a> {
+    policy: &'a IstioObject<AuthorizationPolicySpec>,
+    index: usize,
+    deny: bool,
+    diagnostics: &'a mut Vec<Diagnostic>,
+}
+
+impl Reporter<'_> {
+    fn warn(&mut self, field: &str, message: String) {
+        let p = self.policy;
+        self.diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            origin: p.origin.clone(),
+            object: Some(ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name)),
+            path: format!("spec.rules[{}]{field}", self.index),
+            code: None,
+            message,
+        });
+    }
+
+    /// An attribute the kernel cannot evaluate, at `field`.
+    fn unsupported(&mut self, field: &str, what: &str, plural: bool) {
+        let effect = if self.deny {
+            "this DENY rule matches without it (fail closed)"
+        } else {
+            "this ALLOW rule does not match in the kernel (fail closed)"
+        };
+        let verb = if plural { "need" } else { "needs" };
+        self.warn(field, format!("{what} {verb} L7 (a sidecar or the node proxy); {effect}"));
+    }
+}
+
+/// The authorization of a kernel-mode workload, or None when no policy selects it.
+pub fn workload_authorization(
+    snapshot: &Snapshot,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    ip: Option<&str>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<KernelAuthorization> {
+    let policies = snapshot.authorization_policies_for(namespace, Some(labels));
+    if policies.is_empty() {
+        return None;
+    }
+    let mut out = KernelAuthorization::default();
+    for action in [Action::Deny, Action::Allow] {
+        for p in policies.iter().filter(|p| p.spec.action.unwrap_or(Action::Allow) == action) {
+            out.default_deny |= action == Action::Allow;
+            for (index, rule) in p.spec.rules.iter().enumerate() {
+                let mut reporter = Reporter { policy: p, index, deny: action == Action::Deny, diagnostics };
+                out.rules.extend(rule_clauses(rule, &mut reporter, ip));
+            }
+        }
+    }
+    Some(out)
+}
+
+/// A rule as kernel rules: one per (source, operation) pair, each with the `when` conditions.
+fn rule_clauses(rule: &Rule, r: &mut Reporter<'_>, ip: Option<&str>) -> Vec<KernelRule> {
+    let mut l7 = rule.http_only_fields();
+    l7.extend(
+        rule.when
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key == "connection.sni")
+            .map(|(j, _)| format!("when[{j}].key=connection.sni")),
+    );
+    if !l7.is_empty() {
+        let what = format!("{} ({})", if l7.len() == 1 { "the attribute" } else { "the attributes" }, l7.join(", "));
+        r.unsupported("", &what, l7.len() > 1);
+        if !r.deny {
+            return Vec::new();
+        }
+    }
+    let base = KernelRule {
+        policy: format!("{}/{}", r.policy.meta.namespace, r.policy.meta.name),
+        rule: r.index as u32,
+        deny: r.deny,
+        ..Default::default()
+    };
+    let sources: Vec<(usize, Option<&Source>)> = if rule.from.is_empty() {
+        vec![(0, None)]
+    } else {
+        rule.from.iter().enumerate().map(|(j, f)| (j, f.source.as_ref())).collect()
+    };
+    let operations: Vec<Option<&Operation>> =
+        if rule.to.is_empty() { vec![None] } else { rule.to.iter().map(|t| t.operation.as_ref()).collect() };
+    let mut out = Vec::new();
+    for (j, source) in &sources {
+        for operation in &operations {
+            let mut clause = base.clone();
+            let mut matches_something = true;
+            if let Some(s) = source {
+                matches_something &= apply_source(&mut clause, s, &format!(".from[{j}].source"), r);
+            }
+            if let Some(o) = operation {
+                matches_something &= apply_operation(&mut clause, o);
+            }
+            for (w, c) in rule.when.iter().enumerate() {
+                matches_something &= apply_condition(&mut clause, c, &format!(".when[{w}]"), r, ip);
+            }
+            if matches_something {
+                out.push(clause);
+            }
+        }
+    }
+    out
+}
+
+/// `<namespace>/<sa>` from a principal (`[spiffe://]<trust domain>/ns/<ns>/sa/<sa>`), `*` for
+/// `*`, None for a pattern the kernel cannot match (ids are exact).
+fn principal(value: &str) -> Option<String> {
+    if value == "*" {
+        return Some("*".into());
+    }
+    let v = value.strip_prefix("spiffe://").unwrap_or(value);
+    let (_, rest) = v.split_once("/ns/")?;
+    let (ns, sa) = rest.split_once("/sa/")?;
+    (!v.contains('*') && !ns.is_empty() && !sa.is_empty() && !sa.contains('/')).then(|| format!("{ns}/{sa}"))
+}
+
+/// `<namespace>/<sa>` from a serviceAccounts entry (`<ns>/<sa>` or `<sa>` in the policy's
+/// namespace).
+fn service_account(value: &str, policy_ns: &str) -> String {
+    match value.split_once('/') {
+        Some((ns, sa)) => format!("{ns}/{sa}"),
+        None => format!("{policy_ns}/{value}"),
+    }
+}
+
+fn namespace(value: &str) -> Option<String> {
+    (value == "*" || !value.contains('*')).then(|| value.to_string())
+}
+
+fn cidr(value: &str) -> Option<String> {
+    value
+        .parse::<IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
+        .ok()
+        .map(|n| n.trunc().to_string())
+}
+
+/// Converts identity-like values; an unmatchable pattern is dropped from an ALLOW rule's list
+/// (it cannot match) and widened to `*` in a DENY rule (fail closed). Returns false when a
+/// positive list ends up empty, so the clause can never match.
+fn convert(
+    values: &[String],
+    f: &dyn Fn(&str) -> Option<String>,
+    field: &str,
+    negated: bool,
+    r: &mut Reporter<'_>,
+) -> (Vec<String>, bool) {
+    let mut out = Vec::new();
+    for v in values {
+        match f(v) {
+            Some(x) => out.push(x),
+            None => {
+                // A negated list excludes: widening it in a DENY rule would match less, so
+                // there the pattern's effect is the ALLOW one and vice versa.
+                let widen = r.deny != negated;
+                r.warn(
+                    field,
+                    format!(
+                        "{v:?} is a pattern the kernel cannot match exactly; {}",
+                        if widen { "treated as \"*\" (fail closed)" } else { "ignored (fail closed)" }
+                    ),
+                );
+                if widen {
+                    out.push("*".into());
+                }
+            }
+        }
+    }
+    let possible = negated || values.is_empty() || !out.is_empty();
+    out.sort();
+    out.dedup();
+    (out, possible)
+}
+
+/// ANDs an OR-list into a clause field: the intersection when both are set (`*` is the
+/// identity element). Returns false when nothing can satisfy both.
+fn and_list(into: &mut Vec<String>, values: Vec<String>) -> bool {
+    if values.is_empty() {
+        return true;
+    }
+    if into.is_empty() || into.iter().any(|v| v == "*") {
+        *into = values;
+    } else if !values.iter().any(|v| v == "*") {
+        into.retain(|v| values.contains(v));
+        return !into.is_empty();
+    }
+    true
+}
+
+fn and_ports(into: &mut Vec<u32>, values: Vec<u32>) -> bool {
+    if values.is_empty() {
+        return true;
+    }
+    if into.is_empty() {
+        *into = values;
+        return true;
+    }
+    into.retain(|p| values.contains(p));
+    !into.is_empty()
+}
+
+fn union(into: &mut Vec<String>, values: Vec<String>) {
+    into.extend(values);
+    into.sort();
+    into.dedup();
+}
+
+fn and_blocks(into: &mut Vec<String>, values: Vec<String>, field: &str, r: &mut Reporter<'_>) -> bool {
+    if values.is_empty() {
+        return true;
+    }
+    if into.is_empty() {
+        *into = values;
+        return true;
+    }
+    // Two address lists in one rule: their intersection is not one list of blocks.
+    r.warn(field, "a second list of source addresses in one rule is not supported in the kernel; fail closed".into());
+    if r.deny {
+        union(into, values);
+        true
+    } else {
+        false
+    }
+}
+
+fn apply_source(clause: &mut KernelRule, s: &Source, path: &str, r: &mut Reporter<'_>) -> bool {
+    let ns = r.policy.meta.namespace.clone();
+    let mut ok = true;
+    let (p, possible) = convert(&s.principals, &principal, &format!("{path}.principals"), false, r);
+    ok &= possible && and_list(&mut clause.principals, p);
+    let (p, _) = convert(&s.not_principals, &principal, &format!("{path}.notPrincipals"), true, r);
+    union(&mut clause.not_principals, p);
+    let sa = |v: &str| Some(service_account(v, &ns));
+    let (p, possible) = convert(&s.service_accounts, &sa, &format!("{path}.serviceAccounts"), false, r);
+    ok &= possible && and_list(&mut clause.principals, p);
+    let (p, _) = convert(&s.not_service_accounts, &sa, &format!("{path}.notServiceAccounts"), true, r);
+    union(&mut clause.not_principals, p);
+    let (n, possible) = convert(&s.namespaces, &namespace, &format!("{path}.namespaces"), false, r);
+    ok &= possible && and_list(&mut clause.namespaces, n);
+    let (n, _) = convert(&s.not_namespaces, &namespace, &format!("{path}.notNamespaces"), true, r);
+    union(&mut clause.not_namespaces, n);
+    // Without a proxy in between, the remote address is the direct one.
+    for (list, field) in [(&s.ip_blocks, "ipBlocks"), (&s.remote_ip_blocks, "remoteIpBlocks")] {
+        let (b, possible) = convert(list, &cidr, &format!("{path}.{field}"), false, r);
+        ok &= possible && and_blocks(&mut clause.ip_blocks, b, &format!("{path}.{field}"), r);
+    }
+    for (list, field) in [(&s.not_ip_blocks, "notIpBlocks"), (&s.not_remote_ip_blocks, "notRemoteIpBlocks")] {
+        let (b, _) = convert(list, &cidr, &format!("{path}.{field}"), true, r);
+        union(&mut clause.not_ip_blocks, b);
+    }
+    ok
+}
+
+fn ports(values: &[String]) -> Vec<u32> {
+    values.iter().filter_map(|p| p.parse().ok()).collect()
+}
+
+fn apply_operation(clause: &mut KernelRule, o: &Operation) -> bool {
+    clause.not_ports.extend(ports(&o.not_ports));
+    and_ports(&mut clause.ports, ports(&o.ports))
+}
+
+fn apply_condition(clause: &mut KernelRule, c: &Condition, path: &str, r: &mut Reporter<'_>, ip: Option<&str>) -> bool {
+    let ns = r.policy.meta.namespace.clone();
+    let field = |suffix: &str| format!("{path}.{suffix}");
+    match c.key.as_str() {
+        "source.ip" | "remote.ip" => {
+            let (b, possible) = convert(&c.values, &cidr, &field("values"), false, r);
+            let (nb, _) = convert(&c.not_values, &cidr, &field("notValues"), true, r);
+            union(&mut clause.not_ip_blocks, nb);
+            possible && and_blocks(&mut clause.ip_blocks, b, &field("values"), r)
+        }
+        "source.namespace" => {
+            let (n, possible) = convert(&c.values, &namespace, &field("values"), false, r);
+            let (nn, _) = convert(&c.not_values, &namespace, &field("notValues"), true, r);
+            union(&mut clause.not_namespaces, nn);
+            possible && and_list(&mut clause.namespaces, n)
+        }
+        "source.principal" | "source.serviceAccount" => {
+            let f: &dyn Fn(&str) -> Option<String> =
+                if c.key == "source.principal" { &principal } else { &|v: &str| Some(service_account(v, &ns)) };
+            let (p, possible) = convert(&c.values, f, &field("values"), false, r);
+            let (np, _) = convert(&c.not_values, f, &field("notValues"), true, r);
+            union(&mut clause.not_principals, np);
+            possible && and_list(&mut clause.principals, p)
+        }
+        "destination.port" => {
+            clause.not_ports.extend(ports(&c.not_values));
+            and_ports(&mut clause.ports, ports(&c.values))
+        }
+        "destination.ip" => {
+            // The destination is this workload: decided here, once.
+            let addr = ip.and_then(|i| i.parse::<std::net::IpAddr>().ok());
+            let contains = |list: &[String]| {
+                addr.is_some_and(|a| list.iter().filter_map(|v| cidr(v)?.parse::<IpNet>().ok()).any(|n| n.contains(&a)))
+            };
+            (c.values.is_empty() || contains(&c.values)) && !contains(&c.not_values)
+        }
+        // connection.sni and request.* were handled as L7 attributes before.
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principals_become_namespace_and_service_account() {
+        assert_eq!(principal("cluster.local/ns/default/sa/sleep").as_deref(), Some("default/sleep"));
+        assert_eq!(principal("spiffe://td/ns/a/sa/b").as_deref(), Some("a/b"));
+        assert_eq!(principal("*").as_deref(), Some("*"));
+        assert_eq!(principal("cluster.local/ns/default/sa/*"), None);
+        assert_eq!(principal("*/ns/default/sa/x"), None);
+        assert_eq!(service_account("sleep", "prod"), "prod/sleep");
+        assert_eq!(cidr("10.1.2.3").as_deref(), Some("10.1.2.3/32"));
+        assert_eq!(cidr("10.1.2.3/8").as_deref(), Some("10.0.0.0/8"));
+    }
+
+    #[test]
+    fn lists_and_as_intersections() {
+        let mut v = vec!["a".to_string(), "b".into()];
+        assert!(and_list(&mut v, vec!["b".into(), "c".into()]));
+        assert_eq!(v, vec!["b".to_string()]);
+        assert!(!and_list(&mut v, vec!["c".into()]));
+        let mut any = vec!["*".to_string()];
+        assert!(and_list(&mut any, vec!["x".into()]));
+        assert_eq!(any, vec!["x".to_string()]);
+        let mut p = vec![80, 443];
+        assert!(!and_ports(&mut p, vec![8080]));
+    }
+}

@@ -1,0 +1,101 @@
+//! AuthorizationPolicy → kernel L4 rules: Istio ambient's fail-closed handling of what L4
+//! cannot see, and how `from`, `to` and `when` combine, one behaviour per case.
+
+use sluice_translator::dataplane::{KernelAuthorization, translate_node};
+use sluice_translator::diagnostic::Severity;
+use sluice_translator::parse::parse_documents;
+use sluice_translator::snapshot::Snapshot;
+
+const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: shop, labels: {app: api}}
+spec: {containers: [{name: c}], serviceAccountName: api}
+status: {podIP: 127.0.6.1}
+"#;
+
+/// The authorization of shop/api-1 and the warnings, for one policy `spec` (YAML flow style).
+fn translate(action: &str, rules: &str) -> (Option<KernelAuthorization>, Vec<String>) {
+    let policy = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: {action}\n  rules: {rules}\n"
+    );
+    let (objects, diags) = parse_documents("test.yaml", &format!("{POD}---\n{policy}"));
+    assert!(diags.iter().all(|d| d.severity != Severity::Error), "{diags:#?}");
+    let (snapshot, _) = Snapshot::build(objects);
+    let (node, diagnostics) = translate_node(&snapshot, "n");
+    let api = node.workloads.into_iter().find(|w| w.name == "api-1").expect("api-1");
+    (api.authorization, diagnostics.iter().map(|d| d.to_string()).collect())
+}
+
+#[test]
+fn allow_rule_with_http_attributes_never_matches_but_still_denies_by_default() {
+    let (a, warnings) = translate("ALLOW", "[{to: [{operation: {methods: [GET]}}]}]");
+    let a = a.unwrap();
+    assert!(a.default_deny && a.rules.is_empty(), "{a:?}");
+    assert_eq!(warnings.len(), 1);
+    assert!(
+        warnings[0].contains("AuthorizationPolicy/shop/p") && warnings[0].contains("spec.rules[0]"),
+        "{warnings:?}"
+    );
+    assert!(warnings[0].contains("to[0].operation.methods") && warnings[0].contains("does not match"), "{warnings:?}");
+}
+
+#[test]
+fn deny_rule_with_http_attributes_matches_on_its_l4_part() {
+    let (a, warnings) =
+        translate("DENY", "[{from: [{source: {namespaces: [legacy]}}], to: [{operation: {paths: [/admin]}}]}]");
+    let a = a.unwrap();
+    assert!(!a.default_deny);
+    assert_eq!(a.rules.len(), 1);
+    assert!(a.rules[0].deny && a.rules[0].namespaces == ["legacy"], "{a:?}");
+    assert!(warnings[0].contains("matches without it"), "{warnings:?}");
+}
+
+#[test]
+fn sources_times_operations_with_when_anded_in() {
+    let rules = "[{from: [{source: {namespaces: [a, b]}}, {source: {ipBlocks: [192.0.2.0/24]}}], to: [{operation: {ports: ['80']}}, {operation: {ports: ['443']}}], when: [{key: source.namespace, values: [b, c]}]}]";
+    let (a, warnings) = translate("ALLOW", rules);
+    let a = a.unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    // 2 sources × 2 operations, each with the condition ANDed: namespaces {a,b} ∩ {b,c} = {b};
+    // the second source had no namespaces, so the condition's {b,c} applies as is.
+    assert_eq!(a.rules.len(), 4);
+    assert_eq!((a.rules[0].namespaces.clone(), a.rules[0].ports.clone()), (vec!["b".to_string()], vec![80]));
+    assert_eq!((a.rules[1].namespaces.clone(), a.rules[1].ports.clone()), (vec!["b".to_string()], vec![443]));
+    assert_eq!(
+        (a.rules[2].ip_blocks.clone(), a.rules[2].namespaces.clone()),
+        (vec!["192.0.2.0/24".to_string()], vec!["b".to_string(), "c".to_string()])
+    );
+}
+
+#[test]
+fn principal_patterns_fail_closed_by_action() {
+    let rules = "[{from: [{source: {principals: ['cluster.local/ns/shop/sa/*']}}]}]";
+    let (allow, warnings) = translate("ALLOW", rules);
+    assert!(allow.unwrap().rules.is_empty(), "an ALLOW pattern the kernel cannot match allows nothing");
+    assert!(warnings[0].contains("ignored (fail closed)"), "{warnings:?}");
+    let (deny, warnings) = translate("DENY", rules);
+    assert_eq!(deny.unwrap().rules[0].principals, ["*"], "a DENY pattern widens to any identity");
+    assert!(warnings[0].contains("treated as \"*\""), "{warnings:?}");
+    let exact = "[{from: [{source: {principals: ['cluster.local/ns/shop/sa/web']}}, {source: {serviceAccounts: [web, other/x]}}]}]";
+    let exact = translate("ALLOW", exact).0.unwrap();
+    assert_eq!(exact.rules[0].principals, ["shop/web"]);
+    assert_eq!(exact.rules[1].principals, ["other/x", "shop/web"]);
+}
+
+#[test]
+fn destination_ip_is_decided_for_the_workload() {
+    let (other, _) = translate("ALLOW", "[{when: [{key: destination.ip, values: [127.0.7.0/24]}]}]");
+    assert!(other.unwrap().rules.is_empty(), "the condition can never hold for 127.0.6.1");
+    let (mine, _) = translate("ALLOW", "[{when: [{key: destination.ip, values: [127.0.6.0/24]}]}]");
+    assert_eq!(mine.unwrap().rules.len(), 1);
+}
+
+#[test]
+fn no_policy_means_nothing_to_enforce() {
+    let (objects, _) = parse_documents("test.yaml", POD);
+    let (snapshot, _) = Snapshot::build(objects);
+    let (node, _) = translate_node(&snapshot, "n");
+    assert!(node.workloads[0].authorization.is_none());
+    assert!(node.workloads[0].local, "a pod without nodeName belongs to every node");
+}
