@@ -106,6 +106,11 @@ struct AgentArgs {
     /// The local socket `sluice run` asks for workload cgroups.
     #[arg(long, default_value = sluice_dataplane::socket::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// The per-node proxy's IP: node-mode workloads' connects to services with L7 routing go
+    /// there, on the service's port (an Envoy from `sluice bootstrap` whose Sidecar binds
+    /// its egress listeners on this IP).
+    #[arg(long)]
+    node_proxy: Option<std::net::IpAddr>,
 }
 
 #[derive(Subcommand)]
@@ -214,6 +219,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 pin_dir: args.pin_dir,
                 metrics_addr: args.metrics_addr,
                 socket: args.socket,
+                node_proxy: args.node_proxy,
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(sluice_dataplane::agent::run(config))?;

@@ -19,6 +19,8 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 const REVIEWS: &str = "127.100.0.40";
+/// The per-node proxy's address (an Envoy configured by sluice, listening on services' ports).
+const NODE_PROXY: &str = "127.0.2.1";
 
 /// The test's cgroup (the agent attaches there), pin directory and scratch files.
 struct Sandbox {
@@ -52,7 +54,7 @@ fn agent(sandbox: &Sandbox, xds_port: u16, metrics_port: u16, log: &str) -> Proc
     Proc::spawn(
         "sluice agent",
         Command::new(SLUICE)
-            .args(["agent", "--node", "node-1", "--xds-addr"])
+            .args(["agent", "--node", "node-1", "--node-proxy", NODE_PROXY, "--xds-addr"])
             .arg(format!("127.0.0.1:{xds_port}"))
             .args([
                 "--cgroup".as_ref(),
@@ -123,7 +125,15 @@ impl KernelMesh {
             .collect();
         let agent = agent(sandbox, xds_port, metrics_port, "agent.log");
         let served = eventually(Duration::from_secs(30), || dump(&sandbox.pin_dir).filter(|d| d.contains(expect)));
-        assert!(served.is_some(), "the agent never programmed {expect:?}; agent log:\n{}", log(sandbox, "agent.log"));
+        assert!(
+            served.is_some(),
+            "the agent never programmed {expect:?}; maps:\n{:?}\nagent log:\n{}\nserve log:\n{}",
+            Maps::open(&sandbox.pin_dir)
+                .map(|m| sluice_dataplane::dump::dump(&m).map_err(|e| e.to_string()))
+                .map_err(|e| e.to_string()),
+            log(sandbox, "agent.log"),
+            log(sandbox, "serve.log")
+        );
         KernelMesh { routes, xds_port, metrics_port, agent, _serve: serve, _backends: backends }
     }
 }
@@ -310,4 +320,79 @@ fn totals(dump: &str) -> (u64, u64) {
     let value =
         |key: &str| line.split(' ').find_map(|kv| kv.strip_prefix(key)).and_then(|v| v.parse().ok()).expect("count");
     (value("allowed="), value("denied="))
+}
+
+/// The node proxy (a Pod and a Sidecar binding its egress listener on NODE_PROXY, as productpage's
+/// captureMode NONE sidecar does) and two clients of reviews: `shell-node` in node mode and
+/// productpage in kernel mode.
+const NODE_MODE: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: node-proxy, namespace: default, labels: {app: node-proxy, sluice.io/dataplane: sidecar}}
+spec: {containers: [{name: envoy}]}
+status: {podIP: 127.0.2.1}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: node-proxy, namespace: default}
+spec:
+  workloadSelector: {labels: {app: node-proxy}}
+  egress:
+  - port: {number: 9080, protocol: HTTP, name: http}
+    bind: 127.0.2.1
+    captureMode: NONE
+    hosts: ["./*"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: shell-node, namespace: default, labels: {app: shell, sluice.io/dataplane: node}}
+spec: {containers: [{name: shell}], serviceAccountName: shell}
+status: {podIP: 127.0.1.50}
+"#;
+
+#[test]
+fn node_mode_goes_through_the_node_proxy_for_l7_routes() {
+    assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sandbox = Sandbox::new("node");
+    let jason =
+        std::fs::read_to_string(common::root().join("examples/bookinfo-variants/jason-v2/virtual-service.yaml"))
+            .unwrap();
+    let files = [("reviews.yaml", jason), ("node-mode.yaml", NODE_MODE.to_string())];
+    let mesh = KernelMesh::start(&sandbox, &files, "node proxy: 127.0.2.1");
+    let bootstrap = Command::new(SLUICE)
+        .args(["bootstrap", "--proxy", "sidecar~127.0.2.1~node-proxy.default~default.svc.cluster.local", "--xds-addr"])
+        .arg(format!("127.0.0.1:{}", mesh.xds_port))
+        .args(["--admin-port", &free_port().to_string()])
+        .output()
+        .unwrap();
+    assert!(bootstrap.status.success(), "{bootstrap:?}");
+    let file = sandbox.dir.path().join("node-proxy.json");
+    std::fs::write(&file, &bootstrap.stdout).unwrap();
+    let _envoy = Proc::spawn(
+        "node proxy",
+        Command::new(sluice_testkit::envoy_bin()).arg("-c").arg(&file).args([
+            "--use-dynamic-base-id",
+            "--log-level",
+            "warn",
+        ]),
+        &sandbox.dir.path().join("envoy.log"),
+    );
+    let listening = eventually(Duration::from_secs(30), || std::net::TcpStream::connect((NODE_PROXY, 9080)).ok());
+    assert!(listening.is_some(), "the node proxy never listened: {}", log(&sandbox, "envoy.log"));
+
+    // jason's header reaches reviews-v2 only through L7 routing: the node-mode client gets it
+    // (via the node proxy); the kernel-mode client is balanced at L4 by the catch-all route (v1).
+    let curl = "for i in 1 2 3 4 5; do curl -s -H 'end-user: jason' http://127.100.0.40:9080/; echo; done";
+    let via_proxy = lines(&run_as(&sandbox, "shell-node.default", &["sh", "-c", curl]).output().unwrap());
+    assert_eq!(via_proxy, vec!["reviews-v2"; 5], "node mode: {}", log(&sandbox, "envoy.log"));
+    let in_kernel = lines(&run_as(&sandbox, "productpage-v1.default", &["sh", "-c", curl]).output().unwrap());
+    assert_eq!(in_kernel, vec!["reviews-v1"; 5], "kernel mode");
+    // The node-mode application still sees the VIP as its peer.
+    let peer = lines(
+        &run_as(&sandbox, "shell-node.default", &["python3", "-c", CONNECT_LOOP_PY, REVIEWS, "9080", "1"])
+            .output()
+            .unwrap(),
+    );
+    assert!(peer[0].ends_with("127.100.0.40:9080"), "{peer:?}");
 }

@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     /// The local socket `sluice run` talks to.
     pub socket: PathBuf,
+    /// The node proxy's address: node-mode workloads' connects to services with L7 routing go
+    /// there (same port). None: no node proxy, node-mode workloads get kernel balancing only.
+    pub node_proxy: Option<std::net::IpAddr>,
 }
 
 struct Registered {
@@ -75,6 +78,11 @@ impl AgentState {
     pub fn start(config: &AgentConfig, metrics: Arc<AgentMetrics>) -> Result<Self> {
         ensure_bpffs()?;
         let dataplane = Dataplane::attach(&config.pin_dir, &config.cgroup)?;
+        let mut dataplane = dataplane;
+        match config.node_proxy {
+            Some(ip) => dataplane.maps.node_proxy.insert(0, crate::sync::addr(ip), 0).map_err(node_proxy_err)?,
+            None => crate::deleted(dataplane.maps.node_proxy.remove(&0), sluice_dataplane_common::maps::NODE_PROXY)?,
+        }
         let sync = MapSync::adopt(&dataplane.maps)?;
         let policy = PolicySync::adopt(&dataplane.maps)?;
         let workload_root = config.cgroup.join(WORKLOADS_DIR);
@@ -237,6 +245,10 @@ impl AgentState {
         self.metrics.workloads.set(self.registered.len() as i64);
         Ok(())
     }
+}
+
+fn node_proxy_err(source: aya::maps::MapError) -> crate::DataplaneError {
+    crate::DataplaneError::Map { map: sluice_dataplane_common::maps::NODE_PROXY, source }
 }
 
 fn map_err(source: aya::maps::MapError) -> crate::DataplaneError {

@@ -117,6 +117,10 @@ pub fn dump(maps: &Maps) -> Result<String> {
         }
     }
     writeln!(out, "authorization totals: allowed={allowed} denied={denied}").expect("string");
+    match maps.node_proxy.get(&0, 0) {
+        Ok(a) => writeln!(out, "node proxy: {}", show_addr(&a)).expect("string"),
+        Err(_) => writeln!(out, "node proxy: none").expect("string"),
+    }
     Ok(out)
 }
 

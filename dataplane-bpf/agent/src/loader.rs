@@ -89,6 +89,8 @@ pub struct Maps {
     pub policy_rules: HashMap<MapData, RuleKey, PolicyRule>,
     /// policy set id → per-CPU decisions.
     pub policy_counters: PerCpuHashMap<MapData, u32, PolicyCounters>,
+    /// 0 → the node proxy's address.
+    pub node_proxy: HashMap<MapData, u32, Addr>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -112,6 +114,7 @@ impl Maps {
             policy_sets: hash(pin_dir, maps::POLICY_SETS)?,
             policy_rules: hash(pin_dir, maps::POLICY_RULES)?,
             policy_counters: per_cpu(pin_dir, maps::POLICY_COUNTERS)?,
+            node_proxy: hash(pin_dir, maps::NODE_PROXY)?,
         })
     }
 }

@@ -33,6 +33,8 @@ pub mod maps {
     pub const POLICY_RULES: &str = "SLUICE_POLICY_RULES";
     /// policy set id → [`PolicyCounters`](super::PolicyCounters) (per CPU).
     pub const POLICY_COUNTERS: &str = "SLUICE_AUTHZ_COUNTERS";
+    /// 0 → the node proxy's address (absent: no node proxy on this node).
+    pub const NODE_PROXY: &str = "SLUICE_NODE_PROXY";
     /// UDP socket cookie → [`UdpAffinity`](super::UdpAffinity).
     pub const UDP_AFFINITY: &str = "SLUICE_UDP_AFFINITY";
 }
@@ -57,7 +59,8 @@ pub mod proto {
 
 /// [`ServiceValue::flags`] bits.
 pub mod service_flags {
-    /// The service has L7 routing the kernel cannot do; kernel-mode clients still get L4 balancing.
+    /// The service has L7 routing the kernel cannot do: kernel-mode clients still get L4
+    /// balancing; node-mode clients are redirected to the node proxy (when there is one).
     pub const NEEDS_L7: u32 = 1;
 }
 

@@ -3,7 +3,8 @@
 //! - `cgroup/connect4`, `cgroup/connect6`: for a process in a registered kernel-mode workload
 //!   cgroup, a connect() to a service VIP picks a backend slot at random (a backend's weight is
 //!   the number of slots it holds), rewrites the destination and remembers the VIP per socket.
-//!   No extra hop, no conntrack.
+//!   No extra hop, no conntrack. A node-mode workload's connects to a service with L7 routing
+//!   go to the node proxy instead (same port); its other connects are balanced like kernel mode.
 //! - `cgroup/getpeername4`, `cgroup/getpeername6`: the application sees the VIP it dialled.
 //! - `cgroup/sendmsg4`, `cgroup/sendmsg6`: the same for unconnected UDP, one backend per socket
 //!   and service; `cgroup/recvmsg4`, `cgroup/recvmsg6` show replies as coming from the VIP.
@@ -25,7 +26,7 @@ use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
 use sluice_dataplane_common::{
     Addr, Backend, Endpoint, MAX_BLOCKS, MAX_LIST, MAX_RULES, OriginalDst, PolicyCounters, PolicyRule, PolicySet,
     RuleKey, ServiceCounters, ServiceKey, ServiceValue, SlotKey, UdpAffinity, Workload, mode, proto, rule_flags,
-    v4_mapped,
+    service_flags, v4_mapped,
 };
 
 /// Allocate big maps on demand rather than up front.
@@ -53,6 +54,8 @@ static POLICY_SETS: HashMap<u32, PolicySet> = HashMap::pinned(65_536, BPF_F_NO_P
 static POLICY_RULES: HashMap<RuleKey, PolicyRule> = HashMap::pinned(1 << 18, BPF_F_NO_PREALLOC);
 #[map(name = "SLUICE_AUTHZ_COUNTERS")]
 static POLICY_COUNTERS: PerCpuHashMap<u32, PolicyCounters> = PerCpuHashMap::pinned(65_536, BPF_F_NO_PREALLOC);
+#[map(name = "SLUICE_NODE_PROXY")]
+static NODE_PROXY: HashMap<u32, Addr> = HashMap::pinned(1, 0);
 #[map(name = "SLUICE_UDP_AFFINITY")]
 static UDP_AFFINITY: LruHashMap<u64, UdpAffinity> = LruHashMap::pinned(262_144, 0);
 
@@ -108,13 +111,28 @@ fn count_decision(set: u32, allowed: bool) {
     }
 }
 
-/// The calling process's workload when the kernel balances for it.
-fn kernel_mode_caller() -> Option<Workload> {
+/// The calling process's workload when the kernel handles its outbound connections: kernel
+/// and node mode (a sidecar-mode workload's own Envoy does it).
+fn balanced_caller() -> Option<Workload> {
     // SAFETY: helper with no arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out at once.
     let w = *unsafe { WORKLOADS.get(cgroup) }?;
-    (w.mode == mode::KERNEL).then_some(w)
+    (w.mode == mode::KERNEL || w.mode == mode::NODE).then_some(w)
+}
+
+/// For a node-mode caller dialling a service with L7 routing: the node proxy's address (the
+/// proxy listens there on the service's port).
+fn node_proxy_for(caller: &Workload, key: &ServiceKey) -> Option<Addr> {
+    if caller.mode != mode::NODE {
+        return None;
+    }
+    // SAFETY: values are copied out at once.
+    let service: ServiceValue = *unsafe { SERVICES.get(key) }?;
+    if service.flags & service_flags::NEEDS_L7 == 0 {
+        return None;
+    }
+    unsafe { NODE_PROXY.get(0u32) }.copied()
 }
 
 /// The backend id and backend for a service key, or Err(()) when the service exists without
@@ -327,11 +345,15 @@ fn rewrite<const V6: bool>(sa: &mut bpf_sock_addr, addr: &Addr, port: u16) -> bo
 
 /// connect(): balance a service VIP, authorize, remember what was dialled.
 fn on_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
-    let Some(caller) = kernel_mode_caller() else { return PROCEED };
+    let Some(caller) = balanced_caller() else { return PROCEED };
     let sa = sock(ctx);
     let dialled = destination::<V6>(sa);
     let port = u16::from_be(sa.user_port as u16);
     let key = ServiceKey { addr: dialled, port, proto: protocol(sa), pad: 0 };
+    if let Some(proxy) = node_proxy_for(&caller, &key) {
+        remember(ctx, dialled, port, if V6 { 6 } else { 4 });
+        return if rewrite::<V6>(sock(ctx), &proxy, port) { PROCEED } else { REJECT };
+    }
     match pick(&key) {
         // Not a service: still a mesh destination whose policy applies.
         None => {
@@ -382,7 +404,7 @@ pub fn sluice_getpeername6(ctx: SockAddrContext) -> i32 {
 
 /// sendmsg() on an unconnected UDP socket: one backend per socket and service.
 fn on_sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
-    let Some(caller) = kernel_mode_caller() else { return PROCEED };
+    let Some(caller) = balanced_caller() else { return PROCEED };
     let sa = sock(ctx);
     let dialled = destination::<V6>(sa);
     let port = u16::from_be(sa.user_port as u16);
