@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
 use prost::Message;
+use sluice_dataplane_common::maps;
 use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane, SERVICE_TYPE, WORKLOAD_TYPE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -80,8 +81,12 @@ impl AgentState {
         let dataplane = Dataplane::attach(&config.pin_dir, &config.cgroup)?;
         let mut dataplane = dataplane;
         match config.node_proxy {
-            Some(ip) => dataplane.maps.node_proxy.insert(0, crate::sync::addr(ip), 0).map_err(node_proxy_err)?,
-            None => crate::deleted(dataplane.maps.node_proxy.remove(&0), sluice_dataplane_common::maps::NODE_PROXY)?,
+            Some(ip) => dataplane
+                .maps
+                .node_proxy
+                .insert(0, crate::sync::addr(ip), 0)
+                .map_err(crate::map_error(maps::NODE_PROXY))?,
+            None => crate::deleted(dataplane.maps.node_proxy.remove(&0), maps::NODE_PROXY)?,
         }
         let sync = MapSync::adopt(&dataplane.maps)?;
         let policy = PolicySync::adopt(&dataplane.maps)?;
@@ -191,9 +196,13 @@ impl AgentState {
                 let wanted = self.workloads.get(&r.workload).map(|(_, w)| workload_value(w));
                 let current = self.dataplane.maps.workloads.get(id, 0).ok();
                 match wanted {
-                    Some(v) if current != Some(v) => self.dataplane.maps.workloads.insert(id, v, 0).map_err(map_err)?,
+                    Some(v) if current != Some(v) => {
+                        self.dataplane.maps.workloads.insert(id, v, 0).map_err(crate::map_error(maps::WORKLOADS))?
+                    }
                     // Gone from the config: its processes are no longer a mesh workload.
-                    None if current.is_some() => self.dataplane.maps.workloads.remove(id).map_err(map_err)?,
+                    None if current.is_some() => {
+                        self.dataplane.maps.workloads.remove(id).map_err(crate::map_error(maps::WORKLOADS))?
+                    }
                     _ => {}
                 }
             }
@@ -219,7 +228,7 @@ impl AgentState {
         self.next_seq += 1;
         cgroup::create(&path)?;
         let id = cgroup::cgroup_id(&path)?;
-        self.dataplane.maps.workloads.insert(id, workload_value(w), 0).map_err(map_err)?;
+        self.dataplane.maps.workloads.insert(id, workload_value(w), 0).map_err(crate::map_error(maps::WORKLOADS))?;
         self.registered.insert(id, Registered { workload: key, path: path.clone(), since: Instant::now() });
         self.metrics.workloads.set(self.registered.len() as i64);
         Ok(path)
@@ -238,21 +247,13 @@ impl AgentState {
             .collect();
         for id in empty {
             let r = self.registered.remove(&id).expect("listed");
-            crate::deleted(self.dataplane.maps.workloads.remove(&id), sluice_dataplane_common::maps::WORKLOADS)?;
+            crate::deleted(self.dataplane.maps.workloads.remove(&id), maps::WORKLOADS)?;
             cgroup::remove(&r.path)?;
             tracing::info!(workload = %r.workload, cgroup = %r.path.display(), "workload exited");
         }
         self.metrics.workloads.set(self.registered.len() as i64);
         Ok(())
     }
-}
-
-fn node_proxy_err(source: aya::maps::MapError) -> crate::DataplaneError {
-    crate::DataplaneError::Map { map: sluice_dataplane_common::maps::NODE_PROXY, source }
-}
-
-fn map_err(source: aya::maps::MapError) -> crate::DataplaneError {
-    crate::DataplaneError::Map { map: sluice_dataplane_common::maps::WORKLOADS, source }
 }
 
 /// True while some process is in the cgroup or below it.

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use sluice_dataplane_common::{Addr, PolicyRule, RuleKey, mode, proto, rule_flags};
 
 use crate::loader::Maps;
-use crate::{DataplaneError, Result};
+use crate::Result;
 
 /// An address as text (IPv4-mapped shown as IPv4).
 pub fn show_addr(a: &Addr) -> String {
@@ -21,7 +21,7 @@ pub fn show_addr(a: &Addr) -> String {
 
 /// The readable dump.
 pub fn dump(maps: &Maps) -> Result<String> {
-    let e = |map: &'static str| move |source| DataplaneError::Map { map, source };
+    let e = crate::map_error;
     let mut out = String::new();
     let backends: BTreeMap<u32, _> =
         maps.backends.iter().collect::<std::result::Result<_, _>>().map_err(e("backends"))?;

@@ -66,12 +66,17 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataplaneError 
     move |source| DataplaneError::Io { what, source }
 }
 
+/// Wraps a map operation's error with the map's name.
+pub(crate) fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
 /// The result of deleting a map entry, with "already gone" counted as done: aya reports a
 /// delete of a missing key as the syscall's ENOENT.
 pub(crate) fn deleted(r: std::result::Result<(), aya::maps::MapError>, map: &'static str) -> Result<()> {
     match r {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DataplaneError::Map { map, source }),
+        Err(source) => Err(map_error(map)(source)),
     }
 }

@@ -14,7 +14,7 @@ use sluice_dataplane_common::{
     ServiceValue, SlotKey, Workload, maps,
 };
 
-use crate::{DataplaneError, Result, io};
+use crate::{DataplaneError, Result, io, map_error};
 
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
@@ -93,21 +93,17 @@ pub struct Maps {
     pub node_proxy: HashMap<MapData, u32, Addr>,
 }
 
-fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { map, source }
-}
-
 impl Maps {
     /// Opens the maps pinned in `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let data = |name: &'static str| MapData::from_pin(pin_dir.join(name)).map_err(map_err(name));
+        let data = |name: &'static str| MapData::from_pin(pin_dir.join(name)).map_err(map_error(name));
         Ok(Self {
             services: hash(pin_dir, maps::SERVICES)?,
             slots: hash(pin_dir, maps::SLOTS)?,
             backends: hash(pin_dir, maps::BACKENDS)?,
             workloads: hash(pin_dir, maps::WORKLOADS)?,
             original_dst: HashMap::try_from(Map::LruHashMap(data(maps::ORIGINAL_DST)?))
-                .map_err(map_err(maps::ORIGINAL_DST))?,
+                .map_err(map_error(maps::ORIGINAL_DST))?,
             counters: per_cpu(pin_dir, maps::SERVICE_COUNTERS)?,
             backend_counters: per_cpu(pin_dir, maps::BACKEND_COUNTERS)?,
             endpoints: hash(pin_dir, maps::ENDPOINTS)?,
@@ -120,13 +116,13 @@ impl Maps {
 }
 
 fn hash<K: Pod, V: Pod>(pin_dir: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>> {
-    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
-    HashMap::try_from(Map::HashMap(data)).map_err(map_err(name))
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(name))?;
+    HashMap::try_from(Map::HashMap(data)).map_err(map_error(name))
 }
 
 fn per_cpu<K: Pod, V: Pod>(pin_dir: &Path, name: &'static str) -> Result<PerCpuHashMap<MapData, K, V>> {
-    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
-    PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(map_err(name))
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(name))?;
+    PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(map_error(name))
 }
 
 /// The attached data plane.

@@ -17,7 +17,7 @@ use sluice_translator::dataplane::{KernelRule, KernelWorkload};
 
 use crate::loader::Maps;
 use crate::sync::{GRACE, addr};
-use crate::{DataplaneError, Result, deleted};
+use crate::{DataplaneError, Result, deleted, map_error};
 
 /// FNV-1a: stable ids for identities, namespaces and policy sets across agent restarts.
 pub fn stable_id(text: &str) -> u32 {
@@ -175,16 +175,12 @@ pub struct PolicySync {
     retired: Vec<Retired>,
 }
 
-fn merr(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { map, source }
-}
-
 impl PolicySync {
     /// Reads what an earlier agent left, so an unchanged policy is not rewritten.
     pub fn adopt(maps: &Maps) -> Result<Self> {
         let mut s = Self::default();
         for item in maps.policy_sets.iter() {
-            let (id, set) = item.map_err(merr("policy sets"))?;
+            let (id, set) = item.map_err(map_error("policy sets"))?;
             let mut rules = Vec::new();
             for i in 0..set.count {
                 match maps.policy_rules.get(&RuleKey { set: id, slot: set.base + i }, 0) {
@@ -195,7 +191,7 @@ impl PolicySync {
             s.sets.insert(id, (set, rules));
         }
         for item in maps.endpoints.iter() {
-            let (a, e) = item.map_err(merr("endpoints"))?;
+            let (a, e) = item.map_err(map_error("endpoints"))?;
             s.endpoints.insert(a, e);
         }
         Ok(s)
@@ -233,10 +229,10 @@ impl PolicySync {
             for (i, rule) in rules.iter().enumerate() {
                 maps.policy_rules
                     .insert(RuleKey { set: *id, slot: base + i as u32 }, *rule, 0)
-                    .map_err(merr("policy rules"))?;
+                    .map_err(map_error("policy rules"))?;
             }
             let set = PolicySet { base, count: rules.len() as u32, default_deny: u32::from(*default_deny), pad: 0 };
-            maps.policy_sets.insert(id, set, 0).map_err(merr("policy sets"))?;
+            maps.policy_sets.insert(id, set, 0).map_err(map_error("policy sets"))?;
             if let Some((old, _)) = current {
                 self.retired.push(Retired { since: now, set: *id, base: old.base, count: old.count });
             }
@@ -255,7 +251,7 @@ impl PolicySync {
         }
         for (a, e) in &endpoints {
             if self.endpoints.get(a) != Some(e) {
-                maps.endpoints.insert(a, *e, 0).map_err(merr("endpoints"))?;
+                maps.endpoints.insert(a, *e, 0).map_err(map_error("endpoints"))?;
             }
         }
         for a in self.endpoints.keys().filter(|a| !endpoints.contains_key(*a)) {

@@ -16,7 +16,7 @@ use sluice_dataplane_common::{Backend, MAX_SLOTS, ServiceKey, ServiceValue, Slot
 use sluice_translator::dataplane::{KernelService, NodeDataplane};
 
 use crate::loader::Maps;
-use crate::{DataplaneError, Result, deleted};
+use crate::{DataplaneError, Result, deleted, map_error};
 
 /// How long unreferenced entries stay before deletion.
 pub const GRACE: Duration = Duration::from_millis(200);
@@ -96,26 +96,22 @@ pub struct MapSync {
     pending: Vec<(Instant, Pending)>,
 }
 
-fn merr(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { map, source }
-}
-
 impl MapSync {
     /// Reads what an earlier agent left in the maps, so ids stay stable and nothing is flushed.
     pub fn adopt(maps: &Maps) -> Result<Self> {
         let mut s = Self::default();
         for item in maps.backends.iter() {
-            let (id, b) = item.map_err(merr("backends"))?;
+            let (id, b) = item.map_err(map_error("backends"))?;
             s.backends.insert(b, id);
             s.next_backend = s.next_backend.max(id + 1);
         }
         for item in maps.services.iter() {
-            let (k, v) = item.map_err(merr("services"))?;
+            let (k, v) = item.map_err(map_error("services"))?;
             s.services.insert(k, v);
             s.next_service = s.next_service.max(v.id + 1);
         }
         for item in maps.slots.iter() {
-            let (k, backend) = item.map_err(merr("slots"))?;
+            let (k, backend) = item.map_err(map_error("slots"))?;
             let list = s.slots.entry(k.service).or_default();
             if list.len() <= k.slot as usize {
                 list.resize(k.slot as usize + 1, u32::MAX);
@@ -167,7 +163,7 @@ impl MapSync {
                 if !self.backends.contains_key(b) {
                     let id = self.next_backend;
                     self.next_backend += 1;
-                    maps.backends.insert(id, *b, 0).map_err(merr("backends"))?;
+                    maps.backends.insert(id, *b, 0).map_err(map_error("backends"))?;
                     self.backends.insert(*b, id);
                     stats.backends_written += 1;
                 }
@@ -195,7 +191,9 @@ impl MapSync {
             }
             for (i, backend) in new_slots.iter().enumerate() {
                 if old_slots.get(i) != Some(backend) {
-                    maps.slots.insert(SlotKey { service: id, slot: i as u32 }, *backend, 0).map_err(merr("slots"))?;
+                    maps.slots
+                        .insert(SlotKey { service: id, slot: i as u32 }, *backend, 0)
+                        .map_err(map_error("slots"))?;
                 }
             }
             let value = ServiceValue {
@@ -204,7 +202,7 @@ impl MapSync {
                 flags,
                 revision: current.map_or(1, |c| c.revision.wrapping_add(1)),
             };
-            maps.services.insert(*key, value, 0).map_err(merr("services"))?;
+            maps.services.insert(*key, value, 0).map_err(map_error("services"))?;
             if old_slots.len() > new_slots.len() {
                 self.pending.push((
                     now,

@@ -365,13 +365,19 @@ fn on_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         }
         Some(Err(())) => REJECT,
         Some(Ok((_, b))) => {
-            if !caller_may_connect(&caller, &b.addr, b.port) {
-                return REJECT;
-            }
             remember(ctx, dialled, port, if V6 { 6 } else { 4 });
-            if rewrite::<V6>(sock(ctx), &b.addr, b.port) { PROCEED } else { REJECT }
+            forward::<V6>(ctx, &caller, &b)
         }
     }
+}
+
+/// Sends the caller's connection or datagram to `backend` if its policy allows the caller.
+#[inline(always)]
+fn forward<const V6: bool>(ctx: &SockAddrContext, caller: &Workload, backend: &Backend) -> i32 {
+    if !caller_may_connect(caller, &backend.addr, backend.port) {
+        return REJECT;
+    }
+    if rewrite::<V6>(sock(ctx), &backend.addr, backend.port) { PROCEED } else { REJECT }
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -423,10 +429,7 @@ fn on_sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
             }
         },
     };
-    if !caller_may_connect(&caller, &backend.addr, backend.port) {
-        return REJECT;
-    }
-    if rewrite::<V6>(sock(ctx), &backend.addr, backend.port) { PROCEED } else { REJECT }
+    forward::<V6>(ctx, &caller, &backend)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
