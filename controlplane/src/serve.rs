@@ -35,6 +35,7 @@ pub struct ServeOptions {
 
 struct Pipeline {
     config: Vec<PathBuf>,
+    files: Mutex<crate::file_source::FileCache>,
     store: Arc<Mutex<ConfigStore>>,
     generator: Arc<MeshGenerator>,
     xds: XdsServer,
@@ -44,7 +45,8 @@ struct Pipeline {
 impl Pipeline {
     /// Reloads the sources; on change, rebuilds and pushes. `seen` is when the change was noticed.
     fn reload(&self, seen: Instant) -> anyhow::Result<()> {
-        let (loaded, diagnostics) = crate::file_source::load(&self.config);
+        let (loaded, diagnostics) =
+            crate::file_source::load_cached(&self.config, &mut self.files.lock().expect("file cache lock"));
         let mut store = self.store.lock().expect("store lock");
         let rejected = diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
         for d in &diagnostics {
@@ -114,7 +116,8 @@ pub async fn serve(
         )
     };
 
-    let pipeline = Arc::new(Pipeline { config: options.config.clone(), store, generator, xds, metrics });
+    let pipeline =
+        Arc::new(Pipeline { config: options.config.clone(), files: Mutex::default(), store, generator, xds, metrics });
     // Watch before the first load so no change between the two is missed.
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let state_dir = options.state_dir.clone().map(|d| d.canonicalize().unwrap_or(d));

@@ -36,6 +36,20 @@ pub struct ConfigStore {
 
 const VERSION_KEY: &[u8] = b"version";
 
+/// An `io::Write` that feeds a hasher.
+struct HashWriter<'a>(&'a mut DefaultHasher);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn key(r: &ObjectRef) -> String {
     format!("{}/{}/{}", r.kind, r.namespace, r.name)
 }
@@ -96,7 +110,8 @@ impl ConfigStore {
         let mut h = DefaultHasher::new();
         for (r, l) in &self.accepted {
             key(r).hash(&mut h);
-            l.raw.to_string().hash(&mut h);
+            // Streamed into the hasher: no string per object.
+            serde_json::to_writer(HashWriter(&mut h), &l.raw).expect("hashing never fails");
         }
         h.finish()
     }

@@ -161,6 +161,46 @@ pub struct Snapshot {
     pub authorization_policies: Vec<IstioObject<AuthorizationPolicySpec>>,
     /// PeerAuthentications, ordered by namespace/name.
     pub peer_authentications: Vec<IstioObject<PeerAuthenticationSpec>>,
+    /// Positions in `virtual_services` by the hosts they name.
+    pub virtual_service_hosts: HostIndex,
+    /// Positions in `destination_rules` by their host.
+    pub destination_rule_hosts: HostIndex,
+}
+
+/// Positions of objects by the (resolved) hosts they name, so that finding the objects for one
+/// service does not scan them all: translation stays linear in the number of services.
+#[derive(Debug, Clone, Default)]
+pub struct HostIndex {
+    exact: std::collections::HashMap<String, Vec<usize>>,
+    wildcard: Vec<usize>,
+}
+
+impl HostIndex {
+    fn new(entries: impl Iterator<Item = (usize, String)>) -> Self {
+        let mut index = Self::default();
+        for (position, host) in entries {
+            if host.starts_with('*') {
+                index.wildcard.push(position);
+            } else {
+                index.exact.entry(host).or_default().push(position);
+            }
+        }
+        for list in index.exact.values_mut() {
+            list.dedup();
+        }
+        index.wildcard.dedup();
+        index
+    }
+
+    /// Positions, ascending, of the objects whose hosts may cover `hostname` (callers still
+    /// check the wildcard ones with [`host_matches`]).
+    pub fn candidates(&self, hostname: &str) -> Vec<usize> {
+        let mut out: Vec<usize> = self.exact.get(hostname).cloned().unwrap_or_default();
+        out.extend(&self.wildcard);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 /// Expands a short host name in `namespace` to its FQDN, as Istio does for hosts without dots.
@@ -276,8 +316,23 @@ impl Snapshot {
                 Object::PeerAuthentication(o) => snap.peer_authentications.push(o),
             }
         }
+        // Slices by (namespace, service name): one pass, not one per service.
+        let mut slices_of: BTreeMap<(String, String), Vec<&k8s_openapi::api::discovery::v1::EndpointSlice>> =
+            BTreeMap::new();
+        for slice in &slices {
+            let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) else {
+                continue;
+            };
+            let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            slices_of.entry((ns, service.clone())).or_default().push(slice);
+        }
         for (svc, reference, origin) in services {
-            if let Some(m) = snap.service_from_kubernetes(&svc, reference, origin, &slices, &workload_entries) {
+            let key = (
+                svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                svc.metadata.name.clone().unwrap_or_default(),
+            );
+            let own = slices_of.get(&key).map(Vec::as_slice).unwrap_or_default();
+            if let Some(m) = snap.service_from_kubernetes(&svc, reference, origin, own, &workload_entries) {
                 snap.add_service(m, &mut diagnostics);
             }
         }
@@ -286,8 +341,33 @@ impl Snapshot {
                 snap.add_service(m, &mut diagnostics);
             }
         }
+        snap.virtual_service_hosts = HostIndex::new(
+            snap.virtual_services
+                .iter()
+                .enumerate()
+                .flat_map(|(i, vs)| vs.spec.hosts.iter().map(move |h| (i, resolve_host(h, &vs.meta.namespace)))),
+        );
+        snap.destination_rule_hosts = HostIndex::new(
+            snap.destination_rules
+                .iter()
+                .enumerate()
+                .map(|(i, dr)| (i, resolve_host(&dr.spec.host, &dr.meta.namespace))),
+        );
         snap.analyze(&mut diagnostics);
         (snap, diagnostics)
+    }
+
+    /// VirtualServices, in namespace/name order, that may name `hostname`.
+    pub fn virtual_services_for_host(&self, hostname: &str) -> impl Iterator<Item = &IstioObject<VirtualServiceSpec>> {
+        self.virtual_service_hosts.candidates(hostname).into_iter().map(|i| &self.virtual_services[i])
+    }
+
+    /// DestinationRules, in namespace/name order, that may name `hostname`.
+    pub fn destination_rules_for_host(
+        &self,
+        hostname: &str,
+    ) -> impl Iterator<Item = &IstioObject<DestinationRuleSpec>> {
+        self.destination_rule_hosts.candidates(hostname).into_iter().map(|i| &self.destination_rules[i])
     }
 
     fn add_service(&mut self, service: MeshService, diagnostics: &mut Vec<Diagnostic>) {
@@ -325,7 +405,7 @@ impl Snapshot {
         svc: &k8s_openapi::api::core::v1::Service,
         source: ObjectRef,
         origin: String,
-        slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+        slices: &[&k8s_openapi::api::discovery::v1::EndpointSlice],
         workload_entries: &[IstioObject<WorkloadEntrySpec>],
     ) -> Option<MeshService> {
         let meta = Meta::from_object_meta(&svc.metadata, true);
@@ -354,11 +434,7 @@ impl Snapshot {
         addresses.retain(|a| a != "None" && !a.is_empty());
         let mut endpoints = Vec::new();
         for slice in slices {
-            let labels = slice.metadata.labels.clone().unwrap_or_default();
             let slice_ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            if labels.get("kubernetes.io/service-name") != Some(&meta.name) || slice_ns != meta.namespace {
-                continue;
-            }
             let slice_ports: BTreeMap<String, u32> = slice
                 .ports
                 .iter()
@@ -529,8 +605,7 @@ impl Snapshot {
 
     /// Subset names defined for `fqdn` by DestinationRules visible from `namespace`.
     pub fn subsets_for(&self, fqdn: &str, namespace: &str) -> BTreeSet<String> {
-        self.destination_rules
-            .iter()
+        self.destination_rules_for_host(fqdn)
             .filter(|dr| resolve_host(&dr.spec.host, &dr.meta.namespace) == fqdn)
             .filter(|dr| exported_to(&dr.spec.export_to, &dr.meta.namespace, namespace))
             .flat_map(|dr| dr.spec.subsets.iter().map(|s| s.name.clone()))

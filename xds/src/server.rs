@@ -116,6 +116,11 @@ pub(crate) type Registered = (Registration, watch::Receiver<Arc<Snapshot>>, Arc<
 impl Shared {
     /// Registers a stream for `node` with its first snapshot.
     pub fn register(self: &Arc<Self>, node: NodeInfo, protocol: &str) -> Result<Registered, Status> {
+        // Generate and insert under the streams lock: a refresh for a config set meanwhile
+        // then either sees this stream or ran before its snapshot was generated. Without it a
+        // stream generated from the old config but inserted after the refresh kept the old
+        // config until the next change.
+        let mut streams = self.streams.lock().expect("streams lock");
         let snapshot = self.generator.generate(&node, None).map_err(Status::failed_precondition)?;
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let status = Arc::new(Mutex::new(ProxyStatus {
@@ -126,10 +131,8 @@ impl Shared {
         }));
         let (tx, rx) = watch::channel(Arc::new(snapshot));
         self.observer.connected(&node);
-        self.streams
-            .lock()
-            .expect("streams lock")
-            .insert(id, StreamEntry { node, snapshot: tx, status: status.clone() });
+        streams.insert(id, StreamEntry { node, snapshot: tx, status: status.clone() });
+        drop(streams);
         Ok((Registration { shared: self.clone(), id }, rx, status))
     }
 }

@@ -14,6 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::agent::AgentState;
 use crate::{DataplaneError, Result};
 
+/// Largest response the agent accepts, as the server's sending limit.
+const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
 /// The resource types an agent subscribes to, in the order it subscribes.
 pub const TYPES: [&str; 2] = [SERVICE_TYPE, WORKLOAD_TYPE];
 
@@ -25,7 +28,10 @@ fn xds_err(what: &str) -> impl FnOnce(tonic::Status) -> DataplaneError + '_ {
 pub async fn stream(addr: &str, node: &str, state: &Arc<Mutex<AgentState>>) -> Result<u64> {
     let mut client = AggregatedDiscoveryServiceClient::connect(addr.to_string())
         .await
-        .map_err(|e| DataplaneError::Xds(format!("connecting to {addr}: {e}")))?;
+        .map_err(|e| DataplaneError::Xds(format!("connecting to {addr}: {e}")))?
+        // A first response carries every workload of the mesh (100,000 are ~15 MB); the server
+        // allows 256 MB.
+        .max_decoding_message_size(MAX_MESSAGE);
     let (tx, rx) = mpsc::channel(16);
     let node = Node { id: format!("{AGENT_NODE_PREFIX}{node}"), ..Default::default() };
     for type_url in TYPES {

@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use sluice_dataplane_common::{Addr, PolicyRule, RuleKey, mode, proto, rule_flags};
 
-use crate::loader::Maps;
 use crate::Result;
+use crate::loader::Maps;
 
 /// An address as text (IPv4-mapped shown as IPv4).
 pub fn show_addr(a: &Addr) -> String {

@@ -115,6 +115,12 @@ impl Maps {
     }
 }
 
+/// Opens one pinned map by path (for measurements such as the memory its fdinfo reports).
+pub fn open_pinned(path: &Path) -> Result<MapData> {
+    MapData::from_pin(path)
+        .map_err(|source| DataplaneError::Pin { path: path.display().to_string(), message: source.to_string() })
+}
+
 fn hash<K: Pod, V: Pod>(pin_dir: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>> {
     let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(name))?;
     HashMap::try_from(Map::HashMap(data)).map_err(map_error(name))

@@ -91,6 +91,15 @@ pub struct MapSync {
     services: BTreeMap<ServiceKey, ServiceValue>,
     slots: BTreeMap<u32, Vec<u32>>,
     backends: BTreeMap<Backend, u32>,
+    /// Backend by id (the reverse of `backends`).
+    backend_ids: BTreeMap<u32, Backend>,
+    /// How many slots point at each backend id.
+    refs: BTreeMap<u32, u32>,
+    /// Backend ids whose last slot went away since the last apply.
+    orphans: BTreeSet<u32>,
+    /// The last applied form of each service: an unchanged one costs a comparison, so one
+    /// changed endpoint does not recompute every service.
+    applied: BTreeMap<ServiceKey, KernelService>,
     next_service: u32,
     next_backend: u32,
     pending: Vec<(Instant, Pending)>,
@@ -103,6 +112,7 @@ impl MapSync {
         for item in maps.backends.iter() {
             let (id, b) = item.map_err(map_error("backends"))?;
             s.backends.insert(b, id);
+            s.backend_ids.insert(id, b);
             s.next_backend = s.next_backend.max(id + 1);
         }
         for item in maps.services.iter() {
@@ -130,6 +140,10 @@ impl MapSync {
             }
         }
         s.slots.retain(|_, list| !list.is_empty());
+        for id in s.slots.values().flatten() {
+            *s.refs.entry(*id).or_default() += 1;
+        }
+        s.orphans = s.backend_ids.keys().filter(|id| !s.refs.contains_key(id)).copied().collect();
         s.next_service = s.next_service.max(1);
         s.next_backend = s.next_backend.max(1);
         Ok(s)
@@ -138,9 +152,14 @@ impl MapSync {
     /// Makes the service maps equal `desired` (workloads are registered separately, by cgroup).
     pub fn apply(&mut self, maps: &mut Maps, desired: &NodeDataplane, now: Instant) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
+        let mut wanted_keys: BTreeSet<ServiceKey> = BTreeSet::new();
         let mut wanted: BTreeMap<ServiceKey, (&KernelService, Vec<Backend>, Vec<u32>)> = BTreeMap::new();
         for s in &desired.services {
             let key = service_key(s)?;
+            wanted_keys.insert(key);
+            if self.applied.get(&key) == Some(s) {
+                continue;
+            }
             let mut backends = Vec::new();
             let mut weights = Vec::new();
             for b in &s.backends {
@@ -165,6 +184,9 @@ impl MapSync {
                     self.next_backend += 1;
                     maps.backends.insert(id, *b, 0).map_err(map_error("backends"))?;
                     self.backends.insert(*b, id);
+                    self.backend_ids.insert(id, *b);
+                    // Referenced by the slots written next; collected if not.
+                    self.orphans.insert(id);
                     stats.backends_written += 1;
                 }
             }
@@ -184,6 +206,7 @@ impl MapSync {
                 |c| c.id,
             );
             let old_slots = self.slots.get(&id).cloned().unwrap_or_default();
+            self.applied.insert(*key, (*s).clone());
             if current.is_some_and(|c| c.slot_count as usize == new_slots.len() && c.flags == flags)
                 && old_slots == new_slots
             {
@@ -210,27 +233,49 @@ impl MapSync {
                 ));
             }
             self.services.insert(*key, value);
-            self.slots.insert(id, new_slots);
+            self.set_slots(id, new_slots);
             stats.services_written += 1;
         }
         // 4. Removed services: unpublish now, free their slots later.
-        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !wanted_keys.contains(k)).copied().collect();
         for key in gone {
             let value = self.services.remove(&key).expect("listed");
+            self.applied.remove(&key);
             deleted(maps.services.remove(&key), "services")?;
-            let count = self.slots.remove(&value.id).map_or(0, |s| s.len()) as u32;
+            let count = self.set_slots(value.id, Vec::new()).len() as u32;
             self.pending.push((now, Pending::Slots { service: value.id, from: 0, to: count }));
             self.pending.push((now, Pending::Counters(value.id)));
             stats.services_removed += 1;
         }
-        let referenced: BTreeSet<u32> = self.slots.values().flatten().copied().collect();
-        let unreferenced: Vec<(Backend, u32)> =
-            self.backends.iter().filter(|(_, id)| !referenced.contains(id)).map(|(b, id)| (*b, *id)).collect();
-        for (b, id) in unreferenced {
-            self.backends.remove(&b);
-            self.pending.push((now, Pending::Backend(id)));
+        for id in std::mem::take(&mut self.orphans) {
+            if self.refs.contains_key(&id) {
+                continue;
+            }
+            if let Some(b) = self.backend_ids.remove(&id) {
+                self.backends.remove(&b);
+                self.pending.push((now, Pending::Backend(id)));
+            }
         }
         Ok(stats)
+    }
+
+    /// Replaces a service's slot list, keeping the reference counts; returns the old list.
+    fn set_slots(&mut self, service: u32, new: Vec<u32>) -> Vec<u32> {
+        for id in &new {
+            *self.refs.entry(*id).or_default() += 1;
+        }
+        let old = if new.is_empty() { self.slots.remove(&service) } else { self.slots.insert(service, new) };
+        let old = old.unwrap_or_default();
+        for id in &old {
+            if let Some(n) = self.refs.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(id);
+                    self.orphans.insert(*id);
+                }
+            }
+        }
+        old
     }
 
     /// Deletes what became unreferenced at least [`GRACE`] before `now`. Returns how many
@@ -251,7 +296,7 @@ impl MapSync {
                     }
                 }
                 Pending::Backend(id) => {
-                    if !self.backends.values().any(|b| *b == id) {
+                    if !self.backend_ids.contains_key(&id) {
                         deleted(maps.backends.remove(&id), "backends")?;
                         n += 1;
                     }

@@ -182,8 +182,7 @@ fn subset_endpoints(
 ) -> Option<BTreeMap<String, String>> {
     let Some(name) = subset else { return Some(BTreeMap::new()) };
     snapshot
-        .destination_rules
-        .iter()
+        .destination_rules_for_host(&service.hostname)
         .filter(|dr| host_matches(&resolve_host(&dr.spec.host, &dr.meta.namespace), &service.hostname))
         .flat_map(|dr| dr.spec.subsets.iter())
         .find(|s| s.name == name)
@@ -198,7 +197,7 @@ fn routed_destinations(
     port: u32,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> (Vec<(Destination, u32)>, bool) {
-    let vs = snapshot.virtual_services.iter().find(|vs| {
+    let vs = snapshot.virtual_services_for_host(&service.hostname).find(|vs| {
         exported_to(&vs.spec.export_to, &vs.meta.namespace, &service.namespace)
             && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
             && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))

@@ -28,8 +28,7 @@ pub(super) fn destination_rule<'a>(
     let ns = &proxy.node.namespace;
     let candidates: Vec<_> = proxy
         .snapshot
-        .destination_rules
-        .iter()
+        .destination_rules_for_host(&service.hostname)
         .filter(|dr| exported_to(&dr.spec.export_to, &dr.meta.namespace, ns))
         .filter(|dr| {
             dr.spec

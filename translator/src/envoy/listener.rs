@@ -163,7 +163,7 @@ fn hcm(stat_prefix: &str, routes: Value, filters: Vec<Value>) -> Value {
 /// The tcp_proxy for `service` on `port`: the first TCP route of its VirtualService that applies
 /// to this proxy, else the service's default cluster.
 fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &str) -> Value {
-    let vs = proxy.snapshot.virtual_services.iter().find(|vs| {
+    let vs = proxy.snapshot.virtual_services_for_host(&service.hostname).find(|vs| {
         !vs.spec.tcp.is_empty()
             && exported_to(&vs.spec.export_to, &vs.meta.namespace, &proxy.node.namespace)
             && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))

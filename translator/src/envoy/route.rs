@@ -61,7 +61,7 @@ pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
 /// The VirtualService for `service` that this proxy uses: visible, bound to the mesh, and the
 /// first by namespace/name whose hosts cover the service.
 fn virtual_service_for<'a>(proxy: &Proxy<'a>, service: &MeshService) -> Option<&'a IstioObject<VirtualServiceSpec>> {
-    proxy.snapshot.virtual_services.iter().find(|vs| {
+    proxy.snapshot.virtual_services_for_host(&service.hostname).find(|vs| {
         exported_to(&vs.spec.export_to, &vs.meta.namespace, &proxy.node.namespace)
             && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
             && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))

@@ -1,0 +1,216 @@
+//! Control-plane convergence: N xDS clients (Delta ADS, each its own node id, subscribing to
+//! clusters, endpoints, listeners and routes and ACKing every response as Envoy does) in this
+//! process, against `sluice serve` in another, on a config of S services. Measures the time from
+//! a file write until every client has ACKed (i) a full push (a service added: every type
+//! changes) and (ii) an endpoint-only change, and sluice's RSS and CPU seconds per push.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use sluice_testkit::{Proc, free_port};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::mesh::{service_yaml, service_yaml_at};
+use crate::stats::{cpu_seconds, quantile, status_kb, summary};
+
+const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// Clients share one HTTP/2 connection per this many streams.
+const STREAMS_PER_CONNECTION: usize = 50;
+
+/// The highest version each client has ACKed per type, and when.
+type Acks = Arc<Mutex<Vec<HashMap<&'static str, (u64, Instant)>>>>;
+
+async fn client(channel: tonic::transport::Channel, id: usize, acks: Acks) -> anyhow::Result<()> {
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let node =
+        Node { id: format!("sidecar~127.0.3.1~client-{id}.bench~bench.svc.cluster.local"), ..Default::default() };
+    for type_url in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
+        let request = DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: type_url.into(),
+            resource_names_subscribe: vec!["*".into()],
+            ..Default::default()
+        };
+        tx.send(request).await?;
+    }
+    let mut responses = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    while let Some(r) = responses.message().await? {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await?;
+        let type_url = [CLUSTER, ENDPOINT, LISTENER, ROUTE].into_iter().find(|t| *t == r.type_url).unwrap_or(CLUSTER);
+        let version: u64 = r.system_version_info.parse().unwrap_or(0);
+        let mut a = acks.lock().expect("acks");
+        let entry = a[id].entry(type_url).or_insert((0, Instant::now()));
+        if version >= entry.0 {
+            *entry = (version, Instant::now());
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every client has ACKed `type_url` at a version above `above[client]`; returns
+/// each client's time from `since`.
+fn wait_all(
+    acks: &Acks,
+    type_url: &'static str,
+    above: &[u64],
+    since: Instant,
+    timeout: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    loop {
+        {
+            let a = acks.lock().expect("acks");
+            let done: Vec<Option<f64>> = a
+                .iter()
+                .zip(above)
+                .map(|(c, floor)| {
+                    c.get(type_url).filter(|(v, _)| v > floor).map(|(_, t)| t.duration_since(since).as_secs_f64())
+                })
+                .collect();
+            if done.iter().all(Option::is_some) {
+                return Ok(done.into_iter().flatten().collect());
+            }
+        }
+        anyhow::ensure!(since.elapsed() < timeout, "not every client ACKed {type_url} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn versions(acks: &Acks, type_url: &'static str) -> Vec<u64> {
+    acks.lock().expect("acks").iter().map(|c| c.get(type_url).map_or(0, |(v, _)| *v)).collect()
+}
+
+/// One (N, S) point: `pushes` full pushes and as many endpoint-only changes.
+fn point(sluice: &Path, clients: usize, services: usize, pushes: usize) -> anyhow::Result<String> {
+    let dir = std::env::temp_dir().join(format!("sluice-conv-{}-{clients}-{services}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("config"))?;
+    let mut rest = String::new();
+    for i in 1..services {
+        rest.push_str(&service_yaml(i, 2, 80));
+    }
+    std::fs::write(dir.join("config/mesh.yaml"), rest)?;
+    std::fs::write(dir.join("config/svc-0.yaml"), service_yaml(0, 2, 80))?;
+    let port = free_port();
+    let serve = Proc::spawn(
+        "sluice serve",
+        Command::new(sluice)
+            .args(["serve", "--debounce-ms", "0", "--config"])
+            .arg(dir.join("config"))
+            .arg("--xds-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--monitoring-addr")
+            .arg(format!("127.0.0.1:{}", free_port())),
+        &dir.join("serve.log"),
+    );
+    let pid = serve.child.id();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let acks: Acks = Arc::new(Mutex::new(vec![HashMap::new(); clients]));
+    let started = Instant::now();
+    let channels: Vec<tonic::transport::Channel> = runtime.block_on(async {
+        let mut out = Vec::new();
+        for _ in 0..clients.div_ceil(STREAMS_PER_CONNECTION) {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?;
+            let mut tries = 0;
+            let channel = loop {
+                match endpoint.connect().await {
+                    Ok(c) => break c,
+                    Err(e) if tries > 100 => return Err(anyhow::anyhow!("connecting to sluice: {e}")),
+                    Err(_) => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            out.push(channel);
+        }
+        Ok::<_, anyhow::Error>(out)
+    })?;
+    for id in 0..clients {
+        let (channel, acks) = (channels[id / STREAMS_PER_CONNECTION].clone(), acks.clone());
+        runtime.spawn(async move {
+            if let Err(e) = client(channel, id, acks).await {
+                eprintln!("client {id}: {e}");
+            }
+        });
+    }
+    let zeros = vec![0; clients];
+    let initial = wait_all(&acks, ROUTE, &zeros, started, Duration::from_secs(600))?;
+    wait_all(&acks, ENDPOINT, &zeros, started, Duration::from_secs(600))?;
+    let initial_max = initial.iter().copied().fold(0.0, f64::max);
+    let rss_synced = status_kb(pid, "VmRSS").unwrap_or(0);
+    let (mut full, mut eds) = (Vec::new(), Vec::new());
+    let mut cpu = Vec::new();
+    for p in 0..pushes {
+        // (i) A new service: clusters, endpoints, listeners' and routes' contents all change.
+        let before = (versions(&acks, CLUSTER), cpu_seconds(pid).unwrap_or(0.0));
+        let t = Instant::now();
+        std::fs::write(dir.join(format!("config/extra-{p}.yaml")), service_yaml(services + p, 2, 80))?;
+        let mut times = wait_all(&acks, CLUSTER, &before.0, t, Duration::from_secs(900))?;
+        times.sort_by(f64::total_cmp);
+        full.push(times);
+        std::thread::sleep(Duration::from_millis(200));
+        cpu.push(cpu_seconds(pid).unwrap_or(0.0) - before.1);
+        // (ii) One service's endpoints move: only EDS changes.
+        let before = versions(&acks, ENDPOINT);
+        let t = Instant::now();
+        std::fs::write(dir.join("config/svc-0.yaml"), service_yaml_at(0, 2, 80, 200_000 + 2 * p))?;
+        let mut times = wait_all(&acks, ENDPOINT, &before, t, Duration::from_secs(900))?;
+        times.sort_by(f64::total_cmp);
+        eds.push(times);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let hwm = status_kb(pid, "VmHWM").unwrap_or(0);
+    runtime.shutdown_background();
+    drop(serve);
+    let _ = std::fs::remove_dir_all(&dir);
+    let fmt = |pushes: &[Vec<f64>], q: f64| {
+        let (lo, mid, hi) = summary(&pushes.iter().map(|t| quantile(t, q) * 1e3).collect::<Vec<_>>());
+        format!("{lo:.0} / {mid:.0} / {hi:.0}")
+    };
+    let (clo, cmid, chi) = summary(&cpu);
+    Ok(format!(
+        "| {clients} | {services} | {:.0} | {} | {} | {} | {} | {:.0} / {:.0} | {clo:.2} / {cmid:.2} / {chi:.2} |",
+        initial_max * 1e3,
+        fmt(&full, 0.5),
+        fmt(&full, 0.99),
+        fmt(&eds, 0.5),
+        fmt(&eds, 0.99),
+        rss_synced as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    ))
+}
+
+/// Sweeps N × S.
+pub fn run(sluice: &Path, clients: &[usize], services: &[usize], pushes: usize) -> anyhow::Result<()> {
+    println!(
+        "Convergence: Delta ADS clients in the benchmark process, sluice serve in its own; {pushes} pushes per point."
+    );
+    println!(
+        "Times in ms from the file write until the client ACKed, over clients (p50, p99), min / median / max over pushes.\n"
+    );
+    println!(
+        "| clients | services | initial sync, all ACKed | full push p50 | full push p99 | endpoint-only p50 | endpoint-only p99 | sluice RSS synced / peak MB | sluice CPU s per full push |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for s in services {
+        for n in clients {
+            println!("{}", point(sluice, *n, *s, pushes)?);
+        }
+    }
+    Ok(())
+}
