@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use sluice_dataplane::loader::Dataplane;
 use sluice_dataplane::policy::workload_value;
 use sluice_dataplane::sync::MapSync;
-use sluice_testkit::{Proc, envoy_bin, run_ok};
+use sluice_testkit::{Proc, envoy_bin, read_http_request, run_ok};
 use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane, WeightedBackend};
 
 use crate::maps::Sandbox;
@@ -39,32 +39,8 @@ fn serve(conn: TcpStream) {
     let _ = conn.set_nodelay(true);
     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
     let mut writer = conn;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let (mut length, mut close) = (0usize, false);
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            if h == "\r\n" {
-                break;
-            }
-            let h = h.to_ascii_lowercase();
-            if let Some(v) = h.strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap_or(0);
-            }
-            close |= h.starts_with("connection:") && h.contains("close");
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
-        let mut out = head.into_bytes();
+    while let Some((body, close)) = read_http_request(&mut reader) {
+        let mut out = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
         out.extend_from_slice(&body);
         if writer.write_all(&out).is_err() || close {
             return;

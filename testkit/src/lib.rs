@@ -100,35 +100,39 @@ impl Drop for Backend {
     }
 }
 
+/// One HTTP/1.1 request read from `reader`: its body and whether it asked to close the
+/// connection; None at end of stream or on a malformed request.
+pub fn read_http_request(reader: &mut impl BufRead) -> Option<(Vec<u8>, bool)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let (mut length, mut close) = (0usize, false);
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        if h == "\r\n" {
+            break;
+        }
+        let h = h.to_ascii_lowercase();
+        if let Some(v) = h.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        close |= h.strip_prefix("connection:").is_some_and(|v| v.trim() == "close");
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some((body, close))
+}
+
 fn serve_conn(conn: TcpStream, name: &str) {
     conn.set_nonblocking(false).ok();
     conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
     let mut writer = conn;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let (mut length, mut close) = (0usize, false);
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            if h == "\r\n" {
-                break;
-            }
-            let h = h.to_ascii_lowercase();
-            if let Some(v) = h.strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap_or(0);
-            }
-            close |= h.strip_prefix("connection:").is_some_and(|v| v.trim() == "close");
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+    while let Some((_, close)) = read_http_request(&mut reader) {
         let reply = name.as_bytes();
         let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n", reply.len());
         if writer.write_all(head.as_bytes()).and_then(|_| writer.write_all(reply)).is_err() || close {

@@ -316,7 +316,12 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     }
     // A socket file left by a killed agent would make bind fail.
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))
+    let listener = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+    // Only root may ask for a workload cgroup: a workload's cgroup is its identity for policy.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("restricting {}", path.display())))?;
+    Ok(listener)
 }
 
 async fn serve_socket(listener: UnixListener, state: Arc<Mutex<AgentState>>) {
