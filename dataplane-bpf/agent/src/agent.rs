@@ -162,8 +162,25 @@ impl AgentState {
         }
         let previous =
             (std::mem::replace(&mut self.services, services), std::mem::replace(&mut self.workloads, workloads));
-        self.received.insert(type_url.to_string());
-        match self.reconcile() {
+        // After the first service response, a response carries only what changed: write just
+        // that. The first one reconciles everything (an earlier agent's maps may hold more).
+        let outcome = if type_url == SERVICE_TYPE && self.received.contains(SERVICE_TYPE) {
+            let upserts: Vec<KernelService> =
+                response.resources.iter().filter_map(|r| self.services.get(&r.name)).map(|(_, s)| s.clone()).collect();
+            let removed = response
+                .removed_resources
+                .iter()
+                .filter_map(|name| previous.0.get(name))
+                .map(|(_, s)| crate::sync::service_key(s))
+                .collect::<Result<Vec<_>>>();
+            removed.and_then(|removed| {
+                self.sync.apply_changes(&mut self.dataplane.maps, &upserts, &removed, Instant::now())
+            })
+        } else {
+            self.received.insert(type_url.to_string());
+            self.reconcile()
+        };
+        match outcome {
             Ok(stats) => {
                 self.metrics.applied(type_url, started.elapsed());
                 self.metrics.services.set(self.services.len() as i64);

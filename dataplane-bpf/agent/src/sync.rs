@@ -151,12 +151,28 @@ impl MapSync {
 
     /// Makes the service maps equal `desired` (workloads are registered separately, by cgroup).
     pub fn apply(&mut self, maps: &mut Maps, desired: &NodeDataplane, now: Instant) -> Result<ApplyStats> {
-        let mut stats = ApplyStats::default();
-        let mut wanted_keys: BTreeSet<ServiceKey> = BTreeSet::new();
-        let mut wanted: BTreeMap<ServiceKey, (&KernelService, Vec<Backend>, Vec<u32>)> = BTreeMap::new();
+        let mut keys: BTreeSet<ServiceKey> = BTreeSet::new();
         for s in &desired.services {
+            keys.insert(service_key(s)?);
+        }
+        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !keys.contains(k)).copied().collect();
+        self.apply_changes(maps, &desired.services, &gone, now)
+    }
+
+    /// Writes `upserts` (new or changed services; unchanged ones cost a comparison) and removes
+    /// `removed`, leaving every other service alone: what one change costs does not grow with
+    /// the mesh. The agent calls it with the services of one Delta response.
+    pub fn apply_changes(
+        &mut self,
+        maps: &mut Maps,
+        upserts: &[KernelService],
+        removed: &[ServiceKey],
+        now: Instant,
+    ) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        let mut wanted: BTreeMap<ServiceKey, (&KernelService, Vec<Backend>, Vec<u32>)> = BTreeMap::new();
+        for s in upserts {
             let key = service_key(s)?;
-            wanted_keys.insert(key);
             if self.applied.get(&key) == Some(s) {
                 continue;
             }
@@ -237,11 +253,10 @@ impl MapSync {
             stats.services_written += 1;
         }
         // 4. Removed services: unpublish now, free their slots later.
-        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !wanted_keys.contains(k)).copied().collect();
-        for key in gone {
-            let value = self.services.remove(&key).expect("listed");
-            self.applied.remove(&key);
-            deleted(maps.services.remove(&key), "services")?;
+        for key in removed {
+            let Some(value) = self.services.remove(key) else { continue };
+            self.applied.remove(key);
+            deleted(maps.services.remove(key), "services")?;
             let count = self.set_slots(value.id, Vec::new()).len() as u32;
             self.pending.push((now, Pending::Slots { service: value.id, from: 0, to: count }));
             self.pending.push((now, Pending::Counters(value.id)));
