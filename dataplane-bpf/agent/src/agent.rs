@@ -70,8 +70,22 @@ pub struct AgentState {
     pub metrics: Arc<AgentMetrics>,
 }
 
-fn decode<M: Message + Default>(type_url: &str, name: &str, bytes: &[u8]) -> std::result::Result<M, String> {
-    M::decode(bytes).map_err(|e| format!("{type_url} {name}: {e}"))
+/// The held resources of one type with a Delta response applied (new and changed ones
+/// decoded, removed ones dropped), or the NACK's message.
+fn updated<M: Message + Default + Clone>(
+    held: &BTreeMap<String, (String, M)>,
+    response: &DeltaDiscoveryResponse,
+) -> std::result::Result<BTreeMap<String, (String, M)>, String> {
+    let mut next = held.clone();
+    for r in &response.resources {
+        let bytes = r.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+        let value = M::decode(bytes).map_err(|e| format!("{} {}: {e}", response.type_url, r.name))?;
+        next.insert(r.name.clone(), (r.version.clone(), value));
+    }
+    for name in &response.removed_resources {
+        next.remove(name);
+    }
+    Ok(next)
 }
 
 impl AgentState {
@@ -143,42 +157,27 @@ impl AgentState {
     pub fn apply_response(&mut self, response: &DeltaDiscoveryResponse) -> std::result::Result<ApplyStats, String> {
         let started = Instant::now();
         let type_url = response.type_url.as_str();
-        let (mut services, mut workloads) = (self.services.clone(), self.workloads.clone());
-        for r in &response.resources {
-            let bytes = r.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
-            match type_url {
-                SERVICE_TYPE => {
-                    services.insert(r.name.clone(), (r.version.clone(), decode(type_url, &r.name, bytes)?));
+        let outcome = match type_url {
+            SERVICE_TYPE => {
+                let next = updated(&self.services, response)?;
+                let previous = std::mem::replace(&mut self.services, next);
+                let outcome = self.apply_services(response, &previous);
+                if outcome.is_err() {
+                    self.services = previous;
                 }
-                WORKLOAD_TYPE => {
-                    workloads.insert(r.name.clone(), (r.version.clone(), decode(type_url, &r.name, bytes)?));
-                }
-                other => return Err(format!("unexpected resource type {other}")),
+                outcome
             }
-        }
-        for name in &response.removed_resources {
-            services.remove(name);
-            workloads.remove(name);
-        }
-        let previous =
-            (std::mem::replace(&mut self.services, services), std::mem::replace(&mut self.workloads, workloads));
-        // After the first service response, a response carries only what changed: write just
-        // that. The first one reconciles everything (an earlier agent's maps may hold more).
-        let outcome = if type_url == SERVICE_TYPE && self.received.contains(SERVICE_TYPE) {
-            let upserts: Vec<KernelService> =
-                response.resources.iter().filter_map(|r| self.services.get(&r.name)).map(|(_, s)| s.clone()).collect();
-            let removed = response
-                .removed_resources
-                .iter()
-                .filter_map(|name| previous.0.get(name))
-                .map(|(_, s)| crate::sync::service_key(s))
-                .collect::<Result<Vec<_>>>();
-            removed.and_then(|removed| {
-                self.sync.apply_changes(&mut self.dataplane.maps, &upserts, &removed, Instant::now())
-            })
-        } else {
-            self.received.insert(type_url.to_string());
-            self.reconcile()
+            WORKLOAD_TYPE => {
+                let next = updated(&self.workloads, response)?;
+                let previous = std::mem::replace(&mut self.workloads, next);
+                self.received.insert(type_url.to_string());
+                let outcome = self.apply_workloads().map(|()| ApplyStats::default());
+                if outcome.is_err() {
+                    self.workloads = previous;
+                }
+                outcome
+            }
+            other => return Err(format!("unexpected resource type {other}")),
         };
         match outcome {
             Ok(stats) => {
@@ -187,44 +186,58 @@ impl AgentState {
                 Ok(stats)
             }
             Err(e) => {
-                (self.services, self.workloads) = previous;
                 self.metrics.rejected.inc();
                 Err(e.to_string())
             }
         }
     }
 
-    /// Writes the held resources into the maps: services (once received), then the workload
-    /// entries of registered cgroups (once workloads are received).
-    fn reconcile(&mut self) -> Result<ApplyStats> {
-        let mut stats = ApplyStats::default();
-        if self.received.contains(SERVICE_TYPE) {
+    /// Writes the services of a response. The first response of the type reconciles every
+    /// service (an earlier agent's maps may hold more); after it, a response carries only what
+    /// changed, and only that is written.
+    fn apply_services(
+        &mut self,
+        response: &DeltaDiscoveryResponse,
+        previous: &BTreeMap<String, (String, KernelService)>,
+    ) -> Result<ApplyStats> {
+        if self.received.insert(SERVICE_TYPE.to_string()) {
             let desired = NodeDataplane {
                 services: self.services.values().map(|(_, s)| s.clone()).collect(),
                 workloads: Vec::new(),
             };
-            stats = self.sync.apply(&mut self.dataplane.maps, &desired, Instant::now())?;
+            return self.sync.apply(&mut self.dataplane.maps, &desired, Instant::now());
         }
-        if self.received.contains(WORKLOAD_TYPE) {
-            // Policy sets before the workload entries that point at them.
-            let workloads: Vec<KernelWorkload> = self.workloads.values().map(|(_, w)| w.clone()).collect();
-            self.policy.apply(&mut self.dataplane.maps, &workloads, Instant::now())?;
-            for (id, r) in &self.registered {
-                let wanted = self.workloads.get(&r.workload).map(|(_, w)| workload_value(w));
-                let current = self.dataplane.maps.workloads.get(id, 0).ok();
-                match wanted {
-                    Some(v) if current != Some(v) => {
-                        self.dataplane.maps.workloads.insert(id, v, 0).map_err(crate::map_error(maps::WORKLOADS))?
-                    }
-                    // Gone from the config: its processes are no longer a mesh workload.
-                    None if current.is_some() => {
-                        self.dataplane.maps.workloads.remove(id).map_err(crate::map_error(maps::WORKLOADS))?
-                    }
-                    _ => {}
+        let upserts: Vec<KernelService> =
+            response.resources.iter().filter_map(|r| self.services.get(&r.name)).map(|(_, s)| s.clone()).collect();
+        let removed = response
+            .removed_resources
+            .iter()
+            .filter_map(|name| previous.get(name))
+            .map(|(_, s)| crate::sync::service_key(s))
+            .collect::<Result<Vec<_>>>()?;
+        self.sync.apply_changes(&mut self.dataplane.maps, &upserts, &removed, Instant::now())
+    }
+
+    /// Writes the policy sets and identities of the held workloads, then the workload entries of
+    /// registered cgroups (policy sets first: an entry must not point at a set not yet written).
+    fn apply_workloads(&mut self) -> Result<()> {
+        let workloads: Vec<KernelWorkload> = self.workloads.values().map(|(_, w)| w.clone()).collect();
+        self.policy.apply(&mut self.dataplane.maps, &workloads, Instant::now())?;
+        for (id, r) in &self.registered {
+            let wanted = self.workloads.get(&r.workload).map(|(_, w)| workload_value(w));
+            let current = self.dataplane.maps.workloads.get(id, 0).ok();
+            match wanted {
+                Some(v) if current != Some(v) => {
+                    self.dataplane.maps.workloads.insert(id, v, 0).map_err(crate::map_error(maps::WORKLOADS))?
                 }
+                // Gone from the config: its processes are no longer a mesh workload.
+                None if current.is_some() => {
+                    self.dataplane.maps.workloads.remove(id).map_err(crate::map_error(maps::WORKLOADS))?
+                }
+                _ => {}
             }
         }
-        Ok(stats)
+        Ok(())
     }
 
     /// Creates a cgroup for `workload` (`<name>.<namespace>`) known to the served config.
