@@ -13,7 +13,9 @@ use sluice_dataplane::sync::addr;
 use sluice_dataplane_common::{ServiceKey, SlotKey, proto};
 use sluice_testkit::{Proc, free_port};
 
-use crate::maps::{Sandbox, map_memory};
+use sluice_dataplane::sandbox::Sandbox;
+
+use crate::maps::map_memory;
 use crate::mesh::{pod_ip, service_yaml, service_yaml_at, vip};
 use crate::stats::{ms, status_kb};
 
@@ -41,7 +43,7 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::R
 
 /// Runs the measurement; `changes` endpoint moves.
 pub fn run(sluice: &Path, services: usize, per_service: usize, changes: usize) -> anyhow::Result<()> {
-    let sandbox = Sandbox::new("agent")?;
+    let sandbox = Sandbox::new("bench-agent")?;
     let dir = std::env::temp_dir().join(format!("sluice-bench-agent-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("config"))?;

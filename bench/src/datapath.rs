@@ -16,8 +16,8 @@ use sluice_dataplane::sync::MapSync;
 use sluice_testkit::{Proc, envoy_bin, read_http_request, run_ok};
 use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane, WeightedBackend};
 
-use crate::maps::Sandbox;
 use crate::stats::{quantile, summary};
+use sluice_dataplane::sandbox::Sandbox;
 
 const BACKEND: &str = "127.0.5.1:9000";
 const KERNEL_VIP: &str = "127.100.5.1:9000";
@@ -276,7 +276,7 @@ pub fn run(count: usize, rate: u32, runs: usize) -> anyhow::Result<()> {
     wait_listening(&ns.0, BACKEND)?;
 
     // (b) the kernel path: programs on a cgroup of ours, the client in a registered workload.
-    let sandbox = Sandbox::new("datapath")?;
+    let sandbox = Sandbox::new("bench-datapath")?;
     let client_cgroup = sandbox.cgroup.join("client");
     sluice_dataplane::cgroup::create(&client_cgroup)?;
     let mut dp = Dataplane::attach(&sandbox.pin_dir, &sandbox.cgroup)?;

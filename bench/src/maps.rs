@@ -2,10 +2,11 @@
 //! one endpoint change; then the map memory the kernel charges for them. Programs are attached
 //! to a cgroup of the benchmark's own and everything is removed at the end.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use sluice_dataplane::loader::{Dataplane, ensure_bpffs};
+use sluice_dataplane::loader::Dataplane;
+use sluice_dataplane::sandbox::Sandbox;
 use sluice_dataplane::sync::MapSync;
 use sluice_translator::dataplane::{NodeDataplane, translate_node};
 use sluice_translator::parse::parse_documents;
@@ -13,32 +14,6 @@ use sluice_translator::snapshot::Snapshot;
 
 use crate::mesh::mesh_yaml;
 use crate::stats::ms;
-
-/// The benchmark's cgroup and pins, removed on drop.
-pub struct Sandbox {
-    /// cgroup the programs attach to.
-    pub cgroup: PathBuf,
-    /// Pin directory.
-    pub pin_dir: PathBuf,
-}
-
-impl Sandbox {
-    /// Creates `<cgroup2>/sluice-bench-<tag>-<pid>`.
-    pub fn new(tag: &str) -> anyhow::Result<Self> {
-        ensure_bpffs()?;
-        let id = std::process::id();
-        let cgroup = sluice_dataplane::cgroup::cgroup2_mount()?.join(format!("sluice-bench-{tag}-{id}"));
-        sluice_dataplane::cgroup::create(&cgroup)?;
-        Ok(Self { cgroup, pin_dir: PathBuf::from(format!("/sys/fs/bpf/sluice-bench-{tag}-{id}")) })
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = Dataplane::remove(&self.pin_dir);
-        let _ = sluice_dataplane::cgroup::remove(&self.cgroup);
-    }
-}
 
 /// The agent's entries for the synthetic mesh.
 pub fn entries(services: usize, per_service: usize) -> anyhow::Result<NodeDataplane> {
@@ -78,7 +53,7 @@ pub fn run(services: usize, per_service: usize, runs: usize) -> anyhow::Result<(
     let (mut full, mut one) = (Vec::new(), Vec::new());
     let mut memory = 0;
     for _ in 0..runs {
-        let sandbox = Sandbox::new("maps")?;
+        let sandbox = Sandbox::new("bench-maps")?;
         let mut dp = Dataplane::attach(&sandbox.pin_dir, &sandbox.cgroup)?;
         let mut sync = MapSync::adopt(&dp.maps)?;
         let t = Instant::now();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use sluice_dataplane::loader::{Dataplane, Maps};
+use sluice_dataplane::loader::Maps;
 use std::sync::Mutex;
 
 use sluice_testkit::{Backend, CONNECT_LOOP_PY, NetnsPair, Proc, eventually, free_port, is_root, share};
@@ -24,29 +24,18 @@ const NODE_PROXY: &str = "127.0.2.1";
 
 /// The test's cgroup (the agent attaches there), pin directory and scratch files.
 struct Sandbox {
-    cgroup: PathBuf,
-    pin_dir: PathBuf,
+    kernel: sluice_dataplane::sandbox::Sandbox,
     dir: tempfile::TempDir,
 }
 
 impl Sandbox {
     fn new(tag: &str) -> Self {
-        let id = std::process::id();
-        let cgroup = sluice_dataplane::cgroup::cgroup2_mount().unwrap().join(format!("sluice-e2e-{tag}-{id}"));
-        sluice_dataplane::cgroup::create(&cgroup).unwrap();
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sluice-e2e-{tag}-{id}"));
-        Self { cgroup, pin_dir, dir: tempfile::tempdir().unwrap() }
+        let kernel = sluice_dataplane::sandbox::Sandbox::new(&format!("e2e-{tag}")).unwrap();
+        Self { kernel, dir: tempfile::tempdir().unwrap() }
     }
 
     fn socket(&self) -> PathBuf {
         self.dir.path().join("agent.sock")
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = Dataplane::remove(&self.pin_dir);
-        let _ = sluice_dataplane::cgroup::remove(&self.cgroup);
     }
 }
 
@@ -58,9 +47,9 @@ fn agent(sandbox: &Sandbox, xds_port: u16, metrics_port: u16, log: &str) -> Proc
             .arg(format!("127.0.0.1:{xds_port}"))
             .args([
                 "--cgroup".as_ref(),
-                sandbox.cgroup.as_os_str(),
+                sandbox.kernel.cgroup.as_os_str(),
                 "--pin-dir".as_ref(),
-                sandbox.pin_dir.as_os_str(),
+                sandbox.kernel.pin_dir.as_os_str(),
                 "--socket".as_ref(),
                 sandbox.socket().as_os_str(),
                 "--metrics-addr".as_ref(),
@@ -124,11 +113,12 @@ impl KernelMesh {
             .map(|v| Backend::start(&format!("reviews-v{v}"), format!("127.0.1.4{}:9080", v - 1).parse().unwrap()))
             .collect();
         let agent = agent(sandbox, xds_port, metrics_port, "agent.log");
-        let served = eventually(Duration::from_secs(30), || dump(&sandbox.pin_dir).filter(|d| d.contains(expect)));
+        let served =
+            eventually(Duration::from_secs(30), || dump(&sandbox.kernel.pin_dir).filter(|d| d.contains(expect)));
         assert!(
             served.is_some(),
             "the agent never programmed {expect:?}; maps:\n{:?}\nagent log:\n{}\nserve log:\n{}",
-            Maps::open(&sandbox.pin_dir)
+            Maps::open(&sandbox.kernel.pin_dir)
                 .map(|m| sluice_dataplane::dump::dump(&m).map_err(|e| e.to_string()))
                 .map_err(|e| e.to_string()),
             log(sandbox, "agent.log"),
@@ -163,13 +153,13 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     let sandbox = Sandbox::new("split");
     let mut mesh =
         KernelMesh::start(&sandbox, &[("reviews.yaml", variant("reviews-80-20"))], "127.0.1.40:9080 weight 4/5");
-    let dump_text = dump(&sandbox.pin_dir).unwrap();
+    let dump_text = dump(&sandbox.kernel.pin_dir).unwrap();
     // Every Bookinfo service is on the kernel path.
     for vip in ["127.100.0.10:9080/TCP", "127.100.0.20:9080/TCP", "127.100.0.30:9080/TCP", "127.100.0.40:9080/TCP"] {
         assert!(dump_text.contains(vip), "{vip} missing:\n{dump_text}");
     }
     // The CLI dump reads the same pinned maps.
-    let cli = Command::new(SLUICE).args(["agent", "dump", "--pin-dir"]).arg(&sandbox.pin_dir).output().unwrap();
+    let cli = Command::new(SLUICE).args(["agent", "dump", "--pin-dir"]).arg(&sandbox.kernel.pin_dir).output().unwrap();
     assert!(String::from_utf8_lossy(&cli.stdout).contains("-> 127.0.1.41:9080 weight 1/5"), "{cli:?}");
 
     // 1000 connects from productpage's workload: 80/20 within ±5 points; getpeername shows the VIP.
@@ -206,7 +196,7 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     let written = Instant::now();
     std::fs::write(mesh.routes.join("reviews.yaml"), variant("reviews-50-50")).unwrap();
     let updated = eventually(Duration::from_secs(10), || {
-        dump(&sandbox.pin_dir).filter(|d| d.contains("127.0.1.40:9080 weight 1/2")).map(|_| written.elapsed())
+        dump(&sandbox.kernel.pin_dir).filter(|d| d.contains("127.0.1.40:9080 weight 1/2")).map(|_| written.elapsed())
     });
     let updated =
         updated.unwrap_or_else(|| panic!("50/50 never reached the maps; agent log:\n{}", log(&sandbox, "agent.log")));
@@ -265,7 +255,7 @@ fn authorization_at_connect_and_for_sources_off_the_node() {
     let denied = lines(&run_client(&sandbox, "details-v1.default", 5, 0).output().unwrap());
     assert!(denied.iter().all(|l| l == "error 1"), "details must get EPERM: {denied:?}");
     eprintln!("5 denied connects (including the interpreter's start): {:?}", started.elapsed());
-    let d = dump(&sandbox.pin_dir).unwrap();
+    let d = dump(&sandbox.kernel.pin_dir).unwrap();
     assert_eq!(totals(&d), (20, 5), "{d}");
     let validate = Command::new(SLUICE)
         .args(["translate", "--proxy", "agent~node-1", "--config"])
@@ -309,7 +299,7 @@ fn authorization_at_connect_and_for_sources_off_the_node() {
     let dropped = from_b("9080", "1");
     assert_eq!(dropped, vec!["error None".to_string()], "the SYN must be dropped (connect times out)");
     // The SYN and its retransmissions were each denied.
-    let d = dump(&sandbox.pin_dir).unwrap();
+    let d = dump(&sandbox.kernel.pin_dir).unwrap();
     let (allowed, denied) = totals(&d);
     assert!(allowed == 20 && denied > 5, "{d}");
 }

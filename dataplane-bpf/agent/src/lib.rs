@@ -9,6 +9,7 @@ pub mod dump;
 pub mod loader;
 pub mod metrics;
 pub mod policy;
+pub mod sandbox;
 pub mod socket;
 pub mod sync;
 

@@ -6,7 +6,8 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
-use common::{Sandbox, python_in};
+use common::python_in;
+use sluice_dataplane::sandbox::Sandbox;
 
 use sluice_dataplane::cgroup;
 use sluice_dataplane::loader::Dataplane;
@@ -128,7 +129,7 @@ impl Drop for UdpEcho {
 #[test]
 fn connect_time_balancing_getpeername_and_modes() {
     assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
-    let sandbox = Sandbox::new("test");
+    let sandbox = Sandbox::new("test").unwrap();
     let root = sandbox.cgroup.clone();
     let pin_dir = sandbox.pin_dir.clone();
     let (client, outside, sidecar) = (root.join("client"), root.join("outside"), root.join("sidecar"));

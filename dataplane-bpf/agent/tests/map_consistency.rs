@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Sandbox, python_in};
+use common::python_in;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use sluice_dataplane::loader::{Dataplane, Maps};
 use sluice_dataplane::policy::workload_value;
+use sluice_dataplane::sandbox::Sandbox;
 use sluice_dataplane::sync::MapSync;
 use sluice_dataplane_common::SlotKey;
 use sluice_testkit::{Backend, CONNECT_LOOP_PY, is_root};
@@ -77,7 +78,7 @@ fn broken_chain(maps: &Maps) -> Option<String> {
 #[test]
 fn readers_never_see_a_slot_without_its_backend() {
     assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
-    let sandbox = Sandbox::new("consistency");
+    let sandbox = Sandbox::new("consistency").unwrap();
     let client = sandbox.cgroup.join("client");
     sluice_dataplane::cgroup::create(&client).unwrap();
     let _listeners: Vec<Backend> =

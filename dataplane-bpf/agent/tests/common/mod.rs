@@ -1,41 +1,12 @@
-//! Shared by the agent's root tests: a sandbox cgroup and pin directory removed on drop, and
-//! Python processes started inside a cgroup.
+//! Shared by the agent's root tests: Python processes started inside a cgroup.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use sluice_dataplane::cgroup;
-use sluice_dataplane::loader::{Dataplane, ensure_bpffs};
-
-/// The test's cgroup (programs attach there) and pin directory, removed on drop however the
-/// test ends.
-pub struct Sandbox {
-    /// Where programs and maps are pinned.
-    pub pin_dir: PathBuf,
-    /// The cgroup the programs attach to.
-    pub cgroup: PathBuf,
-}
-
-impl Sandbox {
-    /// Creates `<cgroup2>/sluice-<tag>-<pid>`; pins go to `/sys/fs/bpf/sluice-<tag>-<pid>`.
-    pub fn new(tag: &str) -> Sandbox {
-        ensure_bpffs().unwrap();
-        let id = std::process::id();
-        let cgroup = cgroup::cgroup2_mount().unwrap().join(format!("sluice-{tag}-{id}"));
-        cgroup::create(&cgroup).unwrap();
-        Sandbox { pin_dir: PathBuf::from(format!("/sys/fs/bpf/sluice-{tag}-{id}")), cgroup }
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = Dataplane::remove(&self.pin_dir);
-        let _ = cgroup::remove(&self.cgroup);
-    }
-}
 
 /// A child process killed on drop.
 pub struct Running {
