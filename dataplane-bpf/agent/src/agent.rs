@@ -200,12 +200,15 @@ impl AgentState {
         response: &DeltaDiscoveryResponse,
         previous: &BTreeMap<String, (String, KernelService)>,
     ) -> Result<ApplyStats> {
-        if self.received.insert(SERVICE_TYPE.to_string()) {
+        if !self.received.contains(SERVICE_TYPE) {
             let desired = NodeDataplane {
                 services: self.services.values().map(|(_, s)| s.clone()).collect(),
                 workloads: Vec::new(),
             };
-            return self.sync.apply(&mut self.dataplane.maps, &desired, Instant::now());
+            let stats = self.sync.apply(&mut self.dataplane.maps, &desired, Instant::now())?;
+            // Only a full reconcile that succeeded lets later responses be applied as deltas.
+            self.received.insert(SERVICE_TYPE.to_string());
+            return Ok(stats);
         }
         let upserts: Vec<KernelService> =
             response.resources.iter().filter_map(|r| self.services.get(&r.name)).map(|(_, s)| s.clone()).collect();
