@@ -2,11 +2,13 @@
 //! binary.
 
 pub mod bootstrap;
+pub mod crds;
 pub mod file_source;
 pub mod generator;
 pub mod metrics;
 pub mod monitoring;
 pub mod serve;
+pub mod status;
 pub mod store;
 
 use std::path::PathBuf;

@@ -76,6 +76,12 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Write the CustomResourceDefinitions for the Istio kinds sluice reads (one file each).
+    Crds {
+        /// Directory to write to (created if absent); without it, print them all.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Check config: print every rejected object and every warning; fail if any was rejected.
     Validate {
         /// Config files or directories; may repeat.
@@ -175,6 +181,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // exec only returns on failure; the command inherits this process's new cgroup.
             let err = std::process::Command::new(&command[0]).args(&command[1..]).exec();
             Err(anyhow::anyhow!("running {:?}: {err}", command[0]))
+        }
+        Command::Crds { out } => {
+            for (file, crd) in sluice_controlplane::crds::crds() {
+                let yaml = sluice_controlplane::crds::to_yaml(&crd);
+                match &out {
+                    Some(dir) => {
+                        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                        let path = dir.join(file);
+                        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                    }
+                    None => print!("---\n{yaml}"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Validate { config } => {
             let loaded = load_config(&config);

@@ -10,7 +10,7 @@ use super::virtual_service::HTTP_METHODS;
 use crate::diagnostic::Findings;
 
 /// AuthorizationPolicy `spec`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     /// Workloads the policy applies to; none means the namespace (or the mesh, in the root namespace).
@@ -34,7 +34,7 @@ pub struct AuthorizationPolicySpec {
 }
 
 /// Policy action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
     /// Allow matches; with any ALLOW policy present, deny the rest.
@@ -48,7 +48,7 @@ pub enum Action {
 }
 
 /// One rule: `from` AND `to` AND `when`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Rule {
     /// Sources, ORed.
@@ -63,7 +63,7 @@ pub struct Rule {
 }
 
 /// `from` entry.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct From {
     /// The source.
@@ -72,7 +72,7 @@ pub struct From {
 }
 
 /// `to` entry.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct To {
     /// The operation.
@@ -81,7 +81,7 @@ pub struct To {
 }
 
 /// Request source; fields ANDed, values ORed.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Source {
     /// Peer identities (`cluster.local/ns/<ns>/sa/<sa>`).
@@ -123,7 +123,7 @@ pub struct Source {
 }
 
 /// Request operation; fields ANDed, values ORed.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Operation {
     /// Host header values.
@@ -153,7 +153,7 @@ pub struct Operation {
 }
 
 /// `when` condition.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// Attribute name, e.g. `request.headers[x-token]`.
@@ -377,7 +377,7 @@ fn validate_wildcard(path: &str, v: &str, findings: &mut Findings) {
 }
 
 /// PeerAuthentication `spec`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerAuthenticationSpec {
     /// Workloads the policy applies to.
@@ -392,7 +392,7 @@ pub struct PeerAuthenticationSpec {
 }
 
 /// mTLS setting.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MutualTls {
     /// The mode.
@@ -401,7 +401,7 @@ pub struct MutualTls {
 }
 
 /// mTLS modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
     /// Inherit from the parent.

@@ -82,6 +82,17 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // As protobuf's JSON mapping writes a Duration: "1.5s".
+        schemars::json_schema!({"type": "string", "description": "A duration such as \"1.5s\" or \"100ms\"."})
+    }
+}
+
 impl Serialize for Duration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_proto_json())
@@ -89,7 +100,7 @@ impl Serialize for Duration {
 }
 
 /// Istio's `StringMatch`: exactly one of exact, prefix or regex.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StringMatch {
     /// Exact string.
@@ -146,7 +157,7 @@ pub fn validate_regex(path: &str, regex: &str, findings: &mut Findings) {
 }
 
 /// A label selector by exact labels (Istio's `WorkloadSelector`, field `labels`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {
     /// Labels a workload must carry, all of them.
@@ -155,7 +166,7 @@ pub struct WorkloadSelector {
 }
 
 /// `matchLabels`-style selector used by the security kinds.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     /// Labels a workload must carry, all of them.
@@ -169,7 +180,7 @@ pub fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<Strin
 }
 
 /// A percentage (0–100) as Istio's `Percent`.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 pub struct Percent {
     /// The value, 0.0–100.0.
     #[serde(default)]
@@ -184,7 +195,7 @@ pub fn validate_percent(path: &str, value: f64, findings: &mut Findings) {
 }
 
 /// A port reference: `port: {number: 9080}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 pub struct PortSelector {
     /// The port number.
     #[serde(default)]

@@ -8,7 +8,7 @@ use super::common::{Duration, PortSelector, WorkloadSelector, validate_export_to
 use crate::diagnostic::Findings;
 
 /// DestinationRule `spec`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DestinationRuleSpec {
     /// The service host the rule applies to.
@@ -29,7 +29,7 @@ pub struct DestinationRuleSpec {
 }
 
 /// A subset of a service's endpoints.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Subset {
     /// Subset name, used in cluster names.
@@ -44,7 +44,7 @@ pub struct Subset {
 }
 
 /// Load balancing, connection pool, outlier detection and TLS settings.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     /// Load balancer.
@@ -65,7 +65,7 @@ pub struct TrafficPolicy {
 }
 
 /// Per-port policy.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortTrafficPolicy {
     /// The port.
@@ -86,7 +86,7 @@ pub struct PortTrafficPolicy {
 }
 
 /// Load balancer settings: `simple` or `consistentHash`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerSettings {
     /// A standard algorithm.
@@ -104,7 +104,7 @@ pub struct LoadBalancerSettings {
 }
 
 /// Istio's simple load balancers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum SimpleLb {
     /// Envoy's default (LEAST_REQUEST in current Istio).
@@ -122,7 +122,7 @@ pub enum SimpleLb {
 }
 
 /// Consistent hashing.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsistentHashLb {
     /// Hash on a header.
@@ -149,7 +149,7 @@ pub struct ConsistentHashLb {
 }
 
 /// Hash cookie.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpCookie {
     /// Cookie name.
@@ -164,7 +164,7 @@ pub struct HttpCookie {
 }
 
 /// Ring hash.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RingHash {
     /// Minimum ring size.
@@ -173,7 +173,7 @@ pub struct RingHash {
 }
 
 /// Maglev.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Maglev {
     /// Table size (prime).
@@ -182,7 +182,7 @@ pub struct Maglev {
 }
 
 /// Connection pool limits.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPoolSettings {
     /// TCP limits.
@@ -194,7 +194,7 @@ pub struct ConnectionPoolSettings {
 }
 
 /// TCP limits.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpSettings {
     /// Max connections to the service.
@@ -215,7 +215,7 @@ pub struct TcpSettings {
 }
 
 /// TCP keepalive.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpKeepalive {
     /// Probes before giving up.
@@ -230,7 +230,7 @@ pub struct TcpKeepalive {
 }
 
 /// HTTP limits.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSettings {
     /// Max pending requests.
@@ -260,7 +260,7 @@ pub struct HttpSettings {
 }
 
 /// Outlier detection.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
     /// Deprecated: consecutive gateway errors.

@@ -79,28 +79,86 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, Kubernetes kinds first.
+    pub const ALL: [Kind; 11] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::ServiceEntry,
+        Kind::WorkloadEntry,
+        Kind::Sidecar,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+    ];
+
+    /// The `kind` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::Sidecar => "Sidecar",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+
+    /// The API group (empty for the core group).
+    pub fn group(&self) -> &'static str {
+        match self {
+            Kind::Service | Kind::Pod | Kind::Namespace => "",
+            Kind::EndpointSlice => "discovery.k8s.io",
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => "security.istio.io",
+            _ => "networking.istio.io",
+        }
+    }
+
+    /// The versions Istio/Kubernetes serve, newest (preferred) first.
+    pub fn versions(&self) -> &'static [&'static str] {
+        match self.group() {
+            "networking.istio.io" => &["v1", "v1beta1", "v1alpha3"],
+            "security.istio.io" => &["v1", "v1beta1"],
+            _ => &["v1"],
+        }
+    }
+
+    /// The resource name in API paths (`virtualservices`).
+    pub fn plural(&self) -> String {
+        match self {
+            Kind::AuthorizationPolicy => "authorizationpolicies".into(),
+            Kind::ServiceEntry => "serviceentries".into(),
+            Kind::WorkloadEntry => "workloadentries".into(),
+            _ => format!("{}s", self.name().to_ascii_lowercase()),
+        }
+    }
+
+    /// True for the Istio kinds (CustomResourceDefinitions).
+    pub fn is_istio(&self) -> bool {
+        self.group().ends_with(".istio.io")
+    }
+
     /// Resolves `apiVersion` and `kind`. `Ok(None)` for kinds sluice does not read; `Err` for a
     /// known kind at a version Istio/Kubernetes does not serve.
     pub fn resolve(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
         let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-        let (k, versions): (Kind, &[&str]) = match (group, kind) {
-            ("", "Service") => (Kind::Service, &["v1"]),
-            ("", "Pod") => (Kind::Pod, &["v1"]),
-            ("", "Namespace") => (Kind::Namespace, &["v1"]),
-            ("discovery.k8s.io", "EndpointSlice") => (Kind::EndpointSlice, &["v1"]),
-            ("networking.istio.io", "VirtualService") => (Kind::VirtualService, &["v1", "v1beta1", "v1alpha3"]),
-            ("networking.istio.io", "DestinationRule") => (Kind::DestinationRule, &["v1", "v1beta1", "v1alpha3"]),
-            ("networking.istio.io", "ServiceEntry") => (Kind::ServiceEntry, &["v1", "v1beta1", "v1alpha3"]),
-            ("networking.istio.io", "WorkloadEntry") => (Kind::WorkloadEntry, &["v1", "v1beta1", "v1alpha3"]),
-            ("networking.istio.io", "Sidecar") => (Kind::Sidecar, &["v1", "v1beta1", "v1alpha3"]),
-            ("security.istio.io", "AuthorizationPolicy") => (Kind::AuthorizationPolicy, &["v1", "v1beta1"]),
-            ("security.istio.io", "PeerAuthentication") => (Kind::PeerAuthentication, &["v1", "v1beta1"]),
-            _ => return Ok(None),
+        let Some(k) = Kind::ALL.into_iter().find(|k| k.name() == kind && k.group() == group) else {
+            return Ok(None);
         };
-        if versions.contains(&version) {
+        if k.versions().contains(&version) {
             Ok(Some(k))
         } else {
-            Err(format!("apiVersion {api_version:?} is not served for kind {kind}; use one of {}", versions.join(", ")))
+            Err(format!(
+                "apiVersion {api_version:?} is not served for kind {kind}; use one of {}",
+                k.versions().join(", ")
+            ))
         }
     }
 

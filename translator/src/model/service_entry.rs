@@ -8,7 +8,7 @@ use super::common::{Protocol, WorkloadSelector, validate_export_to, validate_hos
 use crate::diagnostic::Findings;
 
 /// ServiceEntry `spec`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntrySpec {
     /// Host names of the service.
@@ -41,7 +41,7 @@ pub struct ServiceEntrySpec {
 }
 
 /// A service port.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     /// Port number.
@@ -59,7 +59,7 @@ pub struct ServicePort {
 }
 
 /// ServiceEntry location.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Location {
     /// Outside the mesh.
@@ -69,7 +69,7 @@ pub enum Location {
 }
 
 /// ServiceEntry resolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Resolution {
     /// Forward to the original destination.
@@ -83,7 +83,7 @@ pub enum Resolution {
 }
 
 /// WorkloadEntry `spec` (also the inline endpoints of a ServiceEntry).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadEntrySpec {
     /// IP, host name or `unix://` path.

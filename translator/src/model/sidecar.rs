@@ -6,7 +6,7 @@ use super::common::{Protocol, WorkloadSelector, is_dns1123_label, validate_host,
 use crate::diagnostic::Findings;
 
 /// Sidecar `spec`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarSpec {
     /// Workloads this Sidecar applies to; none means the whole namespace.
@@ -24,7 +24,7 @@ pub struct SidecarSpec {
 }
 
 /// A listener port.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarPort {
     /// Port number.
@@ -49,7 +49,7 @@ impl SidecarPort {
 }
 
 /// How traffic reaches a listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum CaptureMode {
     /// As the proxy's interception mode.
@@ -61,7 +61,7 @@ pub enum CaptureMode {
 }
 
 /// Inbound listener.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressListener {
     /// Port.
@@ -85,7 +85,7 @@ pub struct IngressListener {
 }
 
 /// Outbound listener and host scoping.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressListener {
     /// Port; none means the catch-all scoping entry.
@@ -103,7 +103,7 @@ pub struct EgressListener {
 }
 
 /// Outbound traffic policy.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutboundTrafficPolicy {
     /// REGISTRY_ONLY or ALLOW_ANY.
@@ -112,7 +112,7 @@ pub struct OutboundTrafficPolicy {
 }
 
 /// Outbound traffic mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OutboundMode {
     /// Only known services.

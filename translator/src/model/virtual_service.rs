@@ -11,7 +11,7 @@ use super::common::{
 use crate::diagnostic::Findings;
 
 /// VirtualService `spec`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualServiceSpec {
     /// Hosts the routes apply to.
@@ -35,7 +35,7 @@ pub struct VirtualServiceSpec {
 }
 
 /// One HTTP route.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRoute {
     /// Route name, used in the Envoy route name.
@@ -86,7 +86,7 @@ pub struct HttpRoute {
 }
 
 /// Match conditions of an HTTP route; all fields must match.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpMatchRequest {
     /// Name, appended to the route name.
@@ -131,7 +131,7 @@ pub struct HttpMatchRequest {
 }
 
 /// A destination host, subset and port.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Destination {
     /// Service host (short names resolve in the VirtualService's namespace).
@@ -146,7 +146,7 @@ pub struct Destination {
 }
 
 /// A weighted HTTP destination.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteDestination {
     /// Where to send.
@@ -161,7 +161,7 @@ pub struct HttpRouteDestination {
 }
 
 /// Request and response header operations.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Headers {
     /// On the request.
@@ -173,7 +173,7 @@ pub struct Headers {
 }
 
 /// Set, add and remove header operations.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderOperations {
     /// Overwrite.
@@ -188,7 +188,7 @@ pub struct HeaderOperations {
 }
 
 /// HTTP redirect.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRedirect {
     /// Replacement path.
@@ -209,7 +209,7 @@ pub struct HttpRedirect {
 }
 
 /// Direct response.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpDirectResponse {
     /// Status code.
@@ -221,7 +221,7 @@ pub struct HttpDirectResponse {
 }
 
 /// Direct response body.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpBody {
     /// Text body.
@@ -233,7 +233,7 @@ pub struct HttpBody {
 }
 
 /// Rewrite before forwarding.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRewrite {
     /// Replaces the matched prefix (or the whole path).
@@ -248,7 +248,7 @@ pub struct HttpRewrite {
 }
 
 /// Regex path rewrite.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegexRewrite {
     /// The pattern.
@@ -260,7 +260,7 @@ pub struct RegexRewrite {
 }
 
 /// Retry policy.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRetry {
     /// Number of retries; 0 disables retries.
@@ -278,7 +278,7 @@ pub struct HttpRetry {
 }
 
 /// Fault injection.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpFaultInjection {
     /// Delay before forwarding.
@@ -290,7 +290,7 @@ pub struct HttpFaultInjection {
 }
 
 /// Fault delay.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FaultDelay {
     /// The delay.
@@ -305,7 +305,7 @@ pub struct FaultDelay {
 }
 
 /// Fault abort.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FaultAbort {
     /// HTTP status to answer with.
@@ -320,7 +320,7 @@ pub struct FaultAbort {
 }
 
 /// One mirror with its percentage.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpMirrorPolicy {
     /// Mirror destination.
@@ -332,7 +332,7 @@ pub struct HttpMirrorPolicy {
 }
 
 /// CORS policy.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CorsPolicy {
     /// Allowed origins.
@@ -356,7 +356,7 @@ pub struct CorsPolicy {
 }
 
 /// One TCP route.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpRoute {
     /// Match conditions, ORed.
@@ -368,7 +368,7 @@ pub struct TcpRoute {
 }
 
 /// L4 match conditions.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct L4MatchAttributes {
     /// Destination subnets.
@@ -389,7 +389,7 @@ pub struct L4MatchAttributes {
 }
 
 /// A weighted L4 destination.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteDestination {
     /// Where to send.
