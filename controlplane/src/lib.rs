@@ -5,6 +5,8 @@ pub mod bootstrap;
 pub mod crds;
 pub mod file_source;
 pub mod generator;
+pub mod kube_source;
+pub mod lease;
 pub mod metrics;
 pub mod monitoring;
 pub mod serve;

@@ -28,11 +28,31 @@ enum Command {
         #[arg(long)]
         proxy: String,
     },
-    /// Serve xDS to Envoy proxies from a config directory, watching it for changes.
+    /// Serve xDS to Envoy proxies from config files (watched for changes) and/or a Kubernetes API
+    /// server.
     Serve {
         /// Config files or directories; may repeat.
-        #[arg(long, required = true)]
+        #[arg(long, required_unless_present_any = ["kube", "kubeconfig"])]
         config: Vec<PathBuf>,
+        /// Read from the Kubernetes API server: $KUBECONFIG, ~/.kube/config or the in-cluster
+        /// service account.
+        #[arg(long)]
+        kube: bool,
+        /// Read from the Kubernetes API server of this kubeconfig file.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Watch only this namespace (Kubernetes source).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else sluice-system).
+        #[arg(long)]
+        lease_namespace: Option<String>,
+        /// This replica's identity in the Lease (default: $POD_NAME, else the host name).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Do not write status on Istio objects (and do not take part in leader election).
+        #[arg(long)]
+        no_status: bool,
         /// xDS (gRPC, plaintext) address.
         #[arg(long, default_value = "127.0.0.1:15010")]
         xds_addr: std::net::SocketAddr,
@@ -155,15 +175,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&dump)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { config, xds_addr, monitoring_addr, state_dir, debounce_ms } => {
+        Command::Serve {
+            config,
+            kube,
+            kubeconfig,
+            namespace,
+            lease_namespace,
+            identity,
+            no_status,
+            xds_addr,
+            monitoring_addr,
+            state_dir,
+            debounce_ms,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let kube = if kube || kubeconfig.is_some() {
+                let client = runtime.block_on(kube_client(kubeconfig.as_deref()))?;
+                let lease = (!no_status).then(|| {
+                    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+                    let namespace = lease_namespace.or_else(|| env("POD_NAMESPACE")).unwrap_or("sluice-system".into());
+                    let identity = identity.or_else(|| env("POD_NAME")).unwrap_or_else(host_name);
+                    sluice_controlplane::lease::LeaseConfig::new(&namespace, &identity)
+                });
+                Some(sluice_controlplane::serve::KubeServe {
+                    client,
+                    watch: sluice_controlplane::kube_source::WatchOptions { namespace },
+                    lease,
+                })
+            } else {
+                None
+            };
             let options = sluice_controlplane::serve::ServeOptions {
                 config,
+                kube,
                 xds_addr,
                 monitoring_addr,
                 state_dir,
                 debounce: std::time::Duration::from_millis(debounce_ms),
             };
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(sluice_controlplane::serve::serve(options, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -221,10 +270,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         None => {
             let node = match args.node {
                 Some(n) => n,
-                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .context("reading the host name")?
-                    .trim()
-                    .to_string(),
+                None => host_name(),
             };
             let cgroup = match args.cgroup {
                 Some(c) => c,
@@ -246,6 +292,27 @@ fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A Kubernetes client from `kubeconfig`, or inferred ($KUBECONFIG, ~/.kube/config, in-cluster).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("finding a Kubernetes config (kubeconfig or in-cluster)")?,
+    };
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "sluice".into())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,5 +1,6 @@
-//! `sluice serve`: the file source watched with notify, the store, the xDS server and the
-//! monitoring port, wired together.
+//! `sluice serve`: the sources (files watched with notify, and/or a Kubernetes API server), the
+//! store, the xDS server, the monitoring port and (with Kubernetes) status and leader election,
+//! wired together.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,20 +10,35 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use notify::{EventKind, RecursiveMode, Watcher};
+use sluice_translator::diagnostic::Diagnostic;
 use sluice_translator::diagnostic::Severity;
 use sluice_xds::server::XdsServer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::generator::{Current, MeshGenerator};
+use crate::kube_source::KubeCache;
 use crate::metrics::Metrics;
 use crate::monitoring::{Monitor, router};
 use crate::store::ConfigStore;
 
+/// The Kubernetes source's part of `sluice serve`.
+#[derive(Clone)]
+pub struct KubeServe {
+    /// The API client (from a kubeconfig, the in-cluster config, or a test's mock).
+    pub client: kube::Client,
+    /// What to watch.
+    pub watch: crate::kube_source::WatchOptions,
+    /// Leader election for status writes; without it, status is not written.
+    pub lease: Option<crate::lease::LeaseConfig>,
+}
+
 /// Options of `sluice serve`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
-    /// Config files and directories.
+    /// Config files and directories (may be empty with a Kubernetes source).
     pub config: Vec<PathBuf>,
+    /// The Kubernetes source.
+    pub kube: Option<KubeServe>,
     /// xDS gRPC address.
     pub xds_addr: SocketAddr,
     /// Monitoring HTTP address.
@@ -36,17 +52,36 @@ pub struct ServeOptions {
 struct Pipeline {
     config: Vec<PathBuf>,
     files: Mutex<crate::file_source::FileCache>,
+    kube: Option<Arc<Mutex<KubeCache>>>,
     store: Arc<Mutex<ConfigStore>>,
     generator: Arc<MeshGenerator>,
     xds: XdsServer,
     metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    /// The snapshot's cross-object diagnostics, for the status writer (which has each object's
+    /// own with the object).
+    findings: watch::Sender<Arc<Vec<Diagnostic>>>,
 }
 
 impl Pipeline {
     /// Reloads the sources; on change, rebuilds and pushes. `seen` is when the change was noticed.
     fn reload(&self, seen: Instant) -> anyhow::Result<()> {
-        let (loaded, diagnostics) =
-            crate::file_source::load_cached(&self.config, &mut self.files.lock().expect("file cache lock"));
+        let (mut loaded, mut diagnostics) = if self.config.is_empty() {
+            Default::default()
+        } else {
+            crate::file_source::load_cached(&self.config, &mut self.files.lock().expect("file cache lock"))
+        };
+        if let Some(kube) = &self.kube {
+            let kube = kube.lock().expect("kube cache lock");
+            if !kube.synced() {
+                // A load now would read as the deletion of every kind not listed yet.
+                tracing::debug!(waiting_for = ?kube.pending(), "waiting for the first list of every kind");
+                return Ok(());
+            }
+            let (l, d) = kube.load();
+            loaded.extend(l);
+            diagnostics.extend(d);
+        }
         let mut store = self.store.lock().expect("store lock");
         let rejected = diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
         for d in &diagnostics {
@@ -56,11 +91,16 @@ impl Pipeline {
             }
         }
         self.metrics.loaded(rejected);
-        if !store.apply(loaded, diagnostics)? {
+        let changed = store.apply(loaded, diagnostics)?;
+        self.ready.store(true, Ordering::Release);
+        if !changed {
             tracing::debug!("config unchanged");
+            // Status may still be due: an object rejected now leaves the config as it was.
+            self.findings.send_modify(|_| {});
             return Ok(());
         }
-        let (snapshot, _) = store.snapshot();
+        let (snapshot, findings) = store.snapshot();
+        self.findings.send_replace(Arc::new(findings));
         let version = store.version();
         let objects = store.len();
         drop(store);
@@ -116,10 +156,37 @@ pub async fn serve(
         )
     };
 
-    let pipeline =
-        Arc::new(Pipeline { config: options.config.clone(), files: Mutex::default(), store, generator, xds, metrics });
+    let (findings_tx, findings_rx) = watch::channel(Arc::new(Vec::new()));
+    let kube_cache = options.kube.as_ref().map(|_| Arc::new(Mutex::new(KubeCache::default())));
+    let pipeline = Arc::new(Pipeline {
+        config: options.config.clone(),
+        files: Mutex::default(),
+        kube: kube_cache.clone(),
+        store,
+        generator,
+        xds,
+        metrics,
+        ready: ready.clone(),
+        findings: findings_tx,
+    });
     // Watch before the first load so no change between the two is missed.
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut kube_tasks = Vec::new();
+    if let (Some(kube), Some(cache)) = (&options.kube, &kube_cache) {
+        kube_tasks =
+            crate::kube_source::spawn(kube.client.clone(), kube.watch.clone(), cache.clone(), events_tx.clone());
+        if let Some(lease) = &kube.lease {
+            let (leader_tx, leader_rx) = watch::channel(false);
+            let api = kube::Api::namespaced(kube.client.clone(), &lease.namespace);
+            kube_tasks.push(tokio::spawn(crate::lease::run(api, lease.clone(), leader_tx)));
+            kube_tasks.push(tokio::spawn(crate::status::run_writer(
+                kube.client.clone(),
+                cache.clone(),
+                findings_rx,
+                leader_rx,
+            )));
+        }
+    }
     let state_dir = options.state_dir.clone().map(|d| d.canonicalize().unwrap_or(d));
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
@@ -143,7 +210,6 @@ pub async fn serve(
         let p = pipeline.clone();
         tokio::task::spawn_blocking(move || p.reload(Instant::now())).await??;
     }
-    ready.store(true, Ordering::Release);
 
     let debounce = options.debounce;
     let reloader = {
@@ -169,6 +235,9 @@ pub async fn serve(
 
     shutdown.await;
     tracing::info!("shutting down");
+    for task in &kube_tasks {
+        task.abort();
+    }
     drop(watcher);
     let _ = stop_tx.send(true);
     let _ = reloader.await;

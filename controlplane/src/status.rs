@@ -2,10 +2,19 @@
 //! validationMessages, observedGeneration), so `kubectl get -o yaml` reads as it would under
 //! istiod, and writes validate against Istio's own CRDs as well as ours.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::Client;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_translator::diagnostic::{Diagnostic, Severity};
+use sluice_translator::model::Kind;
+use tokio::sync::watch;
+
+use crate::kube_source::{KubeCache, api_resource};
 
 /// The condition type sluice owns on every Istio object it reads.
 pub const CONDITION_TYPE: &str = "Accepted";
@@ -149,6 +158,90 @@ pub fn patch(current: &Value, want: &IstioStatus, now: &str) -> Option<Value> {
         "validationMessages": want.validation_messages,
         "observedGeneration": want.observed_generation,
     }}))
+}
+
+/// One status write: the object and the merge patch for its `status` subresource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusPatch {
+    /// Kind of the object.
+    pub kind: Kind,
+    /// Version it is written at.
+    pub version: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The merge patch.
+    pub patch: Value,
+}
+
+/// The writes that bring every Istio object's status in line with what reading it found: its
+/// own parse and validation (held with the object, so the two always agree) and the snapshot's
+/// cross-object `findings` of the config being served.
+pub fn pending(cache: &KubeCache, findings: &[Diagnostic], now: &str) -> Vec<StatusPatch> {
+    let mut by_object: std::collections::BTreeMap<_, Vec<&Diagnostic>> = Default::default();
+    for d in findings {
+        if let Some(r) = &d.object {
+            by_object.entry(r.clone()).or_default().push(d);
+        }
+    }
+    cache
+        .istio_objects()
+        .filter_map(|o| {
+            let mut found: Vec<&Diagnostic> = o.diagnostics.iter().collect();
+            found.extend(by_object.get(&o.reference).into_iter().flatten());
+            let want = desired(&found, o.generation);
+            patch(o.status, &want, now).map(|patch| StatusPatch {
+                kind: o.kind,
+                version: o.version.to_string(),
+                namespace: o.reference.namespace.clone(),
+                name: o.reference.name.clone(),
+                patch,
+            })
+        })
+        .collect()
+}
+
+/// RFC 3339 in seconds, as Kubernetes writes condition times.
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// While this replica leads, writes the status of every Istio object whose findings changed.
+/// Runs after each load (a new `findings` value: the snapshot's cross-object diagnostics) and
+/// every 30 s, which retries failed writes.
+pub async fn run_writer(
+    client: Client,
+    cache: Arc<Mutex<KubeCache>>,
+    mut findings: watch::Receiver<Arc<Vec<Diagnostic>>>,
+    mut leader: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = findings.changed() => if r.is_err() { return },
+            r = leader.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        if !*leader.borrow_and_update() {
+            continue;
+        }
+        let current = findings.borrow_and_update().clone();
+        let writes = pending(&cache.lock().expect("kube cache lock"), &current, &now());
+        for w in writes {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &w.namespace, &api_resource(w.kind, &w.version));
+            match api.patch_status(&w.name, &PatchParams::default(), &Patch::Merge(&w.patch)).await {
+                Ok(_) => {
+                    tracing::debug!(kind = w.kind.name(), namespace = %w.namespace, name = %w.name, "status written")
+                }
+                // Deleted meanwhile: nothing to report on.
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    tracing::warn!(kind = w.kind.name(), namespace = %w.namespace, name = %w.name, error = %e, "writing status failed")
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

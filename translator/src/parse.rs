@@ -32,6 +32,14 @@ pub fn parse_documents(origin: &str, text: &str) -> (Vec<Loaded>, Vec<Diagnostic
     (out.objects, out.diagnostics)
 }
 
+/// Parses one object already decoded to JSON (as an API server returns it), exactly as a YAML
+/// document of [`parse_documents`] would be.
+pub fn parse_value(origin: &str, value: Value) -> (Vec<Loaded>, Vec<Diagnostic>) {
+    let mut out = Parsed { origin, objects: Vec::new(), diagnostics: Vec::new() };
+    out.document(value, "object");
+    (out.objects, out.diagnostics)
+}
+
 struct Parsed<'a> {
     origin: &'a str,
     objects: Vec<Loaded>,

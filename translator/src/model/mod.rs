@@ -52,7 +52,7 @@ pub struct IstioObject<S> {
 }
 
 /// Every kind sluice understands.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     /// core/v1 Service.
     Service,

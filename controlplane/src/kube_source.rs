@@ -1,0 +1,336 @@
+//! The Kubernetes source: one kube-runtime watcher per kind (Services, EndpointSlices, Pods,
+//! Namespaces and the Istio kinds), kept as parsed objects that feed the same store as the file
+//! source. Only list/watch bookkeeping lives here; parsing, validation, the last-good rule and
+//! persistence are the shared path's.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde_json::Value;
+use sluice_translator::diagnostic::{Diagnostic, ObjectRef};
+use sluice_translator::model::{Kind, Loaded};
+use sluice_translator::parse::parse_value;
+use tokio::sync::mpsc;
+
+/// Where the diagnostics of objects read from the API server say they came from.
+pub const ORIGIN: &str = "kubernetes";
+
+/// How often a kind whose CRD is not installed is looked for again.
+const ABSENT_RECHECK: Duration = Duration::from_secs(30);
+
+/// What to watch.
+#[derive(Debug, Clone, Default)]
+pub struct WatchOptions {
+    /// Watch only this namespace (and only this Namespace object); every namespace when None.
+    pub namespace: Option<String>,
+}
+
+/// One object as last seen: its raw form (for status and generation) and its parse.
+struct Seen {
+    raw: Value,
+    loaded: Vec<Loaded>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+type Key = (String, String);
+
+#[derive(Default)]
+struct KindCache {
+    /// The version the kind is watched at.
+    version: String,
+    /// True once a first list completed (or the kind is known to be absent).
+    synced: bool,
+    objects: BTreeMap<Key, Seen>,
+    /// Objects of a list in progress: they replace `objects` when it completes, so a relist
+    /// (after a 410 Gone or a restarted watch) also removes what was deleted meanwhile.
+    relist: Option<BTreeMap<Key, Seen>>,
+}
+
+/// Every watched kind's objects.
+#[derive(Default)]
+pub struct KubeCache {
+    kinds: BTreeMap<Kind, KindCache>,
+}
+
+/// An Istio object as the status writer needs it.
+pub struct IstioObjectView<'a> {
+    /// The kind.
+    pub kind: Kind,
+    /// Kind, namespace and name.
+    pub reference: ObjectRef,
+    /// The version it was read at (and is written back at).
+    pub version: &'a str,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The current `status` (null when none).
+    pub status: &'a Value,
+    /// What parsing and validating it found.
+    pub diagnostics: &'a [Diagnostic],
+}
+
+/// The object as the translator reads it: `apiVersion` and `kind` set (list items lack them), and
+/// the fields that change without changing config left out, so a status write or a kubelet
+/// heartbeat does not push config to every proxy.
+fn normalize(kind: Kind, version: &str, object: &DynamicObject) -> (Value, Value) {
+    let mut raw = serde_json::to_value(object).expect("a DynamicObject serializes");
+    let api_version = if kind.group().is_empty() { version.to_string() } else { format!("{}/{version}", kind.group()) };
+    raw["apiVersion"] = api_version.into();
+    raw["kind"] = kind.name().into();
+    let mut config = raw.clone();
+    if let Some(meta) = config.get_mut("metadata").and_then(Value::as_object_mut) {
+        for volatile in ["resourceVersion", "managedFields", "uid", "creationTimestamp", "generation", "selfLink"] {
+            meta.remove(volatile);
+        }
+    }
+    if let Some(map) = config.as_object_mut() {
+        let status = map.remove("status");
+        // A Pod's addresses and phase are config; the rest of its status is not.
+        if kind == Kind::Pod
+            && let Some(Value::Object(mut status)) = status
+        {
+            status.retain(|k, _| matches!(k.as_str(), "podIP" | "podIPs" | "hostIP" | "phase"));
+            map.insert("status".into(), Value::Object(status));
+        }
+    }
+    (raw, config)
+}
+
+fn key_of(object: &DynamicObject) -> Key {
+    (object.metadata.namespace.clone().unwrap_or_default(), object.metadata.name.clone().unwrap_or_default())
+}
+
+fn seen(kind: Kind, version: &str, object: &DynamicObject) -> Seen {
+    let (raw, config) = normalize(kind, version, object);
+    let (loaded, diagnostics) = parse_value(ORIGIN, config);
+    Seen { raw, loaded, diagnostics }
+}
+
+impl KubeCache {
+    /// Records a watcher event for `kind` watched at `version`. True when the objects the store
+    /// sees changed.
+    pub fn apply(&mut self, kind: Kind, version: &str, event: Event<DynamicObject>) -> bool {
+        let cache = self.kinds.entry(kind).or_default();
+        cache.version = version.to_string();
+        match event {
+            Event::Init => {
+                cache.relist = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(o) => {
+                cache.relist.get_or_insert_default().insert(key_of(&o), seen(kind, version, &o));
+                false
+            }
+            Event::InitDone => {
+                cache.objects = cache.relist.take().unwrap_or_default();
+                cache.synced = true;
+                true
+            }
+            Event::Apply(o) => {
+                cache.objects.insert(key_of(&o), seen(kind, version, &o));
+                true
+            }
+            Event::Delete(o) => cache.objects.remove(&key_of(&o)).is_some(),
+        }
+    }
+
+    /// Records that `kind` is not served by the cluster (its CRD is not installed): it counts as
+    /// listed, with no objects. True when that removed objects.
+    pub fn absent(&mut self, kind: Kind) -> bool {
+        let cache = self.kinds.entry(kind).or_default();
+        let had = !cache.objects.is_empty();
+        cache.objects.clear();
+        cache.relist = None;
+        cache.synced = true;
+        had
+    }
+
+    /// True once every kind completed a first list: before that, a load would look like
+    /// deletions of everything not listed yet.
+    pub fn synced(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.kinds.get(k).is_some_and(|c| c.synced))
+    }
+
+    /// The kinds still waiting for their first list.
+    pub fn pending(&self) -> Vec<&'static str> {
+        Kind::ALL.iter().filter(|k| !self.kinds.get(k).is_some_and(|c| c.synced)).map(|k| k.name()).collect()
+    }
+
+    /// Every object's parse, as the store takes it.
+    pub fn load(&self) -> (Vec<Loaded>, Vec<Diagnostic>) {
+        let mut loaded = Vec::new();
+        let mut diagnostics = Vec::new();
+        for seen in self.kinds.values().flat_map(|c| c.objects.values()) {
+            loaded.extend(seen.loaded.iter().cloned());
+            diagnostics.extend(seen.diagnostics.iter().cloned());
+        }
+        (loaded, diagnostics)
+    }
+
+    /// The Istio objects, for the status writer.
+    pub fn istio_objects(&self) -> impl Iterator<Item = IstioObjectView<'_>> {
+        self.kinds.iter().filter(|(k, _)| k.is_istio()).flat_map(|(kind, cache)| {
+            cache.objects.iter().map(move |((namespace, name), seen)| IstioObjectView {
+                kind: *kind,
+                reference: ObjectRef::new(kind.name(), namespace, name),
+                version: &cache.version,
+                generation: seen.raw.pointer("/metadata/generation").and_then(Value::as_i64),
+                status: seen.raw.get("status").unwrap_or(&Value::Null),
+                diagnostics: &seen.diagnostics,
+            })
+        })
+    }
+}
+
+/// The resource of `kind` at `version`.
+pub fn api_resource(kind: Kind, version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(kind.group(), version, kind.name()), &kind.plural())
+}
+
+/// The version to watch `kind` at: the newest Istio version the cluster serves. None when the
+/// group is not served (Istio's CRDs are not installed).
+async fn served_version(client: &Client, kind: Kind) -> Result<Option<String>, kube::Error> {
+    if !kind.is_istio() {
+        return Ok(Some(kind.versions()[0].to_string()));
+    }
+    let request = http::Request::get(format!("/apis/{}", kind.group())).body(Vec::new()).expect("a valid request");
+    let group: k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroup = match client.request(request).await {
+        Ok(g) => g,
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(kind.versions().iter().find(|v| group.versions.iter().any(|s| s.version == **v)).map(|v| v.to_string()))
+}
+
+/// Starts one watcher task per kind; each change to the cache is signalled on `changed`.
+pub fn spawn(
+    client: Client,
+    options: WatchOptions,
+    cache: Arc<Mutex<KubeCache>>,
+    changed: mpsc::UnboundedSender<Instant>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    Kind::ALL
+        .into_iter()
+        .map(|kind| {
+            let (client, options, cache, changed) = (client.clone(), options.clone(), cache.clone(), changed.clone());
+            tokio::spawn(watch_kind(client, kind, options, cache, changed))
+        })
+        .collect()
+}
+
+async fn watch_kind(
+    client: Client,
+    kind: Kind,
+    options: WatchOptions,
+    cache: Arc<Mutex<KubeCache>>,
+    changed: mpsc::UnboundedSender<Instant>,
+) {
+    let mut retry = Duration::from_millis(500);
+    let signal = |did: bool| {
+        if did {
+            let _ = changed.send(Instant::now());
+        }
+    };
+    loop {
+        let version = match served_version(&client, kind).await {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                tracing::warn!(
+                    kind = kind.name(),
+                    group = kind.group(),
+                    "not served by the API server (CRDs not installed?); will look again"
+                );
+                signal(cache.lock().expect("kube cache lock").absent(kind));
+                tokio::time::sleep(ABSENT_RECHECK).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(kind = kind.name(), error = %e, "API discovery failed; retrying");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        retry = Duration::from_millis(500);
+        let resource = api_resource(kind, &version);
+        let mut config = watcher::Config::default();
+        let api: Api<DynamicObject> = match (&options.namespace, kind.namespaced()) {
+            (Some(ns), true) => Api::namespaced_with(client.clone(), ns, &resource),
+            (Some(ns), false) => {
+                config = config.fields(&format!("metadata.name={ns}"));
+                Api::all_with(client.clone(), &resource)
+            }
+            (None, _) => Api::all_with(client.clone(), &resource),
+        };
+        tracing::info!(kind = kind.name(), version = %version, "watching");
+        // The watcher relists on its own after a 410 Gone or a dropped watch, with backoff on errors.
+        let mut events = watcher::watcher(api, config).default_backoff().boxed();
+        while let Some(item) = events.next().await {
+            match item {
+                Ok(event) => signal(cache.lock().expect("kube cache lock").apply(kind, &version, event)),
+                Err(e) => tracing::warn!(kind = kind.name(), error = %e, "watch failed; retrying"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(json: Value) -> DynamicObject {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn vs(name: &str, host: &str) -> DynamicObject {
+        object(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": "7", "generation": 2},
+            "spec": {"hosts": [host], "http": [{"route": [{"destination": {"host": "a"}}]}]},
+            "status": {"conditions": []}
+        }))
+    }
+
+    #[test]
+    fn a_relist_replaces_the_objects_and_volatile_fields_are_not_config() {
+        let mut c = KubeCache::default();
+        let v = "v1";
+        assert!(!c.apply(Kind::VirtualService, v, Event::Init));
+        c.apply(Kind::VirtualService, v, Event::InitApply(vs("a", "a")));
+        c.apply(Kind::VirtualService, v, Event::InitApply(vs("b", "b")));
+        assert!(c.apply(Kind::VirtualService, v, Event::InitDone));
+        assert_eq!(c.load().0.len(), 2, "{:?}", c.load().1);
+        let raw = &c.load().0[0].raw;
+        assert_eq!(raw["apiVersion"], "networking.istio.io/v1", "list items get apiVersion and kind");
+        assert!(raw.get("status").is_none() && raw["metadata"].get("resourceVersion").is_none());
+        assert_eq!(c.istio_objects().next().unwrap().generation, Some(2));
+        // A relist without b (deleted while the watch was down) drops b.
+        c.apply(Kind::VirtualService, v, Event::Init);
+        c.apply(Kind::VirtualService, v, Event::InitApply(vs("a", "a")));
+        assert_eq!(c.load().0.len(), 2, "the old objects stay until the relist completes");
+        c.apply(Kind::VirtualService, v, Event::InitDone);
+        assert_eq!(c.load().0.len(), 1);
+        assert!(c.apply(Kind::VirtualService, v, Event::Delete(vs("a", "a"))));
+        assert!(!c.apply(Kind::VirtualService, v, Event::Delete(vs("a", "a"))), "a repeated delete changes nothing");
+        assert!(!c.synced(), "other kinds have not listed yet");
+        for k in Kind::ALL {
+            c.absent(k);
+        }
+        assert!(c.synced());
+    }
+
+    #[test]
+    fn an_invalid_object_is_reported_and_left_out() {
+        let mut c = KubeCache::default();
+        c.apply(Kind::VirtualService, "v1", Event::Apply(vs("bad", "a b")));
+        let (loaded, diagnostics) = c.load();
+        assert!(loaded.is_empty());
+        let d = &diagnostics[0];
+        assert_eq!(d.object, Some(ObjectRef::new("VirtualService", "default", "bad")));
+        assert!(d.path.starts_with("spec.hosts"), "{d}");
+    }
+}
