@@ -56,6 +56,18 @@ enum Command {
         /// xDS (gRPC, plaintext) address.
         #[arg(long, default_value = "127.0.0.1:15010")]
         xds_addr: std::net::SocketAddr,
+        /// Also serve xDS over TLS on this address (istiod's 15012); needs --tls-cert and --tls-key.
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        xds_tls_addr: Option<std::net::SocketAddr>,
+        /// PEM certificate chain for --xds-tls-addr.
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for --xds-tls-addr.
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// PEM CA bundle: clients of --xds-tls-addr must present a certificate it signed (mTLS).
+        #[arg(long)]
+        tls_client_ca: Option<PathBuf>,
         /// Monitoring address (/ready, /metrics, /debug/syncz, /debug/configz).
         #[arg(long, default_value = "127.0.0.1:15014")]
         monitoring_addr: std::net::SocketAddr,
@@ -184,10 +196,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             identity,
             no_status,
             xds_addr,
+            xds_tls_addr,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
             monitoring_addr,
             state_dir,
             debounce_ms,
         } => {
+            let xds_tls = match (xds_tls_addr, tls_cert, tls_key) {
+                (Some(addr), Some(cert), Some(key)) => {
+                    Some(sluice_controlplane::serve::XdsTls { addr, cert, key, client_ca: tls_client_ca })
+                }
+                _ => None,
+            };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let kube = if kube || kubeconfig.is_some() {
                 let client = runtime.block_on(kube_client(kubeconfig.as_deref()))?;
@@ -209,6 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config,
                 kube,
                 xds_addr,
+                xds_tls,
                 monitoring_addr,
                 state_dir,
                 debounce: std::time::Duration::from_millis(debounce_ms),

@@ -32,6 +32,34 @@ pub struct KubeServe {
     pub lease: Option<crate::lease::LeaseConfig>,
 }
 
+/// xDS over TLS (istiod's 15012): the server's certificate chain and key, and with a client CA,
+/// mutual TLS (clients must present a certificate that chains to it).
+#[derive(Debug, Clone)]
+pub struct XdsTls {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle that client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl XdsTls {
+    fn config(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).with_context(|| format!("reading the xDS TLS {what} {}", p.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?);
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca, "client CA")?));
+        }
+        Ok(config)
+    }
+}
+
 /// Options of `sluice serve`.
 #[derive(Clone)]
 pub struct ServeOptions {
@@ -41,6 +69,8 @@ pub struct ServeOptions {
     pub kube: Option<KubeServe>,
     /// xDS gRPC address.
     pub xds_addr: SocketAddr,
+    /// xDS over (mutual) TLS, in addition.
+    pub xds_tls: Option<XdsTls>,
     /// Monitoring HTTP address.
     pub monitoring_addr: SocketAddr,
     /// sled state directory.
@@ -147,6 +177,18 @@ pub async fn serve(
         let stop = wait(stop_rx.clone());
         tokio::spawn(async move { xds.serve(xds_listener, stop).await })
     };
+    let xds_tls_task = match &options.xds_tls {
+        Some(tls) => {
+            let config = tls.config()?;
+            let listener = tokio::net::TcpListener::bind(tls.addr)
+                .await
+                .with_context(|| format!("binding xDS TLS address {}", tls.addr))?;
+            tracing::info!(xds_tls = %listener.local_addr()?, mutual = tls.client_ca.is_some(), "listening");
+            let (xds, stop) = (xds.clone(), wait(stop_rx.clone()));
+            Some(tokio::spawn(async move { xds.serve_tls(listener, config, stop).await }))
+        }
+        None => None,
+    };
     let monitor =
         Arc::new(Monitor { metrics: metrics.clone(), xds: xds.clone(), store: store.clone(), ready: ready.clone() });
     let monitoring_task = {
@@ -242,6 +284,9 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = reloader.await;
     xds_task.await?.context("xDS server")?;
+    if let Some(task) = xds_tls_task {
+        task.await?.context("xDS TLS server")?;
+    }
     monitoring_task.await?.context("monitoring server")?;
     Ok(())
 }

@@ -37,6 +37,7 @@ impl Running {
             config: Vec::new(),
             kube: Some(KubeServe { client, watch: Default::default(), lease }),
             xds_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            xds_tls: None,
             monitoring_addr: monitoring.parse().unwrap(),
             state_dir: state_dir.map(Path::to_path_buf),
             debounce: Duration::from_millis(20),

@@ -58,6 +58,15 @@ pub fn envoy_bin() -> String {
     std::env::var("ENVOY_BIN").unwrap_or_else(|_| "envoy".into())
 }
 
+/// helm (v4) from `$SLUICE_HELM`, else where `.ci/run` unpacks it, else `helm` on PATH.
+pub fn helm_bin() -> String {
+    if let Ok(h) = std::env::var("SLUICE_HELM") {
+        return h;
+    }
+    let cached = std::env::var("HOME").map(|h| format!("{h}/.cache/sluice/helm/helm/helm")).unwrap_or_default();
+    if std::path::Path::new(&cached).exists() { cached } else { "helm".into() }
+}
+
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()

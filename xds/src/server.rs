@@ -223,10 +223,30 @@ impl XdsServer {
             .max_encoding_message_size(256 * 1024 * 1024)
     }
 
-    /// Serves ADS and the per-type services on `addr` until `shutdown` resolves, then closes the
-    /// streams and waits for the transport to finish.
+    /// Serves ADS and the per-type services on `listener` until `shutdown` resolves, then closes
+    /// the streams and waits for the transport to finish.
     pub async fn serve(
         &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), tonic::transport::Error> {
+        self.serve_with(tonic::transport::Server::builder(), listener, shutdown).await
+    }
+
+    /// As [`XdsServer::serve`], over TLS: mutual TLS when `tls` names a client CA (istiod's 15012).
+    pub async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: tonic::transport::ServerTlsConfig,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), tonic::transport::Error> {
+        let builder = tonic::transport::Server::builder().tls_config(tls)?;
+        self.serve_with(builder, listener, shutdown).await
+    }
+
+    async fn serve_with(
+        &self,
+        builder: tonic::transport::Server,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
@@ -237,7 +257,7 @@ impl XdsServer {
         };
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let typed = crate::typed::services(&self.shared);
-        tonic::transport::Server::builder()
+        builder
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(self.ads_service())
             .add_service(typed.0)

@@ -1,0 +1,238 @@
+//! The chart, rendered by the real helm binary: lint-clean, and the rendered objects carry the
+//! kinds, RBAC, ports, probes and mounts sluice needs, for default and non-default values.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use sluice_translator::model::Kind;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn custom_values() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/helm/values-custom.yaml").display().to_string()
+}
+
+fn helm(args: &[&str]) -> String {
+    let bin = sluice_testkit::helm_bin();
+    let out = Command::new(&bin)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("running {bin} (bash .ci/run installs helm): {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "helm {args:?} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// `helm template` output as objects.
+fn render(extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["template", "sluice", "charts/sluice", "--namespace", "sluice-system"];
+    args.extend_from_slice(extra);
+    let text = helm(&args);
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn one<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendering"))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect()).unwrap_or_default()
+}
+
+/// Every (group, resource, verb) the control plane is granted, checking least privilege on the way:
+/// no wildcards, writes only on status subresources and the leader Lease.
+fn grants(objects: &[Value]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for role in objects.iter().filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role") {
+        for rule in role["rules"].as_array().unwrap() {
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for verb in strings(&rule["verbs"]) {
+                        assert!(![&group, &resource, &verb].iter().any(|s| s.contains('*')), "wildcard in {rule}");
+                        let write = !matches!(verb.as_str(), "get" | "list" | "watch");
+                        if write {
+                            let status = resource.ends_with("/status") && matches!(verb.as_str(), "patch" | "update");
+                            let lease = resource == "leases"
+                                && (verb == "create" || strings(&rule["resourceNames"]) == ["sluice-leader"]);
+                            assert!(status || lease, "{verb} on {group}/{resource} is more than sluice needs");
+                        }
+                        out.insert((group.clone(), resource.clone(), verb));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn container(workload: &Value) -> &Value {
+    &workload["spec"]["template"]["spec"]["containers"][0]
+}
+
+#[test]
+fn helm_lint_is_clean_for_default_and_custom_values() {
+    let custom = custom_values();
+    for extra in [vec![], vec!["-f", custom.as_str()]] {
+        let mut args = vec!["lint", "--strict", "charts/sluice"];
+        args.extend(extra);
+        let out = helm(&args);
+        assert!(out.contains("0 chart(s) failed"), "{out}");
+        assert!(!out.contains("[WARNING]") && !out.contains("[ERROR]"), "{out}");
+    }
+}
+
+#[test]
+fn default_rendering_has_what_the_control_plane_and_agent_need() {
+    let objects = render(&[]);
+    let kinds: BTreeSet<String> = objects.iter().map(|o| o["kind"].as_str().unwrap().to_string()).collect();
+    for kind in [
+        "Deployment",
+        "DaemonSet",
+        "Service",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ] {
+        assert!(kinds.contains(kind), "{kind} missing: {kinds:?}");
+    }
+
+    let deployment = one(&objects, "Deployment", "sluice");
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    let c = container(deployment);
+    assert_eq!(c["image"], "ghcr.io/sluice-mesh/sluice:0.1.0");
+    let args = strings(&c["args"]);
+    assert_eq!(&args[..2], ["serve", "--kube"]);
+    assert!(
+        args.contains(&"--xds-addr=0.0.0.0:15010".to_string())
+            && args.contains(&"--monitoring-addr=0.0.0.0:15014".to_string())
+    );
+    let ports: Vec<(String, u64)> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_string(), p["containerPort"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ports, [("grpc-xds".into(), 15010), ("tls-xds".into(), 15012), ("http-monitoring".into(), 15014)]);
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "http-monitoring");
+    let env: Vec<String> =
+        c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
+    assert!(
+        env.contains(&"POD_NAME".into()) && env.contains(&"POD_NAMESPACE".into()),
+        "the Lease identity comes from the pod"
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["volumeMounts"][0]["mountPath"], "/var/lib/sluice", "the state directory");
+
+    let service = one(&objects, "Service", "sluice");
+    let service_ports: Vec<u64> =
+        service["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
+    assert_eq!(service_ports, [15010, 15012, 15014]);
+
+    let agent = one(&objects, "DaemonSet", "sluice-agent");
+    let pod = &agent["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["automountServiceAccountToken"], false, "the agent needs no API access");
+    assert!(pod["tolerations"].as_array().unwrap().iter().any(|t| t["operator"] == "Exists"), "runs on every node");
+    let a = container(agent);
+    assert_eq!(a["securityContext"]["privileged"], true);
+    assert!(strings(&a["args"]).contains(&"--xds-addr=sluice.sluice-system.svc:15010".to_string()));
+    let host_paths: BTreeSet<(String, String)> = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| Some((v["name"].as_str()?.to_string(), v["hostPath"]["path"].as_str()?.to_string())))
+        .collect();
+    assert!(host_paths.contains(&("bpffs".into(), "/sys/fs/bpf".into())), "{host_paths:?}");
+    assert!(host_paths.contains(&("cgroup".into(), "/sys/fs/cgroup".into())), "{host_paths:?}");
+    let bpf_mount = a["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "bpffs").unwrap();
+    assert_eq!(bpf_mount["mountPropagation"], "Bidirectional");
+
+    // RBAC: exactly the watched kinds readable, status writable, the Lease; nothing else.
+    let grants = grants(&objects);
+    for kind in Kind::ALL {
+        for verb in ["get", "list", "watch"] {
+            let g = (kind.group().to_string(), kind.plural(), verb.to_string());
+            assert!(grants.contains(&g), "missing {g:?}");
+        }
+        if kind.is_istio() {
+            assert!(grants.contains(&(kind.group().into(), format!("{}/status", kind.plural()), "patch".into())));
+        }
+    }
+    let readable: BTreeSet<String> = grants.iter().filter(|g| g.2 == "list").map(|g| g.1.clone()).collect();
+    let watched: BTreeSet<String> = Kind::ALL.iter().map(|k| k.plural()).collect();
+    assert_eq!(readable, watched, "read access is exactly what the source watches");
+    let binding = one(&objects, "ClusterRoleBinding", "sluice");
+    assert_eq!(binding["subjects"][0]["name"], "sluice", "bound to the control plane only");
+}
+
+#[test]
+fn custom_values_are_honoured() {
+    let objects = render(&["-f", &custom_values()]);
+    let deployment = one(&objects, "Deployment", "sluice");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let c = container(deployment);
+    assert_eq!(c["image"], "registry.example.com/mesh/sluice:test");
+    let args = strings(&c["args"]);
+    for want in [
+        "--namespace=bookinfo",
+        "--no-status",
+        "--xds-tls-addr=0.0.0.0:15012",
+        "--tls-client-ca=/etc/sluice/tls/ca.crt",
+    ] {
+        assert!(args.contains(&want.to_string()), "{want} missing from {args:?}");
+    }
+    let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
+    assert!(volumes.as_array().unwrap().iter().any(|v| v["secret"]["secretName"] == "my-xds-cert"));
+    assert_eq!(deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"], "true");
+    assert_eq!(one(&objects, "Service", "sluice")["spec"]["type"], "NodePort");
+
+    // One watched namespace: namespaced reads are a Role there; no status or Lease rights.
+    let read = one(&objects, "Role", "sluice-read");
+    assert_eq!(read["metadata"]["namespace"], "bookinfo");
+    let cluster = one(&objects, "ClusterRole", "sluice");
+    let cluster_resources: Vec<String> =
+        cluster["rules"].as_array().unwrap().iter().flat_map(|r| strings(&r["resources"])).collect();
+    assert_eq!(cluster_resources, ["namespaces"]);
+    let grants = grants(&objects);
+    assert!(grants.iter().all(|g| matches!(g.2.as_str(), "get" | "list" | "watch")), "{grants:?}");
+    assert!(!objects.iter().any(|o| o["metadata"]["name"] == "sluice-leader"), "no Lease role without status");
+
+    let agent = one(&objects, "DaemonSet", "sluice-agent");
+    let a = container(agent);
+    assert!(strings(&a["args"]).contains(&"--node-proxy=127.0.0.9".to_string()));
+    assert!(strings(&a["args"]).contains(&"--pin-dir=/sys/fs/bpf/mesh".to_string()));
+    let pod = &agent["spec"]["template"]["spec"];
+    assert!(pod["volumes"].as_array().unwrap().iter().any(|v| v["hostPath"]["path"] == "/sys/fs/cgroup/unified"));
+    assert!(pod.get("tolerations").is_none());
+    assert_eq!(pod["nodeSelector"]["sluice.io/agent"], "true");
+}
+
+#[test]
+fn the_chart_installs_sluices_crds() {
+    let objects = render(&["--include-crds"]);
+    let mut from_chart: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "CustomResourceDefinition").collect();
+    from_chart.sort_by_key(|o| o["metadata"]["name"].as_str().unwrap().to_string());
+    let mut generated: Vec<Value> = sluice_controlplane::crds::crds()
+        .iter()
+        .map(|(_, c)| serde_yaml_ng::from_str(&sluice_controlplane::crds::to_yaml(c)).unwrap())
+        .collect();
+    generated.sort_by_key(|o| o["metadata"]["name"].as_str().unwrap().to_string());
+    assert_eq!(from_chart.len(), 7);
+    for (chart, want) in from_chart.iter().zip(&generated) {
+        assert_eq!(*chart, want, "{}", want["metadata"]["name"]);
+    }
+}
