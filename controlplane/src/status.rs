@@ -278,6 +278,27 @@ mod tests {
         assert_eq!(p2["status"]["validationMessages"], json!([]));
     }
 
+    /// Istio's CRDs prune unknown fields inside conditions and validation messages (only the
+    /// status root keeps them): every field sluice writes must be one Istio's schema declares.
+    #[test]
+    fn every_written_field_is_in_istios_status_schema() {
+        let d = error("spec.hosts[0]", "bad host");
+        let p = patch(&Value::Null, &desired(&[&d], Some(1)), "2026-01-01T00:00:00Z").unwrap();
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        let condition_fields =
+            ["lastProbeTime", "lastTransitionTime", "message", "observedGeneration", "reason", "status", "type"];
+        for k in keys(&p["status"]["conditions"][0]) {
+            assert!(condition_fields.contains(&k.as_str()), "condition field {k} is not in Istio's schema");
+        }
+        let message = &p["status"]["validationMessages"][0];
+        for k in keys(message) {
+            assert!(["documentationUrl", "level", "type"].contains(&k.as_str()), "validationMessages field {k}");
+        }
+        assert_eq!(keys(&message["type"]), ["code", "name"]);
+        assert!(["UNKNOWN", "ERROR", "WARNING", "INFO"].contains(&message["level"].as_str().unwrap()));
+        assert!(message["type"]["code"].as_str().unwrap().starts_with("IST"));
+    }
+
     #[test]
     fn conditions_of_other_writers_are_kept() {
         let current = json!({"conditions": [{"type": "Reconciled", "status": "True"}]});

@@ -119,6 +119,12 @@ pub(super) fn build(proxy: &Proxy<'_>) -> Vec<Resource> {
             }
         }
     }
+    out
+}
+
+/// The proxy's own inbound clusters (and InboundPassthroughCluster when it captures).
+pub(super) fn build_inbound(proxy: &Proxy<'_>) -> Vec<Resource> {
+    let mut out = Vec::new();
     let inbound = proxy.inbound_ports();
     if !inbound.is_empty() && !proxy.interception_none {
         out.push(Resource {

@@ -19,15 +19,17 @@ pub const VIRTUAL_OUTBOUND_PORT: u32 = 15001;
 /// Port of `virtualInbound`.
 pub const VIRTUAL_INBOUND_PORT: u32 = 15006;
 
-/// All listeners of the proxy.
-pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
+/// Appends `r` unless a listener of that name is already there (the first one wins).
+fn push(out: &mut Vec<Resource>, names: &mut BTreeSet<String>, r: Resource) {
+    if names.insert(r.name.clone()) {
+        out.push(r);
+    }
+}
+
+/// The outbound listeners: the same for every proxy of a class.
+pub(super) fn build_outbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
     let mut out = Vec::new();
-    let mut names = BTreeSet::new();
-    let mut push = |out: &mut Vec<Resource>, r: Resource| {
-        if names.insert(r.name.clone()) {
-            out.push(r);
-        }
-    };
+    let names = &mut BTreeSet::new();
     let mut http_taken = BTreeSet::new();
     for hp in http_ports(proxy) {
         let explicit = hp.listener.port.is_some();
@@ -46,7 +48,7 @@ pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
             json!({"rds": {"config_source": ads_source(), "route_config_name": hp.route_name}}),
             outbound_http_filters(),
         );
-        push(&mut out, listener(&name, &addr, hp.port, binds, "OUTBOUND", vec![json!({"filters": [hcm]})]));
+        push(&mut out, names, listener(&name, &addr, hp.port, binds, "OUTBOUND", vec![json!({"filters": [hcm]})]));
     }
     for l in proxy.egress_listeners() {
         let explicit = l.port.clone();
@@ -72,7 +74,11 @@ pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
                 let name = format!("{addr}_{}", port.port);
                 let tcp =
                     tcp_proxy(proxy, service, port.port, &format!("outbound|{}||{}", port.port, service.hostname));
-                push(&mut out, listener(&name, &addr, port.port, binds, "OUTBOUND", vec![json!({"filters": [tcp]})]));
+                push(
+                    &mut out,
+                    names,
+                    listener(&name, &addr, port.port, binds, "OUTBOUND", vec![json!({"filters": [tcp]})]),
+                );
             }
         }
     }
@@ -93,8 +99,14 @@ pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
             })],
         );
         l.body["use_original_dst"] = json!(true);
-        push(&mut out, l);
+        push(&mut out, names, l);
     }
+    out
+}
+
+/// The proxy's own inbound listeners (`virtualInbound` and bound ones).
+pub(super) fn build_inbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
+    let (mut out, names) = (Vec::new(), &mut BTreeSet::new());
     let inbound = proxy.inbound_ports();
     let mut chains = Vec::new();
     for p in &inbound {
@@ -102,7 +114,7 @@ pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
         match &p.bind {
             Some(addr) => {
                 let name = format!("{addr}_{}", p.port);
-                push(&mut out, listener(&name, addr, p.port, true, "INBOUND", vec![chain]));
+                push(&mut out, names, listener(&name, addr, p.port, true, "INBOUND", vec![chain]));
             }
             None => chains.push(chain),
         }
@@ -114,7 +126,7 @@ pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
         }));
         let mut l = listener("virtualInbound", "0.0.0.0", VIRTUAL_INBOUND_PORT, true, "INBOUND", chains);
         l.body["listener_filters"] = json!([{"name": "envoy.filters.listener.original_dst", "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", json!({}))}]);
-        push(&mut out, l);
+        push(&mut out, names, l);
     }
     out
 }

@@ -64,19 +64,86 @@ impl ProxyResources {
     }
 }
 
+/// What a sidecar's outbound half (clusters, endpoints, routes, outbound listeners) depends on:
+/// its kind, namespace, workload labels, interception mode and Sidecar resource. Proxies of one
+/// class get the same outbound half; only the inbound half is per proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProxyClass {
+    /// `sidecar` or `router`.
+    pub kind: String,
+    /// The proxy's namespace.
+    pub namespace: String,
+    /// Its workload's labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// No iptables capture.
+    pub interception_none: bool,
+    /// The Sidecar that applies (namespace, name).
+    pub sidecar: Option<(String, String)>,
+}
+
+/// One sidecar's translation, in its two halves: [`ProxyTranslation::outbound`] is shared by
+/// every proxy of [`ProxyTranslation::class`], [`ProxyTranslation::inbound`] is its own.
+pub struct ProxyTranslation<'a> {
+    proxy: Proxy<'a>,
+}
+
+impl<'a> ProxyTranslation<'a> {
+    /// Resolves the proxy `node_id` (`sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`)
+    /// in `snapshot`.
+    pub fn new(snapshot: &'a Snapshot, node_id: &str) -> Result<Self, NodeError> {
+        Ok(Self { proxy: Proxy::new(snapshot, NodeId::parse(node_id)?) })
+    }
+
+    /// The class of this proxy.
+    pub fn class(&self) -> ProxyClass {
+        let p = &self.proxy;
+        ProxyClass {
+            kind: p.node.kind.clone(),
+            namespace: p.node.namespace.clone(),
+            labels: p.labels.clone(),
+            interception_none: p.interception_none,
+            sidecar: p.sidecar.map(|s| (s.meta.namespace.clone(), s.meta.name.clone())),
+        }
+    }
+
+    /// Clusters, endpoints, routes and outbound listeners (no diagnostics: see
+    /// [`ProxyTranslation::diagnostics`]).
+    pub fn outbound(&mut self) -> ProxyResources {
+        ProxyResources {
+            clusters: cluster::build(&self.proxy),
+            endpoints: endpoint::build(&self.proxy),
+            listeners: listener::build_outbound(&mut self.proxy),
+            routes: route::build(&mut self.proxy),
+            diagnostics: Vec::new(),
+        }
+    }
+
+    /// The proxy's own inbound clusters and listeners.
+    pub fn inbound(&mut self) -> ProxyResources {
+        ProxyResources {
+            clusters: cluster::build_inbound(&self.proxy),
+            listeners: listener::build_inbound(&mut self.proxy),
+            ..Default::default()
+        }
+    }
+
+    /// The warnings found so far.
+    pub fn diagnostics(self) -> Vec<Diagnostic> {
+        self.proxy.diagnostics
+    }
+}
+
 /// Translates `snapshot` for the sidecar proxy `node_id`
-/// (`sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`).
+/// (`sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`): both halves, a listener
+/// name taken by the outbound half winning over an inbound one.
 pub fn translate_sidecar(snapshot: &Snapshot, node_id: &str) -> Result<ProxyResources, NodeError> {
-    let node = NodeId::parse(node_id)?;
-    let mut proxy = Proxy::new(snapshot, node);
-    let mut out = ProxyResources {
-        clusters: cluster::build(&proxy),
-        endpoints: endpoint::build(&proxy),
-        listeners: listener::build(&mut proxy),
-        routes: route::build(&mut proxy),
-        diagnostics: Vec::new(),
-    };
-    out.diagnostics = std::mem::take(&mut proxy.diagnostics);
+    let mut t = ProxyTranslation::new(snapshot, node_id)?;
+    let mut out = t.outbound();
+    let inbound = t.inbound();
+    out.clusters.extend(inbound.clusters);
+    let taken: std::collections::HashSet<String> = out.listeners.iter().map(|l| l.name.clone()).collect();
+    out.listeners.extend(inbound.listeners.into_iter().filter(|l| !taken.contains(&l.name)));
+    out.diagnostics = t.diagnostics();
     for list in [&mut out.listeners, &mut out.routes, &mut out.clusters, &mut out.endpoints] {
         list.sort_by(|a, b| a.name.cmp(&b.name));
     }
