@@ -7,7 +7,7 @@ use prost::Message;
 use sluice_translator::dataplane::{AGENT_NODE_PREFIX, SERVICE_TYPE, WORKLOAD_TYPE, translate_node};
 use sluice_translator::envoy::{ProxyClass, ProxyResources, ProxyTranslation};
 use sluice_translator::snapshot::Snapshot;
-use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SharedTypes};
 use sluice_xds::resource::{Encoded, Interner};
 use sluice_xds::server::{Generator, NodeInfo};
 
@@ -23,7 +23,7 @@ pub struct Current {
 #[derive(Default)]
 struct OutboundCache {
     version: u64,
-    classes: HashMap<ProxyClass, Arc<Vec<Arc<Encoded>>>>,
+    classes: HashMap<ProxyClass, Arc<SharedTypes>>,
 }
 
 /// Translates the outbound half once per proxy class and the inbound half per proxy, and
@@ -51,8 +51,8 @@ impl MeshGenerator {
     }
 
     /// The encoded outbound half for the class of `translation`, translated at most once per
-    /// class and config version.
-    fn outbound(&self, version: u64, translation: &mut ProxyTranslation<'_>) -> Result<Arc<Vec<Arc<Encoded>>>, String> {
+    /// class and config version, and shared by the snapshots of every proxy of the class.
+    fn outbound(&self, version: u64, translation: &mut ProxyTranslation<'_>) -> Result<Arc<SharedTypes>, String> {
         let class = translation.class();
         let mut cache = self.outbound.lock().expect("outbound cache lock");
         if cache.version < version {
@@ -65,7 +65,7 @@ impl MeshGenerator {
         }
         let mut encoded = Vec::new();
         self.encode(translation.outbound(), &mut encoded)?;
-        let encoded = Arc::new(encoded);
+        let encoded = Arc::new(SharedTypes::new(encoded));
         // A generation from an older config (racing a newer one) is not cached.
         if cache.version == version {
             cache.classes.insert(class, encoded.clone());
@@ -101,12 +101,10 @@ impl Generator for MeshGenerator {
         }
         let mut translation = ProxyTranslation::new(&current.snapshot, &node.id).map_err(|e| e.to_string())?;
         let outbound = self.outbound(current.version, &mut translation)?;
-        let mut encoded = Vec::with_capacity(outbound.len() + 8);
-        self.encode(translation.inbound(), &mut encoded)?;
-        // Outbound after inbound: on a name clash the snapshot keeps the outbound listener, as
-        // `translate_sidecar` does.
-        encoded.extend(outbound.iter().cloned());
-        Ok(sluice_xds::cache::Snapshot::new(current.version, encoded, previous))
+        let mut inbound = Vec::new();
+        self.encode(translation.inbound(), &mut inbound)?;
+        // On a name clash the snapshot keeps the outbound listener, as `translate_sidecar` does.
+        Ok(sluice_xds::cache::Snapshot::layered(current.version, &outbound, inbound, previous))
     }
 }
 

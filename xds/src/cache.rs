@@ -24,23 +24,84 @@ pub fn is_wildcard_type(type_url: &str) -> bool {
     type_url == LISTENER || type_url == CLUSTER
 }
 
+/// Resources of one type by name, with their content hash (names and versions). Immutable once
+/// built, so snapshots share them: every proxy of a class holds the same set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResourceSet {
+    map: BTreeMap<String, Arc<Encoded>>,
+    hash: u64,
+}
+
+impl ResourceSet {
+    fn from_map(map: BTreeMap<String, Arc<Encoded>>) -> Self {
+        let mut h = DefaultHasher::new();
+        for (name, r) in &map {
+            name.hash(&mut h);
+            r.version.hash(&mut h);
+        }
+        Self { map, hash: h.finish() }
+    }
+
+    /// The resource called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Encoded>> {
+        self.map.get(name)
+    }
+
+    /// Resources in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<Encoded>)> {
+        self.map.iter()
+    }
+
+    /// Names in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+
+    /// Resources in name order.
+    pub fn values(&self) -> impl Iterator<Item = &Arc<Encoded>> {
+        self.map.values()
+    }
+
+    /// Number of resources.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 /// The resources of one type.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TypeResources {
     /// Version of this type's content (changes only when the content does).
     pub version: String,
-    /// Resources by name.
-    pub items: BTreeMap<String, Arc<Encoded>>,
+    /// Resources by name, possibly shared with other snapshots.
+    pub items: Arc<ResourceSet>,
 }
 
-impl TypeResources {
-    fn content_hash(&self) -> u64 {
-        let mut h = DefaultHasher::new();
-        for (name, r) in &self.items {
-            name.hash(&mut h);
-            r.version.hash(&mut h);
-        }
-        h.finish()
+/// Per-type resource sets built once and shared by many snapshots (the half of a config that
+/// every proxy of a class receives).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SharedTypes {
+    types: BTreeMap<String, Arc<ResourceSet>>,
+}
+
+/// Resources grouped by type; of two with one name, the later wins.
+fn by_type(resources: impl IntoIterator<Item = Arc<Encoded>>) -> BTreeMap<String, BTreeMap<String, Arc<Encoded>>> {
+    let mut types: BTreeMap<String, BTreeMap<String, Arc<Encoded>>> = BTreeMap::new();
+    for r in resources {
+        types.entry(r.type_url.clone()).or_default().insert(r.name.clone(), r);
+    }
+    types
+}
+
+impl SharedTypes {
+    /// Groups `resources` by type.
+    pub fn new(resources: impl IntoIterator<Item = Arc<Encoded>>) -> Self {
+        Self { types: by_type(resources).into_iter().map(|(t, m)| (t, Arc::new(ResourceSet::from_map(m)))).collect() }
     }
 }
 
@@ -57,19 +118,41 @@ impl Snapshot {
     /// Builds a snapshot at `version` from encoded resources. A type whose content equals its
     /// content in `previous` keeps the previous version string, so unchanged types are not pushed.
     pub fn new(version: u64, resources: impl IntoIterator<Item = Arc<Encoded>>, previous: Option<&Snapshot>) -> Self {
-        let mut types: BTreeMap<String, TypeResources> = BTreeMap::new();
-        for r in resources {
-            types.entry(r.type_url.clone()).or_default().items.insert(r.name.clone(), r);
-        }
-        for type_url in PUSH_ORDER {
-            types.entry(type_url.to_string()).or_default();
-        }
-        for (type_url, t) in &mut types {
-            let prior = previous.and_then(|p| p.types.get(type_url));
-            t.version = match prior {
-                Some(p) if p.content_hash() == t.content_hash() => p.version.clone(),
+        Self::layered(version, &SharedTypes::default(), resources, previous)
+    }
+
+    /// As [`Snapshot::new`], from `shared` sets plus this snapshot's `own` resources. A type with
+    /// no own resources reuses the shared set itself (no copy); on a name in both, the shared
+    /// resource wins.
+    pub fn layered(
+        version: u64,
+        shared: &SharedTypes,
+        own: impl IntoIterator<Item = Arc<Encoded>>,
+        previous: Option<&Snapshot>,
+    ) -> Self {
+        let mut own = by_type(own);
+        let mut names: Vec<String> = shared.types.keys().chain(own.keys()).cloned().collect();
+        names.extend(PUSH_ORDER.iter().map(|t| t.to_string()));
+        names.sort();
+        names.dedup();
+        let mut types = BTreeMap::new();
+        for type_url in names {
+            let items = match (shared.types.get(&type_url), own.remove(&type_url)) {
+                (Some(s), None) => s.clone(),
+                (base, mine) => {
+                    let mut map = mine.unwrap_or_default();
+                    for (name, r) in base.iter().flat_map(|b| b.iter()) {
+                        map.insert(name.clone(), r.clone());
+                    }
+                    Arc::new(ResourceSet::from_map(map))
+                }
+            };
+            let prior = previous.and_then(|p| p.types.get(&type_url));
+            let version = match prior {
+                Some(p) if p.items.hash == items.hash => p.version.clone(),
                 _ => version.to_string(),
             };
+            types.insert(type_url, TypeResources { version, items });
         }
         Self { version, types }
     }
@@ -77,5 +160,33 @@ impl Snapshot {
     /// The resources of a type (empty if none).
     pub fn of(&self, type_url: &str) -> Option<&TypeResources> {
         self.types.get(type_url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(type_url: &str, name: &str, body: &[u8]) -> Arc<Encoded> {
+        Arc::new(Encoded::new(type_url, name, body.to_vec()))
+    }
+
+    #[test]
+    fn layered_snapshots_share_what_they_do_not_add_to() {
+        let shared = SharedTypes::new([r(CLUSTER, "a", b"1"), r(ENDPOINT, "a", b"1"), r(LISTENER, "out", b"1")]);
+        let one = Snapshot::layered(1, &shared, [r(LISTENER, "in", b"1"), r(LISTENER, "out", b"mine")], None);
+        let two = Snapshot::layered(1, &shared, [], None);
+        assert!(Arc::ptr_eq(&one.types[ENDPOINT].items, &two.types[ENDPOINT].items), "no copy per snapshot");
+        let listeners = &one.types[LISTENER].items;
+        assert_eq!(listeners.keys().collect::<Vec<_>>(), ["in", "out"]);
+        assert_eq!(listeners.get("out").unwrap().bytes, b"1", "the shared resource wins a name clash");
+        assert_eq!(two.types[LISTENER].items.len(), 1);
+        // Same content at a new config version: versions stay, so nothing is pushed.
+        let next =
+            Snapshot::layered(2, &SharedTypes::new([r(CLUSTER, "a", b"1"), r(ENDPOINT, "a", b"2")]), [], Some(&two));
+        assert_eq!(next.types[CLUSTER].version, "1");
+        assert_eq!(next.types[ENDPOINT].version, "2", "changed content gets the new version");
+        assert_eq!(next.types[LISTENER].version, "2", "a listener went away");
+        assert_eq!(Snapshot::new(1, [r(ROUTE, "x", b"1")], None).types.len(), 4, "every pushed type is present");
     }
 }

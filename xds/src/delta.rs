@@ -170,18 +170,24 @@ impl Stream {
         let version = self.type_version(type_url);
         let state = self.types.get_mut(type_url).expect("state exists for requested type");
         let items = self.snapshot.of(type_url).map(|t| &t.items);
-        let scope: BTreeSet<String> = if state.wildcard {
-            items.into_iter().flat_map(|i| i.keys().cloned()).chain(state.known.keys().cloned()).collect()
-        } else {
-            state.subscribed.clone()
-        };
         let mut resources = Vec::new();
         let mut removed = Vec::new();
-        for name in scope {
-            match items.and_then(|i| i.get(&name)) {
-                Some(r) if state.known.get(&name) != Some(&r.version) => resources.push(r.clone()),
-                None if state.known.contains_key(&name) => removed.push(name),
-                _ => {}
+        if state.wildcard {
+            // Everything the snapshot has that the client lacks, and everything it holds that is
+            // gone: walked without collecting the names (thousands per type, per stream, per push).
+            for r in items.iter().flat_map(|i| i.values()) {
+                if state.known.get(&r.name) != Some(&r.version) {
+                    resources.push(r.clone());
+                }
+            }
+            removed.extend(state.known.keys().filter(|n| items.is_none_or(|i| i.get(n).is_none())).cloned());
+        } else {
+            for name in &state.subscribed {
+                match items.and_then(|i| i.get(name)) {
+                    Some(r) if state.known.get(name) != Some(&r.version) => resources.push(r.clone()),
+                    None if state.known.contains_key(name) => removed.push(name.clone()),
+                    _ => {}
+                }
             }
         }
         if resources.is_empty() && removed.is_empty() && !always {
