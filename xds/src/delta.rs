@@ -12,6 +12,7 @@ use tonic::{Status, Streaming};
 use crate::cache::{PUSH_ORDER, Snapshot, is_wildcard_type};
 use crate::server::{NodeInfo, Shared};
 use crate::status::{Nack, ProxyStatus};
+use crate::throttle::InFlight;
 
 #[derive(Default)]
 struct TypeState {
@@ -31,6 +32,7 @@ struct Stream {
     snapshot: Arc<Snapshot>,
     types: HashMap<String, TypeState>,
     nonce: u64,
+    in_flight: InFlight,
     fixed_type: Option<&'static str>,
     synced_version: Option<u64>,
 }
@@ -69,6 +71,7 @@ pub(crate) async fn run(
         snapshot,
         types: HashMap::new(),
         nonce: 0,
+        in_flight: InFlight::default(),
         fixed_type,
         synced_version: None,
     };
@@ -89,6 +92,7 @@ pub(crate) async fn run(
                 s.status.lock().expect("status").snapshot_version = s.snapshot.version;
                 if s.push_changes().await.is_err() { break }
             },
+            _ = InFlight::expired(s.in_flight.deadline()) => s.in_flight.expire(),
             _ = shutdown.changed() => {
                 let _ = s.tx.send(Err(Status::unavailable("server shutting down"))).await;
                 break;
@@ -114,6 +118,9 @@ impl Stream {
         if first {
             state.known = req.initial_resource_versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             state.wildcard = req.resource_names_subscribe.is_empty() && is_wildcard_type(&type_url);
+        }
+        if !req.response_nonce.is_empty() {
+            self.in_flight.answered(&req.response_nonce);
         }
         if !req.response_nonce.is_empty() && req.response_nonce == state.nonce {
             let mut status = self.status.lock().expect("status");
@@ -209,8 +216,10 @@ impl Stream {
         for name in &removed {
             state.known.remove(name);
         }
+        self.in_flight.acquire(&self.shared.pushes).await;
         self.nonce += 1;
         state.nonce = self.nonce.to_string();
+        self.in_flight.sent(&state.nonce);
         state.sent_version = version.clone();
         let response = DeltaDiscoveryResponse {
             system_version_info: version.clone(),

@@ -15,4 +15,5 @@ pub mod resource;
 pub mod server;
 mod sotw;
 pub mod status;
+pub mod throttle;
 mod typed;

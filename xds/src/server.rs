@@ -91,6 +91,8 @@ pub(crate) struct Shared {
     pub generator: Arc<dyn Generator>,
     pub observer: Arc<dyn Observer>,
     pub streams: Mutex<HashMap<u64, StreamEntry>>,
+    /// The push throttle's slots.
+    pub pushes: Arc<tokio::sync::Semaphore>,
     next_stream: AtomicU64,
     pub shutdown: watch::Sender<bool>,
 }
@@ -152,6 +154,7 @@ impl XdsServer {
                 generator,
                 observer,
                 streams: Mutex::new(HashMap::new()),
+                pushes: Arc::new(tokio::sync::Semaphore::new(crate::throttle::PUSH_CONCURRENCY)),
                 next_stream: AtomicU64::new(1),
                 shutdown,
             }),

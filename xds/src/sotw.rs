@@ -12,6 +12,7 @@ use tonic::{Status, Streaming};
 use crate::cache::{PUSH_ORDER, Snapshot, is_wildcard_type};
 use crate::server::{NodeInfo, Shared};
 use crate::status::{Nack, ProxyStatus};
+use crate::throttle::InFlight;
 
 #[derive(Default)]
 struct TypeState {
@@ -29,6 +30,7 @@ struct Stream {
     snapshot: Arc<Snapshot>,
     types: HashMap<String, TypeState>,
     nonce: u64,
+    in_flight: InFlight,
     fixed_type: Option<&'static str>,
     synced_version: Option<u64>,
 }
@@ -66,6 +68,7 @@ pub(crate) async fn run(
         snapshot,
         types: HashMap::new(),
         nonce: 0,
+        in_flight: InFlight::default(),
         fixed_type,
         synced_version: None,
     };
@@ -86,6 +89,7 @@ pub(crate) async fn run(
                 s.status.lock().expect("status").snapshot_version = s.snapshot.version;
                 if s.push_changes().await.is_err() { break }
             },
+            _ = InFlight::expired(s.in_flight.deadline()) => s.in_flight.expire(),
             _ = shutdown.changed() => {
                 let _ = s.tx.send(Err(Status::unavailable("server shutting down"))).await;
                 break;
@@ -112,6 +116,7 @@ impl Stream {
         let current_version = self.type_version(&type_url);
         let state = self.types.entry(type_url.clone()).or_default();
         if !req.response_nonce.is_empty() {
+            self.in_flight.answered(&req.response_nonce);
             if req.response_nonce != state.nonce {
                 // A reply to an older response: superseded by what we sent since.
                 return Ok(());
@@ -157,6 +162,8 @@ impl Stream {
     }
 
     async fn send(&mut self, type_url: &str) -> Result<(), Gone> {
+        // Before the response is built: it holds a copy of every resource.
+        self.in_flight.acquire(&self.shared.pushes).await;
         let start = Instant::now();
         let version = self.type_version(type_url);
         let state = self.types.get_mut(type_url).expect("state exists for requested type");
@@ -167,6 +174,7 @@ impl Stream {
         };
         self.nonce += 1;
         state.nonce = self.nonce.to_string();
+        self.in_flight.sent(&state.nonce);
         state.sent_version = version.clone();
         let count = resources.len();
         let response = DiscoveryResponse {
