@@ -1,6 +1,7 @@
 //! The file source: reads YAML files and directories (recursively) into objects.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sluice_translator::diagnostic::{Diagnostic, Severity};
 use sluice_translator::model::Loaded;
@@ -50,7 +51,10 @@ fn io_error(path: &Path, message: String) -> Diagnostic {
 
 /// Reads and parses every config file under `paths`.
 pub fn load(paths: &[PathBuf]) -> (Vec<Loaded>, Vec<Diagnostic>) {
-    load_cached(paths, &mut FileCache::default())
+    let (loaded, diagnostics) = load_cached(paths, &mut FileCache::default());
+    // The cache is gone: every object has one owner and unwraps without a copy.
+    let loaded = loaded.into_iter().map(|l| Arc::try_unwrap(l).unwrap_or_else(|l| (*l).clone())).collect();
+    (loaded, diagnostics)
 }
 
 /// What a file looked like when it was parsed: size and modification and change times.
@@ -62,15 +66,19 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Some((m.len(), m.modified().ok(), m.ctime(), m.ctime_nsec()))
 }
 
+/// One parsed file: its stamp when read, its objects and its diagnostics.
+type CachedFile = (Stamp, Vec<Arc<Loaded>>, Vec<Diagnostic>);
+
 /// Parsed files by path: a reload parses only the files that changed since (a one-line edit in
 /// a mesh of 10,000 services must not parse them all again).
 #[derive(Default)]
 pub struct FileCache {
-    files: std::collections::HashMap<PathBuf, (Stamp, Vec<Loaded>, Vec<Diagnostic>)>,
+    files: std::collections::HashMap<PathBuf, CachedFile>,
 }
 
-/// [`load`], reusing the parse of every file whose size and times are unchanged.
-pub fn load_cached(paths: &[PathBuf], cache: &mut FileCache) -> (Vec<Loaded>, Vec<Diagnostic>) {
+/// [`load`], reusing the parse of every file whose size and times are unchanged. Objects are
+/// shared with the cache, not copied.
+pub fn load_cached(paths: &[PathBuf], cache: &mut FileCache) -> (Vec<Arc<Loaded>>, Vec<Diagnostic>) {
     let (files, mut diagnostics) = config_files(paths);
     let mut objects = Vec::new();
     let mut seen = std::collections::HashMap::new();
@@ -85,6 +93,7 @@ pub fn load_cached(paths: &[PathBuf], cache: &mut FileCache) -> (Vec<Loaded>, Ve
         match std::fs::read_to_string(&file) {
             Ok(text) => {
                 let (o, d) = parse_documents(&file.display().to_string(), &text);
+                let o: Vec<Arc<Loaded>> = o.into_iter().map(Arc::new).collect();
                 objects.extend(o.iter().cloned());
                 diagnostics.extend(d.iter().cloned());
                 // Only a file that did not change while it was read is cached.

@@ -34,7 +34,7 @@ pub struct WatchOptions {
 /// One object as last seen: its raw form (for status and generation) and its parse.
 struct Seen {
     raw: Value,
-    loaded: Vec<Loaded>,
+    loaded: Vec<Arc<Loaded>>,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -108,7 +108,7 @@ fn key_of(object: &DynamicObject) -> Key {
 fn seen(kind: Kind, version: &str, object: &DynamicObject) -> Seen {
     let (raw, config) = normalize(kind, version, object);
     let (loaded, diagnostics) = parse_value(ORIGIN, config);
-    Seen { raw, loaded, diagnostics }
+    Seen { raw, loaded: loaded.into_iter().map(Arc::new).collect(), diagnostics }
 }
 
 impl KubeCache {
@@ -161,8 +161,8 @@ impl KubeCache {
         Kind::ALL.iter().filter(|k| !self.kinds.get(k).is_some_and(|c| c.synced)).map(|k| k.name()).collect()
     }
 
-    /// Every object's parse, as the store takes it.
-    pub fn load(&self) -> (Vec<Loaded>, Vec<Diagnostic>) {
+    /// Every object's parse, as the store takes it (shared, not copied).
+    pub fn load(&self) -> (Vec<Arc<Loaded>>, Vec<Diagnostic>) {
         let mut loaded = Vec::new();
         let mut diagnostics = Vec::new();
         for seen in self.kinds.values().flat_map(|c| c.objects.values()) {

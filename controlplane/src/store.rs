@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
+use std::sync::Arc;
 
 use sluice_translator::diagnostic::{Diagnostic, ObjectRef, Severity};
 use sluice_translator::model::Loaded;
@@ -27,7 +28,7 @@ pub enum StoreError {
 
 /// Accepted objects and their version.
 pub struct ConfigStore {
-    accepted: BTreeMap<ObjectRef, Loaded>,
+    accepted: BTreeMap<ObjectRef, Arc<Loaded>>,
     version: u64,
     fingerprint: u64,
     diagnostics: Vec<Diagnostic>,
@@ -35,20 +36,6 @@ pub struct ConfigStore {
 }
 
 const VERSION_KEY: &[u8] = b"version";
-
-/// An `io::Write` that feeds a hasher.
-struct HashWriter<'a>(&'a mut DefaultHasher);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn key(r: &ObjectRef) -> String {
     format!("{}/{}/{}", r.kind, r.namespace, r.name)
@@ -73,7 +60,7 @@ impl ConfigStore {
             let origin = saved["origin"].as_str().unwrap_or("state").to_string();
             let (loaded, _) = parse_documents(&origin, &saved["raw"].to_string());
             for l in loaded {
-                store.accepted.insert(l.reference.clone(), l);
+                store.accepted.insert(l.reference.clone(), Arc::new(l));
             }
         }
         store.fingerprint = store.compute_fingerprint();
@@ -103,15 +90,15 @@ impl ConfigStore {
 
     /// The accepted objects.
     pub fn objects(&self) -> impl Iterator<Item = &Loaded> {
-        self.accepted.values()
+        self.accepted.values().map(|l| l.as_ref())
     }
 
     fn compute_fingerprint(&self) -> u64 {
         let mut h = DefaultHasher::new();
         for (r, l) in &self.accepted {
             key(r).hash(&mut h);
-            // Streamed into the hasher: no string per object.
-            serde_json::to_writer(HashWriter(&mut h), &l.raw).expect("hashing never fails");
+            // Each object's hash was taken once, when it was parsed.
+            l.fingerprint.hash(&mut h);
         }
         h.finish()
     }
@@ -119,8 +106,8 @@ impl ConfigStore {
     /// Takes a fresh load of the sources. Objects the load rejected keep their last good form,
     /// as do all objects of a file that could not be parsed at all. Returns true when the
     /// accepted set changed (and the version was bumped).
-    pub fn apply(&mut self, loaded: Vec<Loaded>, diagnostics: Vec<Diagnostic>) -> Result<bool, StoreError> {
-        let mut next: BTreeMap<ObjectRef, Loaded> = BTreeMap::new();
+    pub fn apply(&mut self, loaded: Vec<Arc<Loaded>>, diagnostics: Vec<Diagnostic>) -> Result<bool, StoreError> {
+        let mut next: BTreeMap<ObjectRef, Arc<Loaded>> = BTreeMap::new();
         for l in loaded {
             next.entry(l.reference.clone()).or_insert(l);
         }
@@ -170,7 +157,7 @@ impl ConfigStore {
 
     /// The translator's snapshot of the accepted objects, with its cross-object diagnostics.
     pub fn snapshot(&self) -> (Snapshot, Vec<Diagnostic>) {
-        Snapshot::build(self.accepted.values().cloned().collect())
+        Snapshot::build(self.accepted.values().map(|l| l.clone_without_raw()).collect())
     }
 }
 
@@ -178,8 +165,9 @@ impl ConfigStore {
 mod tests {
     use super::*;
 
-    fn load(text: &str) -> (Vec<Loaded>, Vec<Diagnostic>) {
-        parse_documents("f.yaml", text)
+    fn load(text: &str) -> (Vec<Arc<Loaded>>, Vec<Diagnostic>) {
+        let (loaded, diagnostics) = parse_documents("f.yaml", text);
+        (loaded.into_iter().map(Arc::new).collect(), diagnostics)
     }
 
     const GOOD: &str =

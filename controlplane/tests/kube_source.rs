@@ -201,7 +201,7 @@ fn serves_the_state_directory_while_the_api_server_is_down_and_converges_when_it
         // A previous run accepted the fixture.
         let mut store = sluice_controlplane::store::ConfigStore::open(Some(state.path())).unwrap();
         let (loaded, diagnostics) = sluice_translator::parse::parse_documents("kubernetes", &fixture().to_string());
-        assert!(store.apply(loaded, diagnostics).unwrap());
+        assert!(store.apply(loaded.into_iter().map(std::sync::Arc::new).collect(), diagnostics).unwrap());
     }
     let fake = FakeApiServer::new();
     fake.load_list(&fixture());

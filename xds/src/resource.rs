@@ -50,7 +50,8 @@ impl Interner {
     /// The shared encoding of `json` as `type_url`, encoding it only if no live snapshot has it.
     pub fn encode(&self, type_url: &str, name: &str, json: &Value) -> Result<Arc<Encoded>, CodecError> {
         let mut h = DefaultHasher::new();
-        json.to_string().hash(&mut h);
+        // serde_json's Value hashes structurally: no serialization per lookup.
+        json.hash(&mut h);
         let key = (type_url.to_string(), name.to_string(), h.finish());
         if let Some(hit) = self.entries.lock().expect("interner lock").get(&key).and_then(Weak::upgrade) {
             return Ok(hit);

@@ -207,6 +207,30 @@ pub struct Loaded {
     pub origin: String,
     /// The document as read (JSON form), kept so the last good version can be persisted.
     pub raw: serde_json::Value,
+    /// A hash of `raw`, computed once: what a store compares to find changes.
+    pub fingerprint: u64,
+}
+
+impl Loaded {
+    /// An object read from `origin`; `raw` is the document it was read from.
+    pub fn new(object: Object, reference: ObjectRef, origin: String, raw: serde_json::Value) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        raw.hash(&mut h);
+        Self { object, reference, origin, raw, fingerprint: h.finish() }
+    }
+
+    /// A copy for [`crate::snapshot::Snapshot::build`], which reads the typed object only: the raw
+    /// document (as large as the object again) is left out.
+    pub fn clone_without_raw(&self) -> Self {
+        Self {
+            object: self.object.clone(),
+            reference: self.reference.clone(),
+            origin: self.origin.clone(),
+            raw: serde_json::Value::Null,
+            fingerprint: self.fingerprint,
+        }
+    }
 }
 
 /// Parses an IP address or CIDR (a bare IP is a /32 or /128).
