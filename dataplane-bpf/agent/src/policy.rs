@@ -199,9 +199,14 @@ impl PolicySync {
 
     /// Writes the policy sets of `workloads`, then the address map that references them.
     /// Returns how many sets were written.
-    pub fn apply(&mut self, maps: &mut Maps, workloads: &[KernelWorkload], now: Instant) -> Result<usize> {
+    pub fn apply<'w>(
+        &mut self,
+        maps: &mut Maps,
+        workloads: impl Iterator<Item = &'w KernelWorkload> + Clone,
+        now: Instant,
+    ) -> Result<usize> {
         let mut wanted: BTreeMap<u32, (bool, Vec<PolicyRule>)> = BTreeMap::new();
-        for w in workloads {
+        for w in workloads.clone() {
             let set = policy_set(w);
             let Some(authorization) = w.authorization.as_ref().filter(|_| set != 0) else { continue };
             if authorization.rules.len() > MAX_RULES as usize {
