@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::cluster::destination_rule;
 use super::proxy::Proxy;
-use super::{Resource, address, outbound_cluster_name};
+use super::{Resource, address, object, outbound_cluster_name};
 use crate::model::common::{Protocol, labels_match};
 use crate::model::destination_rule::DestinationRuleSpec;
 use crate::snapshot::{MeshService, ServicePort, ServiceResolution};
@@ -52,10 +52,10 @@ pub(super) fn load_assignment(
         if !e.ports.is_empty() && !e.ports.contains_key(&port.name) && service.resolution != ServiceResolution::Eds {
             continue;
         }
-        let mut lb = json!({
-            "endpoint": {"address": address(&e.address, service.endpoint_port(port, e))},
-            "health_status": if e.ready { "HEALTHY" } else { "UNHEALTHY" },
-        });
+        let mut lb = object([
+            ("endpoint", object([("address", address(&e.address, service.endpoint_port(port, e)))])),
+            ("health_status", Value::from(if e.ready { "HEALTHY" } else { "UNHEALTHY" })),
+        ]);
         if let Some(w) = e.weight.filter(|w| *w > 0) {
             lb["load_balancing_weight"] = json!(w);
         }
@@ -64,7 +64,7 @@ pub(super) fn load_assignment(
     let groups: Vec<Value> = by_locality
         .into_iter()
         .map(|(locality, lbs)| {
-            let mut g = json!({"lb_endpoints": lbs});
+            let mut g = object([("lb_endpoints", Value::Array(lbs))]);
             if let Some(l) = locality {
                 let mut parts = l.split('/');
                 let mut loc = serde_json::Map::new();
@@ -78,5 +78,5 @@ pub(super) fn load_assignment(
             g
         })
         .collect();
-    json!({"cluster_name": name, "endpoints": groups})
+    object([("cluster_name", Value::String(name.to_string())), ("endpoints", Value::Array(groups))])
 }

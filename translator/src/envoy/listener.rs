@@ -132,12 +132,12 @@ pub(super) fn build_inbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
 }
 
 fn listener(name: &str, addr: &str, port: u32, bind: bool, direction: &str, chains: Vec<Value>) -> Resource {
-    let mut body = json!({
-        "name": name,
-        "address": super::address(addr, port),
-        "traffic_direction": direction,
-        "filter_chains": chains,
-    });
+    let mut body = super::object([
+        ("name", Value::from(name)),
+        ("address", super::address(addr, port)),
+        ("traffic_direction", Value::from(direction)),
+        ("filter_chains", Value::Array(chains)),
+    ]);
     if !bind {
         body["bind_to_port"] = json!(false);
     }

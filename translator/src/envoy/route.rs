@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::cluster::{Effective, destination_rule};
 use super::proxy::Proxy;
-use super::{Resource, fraction, outbound_cluster_name, typed};
+use super::{Resource, fraction, object, outbound_cluster_name, typed};
 use crate::model::IstioObject;
 use crate::model::common::{MatchKind, StringMatch, labels_match};
 use crate::model::sidecar::{EgressListener, OutboundMode};
@@ -97,7 +97,12 @@ fn route_config(proxy: &mut Proxy<'_>, hp: &HttpPort) -> Resource {
             Some(vs) => vs_routes(proxy, vs, service, hp.port),
             None => vec![default_route(&outbound_cluster_name(hp.port, "", &service.hostname), None)],
         };
-        vhosts.push(json!({"name": format!("{}:{}", service.hostname, hp.port), "domains": domains, "routes": routes, "include_request_attempt_count": true}));
+        vhosts.push(object([
+            ("name", Value::String(format!("{}:{}", service.hostname, hp.port))),
+            ("domains", Value::from(domains)),
+            ("routes", Value::Array(routes)),
+            ("include_request_attempt_count", Value::Bool(true)),
+        ]));
     }
     match proxy.outbound_mode() {
         OutboundMode::AllowAny => vhosts.push(json!({"name": "allow_any", "domains": ["*"], "routes": [{"name": "allow_any", "match": {"prefix": "/"}, "route": {"cluster": "PassthroughCluster", "timeout": "0s", "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}}}], "include_request_attempt_count": true})),
@@ -105,7 +110,12 @@ fn route_config(proxy: &mut Proxy<'_>, hp: &HttpPort) -> Resource {
     }
     Resource {
         name: hp.route_name.clone(),
-        body: json!({"name": hp.route_name, "virtual_hosts": vhosts, "validate_clusters": false, "ignore_port_in_host_matching": true}),
+        body: object([
+            ("name", Value::String(hp.route_name.clone())),
+            ("virtual_hosts", Value::Array(vhosts)),
+            ("validate_clusters", Value::Bool(false)),
+            ("ignore_port_in_host_matching", Value::Bool(true)),
+        ]),
     }
 }
 
