@@ -31,9 +31,11 @@ pub struct WatchOptions {
     pub namespace: Option<String>,
 }
 
-/// One object as last seen: its raw form (for status and generation) and its parse.
+/// One object as last seen: what the status writer reads (its generation and status) and its
+/// parse (which holds the object's config form).
 struct Seen {
-    raw: Value,
+    generation: Option<i64>,
+    status: Value,
     loaded: Vec<Arc<Loaded>>,
     diagnostics: Vec<Diagnostic>,
 }
@@ -76,29 +78,33 @@ pub struct IstioObjectView<'a> {
 
 /// The object as the translator reads it: `apiVersion` and `kind` set (list items lack them), and
 /// the fields that change without changing config left out, so a status write or a kubelet
-/// heartbeat does not push config to every proxy.
-fn normalize(kind: Kind, version: &str, object: &DynamicObject) -> (Value, Value) {
-    let mut raw = serde_json::to_value(object).expect("a DynamicObject serializes");
+/// heartbeat does not push config to every proxy. Also returns what was taken out that the status
+/// writer needs: `metadata.generation` and `status`.
+fn normalize(kind: Kind, version: &str, object: &DynamicObject) -> (Value, Option<i64>, Value) {
+    let mut config = serde_json::to_value(object).expect("a DynamicObject serializes");
     let api_version = if kind.group().is_empty() { version.to_string() } else { format!("{}/{version}", kind.group()) };
-    raw["apiVersion"] = api_version.into();
-    raw["kind"] = kind.name().into();
-    let mut config = raw.clone();
+    config["apiVersion"] = api_version.into();
+    config["kind"] = kind.name().into();
+    let generation = config.pointer("/metadata/generation").and_then(Value::as_i64);
     if let Some(meta) = config.get_mut("metadata").and_then(Value::as_object_mut) {
         for volatile in ["resourceVersion", "managedFields", "uid", "creationTimestamp", "generation", "selfLink"] {
             meta.remove(volatile);
         }
     }
+    let mut status = Value::Null;
     if let Some(map) = config.as_object_mut() {
-        let status = map.remove("status");
+        let removed = map.remove("status");
         // A Pod's addresses and phase are config; the rest of its status is not.
         if kind == Kind::Pod
-            && let Some(Value::Object(mut status)) = status
+            && let Some(Value::Object(mut pod_status)) = removed
         {
-            status.retain(|k, _| matches!(k.as_str(), "podIP" | "podIPs" | "hostIP" | "phase"));
-            map.insert("status".into(), Value::Object(status));
+            pod_status.retain(|k, _| matches!(k.as_str(), "podIP" | "podIPs" | "hostIP" | "phase"));
+            map.insert("status".into(), Value::Object(pod_status));
+        } else if kind.is_istio() {
+            status = removed.unwrap_or(Value::Null);
         }
     }
-    (raw, config)
+    (config, generation, status)
 }
 
 fn key_of(object: &DynamicObject) -> Key {
@@ -106,9 +112,9 @@ fn key_of(object: &DynamicObject) -> Key {
 }
 
 fn seen(kind: Kind, version: &str, object: &DynamicObject) -> Seen {
-    let (raw, config) = normalize(kind, version, object);
+    let (config, generation, status) = normalize(kind, version, object);
     let (loaded, diagnostics) = parse_value(ORIGIN, config);
-    Seen { raw, loaded: loaded.into_iter().map(Arc::new).collect(), diagnostics }
+    Seen { generation, status, loaded: loaded.into_iter().map(Arc::new).collect(), diagnostics }
 }
 
 impl KubeCache {
@@ -179,8 +185,8 @@ impl KubeCache {
                 kind: *kind,
                 reference: ObjectRef::new(kind.name(), namespace, name),
                 version: &cache.version,
-                generation: seen.raw.pointer("/metadata/generation").and_then(Value::as_i64),
-                status: seen.raw.get("status").unwrap_or(&Value::Null),
+                generation: seen.generation,
+                status: &seen.status,
                 diagnostics: &seen.diagnostics,
             })
         })

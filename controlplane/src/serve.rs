@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use notify::{EventKind, RecursiveMode, Watcher};
-use sluice_translator::diagnostic::Diagnostic;
-use sluice_translator::diagnostic::Severity;
+use sluice_translator::diagnostic::{Diagnostic, Severity};
 use sluice_xds::server::XdsServer;
 use tokio::sync::{mpsc, watch};
 

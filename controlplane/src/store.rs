@@ -96,7 +96,7 @@ impl ConfigStore {
     fn compute_fingerprint(&self) -> u64 {
         let mut h = DefaultHasher::new();
         for (r, l) in &self.accepted {
-            key(r).hash(&mut h);
+            r.hash(&mut h);
             // Each object's hash was taken once, when it was parsed.
             l.fingerprint.hash(&mut h);
         }

@@ -223,14 +223,12 @@ impl FakeApiServer {
     /// Loads a recorded `kubectl get -o json` List, each item into its collection.
     pub fn load_list(&self, list: &Value) {
         for item in list["items"].as_array().unwrap() {
-            let kind = item["kind"].as_str().unwrap();
-            let resource = match kind {
-                "AuthorizationPolicy" => "authorizationpolicies".to_string(),
-                "ServiceEntry" => "serviceentries".to_string(),
-                "WorkloadEntry" => "workloadentries".to_string(),
-                _ => format!("{}s", kind.to_ascii_lowercase()),
-            };
-            self.put(&resource, item.clone());
+            let name = item["kind"].as_str().unwrap();
+            let kind = sluice_translator::model::Kind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .expect("a kind sluice reads");
+            self.put(&kind.plural(), item.clone());
         }
     }
 
