@@ -446,7 +446,7 @@ fn export_to_hides_services_from_other_namespaces() {
         ),
     );
     let (mut snapshot, _) = Snapshot::build(objects);
-    snapshot.services.get_mut(CART).unwrap().export_to = vec![".".into()];
+    std::sync::Arc::make_mut(snapshot.services.get_mut(CART).unwrap()).export_to = vec![".".into()];
     let r = translate_sidecar(&snapshot, "sidecar~127.0.7.1~o.other~other.svc.cluster.local").unwrap();
     assert!(!r.clusters.iter().any(|c| c.name.ends_with(CART)));
     let r = translate_sidecar(&snapshot, WEB).unwrap();

@@ -75,9 +75,11 @@ pub struct Proxy<'a> {
 impl<'a> Proxy<'a> {
     /// Finds the workload and the Sidecar for `node`.
     pub fn new(snapshot: &'a Snapshot, node: NodeId) -> Self {
-        let workload = snapshot.workloads.get(&(node.namespace.clone(), node.pod.clone())).or_else(|| {
-            snapshot.workloads.values().find(|w| w.namespace == node.namespace && w.ip.as_deref() == Some(&node.ip))
-        });
+        let workload = snapshot
+            .workloads
+            .get(&(node.namespace.clone(), node.pod.clone()))
+            .or_else(|| snapshot.workload_at(&node.namespace, &node.ip))
+            .map(|w| w.as_ref());
         let labels = workload.map(|w| w.labels.clone()).unwrap_or_default();
         let mut diagnostics = Vec::new();
         if workload.is_none() {
@@ -94,15 +96,19 @@ impl<'a> Proxy<'a> {
             });
         }
         let pick = |ns: &str| {
-            let in_ns = snapshot.sidecars.iter().filter(|s| s.meta.namespace == ns);
-            let selected = in_ns.clone().find(|s| {
+            let in_ns: Vec<&IstioObject<SidecarSpec>> =
+                snapshot.sidecars.values().map(|s| s.as_ref()).filter(|s| s.meta.namespace == ns).collect();
+            let selected = in_ns.iter().copied().find(|s| {
                 s.spec
                     .workload_selector
                     .as_ref()
                     .is_some_and(|sel| !sel.labels.is_empty() && labels_match(&sel.labels, &labels))
             });
             selected.or_else(|| {
-                in_ns.clone().find(|s| s.spec.workload_selector.as_ref().is_none_or(|sel| sel.labels.is_empty()))
+                in_ns
+                    .iter()
+                    .copied()
+                    .find(|s| s.spec.workload_selector.as_ref().is_none_or(|sel| sel.labels.is_empty()))
             })
         };
         let sidecar =
@@ -140,6 +146,7 @@ impl<'a> Proxy<'a> {
         self.snapshot
             .services
             .values()
+            .map(|s| s.as_ref())
             .filter(|s| s.visible_to(&self.node.namespace))
             .filter(|s| listeners.iter().any(|l| self.imports(l, s)))
             .collect()
@@ -150,6 +157,7 @@ impl<'a> Proxy<'a> {
         self.snapshot
             .services
             .values()
+            .map(|s| s.as_ref())
             .filter(|s| s.visible_to(&self.node.namespace) && self.imports(listener, s))
             .collect()
     }
