@@ -1,11 +1,14 @@
 //! The file source: reads YAML files and directories (recursively) into objects.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sluice_translator::diagnostic::{Diagnostic, Severity};
 use sluice_translator::model::Loaded;
 use sluice_translator::parse::parse_documents;
+
+use crate::store::GroupRead;
 
 /// True for the files the source reads.
 fn is_config_file(path: &Path) -> bool {
@@ -51,10 +54,21 @@ fn io_error(path: &Path, message: String) -> Diagnostic {
 
 /// Reads and parses every config file under `paths`.
 pub fn load(paths: &[PathBuf]) -> (Vec<Loaded>, Vec<Diagnostic>) {
-    let (loaded, diagnostics) = load_cached(paths, &mut FileCache::default());
-    // The cache is gone: every object has one owner and unwraps without a copy.
-    let loaded = loaded.into_iter().map(|l| Arc::try_unwrap(l).unwrap_or_else(|l| (*l).clone())).collect();
-    (loaded, diagnostics)
+    let (files, mut diagnostics) = config_files(paths);
+    let mut objects = Vec::new();
+    for file in files {
+        let (o, d) = read(&file);
+        objects.extend(o);
+        diagnostics.extend(d);
+    }
+    (objects, diagnostics)
+}
+
+fn read(file: &Path) -> (Vec<Loaded>, Vec<Diagnostic>) {
+    match std::fs::read_to_string(file) {
+        Ok(text) => parse_documents(&file.display().to_string(), &text),
+        Err(e) => (Vec::new(), vec![io_error(file, format!("cannot read: {e}"))]),
+    }
 }
 
 /// What a file looked like when it was parsed: size and modification and change times.
@@ -66,45 +80,53 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Some((m.len(), m.modified().ok(), m.ctime(), m.ctime_nsec()))
 }
 
-/// One parsed file: its stamp when read, its objects and its diagnostics.
-type CachedFile = (Stamp, Vec<Arc<Loaded>>, Vec<Diagnostic>);
-
-/// Parsed files by path: a reload parses only the files that changed since (a one-line edit in
-/// a mesh of 10,000 services must not parse them all again).
+/// The files read so far: a reload parses only the files that changed since, and reports
+/// only those to the store (a one-line edit in a mesh of 10,000 services must not parse them
+/// all again, nor make the store compare them all).
 #[derive(Default)]
 pub struct FileCache {
-    files: std::collections::HashMap<PathBuf, CachedFile>,
+    /// Stamps of the files as last read (None: changed while being read, read again next time).
+    files: HashMap<PathBuf, Option<Stamp>>,
+    /// Groups that carried only walk errors (a missing root), as last reported.
+    errors: BTreeSet<String>,
+    /// Every file has been reported once.
+    reported: bool,
 }
 
-/// [`load`], reusing the parse of every file whose size and times are unchanged. Objects are
-/// shared with the cache, not copied.
-pub fn load_cached(paths: &[PathBuf], cache: &mut FileCache) -> (Vec<Arc<Loaded>>, Vec<Diagnostic>) {
-    let (files, mut diagnostics) = config_files(paths);
-    let mut objects = Vec::new();
-    let mut seen = std::collections::HashMap::new();
-    for file in files {
-        let before = stamp(&file);
-        if let Some(entry) = cache.files.remove(&file).filter(|(s, ..)| before.as_ref() == Some(s)) {
-            objects.extend(entry.1.iter().cloned());
-            diagnostics.extend(entry.2.iter().cloned());
-            seen.insert(file, entry);
-            continue;
-        }
-        match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                let (o, d) = parse_documents(&file.display().to_string(), &text);
-                let o: Vec<Arc<Loaded>> = o.into_iter().map(Arc::new).collect();
-                objects.extend(o.iter().cloned());
-                diagnostics.extend(d.iter().cloned());
-                // Only a file that did not change while it was read is cached.
-                if let Some(s) = before.filter(|s| stamp(&file).as_ref() == Some(s)) {
-                    seen.insert(file, (s, o, d));
-                }
+impl FileCache {
+    /// Reads the config under `paths` again. Returns the groups (files) that are new, changed
+    /// or gone since the last call — and on the first call every file, and true (a complete
+    /// read).
+    pub fn reload(&mut self, paths: &[PathBuf]) -> (Vec<GroupRead>, bool) {
+        let (files, walk_errors) = config_files(paths);
+        let mut reads: Vec<GroupRead> = Vec::new();
+        let mut seen = HashMap::new();
+        for file in files {
+            let before = stamp(&file);
+            if let Some(Some(known)) = self.files.remove(&file)
+                && before.as_ref() == Some(&known)
+            {
+                seen.insert(file, Some(known));
+                continue;
             }
-            Err(e) => diagnostics.push(io_error(&file, format!("cannot read: {e}"))),
+            let (objects, diagnostics) = read(&file);
+            // A file that changed while it was read is read again next time.
+            let unchanged = before.filter(|s| stamp(&file).as_ref() == Some(s));
+            reads.push((file.display().to_string(), Some((objects.into_iter().map(Arc::new).collect(), diagnostics))));
+            seen.insert(file, unchanged);
         }
+        for gone in std::mem::replace(&mut self.files, seen).into_keys() {
+            reads.push((gone.display().to_string(), None));
+        }
+        let mut errors: BTreeMap<String, Vec<Diagnostic>> = BTreeMap::new();
+        for d in walk_errors {
+            errors.entry(d.origin.clone()).or_default().push(d);
+        }
+        for gone in self.errors.iter().filter(|g| !errors.contains_key(*g)) {
+            reads.push((gone.clone(), None));
+        }
+        self.errors = errors.keys().cloned().collect();
+        reads.extend(errors.into_iter().map(|(group, d)| (group, Some((Vec::new(), d)))));
+        (reads, !std::mem::replace(&mut self.reported, true))
     }
-    // Files that are gone leave the cache.
-    cache.files = seen;
-    (objects, diagnostics)
 }

@@ -1,12 +1,15 @@
 //! Builds each proxy's xDS snapshot from the current translator snapshot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use prost::Message;
-use sluice_translator::dataplane::{AGENT_NODE_PREFIX, SERVICE_TYPE, WORKLOAD_TYPE, translate_node};
+use sluice_translator::dataplane::{
+    AGENT_NODE_PREFIX, KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE, kernel_service_names,
+    kernel_services, kernel_workload, translate_node,
+};
 use sluice_translator::envoy::{ProxyClass, ProxyResources, ProxyTranslation};
-use sluice_translator::snapshot::Snapshot;
+use sluice_translator::snapshot::{Snapshot, SnapshotDelta, resolve_host};
 use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SharedTypes};
 use sluice_xds::resource::{Encoded, Interner};
 use sluice_xds::server::{Generator, NodeInfo};
@@ -19,25 +22,62 @@ pub struct Current {
     pub snapshot: Snapshot,
 }
 
+/// Config versions whose deltas are kept for patching agent snapshots: an agent further behind
+/// gets a full snapshot.
+const DELTA_LOG: usize = 64;
+
+/// Hosts whose endpoints a stale class may lack before it is cheaper to translate it again.
+const STALE_HOSTS: usize = 4096;
+
 /// The encoded outbound halves of one config version, by proxy class.
 #[derive(Default)]
 struct OutboundCache {
     version: u64,
     classes: HashMap<ProxyClass, Arc<SharedTypes>>,
+    /// Classes of an earlier version whose load assignments of `stale_hosts` may be out of date
+    /// (every change since was endpoint-only): patched, not translated, when next asked for.
+    stale: HashMap<ProxyClass, Arc<SharedTypes>>,
+    stale_hosts: BTreeSet<String>,
+}
+
+impl OutboundCache {
+    /// Moves the cache to `version`, which `delta` leads to.
+    fn advance(&mut self, version: u64, delta: &SnapshotDelta) {
+        if delta.endpoints_only() && self.stale_hosts.len() + delta.services.len() <= STALE_HOSTS {
+            if self.stale.is_empty() {
+                self.stale_hosts.clear();
+            }
+            let fresh = std::mem::take(&mut self.classes);
+            self.stale.extend(fresh);
+            self.stale_hosts.extend(delta.services.keys().cloned());
+        } else {
+            *self = OutboundCache::default();
+        }
+        self.version = version;
+    }
 }
 
 /// Translates the outbound half once per proxy class and the inbound half per proxy, and
-/// encodes once per distinct resource.
+/// encodes once per distinct resource; after an endpoint-only change, patches what it built
+/// before instead.
 pub struct MeshGenerator {
     current: RwLock<Arc<Current>>,
     interner: Interner,
     outbound: Mutex<OutboundCache>,
+    /// The deltas that led to recent versions, by version.
+    deltas: Mutex<VecDeque<(u64, SnapshotDelta)>>,
 }
 
 impl MeshGenerator {
     /// A generator starting at `current`.
     pub fn new(current: Current) -> Self {
-        Self { current: RwLock::new(Arc::new(current)), interner: Interner::default(), outbound: Mutex::default() }
+        let outbound = OutboundCache { version: current.version, ..Default::default() };
+        Self {
+            current: RwLock::new(Arc::new(current)),
+            interner: Interner::default(),
+            outbound: Mutex::new(outbound),
+            deltas: Mutex::default(),
+        }
     }
 
     fn encode(&self, resources: ProxyResources, into: &mut Vec<Arc<Encoded>>) -> Result<(), String> {
@@ -55,27 +95,57 @@ impl MeshGenerator {
     fn outbound(&self, version: u64, translation: &mut ProxyTranslation<'_>) -> Result<Arc<SharedTypes>, String> {
         let class = translation.class();
         let mut cache = self.outbound.lock().expect("outbound cache lock");
-        if cache.version < version {
-            *cache = OutboundCache { version, classes: HashMap::new() };
-        }
-        if cache.version == version
-            && let Some(hit) = cache.classes.get(&class)
-        {
-            return Ok(hit.clone());
+        if cache.version == version {
+            if let Some(hit) = cache.classes.get(&class) {
+                return Ok(hit.clone());
+            }
+            if let Some(stale) = cache.stale.remove(&class) {
+                let mut endpoints = Vec::new();
+                for r in translation.endpoints_of(&cache.stale_hosts) {
+                    endpoints.push(self.interner.encode(ENDPOINT, &r.name, &r.body).map_err(|e| e.to_string())?);
+                }
+                let patched = Arc::new(stale.with(ENDPOINT, endpoints));
+                cache.classes.insert(class, patched.clone());
+                return Ok(patched);
+            }
         }
         let mut encoded = Vec::new();
         self.encode(translation.outbound(), &mut encoded)?;
         let encoded = Arc::new(SharedTypes::new(encoded));
-        // A generation from an older config (racing a newer one) is not cached.
+        // A generation for another config (racing a change) is not cached.
         if cache.version == version {
             cache.classes.insert(class, encoded.clone());
         }
         Ok(encoded)
     }
 
-    /// Replaces the config the next snapshots are built from.
-    pub fn set(&self, current: Current) {
+    /// Replaces the config the next snapshots are built from; `delta` is what changed since
+    /// the config served before.
+    pub fn set(&self, current: Current, delta: SnapshotDelta) {
+        self.outbound.lock().expect("outbound cache lock").advance(current.version, &delta);
+        {
+            let mut deltas = self.deltas.lock().expect("delta log lock");
+            deltas.push_back((current.version, delta));
+            while deltas.len() > DELTA_LOG {
+                deltas.pop_front();
+            }
+        }
         *self.current.write().expect("generator lock") = Arc::new(current);
+    }
+
+    /// What changed from config version `from` to `to`, if the log reaches back that far.
+    fn delta_between(&self, from: u64, to: u64) -> Option<SnapshotDelta> {
+        let deltas = self.deltas.lock().expect("delta log lock");
+        let mut merged = SnapshotDelta::default();
+        let mut next = from + 1;
+        for (version, delta) in deltas.iter().filter(|(v, _)| *v > from && *v <= to) {
+            if *version != next {
+                return None;
+            }
+            merged.then(delta);
+            next += 1;
+        }
+        (next == to + 1).then_some(merged)
     }
 
     /// The config version being served.
@@ -87,6 +157,12 @@ impl MeshGenerator {
     pub fn cached_classes(&self) -> usize {
         self.outbound.lock().expect("outbound cache lock").classes.len()
     }
+
+    /// Proxy classes cached for an earlier version, waiting to be patched.
+    #[cfg(test)]
+    fn stale_classes(&self) -> usize {
+        self.outbound.lock().expect("outbound cache lock").stale.len()
+    }
 }
 
 impl Generator for MeshGenerator {
@@ -97,7 +173,11 @@ impl Generator for MeshGenerator {
     ) -> Result<sluice_xds::cache::Snapshot, String> {
         let current = self.current.read().expect("generator lock").clone();
         if let Some(node_name) = node.id.strip_prefix(AGENT_NODE_PREFIX) {
-            return Ok(agent_snapshot(&current, node_name, previous));
+            let patched = previous.and_then(|p| {
+                let delta = self.delta_between(p.version, current.version)?;
+                patch_agent_snapshot(&current, node_name, p, &delta)
+            });
+            return Ok(patched.unwrap_or_else(|| agent_snapshot(&current, node_name, previous)));
         }
         let mut translation = ProxyTranslation::new(&current.snapshot, &node.id).map_err(|e| e.to_string())?;
         let outbound = self.outbound(current.version, &mut translation)?;
@@ -116,13 +196,98 @@ fn agent_snapshot(
     previous: Option<&sluice_xds::cache::Snapshot>,
 ) -> sluice_xds::cache::Snapshot {
     let (dataplane, _) = translate_node(&current.snapshot, node_name);
-    let services =
-        dataplane.services.iter().map(|s| Arc::new(Encoded::new(SERVICE_TYPE, &s.resource_name(), s.encode_to_vec())));
-    let workloads = dataplane
-        .workloads
-        .iter()
-        .map(|w| Arc::new(Encoded::new(WORKLOAD_TYPE, &w.resource_name(), w.encode_to_vec())));
+    let services = dataplane.services.iter().map(encode_service);
+    let workloads = dataplane.workloads.iter().map(encode_workload);
     sluice_xds::cache::Snapshot::new(current.version, services.chain(workloads).collect::<Vec<_>>(), previous)
+}
+
+fn encode_service(s: &KernelService) -> Arc<Encoded> {
+    Arc::new(Encoded::new(SERVICE_TYPE, &s.resource_name(), s.encode_to_vec()))
+}
+
+fn encode_workload(w: &KernelWorkload) -> Arc<Encoded> {
+    Arc::new(Encoded::new(WORKLOAD_TYPE, &w.resource_name(), w.encode_to_vec()))
+}
+
+/// `previous` (an agent's snapshot) brought up to `current` through `delta`: the entries of the
+/// changed services, of the services routing to them and of the services whose routing changed,
+/// and the changed workloads. None when only a full translation gives the right answer: subsets
+/// or policy changed, a wildcard VirtualService changed or routes to a changed service, or a
+/// (VIP, port) is claimed by two services.
+fn patch_agent_snapshot(
+    current: &Current,
+    node_name: &str,
+    previous: &sluice_xds::cache::Snapshot,
+    delta: &SnapshotDelta,
+) -> Option<sluice_xds::cache::Snapshot> {
+    if delta.rebuild {
+        return None;
+    }
+    let snapshot = &current.snapshot;
+    // Each affected host with the entry names it had.
+    let mut hosts: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (host, change) in &delta.services {
+        hosts.insert(host.clone(), change.before.as_deref().map(kernel_service_names).unwrap_or_default());
+    }
+    // Hosts whose VirtualService changed.
+    for host in &delta.routing {
+        if host.starts_with('*') {
+            return None;
+        }
+        if let Some(service) = snapshot.services.get(host) {
+            hosts.entry(host.clone()).or_insert_with(|| kernel_service_names(service));
+        }
+    }
+    for host in delta.services.keys() {
+        for vs in snapshot.virtual_services_routing_to(host) {
+            for routed in vs.spec.hosts.iter().map(|h| resolve_host(h, &vs.meta.namespace)) {
+                if routed.starts_with('*') {
+                    return None;
+                }
+                if let Some(service) = snapshot.services.get(&routed) {
+                    hosts.entry(routed).or_insert_with(|| kernel_service_names(service));
+                }
+            }
+        }
+    }
+    let held = previous.of(SERVICE_TYPE).map(|t| t.items.clone()).unwrap_or_default();
+    let owner = |name: &str| -> Option<Option<String>> {
+        match held.get(name) {
+            None => Some(None),
+            Some(e) => KernelService::decode(e.bytes.as_slice()).ok().map(|k| Some(k.host().to_string())),
+        }
+    };
+    let mut diagnostics = Vec::new();
+    let mut put = Vec::new();
+    let mut gone = BTreeSet::new();
+    let mut named = BTreeSet::new();
+    for (host, before) in &hosts {
+        for name in before {
+            // An entry another service holds (two claim the VIP and port): translate in full.
+            if owner(name)?.is_some_and(|o| &o != host) {
+                return None;
+            }
+            gone.insert(name.clone());
+        }
+        for k in snapshot.services.get(host).map(|s| kernel_services(snapshot, s, &mut diagnostics)).unwrap_or_default()
+        {
+            let name = k.resource_name();
+            let claimed = owner(&name)?.is_some_and(|o| !hosts.contains_key(&o));
+            if claimed || !named.insert(name) {
+                return None;
+            }
+            put.push(encode_service(&k));
+        }
+    }
+    let mut removed: Vec<(String, String)> =
+        gone.difference(&named).map(|n| (SERVICE_TYPE.to_string(), n.clone())).collect();
+    for key in &delta.workloads {
+        match snapshot.workloads.get(key) {
+            Some(w) => put.push(encode_workload(&kernel_workload(snapshot, w, node_name, &mut diagnostics))),
+            None => removed.push((WORKLOAD_TYPE.to_string(), format!("{}/{}", key.0, key.1))),
+        }
+    }
+    Some(previous.patched(current.version, put, removed))
 }
 
 #[cfg(test)]
@@ -168,8 +333,100 @@ mod tests {
             assert_eq!(contents(&got), contents(&want), "{id}");
         }
         assert_eq!(generator.cached_classes(), 3, "a and b share a class");
-        generator.set(Current { version: 2, snapshot: reference.snapshot });
+        generator.set(
+            Current { version: 2, snapshot: reference.snapshot },
+            SnapshotDelta { rebuild: true, ..Default::default() },
+        );
         generator.generate(&node(ids[1]), None).unwrap();
         assert_eq!(generator.cached_classes(), 1, "a new config starts a new cache");
+    }
+
+    /// ratings moves to another address: its EndpointSlice and its Pod change.
+    const RATINGS_MOVED: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ratings-abc12, namespace: default, labels: {kubernetes.io/service-name: ratings}}
+addressType: IPv4
+ports: [{name: http, port: 9080, protocol: TCP}]
+endpoints:
+- {addresses: ["127.0.1.31"], conditions: {ready: true}, targetRef: {kind: Pod, name: ratings-v1, namespace: default}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ratings-v1, namespace: default, labels: {app: ratings, version: v1}}
+spec:
+  serviceAccountName: bookinfo-ratings
+  containers: [{name: ratings, image: docker.io/istio/examples-bookinfo-ratings-v1:1.20.2, ports: [{containerPort: 9080}]}]
+status: {podIP: 127.0.1.31}
+"#;
+
+    #[test]
+    fn an_endpoint_only_change_patches_what_was_built_and_equals_a_full_generation() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut snapshot =
+            crate::load_config(&[root.join("bookinfo"), root.join("bookinfo-variants/reviews-80-20")]).snapshot;
+        let generator = MeshGenerator::new(Current { version: 1, snapshot: snapshot.clone() });
+        let ids = [
+            "agent~node-1",
+            "sidecar~127.0.1.10~productpage-v1.default~default.svc.cluster.local",
+            "sidecar~127.0.9.1~a.default~default.svc.cluster.local",
+        ];
+        let before: Vec<_> = ids.iter().map(|id| generator.generate(&node(id), None).unwrap()).collect();
+        let (moved, _) = sluice_translator::parse::parse_documents("moved.yaml", RATINGS_MOVED);
+        let delta = snapshot.apply(moved.into_iter().map(|l| sluice_translator::snapshot::Change::Upsert(Arc::new(l))));
+        assert!(delta.endpoints_only(), "{delta:?}");
+        assert_eq!(delta.services.keys().collect::<Vec<_>>(), ["ratings.default.svc.cluster.local"]);
+        generator.set(Current { version: 2, snapshot: snapshot.clone() }, delta);
+        assert_eq!(generator.stale_classes(), 2, "both sidecar classes wait to be patched");
+        let patched: Vec<_> =
+            ids.iter().zip(&before).map(|(id, b)| generator.generate(&node(id), Some(b)).unwrap()).collect();
+        assert_eq!((generator.stale_classes(), generator.cached_classes()), (0, 2), "patched, not translated");
+        for ((id, b), p) in ids.iter().zip(&before).zip(&patched) {
+            for (type_url, t) in &p.types {
+                let changes: &[&str] =
+                    if id.starts_with("agent") { &[SERVICE_TYPE, WORKLOAD_TYPE] } else { &[ENDPOINT] };
+                let changed = changes.contains(&type_url.as_str());
+                assert_eq!(t.version != b.types[type_url].version, changed, "{id} {type_url}");
+            }
+        }
+        // The same config translated in full (the same interner, so equal resources are the
+        // same encodings).
+        generator.set(Current { version: 3, snapshot }, SnapshotDelta { rebuild: true, ..Default::default() });
+        for (id, p) in ids.iter().zip(&patched) {
+            let full = generator.generate(&node(id), None).unwrap();
+            assert_eq!(contents(p), contents(&full), "{id}");
+        }
+        // The agent's snapshot was patched: an untouched entry is the very same encoding.
+        let (old, new) = (&before[0].types[WORKLOAD_TYPE].items, &patched[0].types[WORKLOAD_TYPE].items);
+        let untouched = "default/productpage-v1";
+        assert!(Arc::ptr_eq(old.get(untouched).unwrap(), new.get(untouched).unwrap()));
+        assert_ne!(old.get("default/ratings-v1"), new.get("default/ratings-v1"));
+    }
+
+    #[test]
+    fn a_routing_change_patches_the_agent_and_retranslates_the_sidecars() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut snapshot =
+            crate::load_config(&[root.join("bookinfo"), root.join("bookinfo-variants/reviews-80-20")]).snapshot;
+        let generator = MeshGenerator::new(Current { version: 1, snapshot: snapshot.clone() });
+        let agent = node("agent~node-1");
+        let before = generator.generate(&agent, None).unwrap();
+        let sidecar = node("sidecar~127.0.9.1~a.default~default.svc.cluster.local");
+        generator.generate(&sidecar, None).unwrap();
+        let (changed, _) = crate::file_source::load(&[root.join("bookinfo-variants/reviews-50-50")]);
+        let changes = changed.into_iter().map(|l| sluice_translator::snapshot::Change::Upsert(Arc::new(l)));
+        let delta = snapshot.apply(changes);
+        assert_eq!(delta.routing.iter().collect::<Vec<_>>(), ["reviews.default.svc.cluster.local"], "{delta:?}");
+        assert!(!delta.rebuild && delta.services.is_empty());
+        generator.set(Current { version: 2, snapshot: snapshot.clone() }, delta);
+        assert_eq!(generator.stale_classes(), 0, "a routing change is translated again");
+        let patched = generator.generate(&agent, Some(&before)).unwrap();
+        let untouched = "default/productpage-v1";
+        let workloads = |s: &sluice_xds::cache::Snapshot| s.types[WORKLOAD_TYPE].items.get(untouched).unwrap().clone();
+        assert!(Arc::ptr_eq(&workloads(&before), &workloads(&patched)), "patched, not rebuilt");
+        generator.set(Current { version: 3, snapshot }, SnapshotDelta { rebuild: true, ..Default::default() });
+        let full = generator.generate(&agent, None).unwrap();
+        assert_eq!(contents(&patched), contents(&full));
+        assert_ne!(contents(&before), contents(&full), "the weights changed");
     }
 }

@@ -3,7 +3,7 @@
 //! source. Only list/watch bookkeeping lives here; parsing, validation, the last-good rule and
 //! persistence are the shared path's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,8 @@ use sluice_translator::diagnostic::{Diagnostic, ObjectRef};
 use sluice_translator::model::{Kind, Loaded};
 use sluice_translator::parse::parse_value;
 use tokio::sync::mpsc;
+
+use crate::store::GroupRead;
 
 /// Where the diagnostics of objects read from the API server say they came from.
 pub const ORIGIN: &str = "kubernetes";
@@ -58,6 +60,10 @@ struct KindCache {
 #[derive(Default)]
 pub struct KubeCache {
     kinds: BTreeMap<Kind, KindCache>,
+    /// Objects added, changed or deleted since the store last took them.
+    dirty: BTreeSet<(Kind, Key)>,
+    /// The store has taken every object once.
+    reported: bool,
 }
 
 /// An Istio object as the status writer needs it.
@@ -133,15 +139,22 @@ impl KubeCache {
                 false
             }
             Event::InitDone => {
-                cache.objects = cache.relist.take().unwrap_or_default();
+                let relisted = cache.relist.take().unwrap_or_default();
+                let old = std::mem::replace(&mut cache.objects, relisted);
+                let keys = old.into_keys().chain(cache.objects.keys().cloned());
+                self.dirty.extend(keys.map(|k| (kind, k)));
                 cache.synced = true;
                 true
             }
             Event::Apply(o) => {
                 cache.objects.insert(key_of(&o), seen(kind, version, &o));
+                self.dirty.insert((kind, key_of(&o)));
                 true
             }
-            Event::Delete(o) => cache.objects.remove(&key_of(&o)).is_some(),
+            Event::Delete(o) => {
+                self.dirty.insert((kind, key_of(&o)));
+                cache.objects.remove(&key_of(&o)).is_some()
+            }
         }
     }
 
@@ -150,7 +163,7 @@ impl KubeCache {
     pub fn absent(&mut self, kind: Kind) -> bool {
         let cache = self.kinds.entry(kind).or_default();
         let had = !cache.objects.is_empty();
-        cache.objects.clear();
+        self.dirty.extend(std::mem::take(&mut cache.objects).into_keys().map(|k| (kind, k)));
         cache.relist = None;
         cache.synced = true;
         had
@@ -167,15 +180,26 @@ impl KubeCache {
         Kind::ALL.iter().filter(|k| !self.kinds.get(k).is_some_and(|c| c.synced)).map(|k| k.name()).collect()
     }
 
-    /// Every object's parse, as the store takes it (shared, not copied).
-    pub fn load(&self) -> (Vec<Arc<Loaded>>, Vec<Diagnostic>) {
-        let mut loaded = Vec::new();
-        let mut diagnostics = Vec::new();
-        for seen in self.kinds.values().flat_map(|c| c.objects.values()) {
-            loaded.extend(seen.loaded.iter().cloned());
-            diagnostics.extend(seen.diagnostics.iter().cloned());
-        }
-        (loaded, diagnostics)
+    /// The objects changed since the last call, as the store takes them (shared, not copied),
+    /// one group per object; on the first call every object, and true (a complete read).
+    pub fn take_reads(&mut self) -> (Vec<GroupRead>, bool) {
+        let complete = !self.reported;
+        let keys: Vec<(Kind, Key)> = if complete {
+            self.kinds.iter().flat_map(|(k, c)| c.objects.keys().map(|key| (*k, key.clone()))).collect()
+        } else {
+            std::mem::take(&mut self.dirty).into_iter().collect()
+        };
+        self.dirty.clear();
+        self.reported = true;
+        let reads = keys
+            .into_iter()
+            .map(|(kind, key)| {
+                let seen = self.kinds.get(&kind).and_then(|c| c.objects.get(&key));
+                let group = format!("kube:{}/{}/{}", kind.name(), key.0, key.1);
+                (group, seen.map(|s| (s.loaded.clone(), s.diagnostics.clone())))
+            })
+            .collect();
+        (reads, complete)
     }
 
     /// The Istio objects, for the status writer.
@@ -301,6 +325,11 @@ mod tests {
         }))
     }
 
+    /// Every object held, as a complete read would give it.
+    fn held(c: &KubeCache) -> Vec<Arc<Loaded>> {
+        c.kinds.values().flat_map(|k| k.objects.values()).flat_map(|s| s.loaded.iter().cloned()).collect()
+    }
+
     #[test]
     fn a_relist_replaces_the_objects_and_volatile_fields_are_not_config() {
         let mut c = KubeCache::default();
@@ -309,17 +338,24 @@ mod tests {
         c.apply(Kind::VirtualService, v, Event::InitApply(vs("a", "a")));
         c.apply(Kind::VirtualService, v, Event::InitApply(vs("b", "b")));
         assert!(c.apply(Kind::VirtualService, v, Event::InitDone));
-        assert_eq!(c.load().0.len(), 2, "{:?}", c.load().1);
-        let raw = &c.load().0[0].raw;
+        assert_eq!(held(&c).len(), 2);
+        let (reads, complete) = c.take_reads();
+        assert!(complete && reads.len() == 2, "the first read is complete: {reads:?}");
+        let raw = &held(&c)[0].raw;
         assert_eq!(raw["apiVersion"], "networking.istio.io/v1", "list items get apiVersion and kind");
         assert!(raw.get("status").is_none() && raw["metadata"].get("resourceVersion").is_none());
         assert_eq!(c.istio_objects().next().unwrap().generation, Some(2));
         // A relist without b (deleted while the watch was down) drops b.
         c.apply(Kind::VirtualService, v, Event::Init);
         c.apply(Kind::VirtualService, v, Event::InitApply(vs("a", "a")));
-        assert_eq!(c.load().0.len(), 2, "the old objects stay until the relist completes");
+        assert_eq!(held(&c).len(), 2, "the old objects stay until the relist completes");
         c.apply(Kind::VirtualService, v, Event::InitDone);
-        assert_eq!(c.load().0.len(), 1);
+        assert_eq!(held(&c).len(), 1);
+        let (reads, complete) = c.take_reads();
+        let reads: Vec<(&str, bool)> = reads.iter().map(|(g, r)| (g.as_str(), r.is_some())).collect();
+        assert!(!complete);
+        assert_eq!(reads, [("kube:VirtualService/default/a", true), ("kube:VirtualService/default/b", false)]);
+        assert!(c.take_reads().0.is_empty(), "nothing changed since");
         assert!(c.apply(Kind::VirtualService, v, Event::Delete(vs("a", "a"))));
         assert!(!c.apply(Kind::VirtualService, v, Event::Delete(vs("a", "a"))), "a repeated delete changes nothing");
         assert!(!c.synced(), "other kinds have not listed yet");
@@ -333,7 +369,8 @@ mod tests {
     fn an_invalid_object_is_reported_and_left_out() {
         let mut c = KubeCache::default();
         c.apply(Kind::VirtualService, "v1", Event::Apply(vs("bad", "a b")));
-        let (loaded, diagnostics) = c.load();
+        let (mut reads, _) = c.take_reads();
+        let (loaded, diagnostics) = reads.remove(0).1.unwrap();
         assert!(loaded.is_empty());
         let d = &diagnostics[0];
         assert_eq!(d.object, Some(ObjectRef::new("VirtualService", "default", "bad")));

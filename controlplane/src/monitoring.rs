@@ -56,14 +56,16 @@ async fn syncz(State(m): State<Arc<Monitor>>) -> Response {
 
 async fn configz(State(m): State<Arc<Monitor>>) -> Response {
     let store = m.store.lock().expect("store lock");
-    let objects: Vec<_> = store
-        .objects()
+    let mut accepted: Vec<_> = store.objects().collect();
+    accepted.sort_by(|a, b| a.reference.cmp(&b.reference));
+    let objects: Vec<_> = accepted
+        .into_iter()
         .map(|l| json!({"kind": l.reference.kind, "namespace": l.reference.namespace, "name": l.reference.name, "origin": l.origin}))
         .collect();
     let (rejected, warnings): (Vec<_>, Vec<_>) =
-        store.diagnostics().iter().partition(|d| d.severity == Severity::Error);
+        store.diagnostics().into_iter().partition(|d| d.severity == Severity::Error);
     let text =
-        |list: Vec<&sluice_translator::diagnostic::Diagnostic>| list.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+        |list: Vec<sluice_translator::diagnostic::Diagnostic>| list.iter().map(|d| d.to_string()).collect::<Vec<_>>();
     axum::Json(json!({
         "version": store.version(),
         "objects": objects,

@@ -18,7 +18,7 @@ use crate::generator::{Current, MeshGenerator};
 use crate::kube_source::KubeCache;
 use crate::metrics::Metrics;
 use crate::monitoring::{Monitor, router};
-use crate::store::ConfigStore;
+use crate::store::{ConfigStore, Source};
 
 /// The Kubernetes source's part of `sluice serve`.
 #[derive(Clone)]
@@ -93,50 +93,65 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    /// Reloads the sources; on change, rebuilds and pushes. `seen` is when the change was noticed.
+    /// Reloads the sources; on change, updates the snapshot and pushes. `seen` is when the
+    /// change was noticed.
     fn reload(&self, seen: Instant) -> anyhow::Result<()> {
-        let (mut loaded, mut diagnostics) = if self.config.is_empty() {
-            Default::default()
-        } else {
-            crate::file_source::load_cached(&self.config, &mut self.files.lock().expect("file cache lock"))
-        };
+        let mut reads = Vec::new();
+        let mut complete = Vec::new();
         if let Some(kube) = &self.kube {
-            let kube = kube.lock().expect("kube cache lock");
+            let mut kube = kube.lock().expect("kube cache lock");
             if !kube.synced() {
                 // A load now would read as the deletion of every kind not listed yet.
                 tracing::debug!(waiting_for = ?kube.pending(), "waiting for the first list of every kind");
                 return Ok(());
             }
-            let (l, d) = kube.load();
-            loaded.extend(l);
-            diagnostics.extend(d);
+            let (kube_reads, all) = kube.take_reads();
+            reads.extend(kube_reads.into_iter().map(|r| (Source::Kube, r)));
+            if all {
+                complete.push(Source::Kube);
+            }
         }
-        let mut store = self.store.lock().expect("store lock");
-        let rejected = diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
-        for d in &diagnostics {
+        if !self.config.is_empty() {
+            let (file_reads, all) = self.files.lock().expect("file cache lock").reload(&self.config);
+            reads.extend(file_reads.into_iter().map(|r| (Source::Files, r)));
+            if all {
+                complete.push(Source::Files);
+            }
+        }
+        for d in reads.iter().flat_map(|(_, (_, read))| read.iter().flat_map(|(_, d)| d)) {
             match d.severity {
                 Severity::Error => tracing::warn!("{d}"),
                 Severity::Warning => tracing::debug!("{d}"),
             }
         }
+        let mut store = self.store.lock().expect("store lock");
+        let delta = store.apply(reads, &complete)?;
+        let rejected = store.rejected();
         self.metrics.loaded(rejected);
-        let changed = store.apply(loaded, diagnostics)?;
         self.ready.store(true, Ordering::Release);
-        if !changed {
+        let Some(delta) = delta else {
             tracing::debug!("config unchanged");
             // Status may still be due: an object rejected now leaves the config as it was.
             self.findings.send_modify(|_| {});
             return Ok(());
-        }
-        let (snapshot, findings) = store.snapshot();
-        self.findings.send_replace(Arc::new(findings));
+        };
+        let snapshot = store.snapshot();
+        self.findings.send_replace(Arc::new(snapshot.diagnostics()));
         let version = store.version();
         let objects = store.len();
         drop(store);
         self.metrics.config_changed(version, seen);
-        self.generator.set(Current { version, snapshot });
+        let services = delta.services.len();
+        self.generator.set(Current { version, snapshot }, delta);
         let pushed = self.xds.refresh();
-        tracing::info!(version, objects, rejected, proxies_updated = pushed, "config loaded");
+        tracing::info!(
+            version,
+            objects,
+            rejected,
+            services_changed = services,
+            proxies_updated = pushed,
+            "config loaded"
+        );
         Ok(())
     }
 }
@@ -148,8 +163,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let store = ConfigStore::open(options.state_dir.as_deref())?;
     let from_state = !store.is_empty();
-    let (snapshot, _) = store.snapshot();
-    let generator = Arc::new(MeshGenerator::new(Current { version: store.version(), snapshot }));
+    let generator = Arc::new(MeshGenerator::new(Current { version: store.version(), snapshot: store.snapshot() }));
     let metrics = Arc::new(Metrics::new());
     metrics.config_changed(store.version(), Instant::now());
     let xds = XdsServer::new(generator.clone(), metrics.clone());

@@ -1,17 +1,18 @@
-//! The config store: the accepted objects, their version, and the last-good rule — an object
-//! that fails to parse or validate keeps being served in its last good form. With a state
+//! The config store: the accepted objects, their version, the translator snapshot built from
+//! them, and the last-good rule — an object that fails to parse or validate keeps being served
+//! in its last good form. Sources report what they read per group (a file, or one Kubernetes
+//! object), so a change costs what it touches, not the size of the mesh. With a state
 //! directory, the accepted objects and the version live in sled so a restart serves at once and
 //! versions never go backwards.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use sluice_translator::diagnostic::{Diagnostic, ObjectRef, Severity};
 use sluice_translator::model::Loaded;
 use sluice_translator::parse::parse_documents;
-use sluice_translator::snapshot::Snapshot;
+use sluice_translator::snapshot::{Change, Snapshot, SnapshotDelta};
 
 /// A persistence failure.
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +27,36 @@ pub enum StoreError {
     },
 }
 
-/// Accepted objects and their version.
-pub struct ConfigStore {
-    accepted: BTreeMap<ObjectRef, Arc<Loaded>>,
-    version: u64,
-    fingerprint: u64,
+/// Which source a group comes from: a complete reload of one source drops its groups that
+/// were not read again, and leaves the other source's alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    /// Files and directories.
+    Files,
+    /// The Kubernetes API server.
+    Kube,
+}
+
+/// One group's latest read: its objects and diagnostics, or None when the group is gone.
+pub type GroupRead = (String, Option<(Vec<Arc<Loaded>>, Vec<Diagnostic>)>);
+
+/// What one group contributes.
+struct Group {
+    source: Source,
+    objects: BTreeMap<ObjectRef, Arc<Loaded>>,
     diagnostics: Vec<Diagnostic>,
+}
+
+/// Accepted objects, their version and their snapshot.
+pub struct ConfigStore {
+    /// Groups by name (a file path, or a Kubernetes object's kind/namespace/name).
+    groups: BTreeMap<String, Group>,
+    /// The groups contributing each reference; the first by name is the one accepted.
+    owners: HashMap<ObjectRef, BTreeSet<String>>,
+    /// The accepted objects.
+    accepted: HashMap<ObjectRef, Arc<Loaded>>,
+    snapshot: Snapshot,
+    version: u64,
     db: Option<(sled::Db, String)>,
 }
 
@@ -41,11 +66,22 @@ fn key(r: &ObjectRef) -> String {
     format!("{}/{}/{}", r.kind, r.namespace, r.name)
 }
 
+/// The same accepted object (the same parse, or an equal one from the same place).
+fn same(a: &Loaded, b: &Loaded) -> bool {
+    a.fingerprint == b.fingerprint && a.origin == b.origin
+}
+
 impl ConfigStore {
     /// A store; with `state_dir`, reopens the persisted objects and version.
     pub fn open(state_dir: Option<&Path>) -> Result<Self, StoreError> {
-        let mut store =
-            Self { accepted: BTreeMap::new(), version: 0, fingerprint: 0, diagnostics: Vec::new(), db: None };
+        let mut store = Self {
+            groups: BTreeMap::new(),
+            owners: HashMap::new(),
+            accepted: HashMap::new(),
+            snapshot: Snapshot::default(),
+            version: 0,
+            db: None,
+        };
         let Some(dir) = state_dir else { return Ok(store) };
         let path = dir.display().to_string();
         let err = |source| StoreError::Sled { path: path.clone(), source };
@@ -53,17 +89,19 @@ impl ConfigStore {
         if let Some(v) = db.get(VERSION_KEY).map_err(err)? {
             store.version = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
         }
-        let objects = db.open_tree("objects").map_err(err)?;
-        for item in objects.iter() {
+        let mut saved: BTreeMap<(Source, String), Vec<Arc<Loaded>>> = BTreeMap::new();
+        for item in db.open_tree("objects").map_err(err)?.iter() {
             let (_, value) = item.map_err(err)?;
-            let Ok(saved) = serde_json::from_slice::<serde_json::Value>(&value) else { continue };
-            let origin = saved["origin"].as_str().unwrap_or("state").to_string();
-            let (loaded, _) = parse_documents(&origin, &saved["raw"].to_string());
-            for l in loaded {
-                store.accepted.insert(l.reference.clone(), Arc::new(l));
-            }
+            let Ok(value) = serde_json::from_slice::<serde_json::Value>(&value) else { continue };
+            let origin = value["origin"].as_str().unwrap_or("state").to_string();
+            let group = value["group"].as_str().unwrap_or(&origin).to_string();
+            let source = if value["source"] == "kube" { Source::Kube } else { Source::Files };
+            let (loaded, _) = parse_documents(&origin, &value["raw"].to_string());
+            saved.entry((source, group)).or_default().extend(loaded.into_iter().map(Arc::new));
         }
-        store.fingerprint = store.compute_fingerprint();
+        let reads = saved.into_iter().map(|((source, group), objects)| (source, (group, Some((objects, Vec::new())))));
+        let changes = store.take(reads.collect(), &[]);
+        store.snapshot.apply(changes);
         store.db = Some((db, path));
         Ok(store)
     }
@@ -83,9 +121,15 @@ impl ConfigStore {
         self.accepted.is_empty()
     }
 
-    /// The diagnostics of the last load.
-    pub fn diagnostics(&self) -> &[Diagnostic] {
-        &self.diagnostics
+    /// The diagnostics of the latest read of every group.
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        self.groups.values().flat_map(|g| g.diagnostics.iter().cloned()).collect()
+    }
+
+    /// Number of objects the latest reads rejected.
+    pub fn rejected(&self) -> usize {
+        let errors = self.groups.values().flat_map(|g| &g.diagnostics).filter(|d| d.severity == Severity::Error);
+        errors.count()
     }
 
     /// The accepted objects.
@@ -93,71 +137,137 @@ impl ConfigStore {
         self.accepted.values().map(|l| l.as_ref())
     }
 
-    fn compute_fingerprint(&self) -> u64 {
-        let mut h = DefaultHasher::new();
-        for (r, l) in &self.accepted {
-            r.hash(&mut h);
-            // Each object's hash was taken once, when it was parsed.
-            l.fingerprint.hash(&mut h);
-        }
-        h.finish()
+    /// The translator's snapshot of the accepted objects (a cheap copy: it shares structure).
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.clone()
     }
 
-    /// Takes a fresh load of the sources. Objects the load rejected keep their last good form,
-    /// as do all objects of a file that could not be parsed at all. Returns true when the
-    /// accepted set changed (and the version was bumped).
-    pub fn apply(&mut self, loaded: Vec<Arc<Loaded>>, diagnostics: Vec<Diagnostic>) -> Result<bool, StoreError> {
-        let mut next: BTreeMap<ObjectRef, Arc<Loaded>> = BTreeMap::new();
-        for l in loaded {
-            next.entry(l.reference.clone()).or_insert(l);
+    /// Takes the sources' `reads` of their groups; for a source in `complete`, every group was
+    /// read and the ones not in `reads` are gone. Returns the snapshot's delta when the accepted
+    /// objects changed (and the version was bumped).
+    pub fn apply(
+        &mut self,
+        reads: Vec<(Source, GroupRead)>,
+        complete: &[Source],
+    ) -> Result<Option<SnapshotDelta>, StoreError> {
+        let changes = self.take(reads, complete);
+        if changes.is_empty() {
+            return Ok(None);
         }
-        let rejected: BTreeSet<&ObjectRef> =
-            diagnostics.iter().filter(|d| d.severity == Severity::Error).filter_map(|d| d.object.as_ref()).collect();
-        let broken_files: BTreeSet<&str> = diagnostics
-            .iter()
-            .filter(|d| d.severity == Severity::Error && d.object.is_none())
-            .map(|d| d.origin.as_str())
-            .collect();
-        for (r, old) in &self.accepted {
-            let keep = rejected.contains(r) || broken_files.contains(old.origin.as_str());
-            if keep && !next.contains_key(r) {
-                tracing::warn!(object = %r, "keeping the last good version of a rejected object");
-                next.insert(r.clone(), old.clone());
+        self.version += 1;
+        self.persist(&changes)?;
+        Ok(Some(self.snapshot.apply(changes)))
+    }
+
+    /// Records the reads; returns the changes of the accepted objects.
+    fn take(&mut self, mut reads: Vec<(Source, GroupRead)>, complete: &[Source]) -> Vec<Change> {
+        if !complete.is_empty() {
+            let read: BTreeSet<&str> = reads.iter().map(|(_, (g, _))| g.as_str()).collect();
+            let gone: Vec<(Source, GroupRead)> = self
+                .groups
+                .iter()
+                .filter(|(name, g)| complete.contains(&g.source) && !read.contains(name.as_str()))
+                .map(|(name, g)| (g.source, (name.clone(), None)))
+                .collect();
+            reads.extend(gone);
+        }
+        let mut touched = BTreeSet::new();
+        for (source, (name, read)) in reads {
+            let previous = self.groups.remove(&name).map(|g| g.objects).unwrap_or_default();
+            let before: Vec<ObjectRef> = previous.keys().cloned().collect();
+            let group = read.map(|(objects, diagnostics)| Self::last_good(source, previous, objects, diagnostics));
+            for r in before {
+                if !group.as_ref().is_some_and(|g| g.objects.contains_key(&r)) {
+                    self.disown(&r, &name);
+                }
+                touched.insert(r);
+            }
+            let Some(group) = group else { continue };
+            for r in group.objects.keys() {
+                self.owners.entry(r.clone()).or_default().insert(name.clone());
+                touched.insert(r.clone());
+            }
+            self.groups.insert(name, group);
+        }
+        let mut changes = Vec::new();
+        for r in touched {
+            let now = self.owners.get(&r).and_then(|o| o.first()).and_then(|g| self.groups[g].objects.get(&r)).cloned();
+            match (self.accepted.get(&r), now) {
+                (Some(old), Some(new)) if same(old, &new) => {}
+                (_, Some(new)) => {
+                    self.accepted.insert(r, new.clone());
+                    changes.push(Change::Upsert(new));
+                }
+                (Some(_), None) => {
+                    self.accepted.remove(&r);
+                    changes.push(Change::Remove(r));
+                }
+                (None, None) => {}
             }
         }
-        self.accepted = next;
-        self.diagnostics = diagnostics;
-        let fingerprint = self.compute_fingerprint();
-        if fingerprint == self.fingerprint && self.version > 0 {
-            return Ok(false);
-        }
-        self.fingerprint = fingerprint;
-        self.version += 1;
-        self.persist()?;
-        Ok(true)
+        changes
     }
 
-    fn persist(&self) -> Result<(), StoreError> {
+    /// What a group contributes after a read: a read that could not be parsed at all keeps the
+    /// group's objects, and a rejected object keeps its last good form.
+    fn last_good(
+        source: Source,
+        previous: BTreeMap<ObjectRef, Arc<Loaded>>,
+        objects: Vec<Arc<Loaded>>,
+        diagnostics: Vec<Diagnostic>,
+    ) -> Group {
+        let errors = || diagnostics.iter().filter(|d| d.severity == Severity::Error);
+        let mut group = Group { source, objects: BTreeMap::new(), diagnostics: Vec::new() };
+        if errors().any(|d| d.object.is_none()) {
+            group.objects = previous;
+        } else {
+            for l in objects {
+                group.objects.entry(l.reference.clone()).or_insert(l);
+            }
+            let rejected: BTreeSet<&ObjectRef> = errors().filter_map(|d| d.object.as_ref()).collect();
+            for (r, old) in previous {
+                if rejected.contains(&r) && !group.objects.contains_key(&r) {
+                    tracing::warn!(object = %r, "keeping the last good version of a rejected object");
+                    group.objects.insert(r, old);
+                }
+            }
+        }
+        group.diagnostics = diagnostics;
+        group
+    }
+
+    fn disown(&mut self, r: &ObjectRef, group: &str) {
+        if let Some(owners) = self.owners.get_mut(r) {
+            owners.remove(group);
+            if owners.is_empty() {
+                self.owners.remove(r);
+            }
+        }
+    }
+
+    fn persist(&self, changes: &[Change]) -> Result<(), StoreError> {
         let Some((db, path)) = &self.db else { return Ok(()) };
         let err = |source| StoreError::Sled { path: path.clone(), source };
         let objects = db.open_tree("objects").map_err(err)?;
         let mut batch = sled::Batch::default();
-        for item in objects.iter().keys() {
-            batch.remove(item.map_err(err)?);
-        }
-        for (r, l) in &self.accepted {
-            let value = serde_json::json!({"origin": l.origin, "raw": l.raw});
-            batch.insert(key(r).as_bytes(), serde_json::to_vec(&value).expect("json"));
+        for change in changes {
+            match change {
+                Change::Upsert(l) => {
+                    let group = self.owners.get(&l.reference).and_then(|o| o.first());
+                    let source = match group.map(|g| self.groups[g].source) {
+                        Some(Source::Kube) => "kube",
+                        _ => "files",
+                    };
+                    let value = serde_json::json!({"origin": l.origin, "group": group, "source": source, "raw": l.raw});
+                    batch.insert(key(&l.reference).as_bytes(), serde_json::to_vec(&value).expect("json"));
+                }
+                Change::Remove(r) => batch.remove(key(r).as_bytes()),
+            }
         }
         objects.apply_batch(batch).map_err(err)?;
         db.insert(VERSION_KEY, &self.version.to_be_bytes()).map_err(err)?;
         db.flush().map_err(err)?;
         Ok(())
-    }
-
-    /// The translator's snapshot of the accepted objects, with its cross-object diagnostics.
-    pub fn snapshot(&self) -> (Snapshot, Vec<Diagnostic>) {
-        Snapshot::build(self.accepted.values().map(|l| l.clone_without_raw()).collect())
     }
 }
 
@@ -165,9 +275,9 @@ impl ConfigStore {
 mod tests {
     use super::*;
 
-    fn load(text: &str) -> (Vec<Arc<Loaded>>, Vec<Diagnostic>) {
-        let (loaded, diagnostics) = parse_documents("f.yaml", text);
-        (loaded.into_iter().map(Arc::new).collect(), diagnostics)
+    fn read(group: &str, text: &str) -> Vec<(Source, GroupRead)> {
+        let (loaded, diagnostics) = parse_documents(group, text);
+        vec![(Source::Files, (group.to_string(), Some((loaded.into_iter().map(Arc::new).collect(), diagnostics))))]
     }
 
     const GOOD: &str =
@@ -179,22 +289,38 @@ mod tests {
     fn rejected_objects_keep_their_last_good_form_and_versions_persist() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = ConfigStore::open(Some(dir.path())).unwrap();
-        let (l, d) = load(GOOD);
-        assert!(s.apply(l, d).unwrap());
+        assert!(s.apply(read("f.yaml", GOOD), &[Source::Files]).unwrap().is_some());
         assert_eq!((s.version(), s.len()), (1, 1));
-        let (l, d) = load(BAD);
-        assert!(!s.apply(l, d).unwrap(), "nothing changed: the good DestinationRule is kept");
+        assert!(
+            s.apply(read("f.yaml", BAD), &[]).unwrap().is_none(),
+            "nothing changed: the good DestinationRule is kept"
+        );
         assert_eq!(s.len(), 1);
-        let (l, d) = load("apiVersion: v1\nkind: [unclosed\n");
-        s.apply(l, d).unwrap();
+        assert_eq!(s.diagnostics().len(), 1, "the rejection is reported");
+        s.apply(read("f.yaml", "apiVersion: v1\nkind: [unclosed\n"), &[]).unwrap();
         assert_eq!(s.len(), 1, "a file that does not parse keeps its objects");
-        let (l, d) = load("");
-        assert!(s.apply(l, d).unwrap(), "a deleted object goes");
+        assert!(s.apply(read("f.yaml", ""), &[]).unwrap().is_some(), "a deleted object goes");
         assert_eq!((s.version(), s.len()), (2, 0));
-        let (l, d) = load(GOOD);
-        s.apply(l, d).unwrap();
+        s.apply(read("f.yaml", GOOD), &[]).unwrap();
         drop(s);
-        let s = ConfigStore::open(Some(dir.path())).unwrap();
+        let mut s = ConfigStore::open(Some(dir.path())).unwrap();
         assert_eq!((s.version(), s.len()), (3, 1), "restart: same objects, version does not go back");
+        assert_eq!(s.snapshot().destination_rules.len(), 1, "and the snapshot has them");
+        // A complete read of the files without f.yaml: it was deleted while sluice was down.
+        assert!(s.apply(read("g.yaml", ""), &[Source::Files]).unwrap().is_some());
+        assert_eq!(s.len(), 0);
+    }
+
+    #[test]
+    fn a_reference_defined_twice_is_taken_from_the_first_group_and_falls_back_to_the_other() {
+        let mut s = ConfigStore::open(None).unwrap();
+        let other = GOOD.replace("host: a", "host: b");
+        s.apply([read("b.yaml", &other), read("a.yaml", GOOD)].concat(), &[]).unwrap();
+        let host = |s: &ConfigStore| s.snapshot().destination_rules.values().next().map(|d| d.spec.host.clone());
+        assert_eq!(host(&s).as_deref(), Some("a"));
+        let delta = s.apply(vec![(Source::Files, ("a.yaml".to_string(), None))], &[]).unwrap().unwrap();
+        assert!(delta.rebuild);
+        assert_eq!(host(&s).as_deref(), Some("b"), "the other definition takes over");
+        assert!(s.apply(read("a.yaml", ""), &[]).unwrap().is_none(), "an empty new file changes nothing");
     }
 }

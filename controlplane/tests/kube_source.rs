@@ -196,12 +196,15 @@ fn lists_follows_events_survives_dropped_watches_and_410_and_the_leader_writes_s
 
 #[test]
 fn serves_the_state_directory_while_the_api_server_is_down_and_converges_when_it_returns() {
+    use sluice_controlplane::store::Source;
     let state = tempfile::tempdir().unwrap();
     {
         // A previous run accepted the fixture.
         let mut store = sluice_controlplane::store::ConfigStore::open(Some(state.path())).unwrap();
         let (loaded, diagnostics) = sluice_translator::parse::parse_documents("kubernetes", &fixture().to_string());
-        assert!(store.apply(loaded.into_iter().map(std::sync::Arc::new).collect(), diagnostics).unwrap());
+        let objects = loaded.into_iter().map(std::sync::Arc::new).collect();
+        let read = (Source::Kube, ("kubernetes".to_string(), Some((objects, diagnostics))));
+        assert!(store.apply(vec![read], &[Source::Kube]).unwrap().is_some());
     }
     let fake = FakeApiServer::new();
     fake.load_list(&fixture());

@@ -195,9 +195,14 @@ fn a_moved_endpoint_is_an_endpoint_only_change_of_its_service() {
     assert_eq!(delta.workloads.iter().collect::<Vec<_>>(), [&("a".to_string(), "p1".to_string())]);
     // The same object again changes nothing.
     assert!(snapshot.apply([Change::Upsert(Arc::new(object(6, 1).1.unwrap()))]).is_empty());
-    // A new port is not an endpoint-only change; a VirtualService forces a rebuild.
+    // A new port is not an endpoint-only change; a VirtualService changes the routing of its
+    // hosts; a DestinationRule forces a rebuild.
     let delta = snapshot.apply([Change::Upsert(Arc::new(object(1, 1).1.unwrap()))]);
     assert!(!delta.endpoints_only());
     let delta = snapshot.apply([Change::Upsert(Arc::new(object(10, 0).1.unwrap()))]);
-    assert!(delta.rebuild);
+    assert_eq!(delta.routing.iter().collect::<Vec<_>>(), ["s0.a.svc.cluster.local"]);
+    assert!(!delta.rebuild && !delta.endpoints_only());
+    let delta = snapshot.apply([Change::Upsert(Arc::new(object(10, 1).1.unwrap()))]);
+    assert_eq!(delta.routing.len(), 2, "the old and the new hosts: {delta:?}");
+    assert!(snapshot.apply([Change::Upsert(Arc::new(object(11, 0).1.unwrap()))]).rebuild);
 }

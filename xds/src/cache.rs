@@ -4,6 +4,9 @@ use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
+use imbl::OrdMap;
+use imbl::ordmap::DiffItem;
+
 use crate::resource::Encoded;
 
 /// Listener type URL.
@@ -25,21 +28,61 @@ pub fn is_wildcard_type(type_url: &str) -> bool {
 }
 
 /// Resources of one type by name, with their content hash (names and versions). Immutable once
-/// built, so snapshots share them: every proxy of a class holds the same set.
+/// built, so snapshots share them: every proxy of a class holds the same set. A persistent map:
+/// a set with a few resources changed shares the rest with the set it came from, and comparing
+/// the two skips what they share.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResourceSet {
-    map: BTreeMap<String, Arc<Encoded>>,
+    map: OrdMap<String, Arc<Encoded>>,
     hash: u64,
 }
 
+/// One entry's part of a set's hash; the set's hash is their sum, so it follows a change in
+/// the time of the change.
+fn entry_hash(name: &str, r: &Encoded) -> u64 {
+    let mut h = DefaultHasher::new();
+    name.hash(&mut h);
+    r.version.hash(&mut h);
+    h.finish()
+}
+
+/// How a set differs from an older one.
+pub enum Difference<'a> {
+    /// Added or changed.
+    Put(&'a Arc<Encoded>),
+    /// Gone.
+    Removed(&'a String),
+}
+
 impl ResourceSet {
-    fn from_map(map: BTreeMap<String, Arc<Encoded>>) -> Self {
-        let mut h = DefaultHasher::new();
-        for (name, r) in &map {
-            name.hash(&mut h);
-            r.version.hash(&mut h);
+    fn from_map(map: OrdMap<String, Arc<Encoded>>) -> Self {
+        let hash = map.iter().fold(0u64, |h, (name, r)| h.wrapping_add(entry_hash(name, r)));
+        Self { map, hash }
+    }
+
+    /// This set with `put` added or replaced and `removed` taken out.
+    pub fn with(&self, put: impl IntoIterator<Item = Arc<Encoded>>, removed: impl IntoIterator<Item = String>) -> Self {
+        let mut next = self.clone();
+        for name in removed {
+            if let Some(old) = next.map.remove(&name) {
+                next.hash = next.hash.wrapping_sub(entry_hash(&name, &old));
+            }
         }
-        Self { map, hash: h.finish() }
+        for r in put {
+            next.hash = next.hash.wrapping_add(entry_hash(&r.name, &r));
+            if let Some(old) = next.map.insert(r.name.clone(), r) {
+                next.hash = next.hash.wrapping_sub(entry_hash(&old.name, &old));
+            }
+        }
+        next
+    }
+
+    /// What changed from `older` to this set, skipping what the two share.
+    pub fn diff<'a>(&'a self, older: &'a ResourceSet) -> impl Iterator<Item = Difference<'a>> {
+        older.map.diff(&self.map).map(|d| match d {
+            DiffItem::Add(_, r) | DiffItem::Update { new: (_, r), .. } => Difference::Put(r),
+            DiffItem::Remove(name, _) => Difference::Removed(name),
+        })
     }
 
     /// The resource called `name`.
@@ -90,8 +133,8 @@ pub struct SharedTypes {
 }
 
 /// Resources grouped by type; of two with one name, the later wins.
-fn by_type(resources: impl IntoIterator<Item = Arc<Encoded>>) -> BTreeMap<String, BTreeMap<String, Arc<Encoded>>> {
-    let mut types: BTreeMap<String, BTreeMap<String, Arc<Encoded>>> = BTreeMap::new();
+fn by_type(resources: impl IntoIterator<Item = Arc<Encoded>>) -> BTreeMap<String, OrdMap<String, Arc<Encoded>>> {
+    let mut types: BTreeMap<String, OrdMap<String, Arc<Encoded>>> = BTreeMap::new();
     for r in resources {
         types.entry(r.type_url.clone()).or_default().insert(r.name.clone(), r);
     }
@@ -102,6 +145,14 @@ impl SharedTypes {
     /// Groups `resources` by type.
     pub fn new(resources: impl IntoIterator<Item = Arc<Encoded>>) -> Self {
         Self { types: by_type(resources).into_iter().map(|(t, m)| (t, Arc::new(ResourceSet::from_map(m)))).collect() }
+    }
+
+    /// These sets with the resources of `type_url` replaced by (or added from) `put`.
+    pub fn with(&self, type_url: &str, put: Vec<Arc<Encoded>>) -> Self {
+        let mut next = self.clone();
+        let set = next.types.entry(type_url.to_string()).or_default();
+        *set = Arc::new(set.with(put, []));
+        next
     }
 }
 
@@ -139,13 +190,11 @@ impl Snapshot {
         for type_url in names {
             let items = match (shared.types.get(&type_url), own.remove(&type_url)) {
                 (Some(s), None) => s.clone(),
-                (base, mine) => {
-                    let mut map = mine.unwrap_or_default();
-                    for (name, r) in base.iter().flat_map(|b| b.iter()) {
-                        map.insert(name.clone(), r.clone());
-                    }
-                    Arc::new(ResourceSet::from_map(map))
+                (Some(base), Some(mine)) => {
+                    let mine = mine.into_iter().filter(|(name, _)| base.get(name).is_none()).map(|(_, r)| r);
+                    Arc::new(base.with(mine, []))
                 }
+                (None, mine) => Arc::new(ResourceSet::from_map(mine.unwrap_or_default())),
             };
             let prior = previous.and_then(|p| p.types.get(&type_url));
             let version = match prior {
@@ -160,6 +209,33 @@ impl Snapshot {
     /// The resources of a type (empty if none).
     pub fn of(&self, type_url: &str) -> Option<&TypeResources> {
         self.types.get(type_url)
+    }
+
+    /// This snapshot at `version` with `put` added or replaced and `removed` (type, name) taken
+    /// out: the cost of the change, not of the snapshot. Unchanged types keep their version.
+    pub fn patched(
+        &self,
+        version: u64,
+        put: impl IntoIterator<Item = Arc<Encoded>>,
+        removed: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        let mut changes: BTreeMap<String, (Vec<Arc<Encoded>>, Vec<String>)> = BTreeMap::new();
+        for r in put {
+            changes.entry(r.type_url.clone()).or_default().0.push(r);
+        }
+        for (type_url, name) in removed {
+            changes.entry(type_url).or_default().1.push(name);
+        }
+        let mut next = Self { version, types: self.types.clone() };
+        for (type_url, (put, removed)) in changes {
+            let prior = next.types.entry(type_url).or_default();
+            let items = Arc::new(prior.items.with(put, removed));
+            if items.hash != prior.items.hash {
+                prior.version = version.to_string();
+            }
+            prior.items = items;
+        }
+        next
     }
 }
 

@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Delt
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use crate::cache::{PUSH_ORDER, Snapshot, is_wildcard_type};
+use crate::cache::{Difference, PUSH_ORDER, ResourceSet, Snapshot, is_wildcard_type};
 use crate::server::{NodeInfo, Shared};
 use crate::status::{Nack, ProxyStatus};
 use crate::throttle::InFlight;
@@ -18,10 +18,28 @@ use crate::throttle::InFlight;
 struct TypeState {
     subscribed: BTreeSet<String>,
     wildcard: bool,
-    /// What the client holds: name → version.
+    /// What the client holds: name → version (unless `held` says it).
     known: BTreeMap<String, String>,
+    /// What a wildcard client holds when it is exactly a set sent to it: kept as that set, not
+    /// as a copy of its names, and the next push is the difference of two sets that share
+    /// everything unchanged.
+    held: Option<Arc<ResourceSet>>,
     nonce: String,
     sent_version: String,
+}
+
+impl TypeState {
+    /// Spells `held` out into `known`, for changes that are not a whole set.
+    fn spell_out(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.known = held.iter().map(|(n, r)| (n.clone(), r.version.clone())).collect();
+        }
+    }
+
+    /// Number of resources the client holds.
+    fn holds(&self) -> usize {
+        self.held.as_ref().map_or(self.known.len(), |h| h.len())
+    }
 }
 
 struct Stream {
@@ -146,6 +164,7 @@ impl Stream {
                 state.wildcard = false;
             } else {
                 state.subscribed.remove(name);
+                state.spell_out();
                 state.known.remove(name);
             }
         }
@@ -179,7 +198,17 @@ impl Stream {
         let items = self.snapshot.of(type_url).map(|t| &t.items);
         let mut resources = Vec::new();
         let mut removed = Vec::new();
-        if state.wildcard {
+        if !state.wildcard {
+            state.spell_out();
+        }
+        if let (true, Some(held), Some(items)) = (state.wildcard, &state.held, items) {
+            for d in items.diff(held) {
+                match d {
+                    Difference::Put(r) => resources.push(r.clone()),
+                    Difference::Removed(name) => removed.push(name.clone()),
+                }
+            }
+        } else if state.wildcard {
             // Everything the snapshot has that the client lacks, and everything it holds that is
             // gone: walked without collecting the names (thousands per type, per stream, per push).
             for r in items.iter().flat_map(|i| i.values()) {
@@ -210,11 +239,17 @@ impl Stream {
             }
             return Ok(());
         }
-        for r in &resources {
-            state.known.insert(r.name.clone(), r.version.clone());
-        }
-        for name in &removed {
-            state.known.remove(name);
+        if state.wildcard {
+            // The client now holds exactly the snapshot's set.
+            state.held = Some(items.cloned().unwrap_or_default());
+            state.known.clear();
+        } else {
+            for r in &resources {
+                state.known.insert(r.name.clone(), r.version.clone());
+            }
+            for name in &removed {
+                state.known.remove(name);
+            }
         }
         self.in_flight.acquire(&self.shared.pushes).await;
         self.nonce += 1;
@@ -243,7 +278,7 @@ impl Stream {
             let t = status.types.entry(type_url.to_string()).or_default();
             t.sent_version = version;
             t.sent_nonce = state.nonce.clone();
-            t.resources = state.known.len();
+            t.resources = state.holds();
         }
         self.tx.send(Ok(response)).await.map_err(|_| Gone)?;
         self.shared.observer.pushed(&self.node.id, type_url, start.elapsed());

@@ -13,7 +13,9 @@ pub use self::authorization::{KernelAuthorization, KernelRule};
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::common::{Protocol, labels_match};
 use crate::model::virtual_service::Destination;
-use crate::snapshot::{MeshService, ServicePort, ServiceResolution, Snapshot, exported_to, host_matches, resolve_host};
+use crate::snapshot::{
+    MeshService, ServicePort, ServiceResolution, Snapshot, Workload, exported_to, host_matches, resolve_host,
+};
 
 /// Type URL of a [`KernelService`] resource on ADS (node id `agent~<node-name>`).
 pub const SERVICE_TYPE: &str = "type.googleapis.com/sluice.dataplane.v1.KernelService";
@@ -60,11 +62,65 @@ pub struct KernelService {
 impl KernelService {
     /// `<vip>:<port>/<protocol>` (IPv6 VIPs in brackets): unique per node.
     pub fn resource_name(&self) -> String {
-        if self.vip.contains(':') {
-            format!("[{}]:{}/{}", self.vip, self.port, self.protocol)
-        } else {
-            format!("{}:{}/{}", self.vip, self.port, self.protocol)
-        }
+        entry_name(&self.vip, self.port, &self.protocol)
+    }
+
+    /// The host of the service this entry balances.
+    pub fn host(&self) -> &str {
+        self.name.rsplit_once(':').map_or(&self.name, |(host, _)| host)
+    }
+}
+
+fn entry_name(vip: &str, port: u32, protocol: &str) -> String {
+    if vip.contains(':') { format!("[{vip}]:{port}/{protocol}") } else { format!("{vip}:{port}/{protocol}") }
+}
+
+fn kernel_protocol(port: &ServicePort) -> &'static str {
+    if port.protocol == Protocol::Udp { "UDP" } else { "TCP" }
+}
+
+/// The (VIP, port) pairs of `service` the kernel balances, as `(vip, port)`.
+fn balanced(service: &MeshService) -> impl Iterator<Item = (&str, &ServicePort)> {
+    let eds = service.resolution == ServiceResolution::Eds;
+    service.ports.iter().filter(move |_| eds).flat_map(move |port| {
+        service.addresses.iter().filter(|a| a.parse::<std::net::IpAddr>().is_ok()).map(move |vip| (vip.as_str(), port))
+    })
+}
+
+/// The resource names of the kernel entries `service` has (whatever it routes to).
+pub fn kernel_service_names(service: &MeshService) -> Vec<String> {
+    balanced(service).map(|(vip, port)| entry_name(vip, port.port, kernel_protocol(port))).collect()
+}
+
+/// The kernel entries of one service: one per VIP and port (before the node-wide rule that
+/// the first service by host keeps a (VIP, port) two services claim).
+pub fn kernel_services(
+    snapshot: &Snapshot,
+    service: &MeshService,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<KernelService> {
+    balanced(service).map(|(vip, port)| kernel_service(snapshot, service, port, vip, diagnostics)).collect()
+}
+
+/// The kernel entry of one workload for the agent of `node`.
+pub fn kernel_workload(
+    snapshot: &Snapshot,
+    w: &Workload,
+    node: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> KernelWorkload {
+    let mode = mode(snapshot, &w.namespace, &w.labels);
+    let authorization = (mode == "kernel").then(|| {
+        authorization::workload_authorization(snapshot, &w.namespace, &w.labels, w.ip.as_deref(), diagnostics)
+    });
+    KernelWorkload {
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+        ip: w.ip.clone(),
+        service_account: w.service_account.clone(),
+        mode,
+        local: w.node.as_deref().is_none_or(|n| n == node),
+        authorization: authorization.flatten(),
     }
 }
 
@@ -134,41 +190,11 @@ pub fn translate_node(snapshot: &Snapshot, node: &str) -> (NodeDataplane, Vec<Di
     let mut diagnostics = Vec::new();
     let mut services = Vec::new();
     for service in snapshot.services.values() {
-        for port in &service.ports {
-            for vip in service.addresses.iter().filter(|a| a.parse::<std::net::IpAddr>().is_ok()) {
-                if let Some(s) = kernel_service(snapshot, service, port, vip, &mut diagnostics) {
-                    services.push(s);
-                }
-            }
-        }
+        services.extend(kernel_services(snapshot, service, &mut diagnostics));
     }
     services.sort_by(|a, b| (&a.vip, a.port, &a.protocol).cmp(&(&b.vip, b.port, &b.protocol)));
     services.dedup_by(|a, b| (&a.vip, a.port, &a.protocol) == (&b.vip, b.port, &b.protocol));
-    let workloads = snapshot
-        .workloads
-        .values()
-        .map(|w| {
-            let mode = mode(snapshot, &w.namespace, &w.labels);
-            let authorization = (mode == "kernel").then(|| {
-                authorization::workload_authorization(
-                    snapshot,
-                    &w.namespace,
-                    &w.labels,
-                    w.ip.as_deref(),
-                    &mut diagnostics,
-                )
-            });
-            KernelWorkload {
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-                ip: w.ip.clone(),
-                service_account: w.service_account.clone(),
-                mode,
-                local: w.node.as_deref().is_none_or(|n| n == node),
-                authorization: authorization.flatten(),
-            }
-        })
-        .collect();
+    let workloads = snapshot.workloads.values().map(|w| kernel_workload(snapshot, w, node, &mut diagnostics)).collect();
     diagnostics.sort();
     diagnostics.dedup();
     (NodeDataplane { services, workloads }, diagnostics)
@@ -236,10 +262,7 @@ fn kernel_service(
     port: &ServicePort,
     vip: &str,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Option<KernelService> {
-    if service.resolution != ServiceResolution::Eds {
-        return None;
-    }
+) -> KernelService {
     let (routed, needs_l7) = routed_destinations(snapshot, service, port.port, diagnostics);
     let destinations = if routed.is_empty() {
         vec![(Destination { host: service.hostname.clone(), ..Default::default() }, 100)]
@@ -266,17 +289,17 @@ fn kernel_service(
         }
     }
     let divisor = backends.values().copied().fold(0, gcd);
-    Some(KernelService {
+    KernelService {
         name: format!("{}:{}", service.hostname, port.port),
         vip: vip.to_string(),
         port: port.port,
-        protocol: if port.protocol == Protocol::Udp { "UDP".into() } else { "TCP".into() },
+        protocol: kernel_protocol(port).into(),
         backends: backends
             .into_iter()
             .map(|((address, port), w)| WeightedBackend { address, port, weight: w / divisor.max(1) })
             .collect(),
         needs_l7,
-    })
+    }
 }
 
 fn gcd(a: u32, b: u32) -> u32 {

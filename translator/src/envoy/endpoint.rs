@@ -1,7 +1,7 @@
 //! EDS: ClusterLoadAssignments from EndpointSlices, WorkloadEntries and ServiceEntry endpoints,
 //! filtered by subset labels and grouped by locality.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
 
@@ -12,10 +12,20 @@ use crate::model::common::{Protocol, labels_match};
 use crate::model::destination_rule::DestinationRuleSpec;
 use crate::snapshot::{MeshService, ServicePort, ServiceResolution};
 
-/// Load assignments for every EDS cluster the proxy has.
-pub(super) fn build(proxy: &Proxy<'_>) -> Vec<Resource> {
+/// Load assignments for every EDS cluster the proxy has, or with `hosts`, for those services'
+/// clusters only.
+pub(super) fn build(proxy: &Proxy<'_>, hosts: Option<&BTreeSet<String>>) -> Vec<Resource> {
     let mut out = Vec::new();
-    for service in proxy.visible_services().into_iter().filter(|s| s.resolution == ServiceResolution::Eds) {
+    let services = match hosts {
+        None => proxy.visible_services(),
+        Some(hosts) => hosts
+            .iter()
+            .filter_map(|h| proxy.snapshot.services.get(h))
+            .filter(|s| proxy.sees(s))
+            .map(|s| s.as_ref())
+            .collect(),
+    };
+    for service in services.into_iter().filter(|s| s.resolution == ServiceResolution::Eds) {
         let dr = destination_rule(proxy, service).map(|d| &d.spec);
         let passthrough = |subset: Option<&str>| {
             let policy = super::cluster::Effective::resolve(dr, subset, 0);

@@ -111,11 +111,17 @@ impl<'a> ProxyTranslation<'a> {
     pub fn outbound(&mut self) -> ProxyResources {
         ProxyResources {
             clusters: cluster::build(&self.proxy),
-            endpoints: endpoint::build(&self.proxy),
+            endpoints: endpoint::build(&self.proxy, None),
             listeners: listener::build_outbound(&mut self.proxy),
             routes: route::build(&mut self.proxy),
             diagnostics: Vec::new(),
         }
+    }
+
+    /// The load assignments of the outbound clusters of `hosts` (what an endpoint-only change
+    /// of those services changes in the outbound half).
+    pub fn endpoints_of(&self, hosts: &std::collections::BTreeSet<String>) -> Vec<Resource> {
+        endpoint::build(&self.proxy, Some(hosts))
     }
 
     /// The proxy's own inbound clusters and listeners.

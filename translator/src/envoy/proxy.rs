@@ -140,6 +140,11 @@ impl<'a> Proxy<'a> {
         })
     }
 
+    /// True when this proxy may reach `service`: see [`Proxy::visible_services`].
+    pub fn sees(&self, service: &MeshService) -> bool {
+        service.visible_to(&self.node.namespace) && self.egress_listeners().iter().any(|l| self.imports(l, service))
+    }
+
     /// Every service this proxy may reach: exported to its namespace and imported by its Sidecar.
     pub fn visible_services(&self) -> Vec<&'a MeshService> {
         let listeners = self.egress_listeners();

@@ -31,8 +31,11 @@ pub struct ServiceChange {
 /// What one [`Snapshot::apply`] changed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SnapshotDelta {
-    /// Routing, policy, Sidecars or namespaces changed: back ends rebuild rather than patch.
+    /// DestinationRules, policy, Sidecars or namespaces changed: back ends rebuild rather than
+    /// patch.
     pub rebuild: bool,
+    /// Hosts (resolved, possibly wildcards) named by VirtualServices that changed.
+    pub routing: BTreeSet<String>,
     /// Services added, removed or changed, by host.
     pub services: BTreeMap<String, ServiceChange>,
     /// Workloads (namespace, name) added, removed or changed.
@@ -42,17 +45,19 @@ pub struct SnapshotDelta {
 impl SnapshotDelta {
     /// True when nothing changed.
     pub fn is_empty(&self) -> bool {
-        !self.rebuild && self.services.is_empty() && self.workloads.is_empty()
+        !self.rebuild && self.routing.is_empty() && self.services.is_empty() && self.workloads.is_empty()
     }
 
-    /// True when no service changed more than its endpoints and nothing forces a rebuild.
+    /// True when no service changed more than its endpoints, no routing changed and nothing
+    /// forces a rebuild.
     pub fn endpoints_only(&self) -> bool {
-        !self.rebuild && self.services.values().all(|c| c.endpoints_only)
+        !self.rebuild && self.routing.is_empty() && self.services.values().all(|c| c.endpoints_only)
     }
 
     /// This delta followed by `next`: what changed from before this one to after `next`.
     pub fn then(&mut self, next: &SnapshotDelta) {
         self.rebuild |= next.rebuild;
+        self.routing.extend(next.routing.iter().cloned());
         for (host, change) in &next.services {
             match self.services.get_mut(host) {
                 Some(first) => first.endpoints_only &= change.endpoints_only,
@@ -226,14 +231,15 @@ impl Snapshot {
             }
             Object::VirtualService(vs) => {
                 let ns = &vs.meta.namespace;
-                index(&mut self.virtual_service_hosts, r, vs.spec.hosts.iter().map(|h| resolve_host(h, ns)), adding);
+                let hosts: Vec<String> = vs.spec.hosts.iter().map(|h| resolve_host(h, ns)).collect();
+                pending.delta.routing.extend(hosts.iter().cloned());
+                index(&mut self.virtual_service_hosts, r, hosts.into_iter(), adding);
                 let http = vs.spec.http.iter().flat_map(|h| h.route.iter().map(|d| &d.destination));
                 let tcp = vs.spec.tcp.iter().flat_map(|t| t.route.iter().map(|d| &d.destination));
                 let destinations: BTreeSet<String> = http.chain(tcp).map(|d| resolve_host(&d.host, ns)).collect();
                 index(&mut self.virtual_service_destinations, r, destinations.into_iter(), adding);
                 put(&mut self.virtual_services, r, vs, adding);
                 pending.analyze.insert(r.clone());
-                pending.delta.rebuild = true;
             }
             Object::DestinationRule(dr) => {
                 let host = resolve_host(&dr.spec.host, &dr.meta.namespace);
