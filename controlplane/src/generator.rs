@@ -8,7 +8,7 @@ use sluice_translator::dataplane::{
     AGENT_NODE_PREFIX, KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE, kernel_service_names,
     kernel_services, kernel_workload, translate_node,
 };
-use sluice_translator::envoy::{ProxyClass, ProxyResources, ProxyTranslation};
+use sluice_translator::envoy::{ProxyClass, ProxyResources, ProxyTranslation, Resource};
 use sluice_translator::snapshot::{Snapshot, SnapshotDelta, resolve_host};
 use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SharedTypes};
 use sluice_xds::resource::{Encoded, Interner};
@@ -35,21 +35,26 @@ struct OutboundCache {
     version: u64,
     classes: HashMap<ProxyClass, Arc<SharedTypes>>,
     /// Classes of an earlier version whose load assignments of `stale_hosts` may be out of date
-    /// (every change since was endpoint-only): patched, not translated, when next asked for.
+    /// and, with `stale_routing`, their listeners and routes (every change since changed only
+    /// endpoints and VirtualServices): patched, not translated, when next asked for.
     stale: HashMap<ProxyClass, Arc<SharedTypes>>,
     stale_hosts: BTreeSet<String>,
+    stale_routing: bool,
 }
 
 impl OutboundCache {
     /// Moves the cache to `version`, which `delta` leads to.
     fn advance(&mut self, version: u64, delta: &SnapshotDelta) {
-        if delta.endpoints_only() && self.stale_hosts.len() + delta.services.len() <= STALE_HOSTS {
+        let patchable = !delta.rebuild && delta.services.values().all(|c| c.endpoints_only);
+        if patchable && self.stale_hosts.len() + delta.services.len() <= STALE_HOSTS {
             if self.stale.is_empty() {
                 self.stale_hosts.clear();
+                self.stale_routing = false;
             }
             let fresh = std::mem::take(&mut self.classes);
             self.stale.extend(fresh);
             self.stale_hosts.extend(delta.services.keys().cloned());
+            self.stale_routing |= !delta.routing.is_empty();
         } else {
             *self = OutboundCache::default();
         }
@@ -100,11 +105,18 @@ impl MeshGenerator {
                 return Ok(hit.clone());
             }
             if let Some(stale) = cache.stale.remove(&class) {
-                let mut endpoints = Vec::new();
-                for r in translation.endpoints_of(&cache.stale_hosts) {
-                    endpoints.push(self.interner.encode(ENDPOINT, &r.name, &r.body).map_err(|e| e.to_string())?);
+                let encode = |type_url, resources: Vec<Resource>| -> Result<Vec<Arc<Encoded>>, String> {
+                    let encoded = resources.iter().map(|r| self.interner.encode(type_url, &r.name, &r.body));
+                    encoded.collect::<Result<_, _>>().map_err(|e| e.to_string())
+                };
+                let mut patched = stale.with(ENDPOINT, encode(ENDPOINT, translation.endpoints_of(&cache.stale_hosts))?);
+                if cache.stale_routing {
+                    let routing = translation.outbound_routing();
+                    patched = patched
+                        .replacing(LISTENER, encode(LISTENER, routing.listeners)?)
+                        .replacing(ROUTE, encode(ROUTE, routing.routes)?);
                 }
-                let patched = Arc::new(stale.with(ENDPOINT, endpoints));
+                let patched = Arc::new(patched);
                 cache.classes.insert(class, patched.clone());
                 return Ok(patched);
             }
@@ -404,7 +416,7 @@ status: {podIP: 127.0.1.31}
     }
 
     #[test]
-    fn a_routing_change_patches_the_agent_and_retranslates_the_sidecars() {
+    fn a_routing_change_patches_the_agent_entries_and_the_sidecar_routes() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let mut snapshot =
             crate::load_config(&[root.join("bookinfo"), root.join("bookinfo-variants/reviews-80-20")]).snapshot;
@@ -412,15 +424,21 @@ status: {podIP: 127.0.1.31}
         let agent = node("agent~node-1");
         let before = generator.generate(&agent, None).unwrap();
         let sidecar = node("sidecar~127.0.9.1~a.default~default.svc.cluster.local");
-        generator.generate(&sidecar, None).unwrap();
+        let sidecar_before = generator.generate(&sidecar, None).unwrap();
         let (changed, _) = crate::file_source::load(&[root.join("bookinfo-variants/reviews-50-50")]);
         let changes = changed.into_iter().map(|l| sluice_translator::snapshot::Change::Upsert(Arc::new(l)));
         let delta = snapshot.apply(changes);
         assert_eq!(delta.routing.iter().collect::<Vec<_>>(), ["reviews.default.svc.cluster.local"], "{delta:?}");
         assert!(!delta.rebuild && delta.services.is_empty());
         generator.set(Current { version: 2, snapshot: snapshot.clone() }, delta);
-        assert_eq!(generator.stale_classes(), 0, "a routing change is translated again");
+        assert_eq!(generator.stale_classes(), 1, "the sidecar class waits for new routes");
         let patched = generator.generate(&agent, Some(&before)).unwrap();
+        let sidecar_patched = generator.generate(&sidecar, Some(&sidecar_before)).unwrap();
+        assert_eq!(generator.stale_classes(), 0);
+        for (type_url, t) in &sidecar_patched.types {
+            let changed = t.version != sidecar_before.types[type_url].version;
+            assert_eq!(changed, type_url == ROUTE, "{type_url}: only the routes changed");
+        }
         let untouched = "default/productpage-v1";
         let workloads = |s: &sluice_xds::cache::Snapshot| s.types[WORKLOAD_TYPE].items.get(untouched).unwrap().clone();
         assert!(Arc::ptr_eq(&workloads(&before), &workloads(&patched)), "patched, not rebuilt");
@@ -428,5 +446,6 @@ status: {podIP: 127.0.1.31}
         let full = generator.generate(&agent, None).unwrap();
         assert_eq!(contents(&patched), contents(&full));
         assert_ne!(contents(&before), contents(&full), "the weights changed");
+        assert_eq!(contents(&sidecar_patched), contents(&generator.generate(&sidecar, None).unwrap()));
     }
 }

@@ -118,6 +118,16 @@ impl<'a> ProxyTranslation<'a> {
         }
     }
 
+    /// The outbound listeners and routes: what a VirtualService change changes in the outbound
+    /// half (clusters and load assignments do not depend on VirtualServices).
+    pub fn outbound_routing(&mut self) -> ProxyResources {
+        ProxyResources {
+            listeners: listener::build_outbound(&mut self.proxy),
+            routes: route::build(&mut self.proxy),
+            ..Default::default()
+        }
+    }
+
     /// The load assignments of the outbound clusters of `hosts` (what an endpoint-only change
     /// of those services changes in the outbound half).
     pub fn endpoints_of(&self, hosts: &std::collections::BTreeSet<String>) -> Vec<Resource> {

@@ -4,12 +4,14 @@
 
 mod analysis;
 mod registry;
+mod small_set;
 mod update;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use imbl::{HashMap, OrdMap, OrdSet};
+use imbl::{HashMap, OrdMap};
+use small_set::SmallSet;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -192,8 +194,8 @@ pub struct Snapshot {
 /// service does not scan them all: translation stays linear in the number of services.
 #[derive(Debug, Clone, Default)]
 pub struct HostIndex {
-    exact: HashMap<String, OrdSet<ObjectRef>>,
-    wildcard: OrdSet<ObjectRef>,
+    exact: HashMap<String, SmallSet<ObjectRef>>,
+    wildcard: SmallSet<ObjectRef>,
 }
 
 impl HostIndex {

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use imbl::{HashMap, OrdMap, OrdSet};
+use imbl::{HashMap, OrdSet};
+
+use super::small_set::SmallSet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -36,19 +38,65 @@ pub(super) enum Dependency {
 #[derive(Debug, Clone, Default)]
 pub(super) struct Registry {
     /// Every accepted object.
-    pub objects: OrdMap<ObjectRef, Arc<Loaded>>,
+    pub objects: imbl::OrdMap<ObjectRef, Arc<Loaded>>,
     /// EndpointSlices by the (namespace, service name) they belong to.
-    pub slices: HashMap<(String, String), OrdSet<ObjectRef>>,
+    pub slices: HashMap<(String, String), SmallSet<ObjectRef>>,
     /// Every definition of each host, by defining object (the first one is in force).
-    pub definitions: HashMap<String, OrdMap<ObjectRef, Arc<MeshService>>>,
+    pub definitions: HashMap<String, Vec<(ObjectRef, Arc<MeshService>)>>,
     /// The hosts each Service or ServiceEntry defines.
     pub hosts_of: HashMap<ObjectRef, Vec<String>>,
     /// What each Service or ServiceEntry read.
     pub dependencies_of: HashMap<ObjectRef, Vec<Dependency>>,
-    /// The Services and ServiceEntries that read each dependency.
-    pub dependents: HashMap<Dependency, OrdSet<ObjectRef>>,
+    /// The Services and ServiceEntries that read each workload or address (a few each).
+    dependents: HashMap<Dependency, SmallSet<ObjectRef>>,
+    /// The Services and ServiceEntries that read a whole namespace's workloads (possibly every
+    /// Service of the namespace: a persistent set, so a change copies a path, not the set).
+    namespace_dependents: HashMap<Dependency, OrdSet<ObjectRef>>,
     /// Workload names by (namespace, IP).
-    pub addresses: HashMap<(String, String), OrdSet<String>>,
+    pub addresses: HashMap<(String, String), SmallSet<String>>,
+}
+
+impl Registry {
+    /// Records that `source` read `dependency`.
+    pub fn add_reader(&mut self, dependency: &Dependency, source: &ObjectRef) {
+        if dependency.is_namespace() {
+            self.namespace_dependents.entry(dependency.clone()).or_default().insert(source.clone());
+        } else {
+            self.dependents.entry(dependency.clone()).or_default().insert(source.clone());
+        }
+    }
+
+    /// Forgets that `source` read `dependency`.
+    pub fn forget_reader(&mut self, dependency: &Dependency, source: &ObjectRef) {
+        if dependency.is_namespace() {
+            if let Some(readers) = self.namespace_dependents.get_mut(dependency) {
+                readers.remove(source);
+                if readers.is_empty() {
+                    self.namespace_dependents.remove(dependency);
+                }
+            }
+        } else if let Some(readers) = self.dependents.get_mut(dependency) {
+            readers.remove(source);
+            if readers.is_empty() {
+                self.dependents.remove(dependency);
+            }
+        }
+    }
+
+    /// The Services and ServiceEntries that read `dependency`.
+    pub fn readers(&self, dependency: &Dependency) -> Box<dyn Iterator<Item = &ObjectRef> + '_> {
+        if dependency.is_namespace() {
+            Box::new(self.namespace_dependents.get(dependency).into_iter().flatten())
+        } else {
+            Box::new(self.dependents.get(dependency).into_iter().flatten())
+        }
+    }
+}
+
+impl Dependency {
+    fn is_namespace(&self) -> bool {
+        matches!(self, Dependency::WorkloadEntries(_) | Dependency::Workloads(_))
+    }
 }
 
 /// The (namespace, service) an EndpointSlice belongs to, by its `kubernetes.io/service-name`.
@@ -141,7 +189,7 @@ impl Snapshot {
     /// The workload with `ip` in `namespace` (the first by name when several claim it).
     pub fn workload_at(&self, namespace: &str, ip: &str) -> Option<&Arc<Workload>> {
         let names = self.registry.addresses.get(&(namespace.to_string(), ip.to_string()))?;
-        self.workloads.get(&(namespace.to_string(), names.get_min()?.clone()))
+        self.workloads.get(&(namespace.to_string(), names.first()?.clone()))
     }
 
     /// The services `source` (a Service or ServiceEntry) defines, recording what they read.

@@ -155,9 +155,7 @@ impl Snapshot {
             }
             read.push(Dependency::Workload(namespace, name));
             for dependency in read {
-                if let Some(readers) = self.registry.dependents.get(&dependency) {
-                    pending.sources.extend(readers.iter().cloned());
-                }
+                pending.sources.extend(self.registry.readers(&dependency).cloned());
             }
         }
         let mut hosts = BTreeSet::new();
@@ -270,7 +268,7 @@ impl Snapshot {
         let registry = &mut self.registry;
         for host in registry.hosts_of.remove(source).unwrap_or_default() {
             if let Some(defs) = registry.definitions.get_mut(&host) {
-                defs.remove(source);
+                defs.retain(|(r, _)| r != source);
                 if defs.is_empty() {
                     registry.definitions.remove(&host);
                 }
@@ -278,12 +276,7 @@ impl Snapshot {
             hosts.insert(host);
         }
         for dependency in registry.dependencies_of.remove(source).unwrap_or_default() {
-            if let Some(readers) = registry.dependents.get_mut(&dependency) {
-                readers.remove(source);
-                if readers.is_empty() {
-                    registry.dependents.remove(&dependency);
-                }
-            }
+            registry.forget_reader(&dependency, source);
         }
         let Some(loaded) = registry.objects.get(source).cloned() else { return };
         let mut read = Vec::new();
@@ -292,7 +285,7 @@ impl Snapshot {
         read.sort();
         read.dedup();
         for dependency in &read {
-            registry.dependents.entry(dependency.clone()).or_default().insert(source.clone());
+            registry.add_reader(dependency, source);
         }
         if !read.is_empty() {
             registry.dependencies_of.insert(source.clone(), read);
@@ -300,7 +293,12 @@ impl Snapshot {
         let mut defined = Vec::new();
         for service in definitions {
             let host = service.hostname.clone();
-            registry.definitions.entry(host.clone()).or_default().insert(source.clone(), Arc::new(service));
+            let defs = registry.definitions.entry(host.clone()).or_default();
+            let at = defs.partition_point(|(r, _)| r < source);
+            // A host listed twice by one ServiceEntry is one definition.
+            if defs.get(at).is_none_or(|(r, _)| r != source) {
+                defs.insert(at, (source.clone(), Arc::new(service)));
+            }
             hosts.insert(host.clone());
             defined.push(host);
         }
@@ -313,12 +311,12 @@ impl Snapshot {
     /// and the change in the delta.
     fn settle_host(&mut self, host: String, pending: &mut Pending) {
         let definitions = self.registry.definitions.get(&host);
-        let winner = definitions.and_then(|d| d.get_min()).map(|(_, s)| s.clone());
+        let winner = definitions.and_then(|d| d.first()).map(|(_, s)| s.clone());
         let conflicts: Vec<Diagnostic> = match (definitions, &winner) {
             (Some(defs), Some(first)) => defs
-                .values()
+                .iter()
                 .skip(1)
-                .map(|lost| Diagnostic {
+                .map(|(_, lost)| Diagnostic {
                     severity: Severity::Warning,
                     origin: lost.origin.clone(),
                     object: Some(lost.source.clone()),
