@@ -125,5 +125,7 @@ pub fn run(sluice: &Path, services: usize, per_service: usize, changes: usize) -
         memory as f64 / 1048576.0,
         ms(&times)
     );
+    let each: Vec<String> = times.iter().map(|t| format!("{:.2}", t.as_secs_f64() * 1000.0)).collect();
+    println!("\nEach change in order (ms): {}", each.join(", "));
     Ok(())
 }
