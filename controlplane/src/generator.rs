@@ -353,6 +353,12 @@ mod tests {
         assert_eq!(generator.cached_classes(), 1, "a new config starts a new cache");
     }
 
+    /// Bookinfo with reviews split 80/20 between v1 and v2.
+    fn bookinfo_80_20() -> Snapshot {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        crate::load_config(&[root.join("bookinfo"), root.join("bookinfo-variants/reviews-80-20")]).snapshot
+    }
+
     /// ratings moves to another address: its EndpointSlice and its Pod change.
     const RATINGS_MOVED: &str = r#"
 apiVersion: discovery.k8s.io/v1
@@ -374,9 +380,7 @@ status: {podIP: 127.0.1.31}
 
     #[test]
     fn an_endpoint_only_change_patches_what_was_built_and_equals_a_full_generation() {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        let mut snapshot =
-            crate::load_config(&[root.join("bookinfo"), root.join("bookinfo-variants/reviews-80-20")]).snapshot;
+        let mut snapshot = bookinfo_80_20();
         let generator = MeshGenerator::new(Current { version: 1, snapshot: snapshot.clone() });
         let ids = [
             "agent~node-1",
@@ -417,14 +421,13 @@ status: {podIP: 127.0.1.31}
 
     #[test]
     fn a_routing_change_patches_the_agent_entries_and_the_sidecar_routes() {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        let mut snapshot =
-            crate::load_config(&[root.join("bookinfo"), root.join("bookinfo-variants/reviews-80-20")]).snapshot;
+        let mut snapshot = bookinfo_80_20();
         let generator = MeshGenerator::new(Current { version: 1, snapshot: snapshot.clone() });
         let agent = node("agent~node-1");
         let before = generator.generate(&agent, None).unwrap();
         let sidecar = node("sidecar~127.0.9.1~a.default~default.svc.cluster.local");
         let sidecar_before = generator.generate(&sidecar, None).unwrap();
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let (changed, _) = crate::file_source::load(&[root.join("bookinfo-variants/reviews-50-50")]);
         let changes = changed.into_iter().map(|l| sluice_translator::snapshot::Change::Upsert(Arc::new(l)));
         let delta = snapshot.apply(changes);

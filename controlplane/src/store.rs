@@ -95,7 +95,9 @@ impl ConfigStore {
             let Ok(value) = serde_json::from_slice::<serde_json::Value>(&value) else { continue };
             let origin = value["origin"].as_str().unwrap_or("state").to_string();
             let group = value["group"].as_str().unwrap_or(&origin).to_string();
-            let source = if value["source"] == "kube" { Source::Kube } else { Source::Files };
+            // State written before sources were recorded: the Kubernetes source's origin tells.
+            let kube = value["source"] == "kube" || origin == crate::kube_source::ORIGIN;
+            let source = if kube { Source::Kube } else { Source::Files };
             let (loaded, _) = parse_documents(&origin, &value["raw"].to_string());
             saved.entry((source, group)).or_default().extend(loaded.into_iter().map(Arc::new));
         }

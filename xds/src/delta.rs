@@ -198,7 +198,7 @@ impl Stream {
         let items = self.snapshot.of(type_url).map(|t| &t.items);
         let mut resources = Vec::new();
         let mut removed = Vec::new();
-        if !state.wildcard {
+        if !state.wildcard || items.is_none() {
             state.spell_out();
         }
         if let (true, Some(held), Some(items)) = (state.wildcard, &state.held, items) {

@@ -77,6 +77,21 @@ pub struct Endpoint {
     pub service_account: Option<String>,
 }
 
+impl Endpoint {
+    /// A ready endpoint at `address` that nothing more is known of.
+    pub fn at(address: String) -> Self {
+        Self {
+            address,
+            ports: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            locality: None,
+            weight: None,
+            ready: true,
+            service_account: None,
+        }
+    }
+}
+
 /// A service as the mesh sees it (Kubernetes Service or ServiceEntry host).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeshService {

@@ -268,15 +268,7 @@ impl Snapshot {
                 for address in &e.addresses {
                     let mut ep = match pod {
                         Some(w) => workload_endpoint(w, address.clone()),
-                        None => Endpoint {
-                            address: address.clone(),
-                            ports: BTreeMap::new(),
-                            labels: BTreeMap::new(),
-                            locality: None,
-                            weight: None,
-                            ready: true,
-                            service_account: None,
-                        },
+                        None => Endpoint::at(address.clone()),
                     };
                     ep.ports = slice_ports.clone();
                     ep.ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
@@ -383,15 +375,7 @@ impl Snapshot {
         };
         let endpoints_for_dns = |host: &str| -> Vec<Endpoint> {
             if matches!(resolution, ServiceResolution::Dns | ServiceResolution::DnsRoundRobin) && endpoints.is_empty() {
-                vec![Endpoint {
-                    address: host.to_string(),
-                    ports: BTreeMap::new(),
-                    labels: BTreeMap::new(),
-                    locality: None,
-                    weight: None,
-                    ready: true,
-                    service_account: None,
-                }]
+                vec![Endpoint::at(host.to_string())]
             } else {
                 endpoints.clone()
             }
