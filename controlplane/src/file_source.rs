@@ -130,3 +130,46 @@ impl FileCache {
         (reads, !std::mem::replace(&mut self.reported, true))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DR: &str =
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: NAME}\nspec: {host: a}\n";
+
+    /// Group names and how many objects each read has (None: gone).
+    fn summary(reads: &[GroupRead], root: &Path) -> Vec<(String, Option<usize>)> {
+        let name = |g: &str| g.strip_prefix(&*root.display().to_string()).unwrap_or(g).to_string();
+        reads.iter().map(|(g, r)| (name(g), r.as_ref().map(|(o, _)| o.len()))).collect()
+    }
+
+    #[test]
+    fn a_reload_reports_only_the_files_that_changed_or_went() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::write(root.join("a.yaml"), DR.replace("NAME", "a")).unwrap();
+        std::fs::write(root.join("b.yaml"), format!("{}---\n{}", DR.replace("NAME", "b1"), DR.replace("NAME", "b2")))
+            .unwrap();
+        let mut cache = FileCache::default();
+        let (reads, complete) = cache.reload(std::slice::from_ref(&root));
+        assert!(complete, "the first read is complete");
+        assert_eq!(summary(&reads, &root), [("/a.yaml".into(), Some(1)), ("/b.yaml".into(), Some(2))]);
+        let (reads, complete) = cache.reload(std::slice::from_ref(&root));
+        assert!(!complete && reads.is_empty(), "nothing changed: {reads:?}");
+        std::fs::write(root.join("b.yaml"), DR.replace("NAME", "b1")).unwrap();
+        std::fs::remove_file(root.join("a.yaml")).unwrap();
+        let (reads, _) = cache.reload(std::slice::from_ref(&root));
+        let mut got = summary(&reads, &root);
+        got.sort();
+        assert_eq!(got, [("/a.yaml".into(), None), ("/b.yaml".into(), Some(1))]);
+        // A root that is missing is reported as its own group, and withdrawn when it is back.
+        let missing = root.join("later");
+        let (reads, _) = cache.reload(&[root.clone(), missing.clone()]);
+        assert_eq!(summary(&reads, &root), [("/later".into(), Some(0))]);
+        assert!(reads[0].1.as_ref().unwrap().1[0].message.contains("no such file"));
+        std::fs::create_dir(&missing).unwrap();
+        let (reads, _) = cache.reload(&[root.clone(), missing]);
+        assert_eq!(summary(&reads, &root), [("/later".into(), None)]);
+    }
+}
