@@ -77,6 +77,10 @@ enum Command {
         /// Quiet time after a file change before reloading, in milliseconds.
         #[arg(long, default_value_t = 100)]
         debounce_ms: u64,
+        /// Split Delta xDS responses of Envoy's types into parts of about this many bytes, so a
+        /// large initial sync holds a part per stream in memory, not the whole config (0: never).
+        #[arg(long, default_value_t = sluice_xds::server::DELTA_CHUNK_BYTES)]
+        delta_chunk_bytes: usize,
     },
     /// Print an Envoy bootstrap that gets everything from sluice over ADS.
     Bootstrap {
@@ -203,6 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             monitoring_addr,
             state_dir,
             debounce_ms,
+            delta_chunk_bytes,
         } => {
             let xds_tls = match (xds_tls_addr, tls_cert, tls_key) {
                 (Some(addr), Some(cert), Some(key)) => {
@@ -235,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 monitoring_addr,
                 state_dir,
                 debounce: std::time::Duration::from_millis(debounce_ms),
+                delta_chunk_bytes,
             };
             runtime.block_on(sluice_controlplane::serve::serve(options, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)

@@ -76,6 +76,8 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     /// Quiet time after a file change before reloading.
     pub debounce: Duration,
+    /// Delta responses are split at about this many bytes (0: never).
+    pub delta_chunk_bytes: usize,
 }
 
 struct Pipeline {
@@ -166,7 +168,7 @@ pub async fn serve(
     let generator = Arc::new(MeshGenerator::new(Current { version: store.version(), snapshot: store.snapshot() }));
     let metrics = Arc::new(Metrics::new());
     metrics.config_changed(store.version(), Instant::now());
-    let xds = XdsServer::new(generator.clone(), metrics.clone());
+    let xds = XdsServer::new(generator.clone(), metrics.clone()).with_delta_chunk_bytes(options.delta_chunk_bytes);
     let store = Arc::new(Mutex::new(store));
     let ready = Arc::new(AtomicBool::new(from_state));
     if from_state {

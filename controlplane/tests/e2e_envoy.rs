@@ -43,6 +43,10 @@ fn start_sluice(dir: &Path, xds_port: u16, monitoring_port: u16, log: &str) -> P
             &format!("127.0.0.1:{xds_port}"),
             "--monitoring-addr",
             &format!("127.0.0.1:{monitoring_port}"),
+            // Bookinfo's config is small: split Delta responses at 1 KiB so that Envoy gets
+            // its clusters, endpoints, listeners and routes in parts.
+            "--delta-chunk-bytes",
+            "1024",
         ])
         .env("RUST_LOG", "info");
     let p = Proc::spawn("sluice", &mut cmd, &dir.join(log));

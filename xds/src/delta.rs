@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::cache::{Difference, PUSH_ORDER, ResourceSet, Snapshot, is_wildcard_type};
+use crate::resource::Encoded;
 use crate::server::{NodeInfo, Shared};
 use crate::status::{Nack, ProxyStatus};
 use crate::throttle::InFlight;
@@ -24,7 +25,10 @@ struct TypeState {
     /// as a copy of its names, and the next push is the difference of two sets that share
     /// everything unchanged.
     held: Option<Arc<ResourceSet>>,
+    /// The nonce of the last response sent, which completes `sent_version`.
     nonce: String,
+    /// The nonces of every part of the last send (one unless it was split).
+    parts: Vec<String>,
     sent_version: String,
 }
 
@@ -56,6 +60,22 @@ struct Stream {
 }
 
 struct Gone;
+
+/// `resources` in runs of about `budget` bytes each (one run when `budget` is 0). Always at
+/// least one run, possibly empty (a response of removals only).
+fn split(resources: &[Arc<Encoded>], budget: usize) -> Vec<&[Arc<Encoded>]> {
+    let mut parts = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, r) in resources.iter().enumerate() {
+        if budget > 0 && size > 0 && size + r.bytes.len() > budget {
+            parts.push(&resources[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += r.bytes.len();
+    }
+    parts.push(&resources[start..]);
+    parts
+}
 
 /// Serves one Delta stream until the client or the server ends it.
 pub(crate) async fn run(
@@ -140,7 +160,7 @@ impl Stream {
         if !req.response_nonce.is_empty() {
             self.in_flight.answered(&req.response_nonce);
         }
-        if !req.response_nonce.is_empty() && req.response_nonce == state.nonce {
+        if !req.response_nonce.is_empty() && state.parts.contains(&req.response_nonce) {
             let mut status = self.status.lock().expect("status");
             let t = status.types.entry(type_url.clone()).or_default();
             match &req.error_detail {
@@ -149,7 +169,9 @@ impl Stream {
                     t.last_nack = Some(Nack { version: state.sent_version.clone(), message: err.message.clone() });
                     self.shared.observer.nacked(&self.node.id, &type_url, &err.message);
                 }
-                None => t.acked_version = state.sent_version.clone(),
+                // The version is acknowledged with its last part.
+                None if req.response_nonce == state.nonce => t.acked_version = state.sent_version.clone(),
+                None => {}
             }
         }
         for name in &req.resource_names_subscribe {
@@ -252,35 +274,46 @@ impl Stream {
             }
         }
         self.in_flight.acquire(&self.shared.pushes).await;
-        self.nonce += 1;
-        state.nonce = self.nonce.to_string();
-        self.in_flight.sent(&state.nonce);
         state.sent_version = version.clone();
-        let response = DeltaDiscoveryResponse {
-            system_version_info: version.clone(),
-            resources: resources
-                .iter()
-                .map(|r| Resource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.to_any()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: type_url.to_string(),
-            removed_resources: removed,
-            nonce: state.nonce.clone(),
-            control_plane: Some(ControlPlane { identifier: "sluice".into() }),
-            ..Default::default()
-        };
-        {
-            let mut status = self.status.lock().expect("status");
-            let t = status.types.entry(type_url.to_string()).or_default();
-            t.sent_version = version;
-            t.sent_nonce = state.nonce.clone();
-            t.resources = state.holds();
+        state.parts.clear();
+        let budget = if PUSH_ORDER.contains(&type_url) { self.shared.delta_chunk_bytes } else { 0 };
+        let parts = split(&resources, budget);
+        let last = parts.len() - 1;
+        for (i, part) in parts.into_iter().enumerate() {
+            self.nonce += 1;
+            let nonce = self.nonce.to_string();
+            self.in_flight.sent(&nonce);
+            state.parts.push(nonce.clone());
+            let complete = i == last;
+            let response = DeltaDiscoveryResponse {
+                // Only the last part names the version (in Delta it is for debugging only): a
+                // client that reads it sees the version once all of it has arrived.
+                system_version_info: if complete { version.clone() } else { String::new() },
+                resources: part
+                    .iter()
+                    .map(|r| Resource {
+                        name: r.name.clone(),
+                        version: r.version.clone(),
+                        resource: Some(r.to_any()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                type_url: type_url.to_string(),
+                removed_resources: if complete { std::mem::take(&mut removed) } else { Vec::new() },
+                nonce: nonce.clone(),
+                control_plane: Some(ControlPlane { identifier: "sluice".into() }),
+                ..Default::default()
+            };
+            if complete {
+                state.nonce = nonce;
+                let mut status = self.status.lock().expect("status");
+                let t = status.types.entry(type_url.to_string()).or_default();
+                t.sent_version = version.clone();
+                t.sent_nonce = state.nonce.clone();
+                t.resources = state.holds();
+            }
+            self.tx.send(Ok(response)).await.map_err(|_| Gone)?;
         }
-        self.tx.send(Ok(response)).await.map_err(|_| Gone)?;
         self.shared.observer.pushed(&self.node.id, type_url, start.elapsed());
         Ok(())
     }

@@ -93,6 +93,9 @@ pub(crate) struct Shared {
     pub streams: Mutex<HashMap<u64, StreamEntry>>,
     /// The push throttle's slots.
     pub pushes: Arc<tokio::sync::Semaphore>,
+    /// Delta responses of Envoy's types are split into responses of about this many bytes
+    /// (0: never split).
+    pub delta_chunk_bytes: usize,
     next_stream: AtomicU64,
     pub shutdown: watch::Sender<bool>,
 }
@@ -155,10 +158,19 @@ impl XdsServer {
                 observer,
                 streams: Mutex::new(HashMap::new()),
                 pushes: Arc::new(tokio::sync::Semaphore::new(crate::throttle::PUSH_CONCURRENCY)),
+                delta_chunk_bytes: DELTA_CHUNK_BYTES,
                 next_stream: AtomicU64::new(1),
                 shutdown,
             }),
         }
+    }
+
+    /// This server with Delta responses split at about `bytes` (0: never split). Set before
+    /// serving.
+    pub fn with_delta_chunk_bytes(self, bytes: usize) -> Self {
+        let mut shared = Arc::try_unwrap(self.shared).ok().expect("set before the server is shared");
+        shared.delta_chunk_bytes = bytes;
+        Self { shared: Arc::new(shared) }
     }
 
     /// Regenerates every connected proxy's snapshot; streams push only the types that changed.
@@ -282,8 +294,15 @@ impl XdsServer {
     }
 }
 
-/// Responses are queued per stream; a proxy that stops reading blocks only its own stream.
-pub(crate) const STREAM_BUFFER: usize = 16;
+/// Responses are queued per stream; a proxy that stops reading blocks only its own stream. Few:
+/// a response is built when the transport has taken the one before, so a stream holds about
+/// two responses, not a queue of them.
+pub(crate) const STREAM_BUFFER: usize = 2;
+
+/// The default split of large Delta responses (see [`XdsServer::with_delta_chunk_bytes`]): an
+/// initial sync of a large mesh then holds a quarter megabyte per stream in flight instead of
+/// the whole config, twice (the response and its encoding).
+pub const DELTA_CHUNK_BYTES: usize = 256 * 1024;
 
 /// The Aggregated Discovery Service.
 pub struct Ads {

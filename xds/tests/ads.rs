@@ -82,10 +82,14 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with(|s| s).await
+    }
+
+    async fn start_with(configure: impl FnOnce(XdsServer) -> XdsServer) -> Self {
         let generator = Arc::new(Fixed::default());
         generator.set(1, vec![cluster("a", true), endpoints("a", 1000), cluster("b", false)]);
         let synced = Arc::new(Synced::default());
-        let server = XdsServer::new(generator.clone(), synced.clone());
+        let server = configure(XdsServer::new(generator.clone(), synced.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -319,6 +323,48 @@ async fn delta_sends_differences_and_removals() {
     .await
     .unwrap();
     assert_eq!(next(&mut stream).await.resources.len(), 1);
+}
+
+#[tokio::test]
+async fn a_large_delta_response_is_sent_in_parts_and_its_version_with_the_last() {
+    // Parts of about one cluster each.
+    let h = Harness::start_with(|s| s.with_delta_chunk_bytes(40)).await;
+    let names: Vec<String> = (0..5).map(|i| format!("cluster-{i}")).collect();
+    h.generator.set(2, names.iter().map(|n| cluster(n, false)).collect());
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(DeltaDiscoveryRequest { node: node("d2"), type_url: CLUSTER.into(), ..Default::default() }).await.unwrap();
+    let mut stream = h.client().await.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    let mut parts = Vec::new();
+    while got.len() < names.len() {
+        let r: DeltaDiscoveryResponse = next(&mut stream).await;
+        got.extend(r.resources.iter().map(|r| r.name.clone()));
+        parts.push((r.system_version_info.clone(), r.nonce.clone()));
+    }
+    got.sort();
+    assert_eq!(got, names, "every resource once");
+    assert!(parts.len() > 1, "split: {parts:?}");
+    let versions: Vec<&str> = parts.iter().map(|(v, _)| v.as_str()).collect();
+    assert!(versions[..versions.len() - 1].iter().all(|v| v.is_empty()), "{versions:?}");
+    assert_eq!(versions.last(), Some(&"2"), "the last part names the version");
+    // A NACK of an earlier part is recorded; the version is ACKed only with the last part.
+    let nack = DeltaDiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: parts[0].1.clone(),
+        error_detail: Some(RpcStatus { message: "cluster-0 is bad".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    tx.send(nack).await.unwrap();
+    for (_, nonce) in &parts[1..] {
+        let ack =
+            DeltaDiscoveryRequest { type_url: CLUSTER.into(), response_nonce: nonce.clone(), ..Default::default() };
+        tx.send(ack).await.unwrap();
+    }
+    nothing(&mut stream).await;
+    let status = &h.server.statuses()[0];
+    let cds = &status.types[CLUSTER];
+    assert_eq!(cds.last_nack.as_ref().map(|n| n.message.as_str()), Some("cluster-0 is bad"));
+    assert_eq!(cds.acked_version, "2");
 }
 
 #[tokio::test]
