@@ -294,15 +294,15 @@ impl XdsServer {
     }
 }
 
-/// Responses are queued per stream; a proxy that stops reading blocks only its own stream. Few:
-/// a response is built when the transport has taken the one before, so a stream holds about
-/// two responses, not a queue of them.
-pub(crate) const STREAM_BUFFER: usize = 2;
+/// Responses are queued per stream; a proxy that stops reading blocks only its own stream. One:
+/// a response is built when the transport has taken the one before, so a stream holds a couple
+/// of responses, not a queue of them.
+pub(crate) const STREAM_BUFFER: usize = 1;
 
 /// The default split of large Delta responses (see [`XdsServer::with_delta_chunk_bytes`]): an
-/// initial sync of a large mesh then holds a quarter megabyte per stream in flight instead of
-/// the whole config, twice (the response and its encoding).
-pub const DELTA_CHUNK_BYTES: usize = 256 * 1024;
+/// initial sync of a large mesh then builds and encodes 64 KiB at a time per stream instead of
+/// the whole config at once (twice: the response and its encoding).
+pub const DELTA_CHUNK_BYTES: usize = 64 * 1024;
 
 /// The Aggregated Discovery Service.
 pub struct Ads {
