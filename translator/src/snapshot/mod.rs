@@ -233,6 +233,11 @@ impl HostIndex {
         }
     }
 
+    /// The objects of `objects` this index lists for `hostname`, in order.
+    fn lookup<'a, S>(&'a self, objects: &'a Objects<S>, hostname: &str) -> impl Iterator<Item = &'a IstioObject<S>> {
+        self.candidates(hostname).into_iter().filter_map(|r| objects.get(r)).map(|o| o.as_ref())
+    }
+
     /// References, in order, of the objects whose hosts may cover `hostname` (callers still
     /// check the wildcard ones with [`host_matches`]).
     pub fn candidates(&self, hostname: &str) -> Vec<&ObjectRef> {
@@ -302,8 +307,7 @@ impl Snapshot {
 
     /// VirtualServices, in namespace/name order, that may name `hostname`.
     pub fn virtual_services_for_host(&self, hostname: &str) -> impl Iterator<Item = &IstioObject<VirtualServiceSpec>> {
-        let found = self.virtual_service_hosts.candidates(hostname);
-        found.into_iter().filter_map(|r| self.virtual_services.get(r)).map(|o| o.as_ref())
+        self.virtual_service_hosts.lookup(&self.virtual_services, hostname)
     }
 
     /// VirtualServices, in namespace/name order, that may route to `hostname`.
@@ -311,8 +315,7 @@ impl Snapshot {
         &self,
         hostname: &str,
     ) -> impl Iterator<Item = &IstioObject<VirtualServiceSpec>> {
-        let found = self.virtual_service_destinations.candidates(hostname);
-        found.into_iter().filter_map(|r| self.virtual_services.get(r)).map(|o| o.as_ref())
+        self.virtual_service_destinations.lookup(&self.virtual_services, hostname)
     }
 
     /// DestinationRules, in namespace/name order, that may name `hostname`.
@@ -320,8 +323,7 @@ impl Snapshot {
         &self,
         hostname: &str,
     ) -> impl Iterator<Item = &IstioObject<DestinationRuleSpec>> {
-        let found = self.destination_rule_hosts.candidates(hostname);
-        found.into_iter().filter_map(|r| self.destination_rules.get(r)).map(|o| o.as_ref())
+        self.destination_rule_hosts.lookup(&self.destination_rules, hostname)
     }
 
     /// The service a VirtualService or DestinationRule in `namespace` means by `host`.
