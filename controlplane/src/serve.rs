@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use notify::{EventKind, RecursiveMode, Watcher};
 use sluice_translator::diagnostic::{Diagnostic, Severity};
+use sluice_translator::snapshot::SnapshotDelta;
 use sluice_xds::server::XdsServer;
 use tokio::sync::{mpsc, watch};
 
@@ -127,7 +128,12 @@ impl Pipeline {
             }
         }
         let mut store = self.store.lock().expect("store lock");
-        let delta = store.apply(reads, &complete)?;
+        let delta = store.apply(reads, &complete).unwrap_or_else(|e| {
+            // The new config is in the snapshot; what it changed is lost with the error, so
+            // every proxy's config is built again.
+            tracing::error!(error = %e, "the state directory could not be written; serving the new config anyway");
+            Some(SnapshotDelta { rebuild: true, ..Default::default() })
+        });
         let rejected = store.rejected();
         self.metrics.loaded(rejected);
         self.ready.store(true, Ordering::Release);

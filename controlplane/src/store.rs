@@ -146,7 +146,8 @@ impl ConfigStore {
 
     /// Takes the sources' `reads` of their groups; for a source in `complete`, every group was
     /// read and the ones not in `reads` are gone. Returns the snapshot's delta when the accepted
-    /// objects changed (and the version was bumped).
+    /// objects changed (and the version was bumped). On a persistence error the snapshot has
+    /// changed all the same (the error says only that the state directory lags).
     pub fn apply(
         &mut self,
         reads: Vec<(Source, GroupRead)>,
@@ -157,8 +158,9 @@ impl ConfigStore {
             return Ok(None);
         }
         self.version += 1;
-        self.persist(&changes)?;
-        Ok(Some(self.snapshot.apply(changes)))
+        let persisted = self.persist(&changes);
+        let delta = self.snapshot.apply(changes);
+        persisted.map(|()| Some(delta))
     }
 
     /// Records the reads; returns the changes of the accepted objects.
