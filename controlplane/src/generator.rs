@@ -266,7 +266,7 @@ fn patch_agent_snapshot(
     let owner = |name: &str| -> Option<Option<String>> {
         match held.get(name) {
             None => Some(None),
-            Some(e) => KernelService::decode(e.bytes.as_slice()).ok().map(|k| Some(k.host().to_string())),
+            Some(e) => KernelService::decode(e.bytes.clone()).ok().map(|k| Some(k.host().to_string())),
         }
     };
     let mut diagnostics = Vec::new();
@@ -315,7 +315,7 @@ mod tests {
     }
 
     /// Names and encodings per type, as a proxy would receive them.
-    fn contents(s: &sluice_xds::cache::Snapshot) -> Vec<(String, String, Vec<u8>)> {
+    fn contents(s: &sluice_xds::cache::Snapshot) -> Vec<(String, String, bytes::Bytes)> {
         s.types
             .iter()
             .flat_map(|(t, r)| r.items.iter().map(move |(n, e)| (t.clone(), n.clone(), e.bytes.clone())))

@@ -263,7 +263,7 @@ mod tests {
         assert!(Arc::ptr_eq(&one.types[ENDPOINT].items, &two.types[ENDPOINT].items), "no copy per snapshot");
         let listeners = &one.types[LISTENER].items;
         assert_eq!(listeners.keys().collect::<Vec<_>>(), ["in", "out"]);
-        assert_eq!(listeners.get("out").unwrap().bytes, b"1", "the shared resource wins a name clash");
+        assert_eq!(listeners.get("out").unwrap().bytes, &b"1"[..], "the shared resource wins a name clash");
         assert_eq!(two.types[LISTENER].items.len(), 1);
         // Same content at a new config version: versions stay, so nothing is pushed.
         let next =

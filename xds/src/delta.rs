@@ -4,12 +4,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use envoy_types::pb::envoy::config::core::v3::ControlPlane;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
-use tokio::sync::mpsc;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::{Status, Streaming};
 
 use crate::cache::{Difference, PUSH_ORDER, ResourceSet, Snapshot, is_wildcard_type};
+use crate::delta_transport::{DeltaResponse, Sender, frame};
 use crate::resource::Encoded;
 use crate::server::{NodeInfo, Shared};
 use crate::status::{Nack, ProxyStatus};
@@ -49,7 +48,7 @@ impl TypeState {
 struct Stream {
     shared: Arc<Shared>,
     node: NodeInfo,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: Sender,
     status: Arc<Mutex<ProxyStatus>>,
     snapshot: Arc<Snapshot>,
     types: HashMap<String, TypeState>,
@@ -81,7 +80,7 @@ fn split(resources: &[Arc<Encoded>], budget: usize) -> Vec<&[Arc<Encoded>]> {
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: Sender,
     fixed_type: Option<&'static str>,
 ) {
     let first = match requests.message().await {
@@ -285,25 +284,15 @@ impl Stream {
             self.in_flight.sent(&nonce);
             state.parts.push(nonce.clone());
             let complete = i == last;
-            let response = DeltaDiscoveryResponse {
+            let response = frame(DeltaResponse {
                 // Only the last part names the version (in Delta it is for debugging only): a
                 // client that reads it sees the version once all of it has arrived.
                 system_version_info: if complete { version.clone() } else { String::new() },
-                resources: part
-                    .iter()
-                    .map(|r| Resource {
-                        name: r.name.clone(),
-                        version: r.version.clone(),
-                        resource: Some(r.to_any()),
-                        ..Default::default()
-                    })
-                    .collect(),
-                type_url: type_url.to_string(),
+                resources: part,
+                type_url,
                 removed_resources: if complete { std::mem::take(&mut removed) } else { Vec::new() },
                 nonce: nonce.clone(),
-                control_plane: Some(ControlPlane { identifier: "sluice".into() }),
-                ..Default::default()
-            };
+            });
             if complete {
                 state.nonce = nonce;
                 let mut status = self.status.lock().expect("status");

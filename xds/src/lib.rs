@@ -11,6 +11,7 @@ pub mod cache;
 pub mod codec;
 pub mod config_dump;
 mod delta;
+mod delta_transport;
 pub mod resource;
 pub mod server;
 mod sotw;

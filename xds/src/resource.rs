@@ -18,8 +18,9 @@ pub struct Encoded {
     pub name: String,
     /// Content version (hash of the encoded bytes), as sent in Delta xDS.
     pub version: String,
-    /// The protobuf bytes of the resource message.
-    pub bytes: Vec<u8>,
+    /// The protobuf bytes of the resource message (shared, not copied, by every response that
+    /// carries it).
+    pub bytes: bytes::Bytes,
 }
 
 impl Encoded {
@@ -27,12 +28,13 @@ impl Encoded {
     pub fn new(type_url: &str, name: &str, bytes: Vec<u8>) -> Self {
         let mut h = DefaultHasher::new();
         bytes.hash(&mut h);
-        Self { type_url: type_url.to_string(), name: name.to_string(), version: format!("{:016x}", h.finish()), bytes }
+        let version = format!("{:016x}", h.finish());
+        Self { type_url: type_url.to_string(), name: name.to_string(), version, bytes: bytes.into() }
     }
 
     /// As a `google.protobuf.Any`.
     pub fn to_any(&self) -> envoy_types::pb::google::protobuf::Any {
-        envoy_types::pb::google::protobuf::Any { type_url: self.type_url.clone(), value: self.bytes.clone() }
+        envoy_types::pb::google::protobuf::Any { type_url: self.type_url.clone(), value: self.bytes.to_vec() }
     }
 }
 

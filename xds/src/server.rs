@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::cache::Snapshot;
+use crate::delta_transport::DeltaService;
 use crate::status::ProxyStatus;
 
 /// The identity a proxy presents in its first request.
@@ -232,10 +233,21 @@ impl XdsServer {
     }
 
     /// The ADS gRPC service.
-    pub fn ads_service(&self) -> AggregatedDiscoveryServiceServer<Ads> {
-        AggregatedDiscoveryServiceServer::new(Ads { shared: self.shared.clone() })
+    pub fn ads_service(
+        &self,
+    ) -> impl tonic::server::NamedService
+    + tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        let generated = AggregatedDiscoveryServiceServer::new(Ads { shared: self.shared.clone() })
             .max_decoding_message_size(16 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024);
+        DeltaService::new(generated, self.shared.clone(), ADS_DELTA_PATH, None)
     }
 
     /// Serves ADS and the per-type services on `listener` until `shutdown` resolves, then closes
@@ -294,6 +306,9 @@ impl XdsServer {
     }
 }
 
+/// The Delta ADS method's path.
+const ADS_DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
 /// Responses are queued per stream; a proxy that stops reading blocks only its own stream. One:
 /// a response is built when the transport has taken the one before, so a stream holds a couple
 /// of responses, not a queue of them.
@@ -325,10 +340,9 @@ impl AggregatedDiscoveryService for Ads {
 
     async fn delta_aggregated_resources(
         &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(crate::delta::run(self.shared.clone(), request.into_inner(), tx, None));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // Never reached: `DeltaService` serves this method before the generated service.
+        Err(Status::internal("Delta ADS is served by sluice's own transport"))
     }
 }

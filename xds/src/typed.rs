@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use crate::delta_transport::DeltaService;
 use crate::server::{STREAM_BUFFER, Shared};
 
 /// One single-type service.
@@ -47,11 +48,10 @@ macro_rules! single_type_service {
 
             async fn $delta(
                 &self,
-                request: Request<Streaming<DeltaDiscoveryRequest>>,
+                _request: Request<Streaming<DeltaDiscoveryRequest>>,
             ) -> Result<Response<Self::$delta_ty>, Status> {
-                let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-                tokio::spawn(crate::delta::run(self.shared.clone(), request.into_inner(), tx, Some($type_url)));
-                Ok(Response::new(ReceiverStream::new(rx)))
+                // Never reached: `DeltaService` serves this method before the generated service.
+                Err(Status::internal("Delta is served by sluice's own transport"))
             }
 
             async fn $fetch(&self, _request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
@@ -98,20 +98,43 @@ single_type_service!(
     DeltaRoutesStream
 );
 
-/// CDS, EDS, LDS and RDS services sharing the server's state.
-pub(crate) fn services(
-    shared: &Arc<Shared>,
-) -> (
-    ClusterDiscoveryServiceServer<Typed>,
-    EndpointDiscoveryServiceServer<Typed>,
-    ListenerDiscoveryServiceServer<Typed>,
-    RouteDiscoveryServiceServer<Typed>,
-) {
+/// The four single-type services.
+type Services = (
+    DeltaService<ClusterDiscoveryServiceServer<Typed>>,
+    DeltaService<EndpointDiscoveryServiceServer<Typed>>,
+    DeltaService<ListenerDiscoveryServiceServer<Typed>>,
+    DeltaService<RouteDiscoveryServiceServer<Typed>>,
+);
+
+/// CDS, EDS, LDS and RDS services sharing the server's state (their Delta methods served by
+/// [`DeltaService`]).
+pub(crate) fn services(shared: &Arc<Shared>) -> Services {
     let t = || Typed { shared: shared.clone() };
+    let s = || shared.clone();
     (
-        ClusterDiscoveryServiceServer::new(t()),
-        EndpointDiscoveryServiceServer::new(t()),
-        ListenerDiscoveryServiceServer::new(t()),
-        RouteDiscoveryServiceServer::new(t()),
+        DeltaService::new(
+            ClusterDiscoveryServiceServer::new(t()),
+            s(),
+            "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
+            Some(CLUSTER),
+        ),
+        DeltaService::new(
+            EndpointDiscoveryServiceServer::new(t()),
+            s(),
+            "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints",
+            Some(ENDPOINT),
+        ),
+        DeltaService::new(
+            ListenerDiscoveryServiceServer::new(t()),
+            s(),
+            "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners",
+            Some(LISTENER),
+        ),
+        DeltaService::new(
+            RouteDiscoveryServiceServer::new(t()),
+            s(),
+            "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes",
+            Some(ROUTE),
+        ),
     )
 }

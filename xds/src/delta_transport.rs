@@ -1,0 +1,193 @@
+//! How Delta responses reach the wire: each response is encoded once, into a buffer of its own
+//! size, straight from the shared resource encodings.
+//!
+//! tonic's generated services would build a `DeltaDiscoveryResponse` whose `Any` values are
+//! owned copies of every resource, then encode it into one buffer per stream that keeps the size
+//! of the largest message it ever held (a route configuration of a large mesh is megabytes):
+//! with a thousand streams that is gigabytes. So the Delta methods are served here, in front of
+//! the generated services, which keep the other methods.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use futures::StreamExt;
+use http_body::Frame;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tonic::server::NamedService;
+
+use crate::resource::Encoded;
+use crate::server::{STREAM_BUFFER, Shared};
+
+/// `google.protobuf.Any` whose value is a shared encoding.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WireAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "bytes", tag = "2")]
+    value: Bytes,
+}
+
+/// `envoy.service.discovery.v3.Resource`, the fields sluice sends.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WireResource {
+    #[prost(string, tag = "1")]
+    version: String,
+    #[prost(message, optional, tag = "2")]
+    resource: Option<WireAny>,
+    #[prost(string, tag = "3")]
+    name: String,
+}
+
+/// `envoy.service.discovery.v3.DeltaDiscoveryResponse`, the fields sluice sends.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WireResponse {
+    #[prost(string, tag = "1")]
+    system_version_info: String,
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<WireResource>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    removed_resources: Vec<String>,
+    #[prost(message, optional, tag = "7")]
+    control_plane: Option<ControlPlane>,
+}
+
+/// One Delta response, as the stream logic describes it.
+pub(crate) struct DeltaResponse<'a> {
+    pub system_version_info: String,
+    pub resources: &'a [Arc<Encoded>],
+    pub type_url: &'a str,
+    pub removed_resources: Vec<String>,
+    pub nonce: String,
+}
+
+/// The gRPC message frame (flag, length, message) of `response`.
+pub(crate) fn frame(response: DeltaResponse<'_>) -> Bytes {
+    let message = WireResponse {
+        system_version_info: response.system_version_info,
+        resources: response
+            .resources
+            .iter()
+            .map(|r| WireResource {
+                version: r.version.clone(),
+                resource: Some(WireAny { type_url: r.type_url.clone(), value: r.bytes.clone() }),
+                name: r.name.clone(),
+            })
+            .collect(),
+        type_url: response.type_url.to_string(),
+        nonce: response.nonce,
+        removed_resources: response.removed_resources,
+        control_plane: Some(ControlPlane { identifier: "sluice".into() }),
+    };
+    let len = prost::Message::encoded_len(&message);
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    prost::Message::encode(&message, &mut buf).expect("the buffer has room for the message");
+    buf.freeze()
+}
+
+/// What a Delta stream sends: framed responses, or the status that ends the stream.
+pub(crate) type Sender = mpsc::Sender<Result<Bytes, Status>>;
+
+/// A gRPC service whose Delta method (at `path`) is served by [`crate::delta::run`] with framed
+/// responses; every other method goes to `inner`.
+#[derive(Clone)]
+pub(crate) struct DeltaService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    path: &'static str,
+    fixed_type: Option<&'static str>,
+}
+
+impl<S> DeltaService<S> {
+    /// `inner` with its Delta method at `path` served here (for the type `fixed_type`, or any
+    /// type on ADS).
+    pub fn new(inner: S, shared: Arc<Shared>, path: &'static str, fixed_type: Option<&'static str>) -> Self {
+        Self { inner, shared, path, fixed_type }
+    }
+}
+
+impl<S: NamedService> NamedService for DeltaService<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// Requests larger than this are refused (a request names resources; it is never large).
+const MAX_REQUEST: usize = 16 * 1024 * 1024;
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for DeltaService<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != self.path {
+            return Box::pin(self.inner.call(request));
+        }
+        let requests = tonic::codec::Streaming::<DeltaDiscoveryRequest>::new_request(
+            tonic_prost::ProstCodec::<(), DeltaDiscoveryRequest>::raw_decoder(Default::default()),
+            request.into_body(),
+            None,
+            Some(MAX_REQUEST),
+        );
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(crate::delta::run(self.shared.clone(), requests, tx, self.fixed_type));
+        Box::pin(async move { Ok(response(rx)) })
+    }
+}
+
+/// The streamed HTTP response: each frame as data, then the trailers with the final status
+/// (OK when the stream simply ends).
+fn response(rx: mpsc::Receiver<Result<Bytes, Status>>) -> http::Response<tonic::body::Body> {
+    let frames = ReceiverStream::new(rx).map(Some).chain(futures::stream::once(async { None }));
+    let mut ended = false;
+    let frames = frames.filter_map(move |item| {
+        let frame = match item {
+            _ if ended => None,
+            Some(Ok(data)) => Some(Frame::data(data)),
+            Some(Err(status)) => {
+                ended = true;
+                Some(Frame::trailers(trailers(&status)))
+            }
+            None => Some(Frame::trailers(trailers(&Status::ok("")))),
+        };
+        futures::future::ready(frame.map(Ok::<_, Status>))
+    });
+    let body = tonic::body::Body::new(http_body_util::StreamBody::new(frames));
+    let mut response = http::Response::new(body);
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    response
+}
+
+fn trailers(status: &Status) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    // A status whose message cannot be a header value is sent as a bare code.
+    if status.add_header(&mut headers).is_err() {
+        let bare = Status::new(status.code(), "");
+        let _ = bare.add_header(&mut headers);
+    }
+    headers
+}
