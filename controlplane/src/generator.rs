@@ -45,8 +45,7 @@ struct OutboundCache {
 impl OutboundCache {
     /// Moves the cache to `version`, which `delta` leads to.
     fn advance(&mut self, version: u64, delta: &SnapshotDelta) {
-        let patchable = !delta.rebuild && delta.services.values().all(|c| c.endpoints_only);
-        if patchable && self.stale_hosts.len() + delta.services.len() <= STALE_HOSTS {
+        if delta.patchable() && self.stale_hosts.len() + delta.services.len() <= STALE_HOSTS {
             if self.stale.is_empty() {
                 self.stale_hosts.clear();
                 self.stale_routing = false;

@@ -189,6 +189,7 @@ impl KubeCache {
         } else {
             std::mem::take(&mut self.dirty).into_iter().collect()
         };
+        // The complete read covers whatever was dirty.
         self.dirty.clear();
         self.reported = true;
         let reads = keys

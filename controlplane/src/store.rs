@@ -55,6 +55,8 @@ pub struct ConfigStore {
     owners: HashMap<ObjectRef, BTreeSet<String>>,
     /// The accepted objects.
     accepted: HashMap<ObjectRef, Arc<Loaded>>,
+    /// Errors in the groups' latest reads (kept as groups change, not counted per reload).
+    rejected: usize,
     snapshot: Snapshot,
     version: u64,
     db: Option<(sled::Db, String)>,
@@ -62,13 +64,13 @@ pub struct ConfigStore {
 
 const VERSION_KEY: &[u8] = b"version";
 
-fn key(r: &ObjectRef) -> String {
-    format!("{}/{}/{}", r.kind, r.namespace, r.name)
+/// Number of errors among `diagnostics`.
+fn errors(diagnostics: &[Diagnostic]) -> usize {
+    diagnostics.iter().filter(|d| d.severity == Severity::Error).count()
 }
 
-/// The same accepted object (the same parse, or an equal one from the same place).
-fn same(a: &Loaded, b: &Loaded) -> bool {
-    a.fingerprint == b.fingerprint && a.origin == b.origin
+fn key(r: &ObjectRef) -> String {
+    format!("{}/{}/{}", r.kind, r.namespace, r.name)
 }
 
 impl ConfigStore {
@@ -78,6 +80,7 @@ impl ConfigStore {
             groups: BTreeMap::new(),
             owners: HashMap::new(),
             accepted: HashMap::new(),
+            rejected: 0,
             snapshot: Snapshot::default(),
             version: 0,
             db: None,
@@ -130,8 +133,7 @@ impl ConfigStore {
 
     /// Number of objects the latest reads rejected.
     pub fn rejected(&self) -> usize {
-        let errors = self.groups.values().flat_map(|g| &g.diagnostics).filter(|d| d.severity == Severity::Error);
-        errors.count()
+        self.rejected
     }
 
     /// The accepted objects.
@@ -177,7 +179,13 @@ impl ConfigStore {
         }
         let mut touched = BTreeSet::new();
         for (source, (name, read)) in reads {
-            let previous = self.groups.remove(&name).map(|g| g.objects).unwrap_or_default();
+            let previous = match self.groups.remove(&name) {
+                Some(g) => {
+                    self.rejected -= errors(&g.diagnostics);
+                    g.objects
+                }
+                None => BTreeMap::new(),
+            };
             let before: Vec<ObjectRef> = previous.keys().cloned().collect();
             let group = read.map(|(objects, diagnostics)| Self::last_good(source, previous, objects, diagnostics));
             for r in before {
@@ -187,6 +195,7 @@ impl ConfigStore {
                 touched.insert(r);
             }
             let Some(group) = group else { continue };
+            self.rejected += errors(&group.diagnostics);
             for r in group.objects.keys() {
                 self.owners.entry(r.clone()).or_default().insert(name.clone());
                 touched.insert(r.clone());
@@ -197,7 +206,7 @@ impl ConfigStore {
         for r in touched {
             let now = self.owners.get(&r).and_then(|o| o.first()).and_then(|g| self.groups[g].objects.get(&r)).cloned();
             match (self.accepted.get(&r), now) {
-                (Some(old), Some(new)) if same(old, &new) => {}
+                (Some(old), Some(new)) if old.same_as(&new) => {}
                 (_, Some(new)) => {
                     self.accepted.insert(r, new.clone());
                     changes.push(Change::Upsert(new));
@@ -301,9 +310,11 @@ mod tests {
         );
         assert_eq!(s.len(), 1);
         assert_eq!(s.diagnostics().len(), 1, "the rejection is reported");
+        assert_eq!(s.rejected(), 1);
         s.apply(read("f.yaml", "apiVersion: v1\nkind: [unclosed\n"), &[]).unwrap();
         assert_eq!(s.len(), 1, "a file that does not parse keeps its objects");
         assert!(s.apply(read("f.yaml", ""), &[]).unwrap().is_some(), "a deleted object goes");
+        assert_eq!(s.rejected(), 0, "the rejection went with the read that had it");
         assert_eq!((s.version(), s.len()), (2, 0));
         s.apply(read("f.yaml", GOOD), &[]).unwrap();
         drop(s);

@@ -220,16 +220,9 @@ impl Loaded {
         Self { object, reference, origin, raw, fingerprint: h.finish() }
     }
 
-    /// A copy for [`crate::snapshot::Snapshot::build`], which reads the typed object only: the raw
-    /// document (as large as the object again) is left out.
-    pub fn clone_without_raw(&self) -> Self {
-        Self {
-            object: self.object.clone(),
-            reference: self.reference.clone(),
-            origin: self.origin.clone(),
-            raw: serde_json::Value::Null,
-            fingerprint: self.fingerprint,
-        }
+    /// True when `other` is this object again: the same document from the same place.
+    pub fn same_as(&self, other: &Loaded) -> bool {
+        self.fingerprint == other.fingerprint && self.origin == other.origin
     }
 }
 

@@ -48,10 +48,16 @@ impl SnapshotDelta {
         !self.rebuild && self.routing.is_empty() && self.services.is_empty() && self.workloads.is_empty()
     }
 
+    /// True when back ends may patch what they built: nothing forces a rebuild and no service
+    /// changed more than its endpoints (routing may have changed).
+    pub fn patchable(&self) -> bool {
+        !self.rebuild && self.services.values().all(|c| c.endpoints_only)
+    }
+
     /// True when no service changed more than its endpoints, no routing changed and nothing
     /// forces a rebuild.
     pub fn endpoints_only(&self) -> bool {
-        !self.rebuild && self.routing.is_empty() && self.services.values().all(|c| c.endpoints_only)
+        self.patchable() && self.routing.is_empty()
     }
 
     /// This delta followed by `next`: what changed from before this one to after `next`.
@@ -133,8 +139,7 @@ impl Snapshot {
                 None => self.registry.objects.remove(&reference),
             };
             if let (Some(o), Some(n)) = (&old, &new)
-                && o.fingerprint == n.fingerprint
-                && o.origin == n.origin
+                && o.same_as(n)
             {
                 continue;
             }
