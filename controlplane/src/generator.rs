@@ -8,7 +8,10 @@ use sluice_translator::dataplane::{
     AGENT_NODE_PREFIX, KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE, kernel_service_names,
     kernel_services, kernel_workload, translate_node,
 };
-use sluice_translator::envoy::{ProxyClass, ProxyResources, ProxyTranslation, Resource};
+use sluice_translator::envoy::{
+    ProxyClass, ProxyResources, ProxyTranslation, Resource, RouteTable, VIRTUAL_HOST_TYPE, VIRTUAL_HOSTS_FIELD,
+    route_shell,
+};
 use sluice_translator::snapshot::{Snapshot, SnapshotDelta, resolve_host};
 use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SharedTypes};
 use sluice_xds::resource::{Encoded, Interner};
@@ -29,17 +32,33 @@ const DELTA_LOG: usize = 64;
 /// Hosts whose endpoints a stale class may lack before it is cheaper to translate it again.
 const STALE_HOSTS: usize = 4096;
 
+/// One outbound route configuration of a class in parts: a VirtualService change re-encodes
+/// only the virtual hosts it touches and copies the rest into the new route configuration.
+struct RouteParts {
+    table: Arc<RouteTable>,
+    /// The encoded virtual host of each of `table.hosts`, then the catch-all host.
+    hosts: Vec<Arc<Encoded>>,
+}
+
+/// A class's encoded outbound half, and the parts its route configurations are made of.
+#[derive(Clone)]
+struct ClassOutbound {
+    types: Arc<SharedTypes>,
+    routes: Arc<Vec<RouteParts>>,
+}
+
 /// The encoded outbound halves of one config version, by proxy class.
 #[derive(Default)]
 struct OutboundCache {
     version: u64,
-    classes: HashMap<ProxyClass, Arc<SharedTypes>>,
+    classes: HashMap<ProxyClass, ClassOutbound>,
     /// Classes of an earlier version whose load assignments of `stale_hosts` may be out of date
-    /// and, with `stale_routing`, their listeners and routes (every change since changed only
-    /// endpoints and VirtualServices): patched, not translated, when next asked for.
-    stale: HashMap<ProxyClass, Arc<SharedTypes>>,
+    /// and whose listeners and routes may be for older VirtualServices of `stale_routing` (every
+    /// change since changed only endpoints and VirtualServices): patched, not translated, when
+    /// next asked for.
+    stale: HashMap<ProxyClass, ClassOutbound>,
     stale_hosts: BTreeSet<String>,
-    stale_routing: bool,
+    stale_routing: BTreeSet<String>,
 }
 
 impl OutboundCache {
@@ -48,12 +67,12 @@ impl OutboundCache {
         if delta.patchable() && self.stale_hosts.len() + delta.services.len() <= STALE_HOSTS {
             if self.stale.is_empty() {
                 self.stale_hosts.clear();
-                self.stale_routing = false;
+                self.stale_routing.clear();
             }
             let fresh = std::mem::take(&mut self.classes);
             self.stale.extend(fresh);
             self.stale_hosts.extend(delta.services.keys().cloned());
-            self.stale_routing |= !delta.routing.is_empty();
+            self.stale_routing.extend(delta.routing.iter().cloned());
         } else {
             *self = OutboundCache::default();
         }
@@ -87,11 +106,65 @@ impl MeshGenerator {
     fn encode(&self, resources: ProxyResources, into: &mut Vec<Arc<Encoded>>) -> Result<(), String> {
         let ProxyResources { listeners, routes, clusters, endpoints, .. } = resources;
         for (type_url, list) in [(LISTENER, listeners), (ROUTE, routes), (CLUSTER, clusters), (ENDPOINT, endpoints)] {
-            for r in list {
-                into.push(self.interner.encode(type_url, &r.name, &r.body).map_err(|e| e.to_string())?);
-            }
+            into.extend(self.intern(type_url, list)?);
         }
         Ok(())
+    }
+
+    fn intern(&self, type_url: &str, resources: Vec<Resource>) -> Result<Vec<Arc<Encoded>>, String> {
+        let encoded = resources.iter().map(|r| self.interner.encode(type_url, &r.name, &r.body));
+        encoded.collect::<Result<_, _>>().map_err(|e| e.to_string())
+    }
+
+    /// The route configuration `parts` make.
+    fn assemble(&self, parts: &RouteParts) -> Result<Arc<Encoded>, String> {
+        let shell = route_shell(&parts.table);
+        let assembled =
+            self.interner.encode_with_parts(ROUTE, &parts.table.name, &shell, VIRTUAL_HOSTS_FIELD, &parts.hosts);
+        assembled.map_err(|e| e.to_string())
+    }
+
+    /// Every route configuration of `translation`'s class, in parts.
+    fn route_parts(&self, translation: &mut ProxyTranslation<'_>) -> Result<Vec<RouteParts>, String> {
+        let catch_all = self.intern(VIRTUAL_HOST_TYPE, vec![translation.catch_all_host()])?;
+        let mut all = Vec::new();
+        for table in translation.route_tables() {
+            let hosts = (0..table.hosts.len()).map(|i| translation.virtual_host(&table, i)).collect();
+            let mut hosts = self.intern(VIRTUAL_HOST_TYPE, hosts)?;
+            hosts.extend(catch_all.iter().cloned());
+            all.push(RouteParts { table: Arc::new(table), hosts });
+        }
+        Ok(all)
+    }
+
+    /// `stale` with its route configurations for the VirtualServices of `routing` as they are
+    /// now: the virtual hosts they cover are translated again. Returns the new parts and the
+    /// route configurations that changed.
+    fn reroute(
+        &self,
+        translation: &mut ProxyTranslation<'_>,
+        stale: &[RouteParts],
+        routing: &BTreeSet<String>,
+    ) -> Result<(Vec<RouteParts>, Vec<Arc<Encoded>>), String> {
+        let (mut parts, mut changed) = (Vec::new(), Vec::new());
+        for old in stale {
+            let mut hosts = old.hosts.clone();
+            let mut touched = false;
+            for i in old.table.affected(routing) {
+                let host = translation.virtual_host(&old.table, i);
+                let host =
+                    self.interner.encode(VIRTUAL_HOST_TYPE, &host.name, &host.body).map_err(|e| e.to_string())?;
+                // The interner hands back the held encoding when the content did not change.
+                touched |= !Arc::ptr_eq(&host, &hosts[i]);
+                hosts[i] = host;
+            }
+            let part = RouteParts { table: old.table.clone(), hosts };
+            if touched {
+                changed.push(self.assemble(&part)?);
+            }
+            parts.push(part);
+        }
+        Ok((parts, changed))
     }
 
     /// The encoded outbound half for the class of `translation`, translated at most once per
@@ -101,33 +174,42 @@ impl MeshGenerator {
         let mut cache = self.outbound.lock().expect("outbound cache lock");
         if cache.version == version {
             if let Some(hit) = cache.classes.get(&class) {
-                return Ok(hit.clone());
+                return Ok(hit.types.clone());
             }
             if let Some(stale) = cache.stale.remove(&class) {
-                let encode = |type_url, resources: Vec<Resource>| -> Result<Vec<Arc<Encoded>>, String> {
-                    let encoded = resources.iter().map(|r| self.interner.encode(type_url, &r.name, &r.body));
-                    encoded.collect::<Result<_, _>>().map_err(|e| e.to_string())
-                };
-                let mut patched = stale.with(ENDPOINT, encode(ENDPOINT, translation.endpoints_of(&cache.stale_hosts))?);
-                if cache.stale_routing {
-                    let routing = translation.outbound_routing();
-                    patched = patched
-                        .replacing(LISTENER, encode(LISTENER, routing.listeners)?)
-                        .replacing(ROUTE, encode(ROUTE, routing.routes)?);
+                let endpoints = self.intern(ENDPOINT, translation.endpoints_of(&cache.stale_hosts))?;
+                let mut types = stale.types.with(ENDPOINT, endpoints);
+                let mut routes = stale.routes;
+                if !cache.stale_routing.is_empty() {
+                    let listeners =
+                        self.intern(LISTENER, translation.outbound_listeners_routed(&cache.stale_routing))?;
+                    if !listeners.is_empty() {
+                        types = types.with(LISTENER, listeners);
+                    }
+                    let (parts, changed) = self.reroute(translation, &routes, &cache.stale_routing)?;
+                    if !changed.is_empty() {
+                        types = types.with(ROUTE, changed);
+                    }
+                    routes = Arc::new(parts);
                 }
-                let patched = Arc::new(patched);
+                let patched = ClassOutbound { types: Arc::new(types), routes };
                 cache.classes.insert(class, patched.clone());
-                return Ok(patched);
+                return Ok(patched.types);
             }
         }
-        let mut encoded = Vec::new();
-        self.encode(translation.outbound(), &mut encoded)?;
-        let encoded = Arc::new(SharedTypes::new(encoded));
+        let routes = self.route_parts(translation)?;
+        let mut encoded = self.intern(CLUSTER, translation.clusters())?;
+        encoded.extend(self.intern(ENDPOINT, translation.endpoints())?);
+        encoded.extend(self.intern(LISTENER, translation.outbound_listeners())?);
+        for parts in &routes {
+            encoded.push(self.assemble(parts)?);
+        }
+        let built = ClassOutbound { types: Arc::new(SharedTypes::new(encoded)), routes: Arc::new(routes) };
         // A generation for another config (racing a change) is not cached.
         if cache.version == version {
-            cache.classes.insert(class, encoded.clone());
+            cache.classes.insert(class, built.clone());
         }
-        Ok(encoded)
+        Ok(built.types)
     }
 
     /// Replaces the config the next snapshots are built from; `delta` is what changed since
@@ -449,5 +531,82 @@ status: {podIP: 127.0.1.31}
         assert_eq!(contents(&patched), contents(&full));
         assert_ne!(contents(&before), contents(&full), "the weights changed");
         assert_eq!(contents(&sidecar_patched), contents(&generator.generate(&sidecar, None).unwrap()));
+    }
+
+    /// Two TCP services and a VirtualService splitting one's connections between them.
+    const TCP_DB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec: {clusterIP: 127.100.0.90, ports: [{name: tcp-db, port: 27017}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db2, namespace: default}
+spec: {clusterIP: 127.100.0.91, ports: [{name: tcp-db, port: 27017}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db]
+  tcp:
+  - route:
+    - {destination: {host: db}, weight: 70}
+    - {destination: {host: db2}, weight: 30}
+"#;
+
+    /// Applies the objects of `yaml` to `snapshot` and returns what changed.
+    fn apply(snapshot: &mut Snapshot, yaml: &str) -> SnapshotDelta {
+        let (objects, diagnostics) = sluice_translator::parse::parse_documents("change.yaml", yaml);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        snapshot.apply(objects.into_iter().map(|l| sluice_translator::snapshot::Change::Upsert(Arc::new(l))))
+    }
+
+    /// The types whose version differs between two snapshots of one proxy.
+    fn changed_types(before: &sluice_xds::cache::Snapshot, after: &sluice_xds::cache::Snapshot) -> Vec<String> {
+        let changed = after.types.iter().filter(|(t, r)| before.types.get(*t).is_none_or(|b| b.version != r.version));
+        changed.map(|(t, _)| t.clone()).collect()
+    }
+
+    #[test]
+    fn tcp_and_wildcard_routing_changes_patch_single_listeners_and_virtual_hosts() {
+        let mut snapshot = bookinfo_80_20();
+        apply(&mut snapshot, TCP_DB);
+        let generator = MeshGenerator::new(Current { version: 1, snapshot: snapshot.clone() });
+        let sidecar = node("sidecar~127.0.9.1~a.default~default.svc.cluster.local");
+        let mut previous = generator.generate(&sidecar, None).unwrap();
+        let steps = [
+            // New TCP weights: the db listener changes, nothing else.
+            (TCP_DB.replace("weight: 70", "weight: 50").replace("weight: 30", "weight: 50"), vec![LISTENER]),
+            // A wildcard VirtualService that comes first by name takes every default host's routes.
+            (
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: aaa, namespace: default}\nspec:\n  hosts: ['*.default.svc.cluster.local']\n  http:\n  - route: [{destination: {host: details}}]\n".to_string(),
+                vec![ROUTE],
+            ),
+        ];
+        for (version, (yaml, expected)) in (2..).step_by(2).zip(steps) {
+            let delta = apply(&mut snapshot, &yaml);
+            assert!(delta.patchable() && !delta.routing.is_empty(), "{delta:?}");
+            generator.set(Current { version, snapshot: snapshot.clone() }, delta);
+            assert_eq!(generator.stale_classes(), 1, "the class waits to be patched");
+            let patched = generator.generate(&sidecar, Some(&previous)).unwrap();
+            assert_eq!((generator.stale_classes(), generator.cached_classes()), (0, 1), "patched");
+            assert_eq!(changed_types(&previous, &patched), expected, "step {version}");
+            // The same config translated in full by the same interner (equal resources are the
+            // same encodings: protobuf maps have no fixed order).
+            let rebuild = SnapshotDelta { rebuild: true, ..Default::default() };
+            generator.set(Current { version: version + 1, snapshot: snapshot.clone() }, rebuild);
+            let full = generator.generate(&sidecar, None).unwrap();
+            let (p, f) = (contents(&patched), contents(&full));
+            let differ: Vec<_> =
+                p.iter().chain(&f).filter(|e| !p.contains(e) || !f.contains(e)).map(|e| &e.1).collect();
+            assert!(differ.is_empty(), "step {version}: patched differs from a full generation in {differ:?}");
+            previous = full;
+        }
+        // The wildcard host replaced the routes of every HTTP service's virtual host.
+        let routes = &previous.types[ROUTE].items;
+        let dump = String::from_utf8_lossy(&routes.get("9080").unwrap().bytes).to_string();
+        assert!(!dump.contains("outbound|9080|v1|reviews"), "reviews' own VirtualService no longer applies");
     }
 }

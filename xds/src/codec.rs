@@ -59,6 +59,65 @@ pub fn encode(type_url: &str, name: &str, json: &Value) -> Result<Vec<u8>, Codec
     Ok(from_json(type_url, name, json)?.encode_to_vec())
 }
 
+/// `shell`, an encoded message of `type_url`, with `parts` (each an encoded message) as the
+/// elements of its repeated message field `field`. They go before the first field of `shell`
+/// numbered above `field`, so the result is byte for byte what encoding the whole message at
+/// once gives when `shell` does not set `field` itself.
+pub fn splice<'a>(
+    type_url: &str,
+    shell: &[u8],
+    field: &str,
+    parts: impl Iterator<Item = &'a [u8]> + Clone,
+) -> Result<Vec<u8>, CodecError> {
+    let desc = descriptor(type_url)?;
+    let invalid =
+        |reason: String| CodecError::Invalid { type_name: desc.full_name().to_string(), name: String::new(), reason };
+    let f = desc.get_field_by_name(field).ok_or_else(|| invalid(format!("no field {field:?}")))?;
+    if !f.is_list() || !matches!(f.kind(), prost_reflect::Kind::Message(_)) {
+        return Err(invalid(format!("field {field:?} is not a repeated message")));
+    }
+    let number = f.number();
+    let at = split_before(shell, number).ok_or_else(|| invalid("the shell is not a valid encoding".into()))?;
+    let size: usize = parts.clone().map(|p| p.len() + 2 * 10).sum();
+    let mut out = Vec::with_capacity(shell.len() + size);
+    out.extend_from_slice(&shell[..at]);
+    for part in parts {
+        prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
+        prost::encoding::encode_varint(part.len() as u64, &mut out);
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(&shell[at..]);
+    Ok(out)
+}
+
+/// The offset of the first top-level field of `message` numbered above `number` (its length
+/// if there is none); None if `message` is not a valid encoding.
+fn split_before(message: &[u8], number: u32) -> Option<usize> {
+    let mut rest = message;
+    loop {
+        let at = message.len() - rest.len();
+        if rest.is_empty() {
+            return Some(at);
+        }
+        let key = prost::encoding::decode_varint(&mut rest).ok()?;
+        if (key >> 3) > u64::from(number) {
+            return Some(at);
+        }
+        let skip = match key & 7 {
+            0 => {
+                prost::encoding::decode_varint(&mut rest).ok()?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(prost::encoding::decode_varint(&mut rest).ok()?).ok()?,
+            5 => 4,
+            // Groups are not used by Envoy's API.
+            _ => return None,
+        };
+        rest = rest.get(skip..)?;
+    }
+}
+
 /// The canonical protobuf JSON of a message: proto field names, default values left out.
 pub fn to_json(message: &DynamicMessage) -> Value {
     let options = SerializeOptions::new().use_proto_field_name(true).stringify_64_bit_integers(false);
@@ -97,6 +156,29 @@ mod tests {
         assert_eq!(out["@type"], CLUSTER);
         let bytes = encode(CLUSTER, "a", &c).unwrap();
         assert!(!bytes.is_empty());
+    }
+
+    #[test]
+    fn a_spliced_message_is_the_whole_message_encoded_at_once() {
+        const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+        const HOST: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
+        let hosts = [
+            json!({"name": "a", "domains": ["a", "a:80"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c"}}]}),
+            json!({"name": "b", "domains": ["*"], "include_request_attempt_count": true}),
+        ];
+        let whole = json!({"name": "80", "virtual_hosts": hosts, "validate_clusters": false,
+            "ignore_port_in_host_matching": true, "request_headers_to_remove": ["x"]});
+        let shell = json!({"name": "80", "validate_clusters": false, "ignore_port_in_host_matching": true,
+            "request_headers_to_remove": ["x"]});
+        let parts: Vec<Vec<u8>> = hosts.iter().map(|h| encode(HOST, "h", h).unwrap()).collect();
+        let spliced =
+            splice(ROUTE, &encode(ROUTE, "80", &shell).unwrap(), "virtual_hosts", parts.iter().map(|p| &p[..]));
+        assert_eq!(spliced.unwrap(), encode(ROUTE, "80", &whole).unwrap());
+        // No parts, and a shell with nothing after the field.
+        let bare = encode(ROUTE, "80", &json!({"name": "80"})).unwrap();
+        assert_eq!(splice(ROUTE, &bare, "virtual_hosts", std::iter::empty()).unwrap(), bare);
+        assert!(splice(ROUTE, &bare, "name", std::iter::empty()).is_err(), "not a repeated message");
+        assert!(splice(ROUTE, &[0x0a, 0x05], "virtual_hosts", std::iter::empty()).is_err(), "truncated");
     }
 
     #[test]

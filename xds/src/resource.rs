@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::Value;
 
-use crate::codec::{CodecError, encode};
+use crate::codec::{CodecError, encode, splice};
 
 /// One resource in protobuf form.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,13 +59,51 @@ impl Interner {
             return Ok(hit);
         }
         let encoded = Arc::new(Encoded::new(type_url, name, encode(type_url, name, json)?));
+        self.insert(key, &encoded);
+        Ok(encoded)
+    }
+
+    /// The shared encoding of a message of `type_url` that is `shell` with `parts` as the
+    /// elements of its repeated message field `field` (see [`crate::codec::splice`]): only the
+    /// shell is encoded, the parts are copied in. Its content version hashes the shell and the
+    /// parts' versions, so a change of one part costs a copy, not an encoding of the whole.
+    pub fn encode_with_parts(
+        &self,
+        type_url: &str,
+        name: &str,
+        shell: &Value,
+        field: &str,
+        parts: &[Arc<Encoded>],
+    ) -> Result<Arc<Encoded>, CodecError> {
+        let mut h = DefaultHasher::new();
+        (field, shell).hash(&mut h);
+        // A part's version is the hash of its bytes, which hold its name.
+        for p in parts {
+            p.version.hash(&mut h);
+        }
+        let key = (type_url.to_string(), name.to_string(), h.finish());
+        if let Some(hit) = self.entries.lock().expect("interner lock").get(&key).and_then(Weak::upgrade) {
+            return Ok(hit);
+        }
+        let shell_bytes = encode(type_url, name, shell)?;
+        let bytes = splice(type_url, &shell_bytes, field, parts.iter().map(|p| &p.bytes[..]))?;
+        let encoded = Arc::new(Encoded {
+            type_url: type_url.to_string(),
+            name: name.to_string(),
+            version: format!("{:016x}", key.2),
+            bytes: bytes.into(),
+        });
+        self.insert(key, &encoded);
+        Ok(encoded)
+    }
+
+    fn insert(&self, key: Key, encoded: &Arc<Encoded>) {
         let mut entries = self.entries.lock().expect("interner lock");
         // Drop dead entries now and then so the map does not grow without bound.
         if entries.len() > 1024 && entries.len().is_power_of_two() {
             entries.retain(|_, w| w.strong_count() > 0);
         }
-        entries.insert(key, Arc::downgrade(&encoded));
-        Ok(encoded)
+        entries.insert(key, Arc::downgrade(encoded));
     }
 
     /// Number of live shared encodings.
@@ -92,5 +130,24 @@ mod tests {
         assert_ne!(a.version, c.version);
         drop((a, b));
         assert_eq!(i.live(), 1);
+    }
+
+    #[test]
+    fn a_message_from_parts_is_shared_and_changes_with_a_part() {
+        const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+        const HOST: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
+        let i = Interner::default();
+        let host =
+            |name: &str, domain: &str| i.encode(HOST, name, &json!({"name": name, "domains": [domain]})).unwrap();
+        let shell = json!({"name": "80", "validate_clusters": false});
+        let parts = [host("a", "a"), host("b", "b")];
+        let whole = i.encode_with_parts(ROUTE, "80", &shell, "virtual_hosts", &parts).unwrap();
+        let expected = json!({"name": "80", "validate_clusters": false,
+            "virtual_hosts": [{"name": "a", "domains": ["a"]}, {"name": "b", "domains": ["b"]}]});
+        assert_eq!(whole.bytes, encode(ROUTE, "80", &expected).unwrap());
+        let again = i.encode_with_parts(ROUTE, "80", &shell, "virtual_hosts", &parts).unwrap();
+        assert!(Arc::ptr_eq(&whole, &again), "the same shell and parts are one encoding");
+        let changed = i.encode_with_parts(ROUTE, "80", &shell, "virtual_hosts", &[parts[0].clone(), host("b", "c")]);
+        assert_ne!(changed.unwrap().version, whole.version);
     }
 }

@@ -28,9 +28,25 @@ fn push(out: &mut Vec<Resource>, names: &mut BTreeSet<String>, r: Resource) {
 
 /// The outbound listeners: the same for every proxy of a class.
 pub(super) fn build_outbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
+    outbound(proxy, None)
+}
+
+/// The outbound listeners whose content a change of the VirtualServices naming `hosts`
+/// (resolved, possibly wildcards) may change: the TCP listeners of the services they cover.
+/// Listener names are claimed as in [`build_outbound`], so a listener another service's
+/// listener shadows is not returned.
+pub(super) fn build_outbound_routed(proxy: &mut Proxy<'_>, hosts: &BTreeSet<String>) -> Vec<Resource> {
+    outbound(proxy, Some(hosts))
+}
+
+fn outbound(proxy: &mut Proxy<'_>, routed: Option<&BTreeSet<String>>) -> Vec<Resource> {
     let mut out = Vec::new();
     let names = &mut BTreeSet::new();
     let mut http_taken = BTreeSet::new();
+    // HTTP listeners and virtualOutbound do not depend on VirtualServices: with `routed`, their
+    // names are claimed but they are not built.
+    let covered =
+        |service: &MeshService| routed.is_none_or(|hosts| hosts.iter().any(|h| host_matches(h, &service.hostname)));
     for hp in http_ports(proxy) {
         let explicit = hp.listener.port.is_some();
         if !explicit && proxy.interception_none {
@@ -43,6 +59,10 @@ pub(super) fn build_outbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
             http_taken.insert(hp.port);
         }
         let name = format!("{addr}_{}", hp.port);
+        if routed.is_some() {
+            names.insert(name);
+            continue;
+        }
         let hcm = hcm(
             &format!("outbound_{name}"),
             json!({"rds": {"config_source": ads_source(), "route_config_name": hp.route_name}}),
@@ -72,6 +92,10 @@ pub(super) fn build_outbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
                     _ => "0.0.0.0".into(),
                 };
                 let name = format!("{addr}_{}", port.port);
+                if !covered(service) {
+                    names.insert(name);
+                    continue;
+                }
                 let tcp =
                     tcp_proxy(proxy, service, port.port, &format!("outbound|{}||{}", port.port, service.hostname));
                 push(
@@ -82,7 +106,7 @@ pub(super) fn build_outbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
             }
         }
     }
-    if !proxy.interception_none {
+    if !proxy.interception_none && routed.is_none() {
         let catch_all = match proxy.outbound_mode() {
             OutboundMode::AllowAny => "PassthroughCluster",
             OutboundMode::RegistryOnly => "BlackHoleCluster",

@@ -14,6 +14,7 @@ mod route;
 use serde_json::Value;
 
 pub use proxy::{NodeError, NodeId, Proxy};
+pub use route::{RouteTable, TableHost};
 
 use crate::diagnostic::Diagnostic;
 use crate::snapshot::Snapshot;
@@ -22,6 +23,10 @@ use crate::snapshot::Snapshot;
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// Type URL of `envoy.config.route.v3.RouteConfiguration`.
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// Type URL of `envoy.config.route.v3.VirtualHost` (a part of a route configuration).
+pub const VIRTUAL_HOST_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
+/// Field of a route configuration that holds its virtual hosts.
+pub const VIRTUAL_HOSTS_FIELD: &str = "virtual_hosts";
 /// Type URL of `envoy.config.cluster.v3.Cluster`.
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Type URL of `envoy.config.endpoint.v3.ClusterLoadAssignment`.
@@ -118,14 +123,46 @@ impl<'a> ProxyTranslation<'a> {
         }
     }
 
-    /// The outbound listeners and routes: what a VirtualService change changes in the outbound
-    /// half (clusters and load assignments do not depend on VirtualServices).
-    pub fn outbound_routing(&mut self) -> ProxyResources {
-        ProxyResources {
-            listeners: listener::build_outbound(&mut self.proxy),
-            routes: route::build(&mut self.proxy),
-            ..Default::default()
-        }
+    /// The outbound clusters.
+    pub fn clusters(&self) -> Vec<Resource> {
+        cluster::build(&self.proxy)
+    }
+
+    /// The load assignments of every outbound cluster.
+    pub fn endpoints(&self) -> Vec<Resource> {
+        endpoint::build(&self.proxy, None)
+    }
+
+    /// The outbound listeners.
+    pub fn outbound_listeners(&mut self) -> Vec<Resource> {
+        listener::build_outbound(&mut self.proxy)
+    }
+
+    /// The outbound listeners a change of the VirtualServices naming `hosts` (resolved,
+    /// possibly wildcards) may change; the others stay as [`ProxyTranslation::outbound_listeners`]
+    /// gave them.
+    pub fn outbound_listeners_routed(&mut self, hosts: &std::collections::BTreeSet<String>) -> Vec<Resource> {
+        listener::build_outbound_routed(&mut self.proxy, hosts)
+    }
+
+    /// The layouts of the outbound route configurations: a route configuration is
+    /// [`route_shell`] with [`ProxyTranslation::virtual_host`] of each of its hosts, in order,
+    /// then [`ProxyTranslation::catch_all_host`], as its `virtual_hosts`.
+    pub fn route_tables(&self) -> Vec<RouteTable> {
+        route::tables(&self.proxy)
+    }
+
+    /// The virtual host of `table.hosts[index]`, named as Envoy names it (`<host>:<port>`).
+    pub fn virtual_host(&mut self, table: &RouteTable, index: usize) -> Resource {
+        let body = route::virtual_host(&mut self.proxy, table, index);
+        Resource { name: format!("{}:{}", table.hosts[index].service, table.port), body }
+    }
+
+    /// The virtual host that ends every route configuration (`allow_any` or `block_all`).
+    pub fn catch_all_host(&self) -> Resource {
+        let body = route::catch_all_host(&self.proxy);
+        let name = body["name"].as_str().expect("the catch-all host is named").to_string();
+        Resource { name, body }
     }
 
     /// The load assignments of the outbound clusters of `hosts` (what an endpoint-only change
@@ -197,6 +234,11 @@ fn address(host: &str, port: u32) -> Value {
 /// A fractional percentage with denominator MILLION from an Istio percent value.
 fn fraction(percent: f64) -> Value {
     serde_json::json!({"numerator": (percent * 10_000.0).round() as u64, "denominator": "MILLION"})
+}
+
+/// A route configuration of `table` without its virtual hosts.
+pub fn route_shell(table: &RouteTable) -> Value {
+    route::shell(table)
 }
 
 /// Cluster names as Istio writes them.

@@ -1,7 +1,7 @@
 //! RDS: one route configuration per outbound HTTP port, a virtual host per service, routes from
 //! VirtualService `http` (first match wins) or Istio's default route.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use serde_json::{Map, Value, json};
 
@@ -55,22 +55,61 @@ pub(super) fn http_ports(proxy: &Proxy<'_>) -> Vec<HttpPort> {
 
 /// All route configurations of the proxy.
 pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
-    http_ports(proxy).iter().map(|hp| route_config(proxy, hp)).collect()
+    tables(proxy)
+        .into_iter()
+        .map(|table| {
+            let mut hosts: Vec<Value> = (0..table.hosts.len()).map(|i| virtual_host(proxy, &table, i)).collect();
+            hosts.push(catch_all_host(proxy));
+            let mut body = shell(&table);
+            body.as_object_mut().expect("shell is an object").insert("virtual_hosts".into(), Value::Array(hosts));
+            Resource { name: table.name, body }
+        })
+        .collect()
 }
 
-/// The VirtualService for `service` that this proxy uses: visible, bound to the mesh, and the
-/// first by namespace/name whose hosts cover the service.
-fn virtual_service_for<'a>(proxy: &Proxy<'a>, service: &MeshService) -> Option<&'a IstioObject<VirtualServiceSpec>> {
-    proxy.snapshot.virtual_services_for_host(&service.hostname).find(|vs| {
-        exported_to(&vs.spec.export_to, &vs.meta.namespace, &proxy.node.namespace)
-            && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-            && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
-    })
+/// One outbound route configuration's layout: the services that get a virtual host, in order,
+/// with the domains each keeps. It depends on the services and the proxy's class only, not on
+/// VirtualServices, so a VirtualService change re-translates single virtual hosts within it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTable {
+    /// Route configuration name (the port, as Istio names it).
+    pub name: String,
+    /// The port.
+    pub port: u32,
+    /// One entry per virtual host, in order; the catch-all host (`allow_any` or `block_all`)
+    /// follows them.
+    pub hosts: Vec<TableHost>,
 }
 
-fn route_config(proxy: &mut Proxy<'_>, hp: &HttpPort) -> Resource {
-    let mut used = BTreeSet::new();
-    let mut vhosts = Vec::new();
+/// A service's virtual host in a [`RouteTable`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableHost {
+    /// The service's hostname.
+    pub service: String,
+    /// Its domains: a domain an earlier virtual host took is left out, as Envoy rejects a
+    /// domain used by two virtual hosts of one route configuration.
+    pub domains: Vec<String>,
+}
+
+impl RouteTable {
+    /// Indices of the virtual hosts whose routes a change of the VirtualServices naming
+    /// `hosts` (resolved, possibly wildcards) may change.
+    pub fn affected<'a>(&'a self, hosts: &'a BTreeSet<String>) -> impl Iterator<Item = usize> + 'a {
+        let wildcards: Vec<&String> = hosts.iter().filter(|h| h.starts_with('*')).collect();
+        self.hosts.iter().enumerate().filter_map(move |(i, h)| {
+            (hosts.contains(&h.service) || wildcards.iter().any(|w| host_matches(w, &h.service))).then_some(i)
+        })
+    }
+}
+
+/// The layouts of the proxy's route configurations.
+pub(super) fn tables(proxy: &Proxy<'_>) -> Vec<RouteTable> {
+    http_ports(proxy).iter().map(|hp| table(proxy, hp)).collect()
+}
+
+fn table(proxy: &Proxy<'_>, hp: &HttpPort) -> RouteTable {
+    let mut used = HashSet::new();
+    let mut hosts = Vec::new();
     for service in proxy.services_for(&hp.listener) {
         if !service.ports.iter().any(|p| p.port == hp.port && p.protocol.is_http()) {
             continue;
@@ -86,37 +125,65 @@ fn route_config(proxy: &mut Proxy<'_>, hp: &HttpPort) -> Resource {
         }
         names.extend(service.addresses.iter().filter(|a| !a.contains('/')).cloned());
         for n in names {
-            for d in [n.clone(), format!("{n}:{}", hp.port)] {
-                // Envoy rejects a domain used by two virtual hosts of one route configuration.
+            let with_port = format!("{n}:{}", hp.port);
+            for d in [n, with_port] {
                 if used.insert(d.clone()) {
                     domains.push(d);
                 }
             }
         }
-        let routes = match virtual_service_for(proxy, service) {
-            Some(vs) => vs_routes(proxy, vs, service, hp.port),
-            None => vec![default_route(&outbound_cluster_name(hp.port, "", &service.hostname), None)],
-        };
-        vhosts.push(object([
-            ("name", Value::String(format!("{}:{}", service.hostname, hp.port))),
-            ("domains", Value::from(domains)),
-            ("routes", Value::Array(routes)),
-            ("include_request_attempt_count", Value::Bool(true)),
-        ]));
+        hosts.push(TableHost { service: service.hostname.clone(), domains });
     }
+    RouteTable { name: hp.route_name.clone(), port: hp.port, hosts }
+}
+
+/// A route configuration without its virtual hosts.
+pub(super) fn shell(table: &RouteTable) -> Value {
+    object([
+        ("name", Value::String(table.name.clone())),
+        ("validate_clusters", Value::Bool(false)),
+        ("ignore_port_in_host_matching", Value::Bool(true)),
+    ])
+}
+
+/// The virtual host of `table.hosts[index]`: the routes of the service's VirtualService, or
+/// Istio's default route.
+pub(super) fn virtual_host(proxy: &mut Proxy<'_>, table: &RouteTable, index: usize) -> Value {
+    let entry = &table.hosts[index];
+    let service = proxy.snapshot.services.get(&entry.service).expect("a route table is built from this snapshot");
+    let routes = match virtual_service_for(proxy, service) {
+        Some(vs) => vs_routes(proxy, vs, service, table.port),
+        None => vec![default_route(&outbound_cluster_name(table.port, "", &service.hostname), None)],
+    };
+    object([
+        ("name", Value::String(format!("{}:{}", service.hostname, table.port))),
+        ("domains", Value::from(entry.domains.clone())),
+        ("routes", Value::Array(routes)),
+        ("include_request_attempt_count", Value::Bool(true)),
+    ])
+}
+
+/// The last virtual host of every route configuration: `*` to the passthrough cluster, or a
+/// 502 under REGISTRY_ONLY.
+pub(super) fn catch_all_host(proxy: &Proxy<'_>) -> Value {
     match proxy.outbound_mode() {
-        OutboundMode::AllowAny => vhosts.push(json!({"name": "allow_any", "domains": ["*"], "routes": [{"name": "allow_any", "match": {"prefix": "/"}, "route": {"cluster": "PassthroughCluster", "timeout": "0s", "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}}}], "include_request_attempt_count": true})),
-        OutboundMode::RegistryOnly => vhosts.push(json!({"name": "block_all", "domains": ["*"], "routes": [{"name": "block_all", "match": {"prefix": "/"}, "direct_response": {"status": 502}}], "include_request_attempt_count": true})),
+        OutboundMode::AllowAny => {
+            json!({"name": "allow_any", "domains": ["*"], "routes": [{"name": "allow_any", "match": {"prefix": "/"}, "route": {"cluster": "PassthroughCluster", "timeout": "0s", "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}}}], "include_request_attempt_count": true})
+        }
+        OutboundMode::RegistryOnly => {
+            json!({"name": "block_all", "domains": ["*"], "routes": [{"name": "block_all", "match": {"prefix": "/"}, "direct_response": {"status": 502}}], "include_request_attempt_count": true})
+        }
     }
-    Resource {
-        name: hp.route_name.clone(),
-        body: object([
-            ("name", Value::String(hp.route_name.clone())),
-            ("virtual_hosts", Value::Array(vhosts)),
-            ("validate_clusters", Value::Bool(false)),
-            ("ignore_port_in_host_matching", Value::Bool(true)),
-        ]),
-    }
+}
+
+/// The VirtualService for `service` that this proxy uses: visible, bound to the mesh, and the
+/// first by namespace/name whose hosts cover the service.
+fn virtual_service_for<'a>(proxy: &Proxy<'a>, service: &MeshService) -> Option<&'a IstioObject<VirtualServiceSpec>> {
+    proxy.snapshot.virtual_services_for_host(&service.hostname).find(|vs| {
+        exported_to(&vs.spec.export_to, &vs.meta.namespace, &proxy.node.namespace)
+            && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+            && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
+    })
 }
 
 /// Istio's default retry policy.
