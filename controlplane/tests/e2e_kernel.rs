@@ -99,7 +99,8 @@ impl KernelMesh {
         let serve = Proc::spawn(
             "sluice serve",
             Command::new(SLUICE)
-                .args(["serve", "--debounce-ms", "0", "--config"])
+                // Every resource in a part of its own: the agent takes each change in parts.
+                .args(["serve", "--debounce-ms", "0", "--delta-chunk-bytes", "1", "--config"])
                 .arg(common::root().join("examples/bookinfo"))
                 .arg("--config")
                 .arg(&routes)
@@ -151,9 +152,10 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let sandbox = Sandbox::new("split");
-    let mut mesh =
-        KernelMesh::start(&sandbox, &[("reviews.yaml", variant("reviews-80-20"))], "127.0.1.40:9080 weight 4/5");
+    let files = [("reviews.yaml", variant("reviews-80-20")), ("extra.yaml", EXTRA_SERVICE.to_string())];
+    let mut mesh = KernelMesh::start(&sandbox, &files, "127.0.1.40:9080 weight 4/5");
     let dump_text = dump(&sandbox.kernel.pin_dir).unwrap();
+    assert!(dump_text.contains(EXTRA_VIP), "{EXTRA_VIP} missing:\n{dump_text}");
     // Every Bookinfo service is on the kernel path.
     for vip in ["127.100.0.10:9080/TCP", "127.100.0.20:9080/TCP", "127.100.0.30:9080/TCP", "127.100.0.40:9080/TCP"] {
         assert!(dump_text.contains(vip), "{vip} missing:\n{dump_text}");
@@ -188,7 +190,7 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     let (status, metrics) = sluice_testkit::http_get(&metrics_addr, "agent", "/metrics", &[]).unwrap();
     assert_eq!(status, 200);
     assert!(
-        metrics.contains("sluice_agent_services 4") && metrics.contains("sluice_agent_xds_connected 1"),
+        metrics.contains("sluice_agent_services 5") && metrics.contains("sluice_agent_xds_connected 1"),
         "{metrics}"
     );
 
@@ -211,6 +213,9 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     let mut client = Proc { child: client, name: "client loop".into() };
     std::thread::sleep(Duration::from_millis(300));
     mesh.agent.kill();
+    // A service goes while no agent runs: the next one finds it in the maps it adopts, and its
+    // first change (in parts) removes it once the last part has arrived.
+    std::fs::remove_file(mesh.routes.join("extra.yaml")).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     mesh.agent = agent(&sandbox, mesh.xds_port, mesh.metrics_port, "agent2.log");
     let out: Vec<String> = client.wait_for_stdout().lines().map(str::to_string).collect();
@@ -221,7 +226,16 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
         log(&sandbox, "agent2.log").contains("adopting pinned programs and maps").then_some(())
     });
     assert!(adopted.is_some(), "{}", log(&sandbox, "agent2.log"));
+    let removed =
+        eventually(Duration::from_secs(10), || dump(&sandbox.kernel.pin_dir).filter(|d| !d.contains(EXTRA_VIP)));
+    let dump_text =
+        removed.unwrap_or_else(|| panic!("{EXTRA_VIP} stayed; agent log:\n{}", log(&sandbox, "agent2.log")));
+    assert!(dump_text.contains("127.100.0.40:9080/TCP"), "the other services stay:\n{dump_text}");
 }
+
+/// A service with no endpoints, in the maps as its VIP with no backends.
+const EXTRA_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: default}\nspec: {clusterIP: 127.100.0.99, ports: [{name: http, port: 9080}]}\n";
+const EXTRA_VIP: &str = "127.100.0.99:9080/TCP";
 
 /// reviews accepts only productpage's identity on 9080. A second ALLOW rule for details has an
 /// HTTP method in it: as in ztunnel, it does not match at L4 (fail closed), with a warning.

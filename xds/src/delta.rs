@@ -275,8 +275,7 @@ impl Stream {
         self.in_flight.acquire(&self.shared.pushes).await;
         state.sent_version = version.clone();
         state.parts.clear();
-        let budget = if PUSH_ORDER.contains(&type_url) { self.shared.delta_chunk_bytes } else { 0 };
-        let parts = split(&resources, budget);
+        let parts = split(&resources, self.shared.delta_chunk_bytes);
         let last = parts.len() - 1;
         for (i, part) in parts.into_iter().enumerate() {
             self.nonce += 1;

@@ -94,7 +94,7 @@ pub(crate) struct Shared {
     pub streams: Mutex<HashMap<u64, StreamEntry>>,
     /// The push throttle's slots.
     pub pushes: Arc<tokio::sync::Semaphore>,
-    /// Delta responses of Envoy's types are split into responses of about this many bytes
+    /// Delta responses are split into responses of about this many bytes
     /// (0: never split).
     pub delta_chunk_bytes: usize,
     next_stream: AtomicU64,

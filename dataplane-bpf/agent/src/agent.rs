@@ -9,15 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
-use prost::Message;
-use sluice_dataplane_common::maps;
-use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane, SERVICE_TYPE, WORKLOAD_TYPE};
+use sluice_dataplane_common::{ServiceKey, maps};
+use sluice_translator::dataplane::{KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
+use crate::held::{HeldService, HeldSet, HeldWorkload, Undo, update};
 use crate::loader::{Dataplane, ensure_bpffs};
 use crate::metrics::AgentMetrics;
-use crate::policy::{PolicySync, workload_value};
+use crate::policy::PolicySync;
 use crate::socket::{Register, Reply, parse_workload};
 use crate::sync::{ApplyStats, GRACE, MapSync};
 use crate::{Result, cgroup, io};
@@ -59,8 +59,8 @@ pub struct AgentState {
     dataplane: Dataplane,
     sync: MapSync,
     policy: PolicySync,
-    services: BTreeMap<String, (String, KernelService)>,
-    workloads: BTreeMap<String, (String, KernelWorkload)>,
+    services: HeldSet<HeldService>,
+    workloads: HeldSet<HeldWorkload>,
     /// Types received at least once: until then the maps keep what an earlier agent wrote.
     received: BTreeSet<String>,
     registered: BTreeMap<u64, Registered>,
@@ -68,58 +68,6 @@ pub struct AgentState {
     next_seq: u64,
     /// The agent's metrics.
     pub metrics: Arc<AgentMetrics>,
-}
-
-/// What applying a Delta response changed in the held resources of one type: the value each
-/// touched name had before (None: it was absent), so a failed apply can be undone. The held
-/// set is changed in place: a copy of it per response would be the whole mesh (100 000
-/// workloads) each time.
-#[derive(Debug)]
-struct Undo<M> {
-    /// Upserted names and what they held before.
-    before: Vec<(String, Option<(String, M)>)>,
-    /// Removed names and what they held.
-    removed: Vec<(String, (String, M))>,
-}
-
-impl<M> Undo<M> {
-    /// Puts every touched name back as it was (removals were applied last: undone first).
-    fn revert(self, held: &mut BTreeMap<String, (String, M)>) {
-        for (name, old) in self.removed {
-            held.insert(name, old);
-        }
-        for (name, old) in self.before.into_iter().rev() {
-            match old {
-                Some(v) => held.insert(name, v),
-                None => held.remove(&name),
-            };
-        }
-    }
-}
-
-/// Applies `response` to `held` (new and changed resources decoded, removed ones dropped), or
-/// leaves `held` as it was and returns the NACK's message.
-fn update<M: Message + Default>(
-    held: &mut BTreeMap<String, (String, M)>,
-    response: &DeltaDiscoveryResponse,
-) -> std::result::Result<Undo<M>, String> {
-    let mut decoded = Vec::with_capacity(response.resources.len());
-    for r in &response.resources {
-        let bytes = r.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
-        let value = M::decode(bytes).map_err(|e| format!("{} {}: {e}", response.type_url, r.name))?;
-        decoded.push((r.name.clone(), (r.version.clone(), value)));
-    }
-    let mut undo = Undo { before: Vec::with_capacity(decoded.len()), removed: Vec::new() };
-    for (name, value) in decoded {
-        let old = held.insert(name.clone(), value);
-        undo.before.push((name, old));
-    }
-    for name in &response.removed_resources {
-        if let Some(old) = held.remove(name) {
-            undo.removed.push((name.clone(), old));
-        }
-    }
-    Ok(undo)
 }
 
 impl AgentState {
@@ -144,8 +92,8 @@ impl AgentState {
             dataplane,
             sync,
             policy,
-            services: BTreeMap::new(),
-            workloads: BTreeMap::new(),
+            services: HeldSet::new(),
+            workloads: HeldSet::new(),
             received: BTreeSet::new(),
             registered: BTreeMap::new(),
             workload_root,
@@ -180,28 +128,38 @@ impl AgentState {
     /// Resource versions held for a type, sent when a stream (re)starts.
     pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
         match type_url {
-            SERVICE_TYPE => self.services.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
-            WORKLOAD_TYPE => self.workloads.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect(),
+            SERVICE_TYPE => self.services.iter().map(|(n, s)| (n.to_string(), s.version.to_string())).collect(),
+            WORKLOAD_TYPE => self.workloads.iter().map(|(n, w)| (n.to_string(), w.version.to_string())).collect(),
             _ => HashMap::new(),
         }
     }
 
     /// Applies one Delta response to the maps. An error leaves the held resources unchanged
     /// and is the NACK's message.
+    ///
+    /// A large change may come in parts, as sluice's server sends it (so neither side holds a
+    /// whole mesh in one message): each part is a valid incremental update, and only the last
+    /// one names the version (`system_version_info`). A response that names one completes a
+    /// change.
     pub fn apply_response(&mut self, response: &DeltaDiscoveryResponse) -> std::result::Result<ApplyStats, String> {
         let started = Instant::now();
+        let complete = !response.system_version_info.is_empty();
         let type_url = response.type_url.as_str();
         let outcome = match type_url {
             SERVICE_TYPE => {
-                let undo = update(&mut self.services, response)?;
-                let outcome = self.apply_services(response, &undo);
+                let (services, undo) = update::<KernelService>(&mut self.services, response)?;
+                let outcome = self.apply_services(services, &undo, complete);
                 if outcome.is_err() {
                     undo.revert(&mut self.services);
                 }
                 outcome
             }
             WORKLOAD_TYPE => {
-                let undo = update(&mut self.workloads, response)?;
+                let (_, undo) = update::<KernelWorkload>(&mut self.workloads, response)?;
+                // The policy sync walks every held workload: once per change, not per part.
+                if !complete {
+                    return Ok(ApplyStats::default());
+                }
                 self.received.insert(type_url.to_string());
                 let outcome = self.apply_workloads().map(|()| ApplyStats::default());
                 if outcome.is_err() {
@@ -224,32 +182,38 @@ impl AgentState {
         }
     }
 
-    /// Writes the services of a response. The first response of the type reconciles every
-    /// service (an earlier agent's maps may hold more); after it, a response carries only what
-    /// changed, and only that is written.
-    fn apply_services(&mut self, response: &DeltaDiscoveryResponse, undo: &Undo<KernelService>) -> Result<ApplyStats> {
-        if !self.received.contains(SERVICE_TYPE) {
-            let desired = NodeDataplane {
-                services: self.services.values().map(|(_, s)| s.clone()).collect(),
-                workloads: Vec::new(),
-            };
-            let stats = self.sync.apply(&mut self.dataplane.maps, &desired, Instant::now())?;
-            // Only a full reconcile that succeeded lets later responses be applied as deltas.
+    /// Writes the services of a response. Until a change is complete (see
+    /// [`AgentState::apply_response`]) nothing is removed; the last part of the first change
+    /// of the type then removes every service the held ones do not name (an earlier agent's
+    /// maps may hold more). After it, a response carries only what changed, and only that is
+    /// written.
+    fn apply_services(
+        &mut self,
+        services: Vec<KernelService>,
+        undo: &Undo<HeldService>,
+        complete: bool,
+    ) -> Result<ApplyStats> {
+        let reconcile = complete && !self.received.contains(SERVICE_TYPE);
+        let removed: Vec<ServiceKey> = if reconcile {
+            let keep: BTreeSet<ServiceKey> = self.services.values().map(|s| s.key).collect();
+            self.sync.service_keys().filter(|k| !keep.contains(k)).collect()
+        } else {
+            undo.removed.iter().map(|(_, s)| s.key).collect()
+        };
+        let stats = self.sync.apply_changes(&mut self.dataplane.maps, &services, &removed, Instant::now())?;
+        // Only a reconcile that succeeded lets later responses be applied as deltas.
+        if reconcile {
             self.received.insert(SERVICE_TYPE.to_string());
-            return Ok(stats);
         }
-        let upserts: Vec<KernelService> =
-            response.resources.iter().filter_map(|r| self.services.get(&r.name)).map(|(_, s)| s.clone()).collect();
-        let removed = undo.removed.iter().map(|(_, (_, s))| crate::sync::service_key(s)).collect::<Result<Vec<_>>>()?;
-        self.sync.apply_changes(&mut self.dataplane.maps, &upserts, &removed, Instant::now())
+        Ok(stats)
     }
 
     /// Writes the policy sets and identities of the held workloads, then the workload entries of
     /// registered cgroups (policy sets first: an entry must not point at a set not yet written).
     fn apply_workloads(&mut self) -> Result<()> {
-        self.policy.apply(&mut self.dataplane.maps, self.workloads.values().map(|(_, w)| w), Instant::now())?;
+        self.policy.apply(&mut self.dataplane.maps, self.workloads.iter().map(|(n, w)| (&**n, w)), Instant::now())?;
         for (id, r) in &self.registered {
-            let wanted = self.workloads.get(&r.workload).map(|(_, w)| workload_value(w));
+            let wanted = self.workloads.get(r.workload.as_str()).map(|w| w.value);
             let current = self.dataplane.maps.workloads.get(id, 0).ok();
             match wanted {
                 Some(v) if current != Some(v) => {
@@ -269,7 +233,7 @@ impl AgentState {
     pub fn register(&mut self, workload: &str) -> Result<PathBuf> {
         let (namespace, name) = parse_workload(workload)?;
         let key = format!("{namespace}/{name}");
-        let Some((_, w)) = self.workloads.get(&key).filter(|(_, w)| w.local) else {
+        let Some(w) = self.workloads.get(key.as_str()).filter(|w| w.local) else {
             let why = if self.received.contains(WORKLOAD_TYPE) {
                 "is not in the config served to this node (or its Pod runs on another node)"
             } else {
@@ -283,7 +247,7 @@ impl AgentState {
         self.next_seq += 1;
         cgroup::create(&path)?;
         let id = cgroup::cgroup_id(&path)?;
-        self.dataplane.maps.workloads.insert(id, workload_value(w), 0).map_err(crate::map_error(maps::WORKLOADS))?;
+        self.dataplane.maps.workloads.insert(id, w.value, 0).map_err(crate::map_error(maps::WORKLOADS))?;
         self.registered.insert(id, Registered { workload: key, path: path.clone(), since: Instant::now() });
         self.metrics.workloads.set(self.registered.len() as i64);
         Ok(path)
@@ -399,59 +363,5 @@ async fn serve_socket(listener: UnixListener, state: Arc<Mutex<AgentState>>) {
             text.push('\n');
             let _ = write.write_all(text.as_bytes()).await;
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use envoy_types::pb::envoy::service::discovery::v3::Resource;
-    use envoy_types::pb::google::protobuf::Any;
-
-    use super::*;
-
-    fn service(name: &str, port: u32) -> KernelService {
-        KernelService { name: name.into(), port, ..Default::default() }
-    }
-
-    fn resource(s: &KernelService, version: &str) -> Resource {
-        Resource {
-            name: s.name.clone(),
-            version: version.into(),
-            resource: Some(Any { type_url: SERVICE_TYPE.into(), value: s.encode_to_vec() }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_response_is_applied_in_place_and_reverted_exactly() {
-        let mut held: BTreeMap<String, (String, KernelService)> = BTreeMap::new();
-        held.insert("a".into(), ("1".into(), service("a", 80)));
-        held.insert("b".into(), ("1".into(), service("b", 80)));
-        let before = held.clone();
-        let response = DeltaDiscoveryResponse {
-            type_url: SERVICE_TYPE.into(),
-            resources: vec![resource(&service("a", 81), "2"), resource(&service("c", 80), "1")],
-            removed_resources: vec!["b".into(), "never-held".into()],
-            ..Default::default()
-        };
-        let undo = update(&mut held, &response).unwrap();
-        assert_eq!(held.keys().collect::<Vec<_>>(), ["a", "c"]);
-        assert_eq!(held["a"].1.port, 81);
-        assert_eq!(undo.removed.len(), 1, "only what was held is recorded as removed");
-        assert_eq!(undo.removed[0].1.1.name, "b");
-        undo.revert(&mut held);
-        assert_eq!(held, before);
-
-        let broken = DeltaDiscoveryResponse {
-            type_url: SERVICE_TYPE.into(),
-            resources: vec![Resource {
-                name: "x".into(),
-                resource: Some(Any { type_url: SERVICE_TYPE.into(), value: vec![0xff, 0xff] }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        assert!(update(&mut held, &broken).unwrap_err().contains(" x: "));
-        assert_eq!(held, before, "a response that does not decode changes nothing");
     }
 }

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod delivery;
 pub mod dump;
+pub mod held;
 pub mod loader;
 pub mod metrics;
 pub mod policy;

@@ -15,6 +15,7 @@ use sluice_dataplane_common::{
 };
 use sluice_translator::dataplane::{KernelRule, KernelWorkload};
 
+use crate::held::HeldWorkload;
 use crate::loader::Maps;
 use crate::sync::{GRACE, addr};
 use crate::{DataplaneError, Result, deleted, map_error};
@@ -202,18 +203,16 @@ impl PolicySync {
     pub fn apply<'w>(
         &mut self,
         maps: &mut Maps,
-        workloads: impl Iterator<Item = &'w KernelWorkload> + Clone,
+        workloads: impl Iterator<Item = (&'w str, &'w HeldWorkload)> + Clone,
         now: Instant,
     ) -> Result<usize> {
         let mut wanted: BTreeMap<u32, (bool, Vec<PolicyRule>)> = BTreeMap::new();
-        for w in workloads.clone() {
-            let set = policy_set(w);
-            let Some(authorization) = w.authorization.as_ref().filter(|_| set != 0) else { continue };
+        for (name, w) in workloads.clone() {
+            let set = w.value.policy;
+            let Some(authorization) = w.authorization.as_deref().filter(|_| set != 0) else { continue };
             if authorization.rules.len() > MAX_RULES as usize {
                 return Err(DataplaneError::Invalid(format!(
-                    "workload {}/{}: {} authorization rules, more than the {MAX_RULES} the kernel holds per workload",
-                    w.namespace,
-                    w.name,
+                    "workload {name}: {} authorization rules, more than the {MAX_RULES} the kernel holds per workload",
                     authorization.rules.len()
                 )));
             }
@@ -246,13 +245,13 @@ impl PolicySync {
         }
         // Addresses: every workload's identity (remote sources) and its policy set.
         let mut endpoints: BTreeMap<Addr, Endpoint> = BTreeMap::new();
-        for w in workloads {
-            let a = workload_addr(w);
-            if a == Addr::default() {
+        for (_, w) in workloads {
+            let v = &w.value;
+            if v.addr == Addr::default() {
                 continue;
             }
-            let v = workload_value(w);
-            endpoints.insert(a, Endpoint { identity: v.identity, namespace: v.namespace, policy: v.policy, pad: 0 });
+            endpoints
+                .insert(v.addr, Endpoint { identity: v.identity, namespace: v.namespace, policy: v.policy, pad: 0 });
         }
         for (a, e) in &endpoints {
             if self.endpoints.get(a) != Some(e) {

@@ -9,9 +9,11 @@
 //!    old entry an instant earlier still finds what it points at.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use sluice_dataplane_common::{Backend, MAX_SLOTS, ServiceKey, ServiceValue, SlotKey, proto, service_flags, v4_mapped};
 use sluice_translator::dataplane::{KernelService, NodeDataplane};
 
@@ -85,6 +87,22 @@ pub struct ApplyStats {
     pub backends_written: usize,
 }
 
+/// A service's content as one number (the hash of its encoding, which has no maps and so one
+/// form), as the control plane's versions are.
+fn fingerprint(s: &KernelService) -> u64 {
+    let mut h = DefaultHasher::new();
+    s.encode_to_vec().hash(&mut h);
+    h.finish()
+}
+
+/// A service to write: its entry, fingerprint, backends and their weights.
+struct Wanted<'a> {
+    service: &'a KernelService,
+    print: u64,
+    backends: Vec<Backend>,
+    weights: Vec<u32>,
+}
+
 /// The agent's view of what is in the maps.
 #[derive(Default)]
 pub struct MapSync {
@@ -97,9 +115,10 @@ pub struct MapSync {
     refs: BTreeMap<u32, u32>,
     /// Backend ids whose last slot went away since the last apply.
     orphans: BTreeSet<u32>,
-    /// The last applied form of each service: an unchanged one costs a comparison, so one
+    /// A fingerprint of the last applied form of each service: an unchanged one costs a
+    /// comparison (and no second copy of every service is kept), so one
     /// changed endpoint does not recompute every service.
-    applied: BTreeMap<ServiceKey, KernelService>,
+    applied: BTreeMap<ServiceKey, u64>,
     next_service: u32,
     next_backend: u32,
     pending: Vec<(Instant, Pending)>,
@@ -149,6 +168,11 @@ impl MapSync {
         Ok(s)
     }
 
+    /// The keys of the services in the maps.
+    pub fn service_keys(&self) -> impl Iterator<Item = ServiceKey> + '_ {
+        self.services.keys().copied()
+    }
+
     /// Makes the service maps equal `desired` (workloads are registered separately, by cgroup).
     pub fn apply(&mut self, maps: &mut Maps, desired: &NodeDataplane, now: Instant) -> Result<ApplyStats> {
         let mut keys: BTreeSet<ServiceKey> = BTreeSet::new();
@@ -170,10 +194,11 @@ impl MapSync {
         now: Instant,
     ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
-        let mut wanted: BTreeMap<ServiceKey, (&KernelService, Vec<Backend>, Vec<u32>)> = BTreeMap::new();
+        let mut wanted: BTreeMap<ServiceKey, Wanted<'_>> = BTreeMap::new();
         for s in upserts {
             let key = service_key(s)?;
-            if self.applied.get(&key) == Some(s) {
+            let print = fingerprint(s);
+            if self.applied.get(&key) == Some(&print) {
                 continue;
             }
             let mut backends = Vec::new();
@@ -190,10 +215,10 @@ impl MapSync {
                 });
                 weights.push(b.weight);
             }
-            wanted.insert(key, (s, backends, weights));
+            wanted.insert(key, Wanted { service: s, print, backends, weights });
         }
         // 1. Backends first.
-        for (_, backends, _) in wanted.values() {
+        for Wanted { backends, .. } in wanted.values() {
             for b in backends {
                 if !self.backends.contains_key(b) {
                     let id = self.next_backend;
@@ -208,7 +233,7 @@ impl MapSync {
             }
         }
         // 2 and 3. Slots, then the service entry.
-        for (key, (s, backends, weights)) in &wanted {
+        for (key, Wanted { service: s, print, backends, weights }) in &wanted {
             let owners = slots(weights);
             let new_slots: Vec<u32> = owners.iter().map(|i| self.backends[&backends[*i]]).collect();
             let flags = if s.needs_l7 { service_flags::NEEDS_L7 } else { 0 };
@@ -222,7 +247,7 @@ impl MapSync {
                 |c| c.id,
             );
             let old_slots = self.slots.get(&id).cloned().unwrap_or_default();
-            self.applied.insert(*key, (*s).clone());
+            self.applied.insert(*key, *print);
             if current.is_some_and(|c| c.slot_count as usize == new_slots.len() && c.flags == flags)
                 && old_slots == new_slots
             {
