@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
-use sluice_dataplane_common::{ServiceKey, maps};
+use sluice_dataplane_common::{Addr, ServiceKey, maps};
 use sluice_translator::dataplane::{KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -61,6 +61,8 @@ pub struct AgentState {
     policy: PolicySync,
     services: HeldSet<HeldService>,
     workloads: HeldSet<HeldWorkload>,
+    /// Addresses of the workloads the responses since the last complete change touched.
+    touched: BTreeSet<Addr>,
     /// Types received at least once: until then the maps keep what an earlier agent wrote.
     received: BTreeSet<String>,
     registered: BTreeMap<u64, Registered>,
@@ -94,6 +96,7 @@ impl AgentState {
             policy,
             services: HeldSet::new(),
             workloads: HeldSet::new(),
+            touched: BTreeSet::new(),
             received: BTreeSet::new(),
             registered: BTreeMap::new(),
             workload_root,
@@ -156,6 +159,17 @@ impl AgentState {
             }
             WORKLOAD_TYPE => {
                 let (_, undo) = update::<KernelWorkload>(&mut self.workloads, response)?;
+                // A full rewrite (the first change, or after one failed) touches every address.
+                if !self.policy.rewrites_all() {
+                    let before = undo.before.iter().filter_map(|(_, old)| old.as_ref());
+                    let addrs = before.chain(undo.removed.iter().map(|(_, old)| old)).map(|w| w.value.addr);
+                    let after = undo.before.iter().filter_map(|(n, _)| self.workloads.get(n)).map(|w| w.value.addr);
+                    self.touched.extend(addrs.chain(after));
+                    if self.touched.len() > 1024 && self.touched.len() > self.workloads.len() / 4 {
+                        self.touched.clear();
+                        self.policy.rewrite_all();
+                    }
+                }
                 // The policy sync walks every held workload: once per change, not per part.
                 if !complete {
                     return Ok(ApplyStats::default());
@@ -211,7 +225,9 @@ impl AgentState {
     /// Writes the policy sets and identities of the held workloads, then the workload entries of
     /// registered cgroups (policy sets first: an entry must not point at a set not yet written).
     fn apply_workloads(&mut self) -> Result<()> {
-        self.policy.apply(&mut self.dataplane.maps, self.workloads.iter().map(|(n, w)| (&**n, w)), Instant::now())?;
+        let touched = std::mem::take(&mut self.touched);
+        let workloads = self.workloads.iter().map(|(n, w)| (&**n, w));
+        self.policy.apply(&mut self.dataplane.maps, workloads, touched, Instant::now())?;
         for (id, r) in &self.registered {
             let wanted = self.workloads.get(r.workload.as_str()).map(|w| w.value);
             let current = self.dataplane.maps.workloads.get(id, 0).ok();

@@ -4,7 +4,7 @@
 //! one whole version; the old rules are deleted after the grace period. Sets are written before
 //! anything references them: a reference to a set not yet written would allow (fail open).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -168,11 +168,15 @@ struct Retired {
     count: u32,
 }
 
-/// The agent's view of the identity and policy maps.
+/// The agent's view of the identity and policy maps. It keeps no copy of the endpoints map
+/// (one entry per mesh address): a change rewrites the addresses it touched.
 #[derive(Default)]
 pub struct PolicySync {
     sets: BTreeMap<u32, (PolicySet, Vec<PolicyRule>)>,
-    endpoints: BTreeMap<Addr, Endpoint>,
+    /// The next change rewrites every address: every held workload's and every one in the
+    /// map (so the ones no workload has any more are deleted). Set when the agent starts (an
+    /// earlier agent's entries may be stale) and while a change failed part way.
+    full: bool,
     retired: Vec<Retired>,
 }
 
@@ -191,19 +195,28 @@ impl PolicySync {
             }
             s.sets.insert(id, (set, rules));
         }
-        for item in maps.endpoints.iter() {
-            let (a, e) = item.map_err(map_error("endpoints"))?;
-            s.endpoints.insert(a, e);
-        }
+        s.full = true;
         Ok(s)
     }
 
-    /// Writes the policy sets of `workloads`, then the address map that references them.
-    /// Returns how many sets were written.
+    /// True while the next change rewrites every address (see [`PolicySync::apply`]).
+    pub fn rewrites_all(&self) -> bool {
+        self.full
+    }
+
+    /// Makes the next change rewrite every address: cheaper than tracking most of them.
+    pub fn rewrite_all(&mut self) {
+        self.full = true;
+    }
+
+    /// Writes the policy sets of `workloads`, then the entries of the addresses in `touched`
+    /// (those of the workloads a change added, changed or removed, before and after) in the
+    /// address map that references them. Returns how many sets were written.
     pub fn apply<'w>(
         &mut self,
         maps: &mut Maps,
         workloads: impl Iterator<Item = (&'w str, &'w HeldWorkload)> + Clone,
+        touched: BTreeSet<Addr>,
         now: Instant,
     ) -> Result<usize> {
         let mut wanted: BTreeMap<u32, (bool, Vec<PolicyRule>)> = BTreeMap::new();
@@ -244,25 +257,36 @@ impl PolicySync {
             written += 1;
         }
         // Addresses: every workload's identity (remote sources) and its policy set.
-        let mut endpoints: BTreeMap<Addr, Endpoint> = BTreeMap::new();
-        for (_, w) in workloads {
-            let v = &w.value;
-            if v.addr == Addr::default() {
-                continue;
+        // Each touched address gets the identity of the last workload (by name) that has it,
+        // as one pass over the held workloads finds it; an address none has is deleted. A full
+        // rewrite writes every workload's address in that order (the last one wins) and
+        // deletes the map's others, holding only a sorted list of addresses meanwhile.
+        let endpoint =
+            |v: &Workload| Endpoint { identity: v.identity, namespace: v.namespace, policy: v.policy, pad: 0 };
+        if std::mem::replace(&mut self.full, true) {
+            let mut held: Vec<Addr> = Vec::new();
+            for (_, w) in workloads.filter(|(_, w)| w.value.addr != Addr::default()) {
+                maps.endpoints.insert(w.value.addr, endpoint(&w.value), 0).map_err(map_error("endpoints"))?;
+                held.push(w.value.addr);
             }
-            endpoints
-                .insert(v.addr, Endpoint { identity: v.identity, namespace: v.namespace, policy: v.policy, pad: 0 });
-        }
-        for (a, e) in &endpoints {
-            if self.endpoints.get(a) != Some(e) {
-                maps.endpoints.insert(a, *e, 0).map_err(map_error("endpoints"))?;
+            held.sort_unstable();
+            let keys = maps.endpoints.keys().collect::<std::result::Result<Vec<Addr>, _>>();
+            for a in keys.map_err(map_error("endpoints"))?.iter().filter(|a| held.binary_search(a).is_err()) {
+                deleted(maps.endpoints.remove(a), "endpoints")?;
+            }
+        } else {
+            let mut endpoints: BTreeMap<Addr, Endpoint> = BTreeMap::new();
+            for (_, w) in workloads.filter(|(_, w)| touched.contains(&w.value.addr)) {
+                endpoints.insert(w.value.addr, endpoint(&w.value));
+            }
+            for a in touched.iter().filter(|a| **a != Addr::default()) {
+                match endpoints.get(a) {
+                    Some(e) => maps.endpoints.insert(a, *e, 0).map_err(map_error("endpoints"))?,
+                    None => deleted(maps.endpoints.remove(a), "endpoints")?,
+                }
             }
         }
-        for a in self.endpoints.keys().filter(|a| !endpoints.contains_key(*a)) {
-            deleted(maps.endpoints.remove(a), "endpoints")?;
-        }
-        self.endpoints = endpoints;
-        // Sets nothing selects any more: unpublish (no policy: allowed), free the rules later.
+        self.full = false;
         let gone: Vec<u32> = self.sets.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
         for id in gone {
             let (set, _) = self.sets.remove(&id).expect("listed");
