@@ -342,7 +342,7 @@ mod tests {
         assert_eq!(held(&c).len(), 2);
         let (reads, complete) = c.take_reads();
         assert!(complete && reads.len() == 2, "the first read is complete: {reads:?}");
-        let raw = &held(&c)[0].raw;
+        let raw: serde_json::Value = serde_json::from_str(&held(&c)[0].raw).unwrap();
         assert_eq!(raw["apiVersion"], "networking.istio.io/v1", "list items get apiVersion and kind");
         assert!(raw.get("status").is_none() && raw["metadata"].get("resourceVersion").is_none());
         assert_eq!(c.istio_objects().next().unwrap().generation, Some(2));

@@ -271,7 +271,9 @@ impl ConfigStore {
                         Some(Source::Kube) => "kube",
                         _ => "files",
                     };
-                    let value = serde_json::json!({"origin": l.origin, "group": group, "source": source, "raw": l.raw});
+                    let raw: serde_json::Value =
+                        serde_json::from_str(&l.raw).expect("raw is the JSON the parser wrote");
+                    let value = serde_json::json!({"origin": l.origin, "group": group, "source": source, "raw": raw});
                     batch.insert(key(&l.reference).as_bytes(), serde_json::to_vec(&value).expect("json"));
                 }
                 Change::Remove(r) => batch.remove(key(r).as_bytes()),

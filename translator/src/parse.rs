@@ -117,7 +117,7 @@ impl Parsed<'_> {
         let failed = findings.has_errors();
         self.diagnostics.extend(findings.into_diagnostics(self.origin, &reference));
         if !failed {
-            self.objects.push(Loaded::new(object, reference, self.origin.to_string(), value));
+            self.objects.push(Loaded::new(object, reference, self.origin.to_string(), &value));
         }
     }
 }

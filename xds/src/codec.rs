@@ -12,10 +12,18 @@ use serde_json::Value;
 
 static DESCRIPTORS: &[u8] = include_bytes!("../descriptors/envoy-types-0.7.7.bin");
 
-/// Envoy's API descriptors, decoded once.
+/// Envoy's API descriptors, decoded once. The set's source info (the .proto files' comments
+/// and locations, two thirds of it) is dropped: the pool keeps a copy of every file it is
+/// given, and nothing here reads comments.
 pub fn pool() -> &'static DescriptorPool {
-    static POOL: LazyLock<DescriptorPool> =
-        LazyLock::new(|| DescriptorPool::decode(DESCRIPTORS).expect("the bundled Envoy descriptor set decodes"));
+    static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
+        let mut set = prost_reflect::prost_types::FileDescriptorSet::decode(DESCRIPTORS)
+            .expect("the bundled Envoy descriptor set decodes");
+        for file in &mut set.file {
+            file.source_code_info = None;
+        }
+        DescriptorPool::from_file_descriptor_set(set).expect("the bundled Envoy descriptor set is valid")
+    });
     &POOL
 }
 

@@ -205,16 +205,19 @@ pub struct Loaded {
     pub reference: ObjectRef,
     /// File (or other source) it came from.
     pub origin: String,
-    /// The document as read (JSON form), kept so the last good version can be persisted.
-    pub raw: serde_json::Value,
+    /// The document as read, as compact JSON text (with sorted keys), kept so the last good
+    /// version can be persisted: a `serde_json::Value` tree of it is about ten times its size,
+    /// and a mesh holds every object's.
+    pub raw: Box<str>,
     /// A hash of `raw`, computed once: what a store compares to find changes.
     pub fingerprint: u64,
 }
 
 impl Loaded {
     /// An object read from `origin`; `raw` is the document it was read from.
-    pub fn new(object: Object, reference: ObjectRef, origin: String, raw: serde_json::Value) -> Self {
+    pub fn new(object: Object, reference: ObjectRef, origin: String, raw: &serde_json::Value) -> Self {
         use std::hash::{Hash, Hasher};
+        let raw: Box<str> = raw.to_string().into();
         let mut h = std::hash::DefaultHasher::new();
         raw.hash(&mut h);
         Self { object, reference, origin, raw, fingerprint: h.finish() }
