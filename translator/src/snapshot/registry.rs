@@ -181,7 +181,7 @@ impl Snapshot {
         namespace: &'a str,
     ) -> impl Iterator<Item = &'a IstioObject<WorkloadEntrySpec>> {
         self.objects_in("WorkloadEntry", namespace).filter_map(|l| match &l.object {
-            Object::WorkloadEntry(w) => Some(w),
+            Object::WorkloadEntry(w) => Some(&**w),
             _ => None,
         })
     }
