@@ -4,7 +4,7 @@
 use serde_json::{Map, Value, json};
 
 use super::proxy::Proxy;
-use super::{Resource, address, ads_source, inbound_cluster_name, outbound_cluster_name, typed};
+use super::{Resource, address, ads_source, inbound_cluster_name, object, outbound_cluster_name, typed};
 use crate::model::IstioObject;
 use crate::model::common::Protocol;
 use crate::model::destination_rule::{
@@ -196,12 +196,12 @@ fn protocol_options(protocol: Protocol, pool: Option<&ConnectionPoolSettings>) -
         if let Some(n) = http.and_then(|h| h.max_concurrent_streams).filter(|n| *n > 0) {
             h2.insert("max_concurrent_streams".into(), json!(n));
         }
-        options.insert("explicit_http_config".into(), json!({"http2_protocol_options": h2}));
+        options.insert("explicit_http_config".into(), object([("http2_protocol_options", Value::Object(h2))]));
     } else {
         options.insert("explicit_http_config".into(), json!({"http_protocol_options": {}}));
     }
-    json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions":
-        typed("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", Value::Object(options))})
+    const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    object([(HTTP_OPTIONS, typed(HTTP_OPTIONS, Value::Object(options)))])
 }
 
 fn outbound(
@@ -213,14 +213,14 @@ fn outbound(
     let name = outbound_cluster_name(port.port, subset.unwrap_or(""), &service.hostname);
     let policy = Effective::resolve(dr, subset, port.port);
     let mut c = Map::new();
-    c.insert("name".into(), json!(name));
+    c.insert("name".into(), Value::String(name.clone()));
     let connect_timeout = policy
         .connection_pool
         .as_ref()
         .and_then(|p| p.tcp.as_ref())
         .and_then(|t| t.connect_timeout)
         .map_or(CONNECT_TIMEOUT.to_string(), |d| d.to_proto_json());
-    c.insert("connect_timeout".into(), json!(connect_timeout));
+    c.insert("connect_timeout".into(), Value::String(connect_timeout));
     let passthrough_lb = policy.load_balancer.as_ref().and_then(|l| l.simple) == Some(SimpleLb::Passthrough);
     match service.resolution {
         ServiceResolution::Passthrough => {
@@ -231,7 +231,8 @@ fn outbound(
         }
         ServiceResolution::Eds => {
             c.insert("type".into(), json!("EDS"));
-            c.insert("eds_cluster_config".into(), json!({"eds_config": ads_source(), "service_name": name}));
+            let eds = object([("eds_config", ads_source()), ("service_name", Value::String(name.clone()))]);
+            c.insert("eds_cluster_config".into(), eds);
         }
         ServiceResolution::Dns | ServiceResolution::DnsRoundRobin => {
             let kind = if service.resolution == ServiceResolution::Dns { "STRICT_DNS" } else { "LOGICAL_DNS" };
@@ -253,7 +254,8 @@ fn outbound(
     let original_dst = c["type"] == "ORIGINAL_DST";
     let lb = if original_dst { json!("CLUSTER_PROVIDED") } else { lb_policy(policy.load_balancer.as_ref(), &mut c) };
     c.insert("lb_policy".into(), lb);
-    c.insert("circuit_breakers".into(), json!({"thresholds": [thresholds(policy.connection_pool.as_ref())]}));
+    let thresholds = vec![thresholds(policy.connection_pool.as_ref())];
+    c.insert("circuit_breakers".into(), object([("thresholds", Value::Array(thresholds))]));
     if let Some(k) = policy.connection_pool.as_ref().and_then(|p| p.tcp.as_ref()).and_then(|t| t.tcp_keepalive.as_ref())
     {
         let mut ka = Map::new();
@@ -284,7 +286,7 @@ fn outbound(
     if let Some(s) = subset {
         meta["subset"] = json!(s);
     }
-    c.insert("metadata".into(), json!({"filter_metadata": {"istio": meta}}));
+    c.insert("metadata".into(), object([("filter_metadata", object([("istio", meta)]))]));
     Resource { name, body: Value::Object(c) }
 }
 

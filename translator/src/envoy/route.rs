@@ -199,12 +199,22 @@ fn default_retry() -> Value {
 }
 
 fn default_route(cluster: &str, hash: Option<Vec<Value>>) -> Value {
-    let mut action = json!({"cluster": cluster, "timeout": "0s", "retry_policy": default_retry(),
-        "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}});
+    let mut action = object([
+        ("cluster", Value::from(cluster)),
+        ("timeout", Value::from("0s")),
+        ("retry_policy", default_retry()),
+        ("max_stream_duration", json!({"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"})),
+    ]);
     if let Some(h) = hash {
-        action["hash_policy"] = json!(h);
+        action["hash_policy"] = Value::Array(h);
     }
-    json!({"name": "default", "match": {"prefix": "/"}, "route": action, "decorator": {"operation": format!("{}/*", cluster.rsplit('|').next().unwrap_or(cluster))}})
+    let operation = format!("{}/*", cluster.rsplit('|').next().unwrap_or(cluster));
+    object([
+        ("name", Value::from("default")),
+        ("match", json!({"prefix": "/"})),
+        ("route", action),
+        ("decorator", object([("operation", Value::String(operation))])),
+    ])
 }
 
 /// True when `m` applies to this proxy on `port`.
@@ -519,12 +529,12 @@ fn action(
                 Value::Object(c)
             })
             .collect();
-        a.insert("weighted_clusters".into(), json!({"clusters": clusters}));
+        a.insert("weighted_clusters".into(), object([("clusters", Value::Array(clusters))]));
     }
     if let Some(first) = live.first()
         && let Some(h) = hash_policy(proxy, ns, &first.destination, port)
     {
-        a.insert("hash_policy".into(), json!(h));
+        a.insert("hash_policy".into(), Value::Array(h));
     }
     a.insert("timeout".into(), json!(route.timeout.map_or("0s".into(), |t| t.to_proto_json())));
     match &route.retries {
