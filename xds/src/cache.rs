@@ -154,14 +154,6 @@ impl SharedTypes {
         *set = Arc::new(set.with(put, []));
         next
     }
-
-    /// These sets with the whole set of `type_url` replaced by `resources`.
-    pub fn replacing(&self, type_url: &str, resources: Vec<Arc<Encoded>>) -> Self {
-        let mut next = self.clone();
-        let map = resources.into_iter().map(|r| (r.name.clone(), r)).collect();
-        next.types.insert(type_url.to_string(), Arc::new(ResourceSet::from_map(map)));
-        next
-    }
 }
 
 /// Everything one proxy (or group of proxies) receives.

@@ -287,6 +287,7 @@ impl PolicySync {
             }
         }
         self.full = false;
+        // Sets nothing selects any more: unpublish (no policy: allowed), free the rules later.
         let gone: Vec<u32> = self.sets.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
         for id in gone {
             let (set, _) = self.sets.remove(&id).expect("listed");

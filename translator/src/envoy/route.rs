@@ -61,7 +61,9 @@ pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
             let mut hosts: Vec<Value> = (0..table.hosts.len()).map(|i| virtual_host(proxy, &table, i)).collect();
             hosts.push(catch_all_host(proxy));
             let mut body = shell(&table);
-            body.as_object_mut().expect("shell is an object").insert("virtual_hosts".into(), Value::Array(hosts));
+            body.as_object_mut()
+                .expect("shell is an object")
+                .insert(super::VIRTUAL_HOSTS_FIELD.into(), Value::Array(hosts));
             Resource { name: table.name, body }
         })
         .collect()
