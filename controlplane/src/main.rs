@@ -167,7 +167,7 @@ enum AgentAction {
 /// mmap threshold grows (up to 32 MB), so later large buffers come from the heap and fragment
 /// it, and each thread's arena holds its own free memory. Fixed thresholds and two arenas let
 /// freed memory go back to the system (`sluice serve` with 1000 Delta clients of a
-/// 1000-service mesh: 256 → 177 MB RSS; BENCHMARKS.md).
+/// 1000-service mesh: 256 → 183 MB RSS; BENCHMARKS.md).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn tune_malloc() {

@@ -271,10 +271,10 @@ impl ConfigStore {
                         Some(Source::Kube) => "kube",
                         _ => "files",
                     };
-                    let raw: serde_json::Value =
-                        serde_json::from_str(&l.raw).expect("raw is the JSON the parser wrote");
-                    let value = serde_json::json!({"origin": l.origin, "group": group, "source": source, "raw": raw});
-                    batch.insert(key(&l.reference).as_bytes(), serde_json::to_vec(&value).expect("json"));
+                    let head = serde_json::json!({"origin": l.origin, "group": group, "source": source}).to_string();
+                    // `raw` is JSON text already: spliced in as the last field, not parsed again.
+                    let record = format!("{},\"raw\":{}}}", head.strip_suffix('}').expect("an object"), l.raw);
+                    batch.insert(key(&l.reference).as_bytes(), record.as_bytes());
                 }
                 Change::Remove(r) => batch.remove(key(r).as_bytes()),
             }

@@ -154,15 +154,12 @@ impl<'a> ProxyTranslation<'a> {
 
     /// The virtual host of `table.hosts[index]`, named as Envoy names it (`<host>:<port>`).
     pub fn virtual_host(&mut self, table: &RouteTable, index: usize) -> Resource {
-        let body = route::virtual_host(&mut self.proxy, table, index);
-        Resource { name: format!("{}:{}", table.hosts[index].service, table.port), body }
+        route::virtual_host(&mut self.proxy, table, index)
     }
 
     /// The virtual host that ends every route configuration (`allow_any` or `block_all`).
     pub fn catch_all_host(&self) -> Resource {
-        let body = route::catch_all_host(&self.proxy);
-        let name = body["name"].as_str().expect("the catch-all host is named").to_string();
-        Resource { name, body }
+        route::catch_all_host(&self.proxy)
     }
 
     /// The load assignments of the outbound clusters of `hosts` (what an endpoint-only change

@@ -58,8 +58,8 @@ pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
     tables(proxy)
         .into_iter()
         .map(|table| {
-            let mut hosts: Vec<Value> = (0..table.hosts.len()).map(|i| virtual_host(proxy, &table, i)).collect();
-            hosts.push(catch_all_host(proxy));
+            let mut hosts: Vec<Value> = (0..table.hosts.len()).map(|i| virtual_host(proxy, &table, i).body).collect();
+            hosts.push(catch_all_host(proxy).body);
             let mut body = shell(&table);
             body.as_object_mut()
                 .expect("shell is an object")
@@ -148,34 +148,37 @@ pub(super) fn shell(table: &RouteTable) -> Value {
     ])
 }
 
-/// The virtual host of `table.hosts[index]`: the routes of the service's VirtualService, or
-/// Istio's default route.
-pub(super) fn virtual_host(proxy: &mut Proxy<'_>, table: &RouteTable, index: usize) -> Value {
+/// The virtual host of `table.hosts[index]`, named as Envoy names it (`<host>:<port>`): the
+/// routes of the service's VirtualService, or Istio's default route.
+pub(super) fn virtual_host(proxy: &mut Proxy<'_>, table: &RouteTable, index: usize) -> Resource {
     let entry = &table.hosts[index];
     let service = proxy.snapshot.services.get(&entry.service).expect("a route table is built from this snapshot");
     let routes = match virtual_service_for(proxy, service) {
         Some(vs) => vs_routes(proxy, vs, service, table.port),
         None => vec![default_route(&outbound_cluster_name(table.port, "", &service.hostname), None)],
     };
-    object([
-        ("name", Value::String(format!("{}:{}", service.hostname, table.port))),
+    let name = format!("{}:{}", service.hostname, table.port);
+    let body = object([
+        ("name", Value::String(name.clone())),
         ("domains", Value::from(entry.domains.clone())),
         ("routes", Value::Array(routes)),
         ("include_request_attempt_count", Value::Bool(true)),
-    ])
+    ]);
+    Resource { name, body }
 }
 
 /// The last virtual host of every route configuration: `*` to the passthrough cluster, or a
 /// 502 under REGISTRY_ONLY.
-pub(super) fn catch_all_host(proxy: &Proxy<'_>) -> Value {
-    match proxy.outbound_mode() {
-        OutboundMode::AllowAny => {
+pub(super) fn catch_all_host(proxy: &Proxy<'_>) -> Resource {
+    let (name, body) = match proxy.outbound_mode() {
+        OutboundMode::AllowAny => ("allow_any", {
             json!({"name": "allow_any", "domains": ["*"], "routes": [{"name": "allow_any", "match": {"prefix": "/"}, "route": {"cluster": "PassthroughCluster", "timeout": "0s", "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}}}], "include_request_attempt_count": true})
-        }
-        OutboundMode::RegistryOnly => {
+        }),
+        OutboundMode::RegistryOnly => ("block_all", {
             json!({"name": "block_all", "domains": ["*"], "routes": [{"name": "block_all", "match": {"prefix": "/"}, "direct_response": {"status": 502}}], "include_request_attempt_count": true})
-        }
-    }
+        }),
+    };
+    Resource { name: name.to_string(), body }
 }
 
 /// The VirtualService for `service` that this proxy uses: visible, bound to the mesh, and the
