@@ -101,6 +101,7 @@ impl Pipeline {
     fn reload(&self, seen: Instant) -> anyhow::Result<()> {
         let mut reads = Vec::new();
         let mut complete = Vec::new();
+        let started = Instant::now();
         if let Some(kube) = &self.kube {
             let mut kube = kube.lock().expect("kube cache lock");
             if !kube.synced() {
@@ -127,6 +128,7 @@ impl Pipeline {
                 Severity::Warning => tracing::debug!("{d}"),
             }
         }
+        let read = started.elapsed();
         let mut store = self.store.lock().expect("store lock");
         let delta = store.apply(reads, &complete).unwrap_or_else(|e| {
             // The new config is in the snapshot; what it changed is lost with the error, so
@@ -150,7 +152,9 @@ impl Pipeline {
         drop(store);
         self.metrics.config_changed(version, seen);
         let services = delta.services.len();
+        let stored = started.elapsed();
         self.generator.set(Current { version, snapshot }, delta);
+        let generated = started.elapsed();
         let pushed = self.xds.refresh();
         tracing::info!(
             version,
@@ -158,6 +162,11 @@ impl Pipeline {
             rejected,
             services_changed = services,
             proxies_updated = pushed,
+            read_us = read.as_micros() as u64,
+            store_us = (stored - read).as_micros() as u64,
+            generate_us = (generated - stored).as_micros() as u64,
+            push_us = (started.elapsed() - generated).as_micros() as u64,
+            noticed_us = started.duration_since(seen).as_micros() as u64,
             "config loaded"
         );
         Ok(())
@@ -284,8 +293,13 @@ pub async fn serve(
                     e = events.recv() => match e { Some(t) => t, None => break },
                     _ = stop.wait_for(|s| *s) => break,
                 };
-                // Coalesce a burst of changes into one reload.
-                while let Ok(Some(_)) = tokio::time::timeout(debounce, events.recv()).await {}
+                // Coalesce a burst of changes into one reload. Without a debounce, only what is
+                // already queued: a zero timeout still waits for the timer's next millisecond.
+                if debounce.is_zero() {
+                    while events.try_recv().is_ok() {}
+                } else {
+                    while let Ok(Some(_)) = tokio::time::timeout(debounce, events.recv()).await {}
+                }
                 let p = p.clone();
                 match tokio::task::spawn_blocking(move || p.reload(seen)).await {
                     Ok(Ok(())) => {}

@@ -194,8 +194,8 @@ pub fn pending(cache: &KubeCache, findings: &[Diagnostic], now: &str) -> Vec<Sta
             patch(o.status, &want, now).map(|patch| StatusPatch {
                 kind: o.kind,
                 version: o.version.to_string(),
-                namespace: o.reference.namespace.clone(),
-                name: o.reference.name.clone(),
+                namespace: o.reference.namespace.to_string(),
+                name: o.reference.name.to_string(),
                 patch,
             })
         })

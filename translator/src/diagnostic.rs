@@ -3,21 +3,25 @@
 
 use std::fmt;
 
-/// Identifies one config object: `Kind/namespace/name`.
+use smol_str::SmolStr;
+
+/// Identifies one config object: `Kind/namespace/name`. The snapshot's persistent maps copy a
+/// node of references on every change, so each part is a [`SmolStr`]: names up to 23 bytes are
+/// held inline and a copy never allocates.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
     /// The object's `kind` as written (e.g. `VirtualService`).
-    pub kind: String,
+    pub kind: SmolStr,
     /// Namespace; empty for cluster-scoped kinds.
-    pub namespace: String,
+    pub namespace: SmolStr,
     /// `metadata.name`; empty when the document had none.
-    pub name: String,
+    pub name: SmolStr,
 }
 
 impl ObjectRef {
     /// Builds a reference from its three parts.
     pub fn new(kind: &str, namespace: &str, name: &str) -> Self {
-        Self { kind: kind.to_string(), namespace: namespace.to_string(), name: name.to_string() }
+        Self { kind: kind.into(), namespace: namespace.into(), name: name.into() }
     }
 }
 
