@@ -399,7 +399,7 @@ mod tests {
     fn contents(s: &sluice_xds::cache::Snapshot) -> Vec<(String, String, bytes::Bytes)> {
         s.types
             .iter()
-            .flat_map(|(t, r)| r.items.iter().map(move |(n, e)| (t.clone(), n.clone(), e.bytes.clone())))
+            .flat_map(|(t, r)| r.items.iter().map(move |(n, e)| (t.clone(), n.to_string(), e.bytes.clone())))
             .collect()
     }
 

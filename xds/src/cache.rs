@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use imbl::OrdMap;
 use imbl::ordmap::DiffItem;
+use smol_str::SmolStr;
 
 use crate::resource::Encoded;
 
@@ -33,7 +34,7 @@ pub fn is_wildcard_type(type_url: &str) -> bool {
 /// the two skips what they share.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResourceSet {
-    map: OrdMap<String, Arc<Encoded>>,
+    map: OrdMap<SmolStr, Arc<Encoded>>,
     hash: u64,
 }
 
@@ -51,11 +52,11 @@ pub enum Difference<'a> {
     /// Added or changed.
     Put(&'a Arc<Encoded>),
     /// Gone.
-    Removed(&'a String),
+    Removed(&'a str),
 }
 
 impl ResourceSet {
-    fn from_map(map: OrdMap<String, Arc<Encoded>>) -> Self {
+    fn from_map(map: OrdMap<SmolStr, Arc<Encoded>>) -> Self {
         let hash = map.iter().fold(0u64, |h, (name, r)| h.wrapping_add(entry_hash(name, r)));
         Self { map, hash }
     }
@@ -64,7 +65,7 @@ impl ResourceSet {
     pub fn with(&self, put: impl IntoIterator<Item = Arc<Encoded>>, removed: impl IntoIterator<Item = String>) -> Self {
         let mut next = self.clone();
         for name in removed {
-            if let Some(old) = next.map.remove(&name) {
+            if let Some(old) = next.map.remove(name.as_str()) {
                 next.hash = next.hash.wrapping_sub(entry_hash(&name, &old));
             }
         }
@@ -91,13 +92,13 @@ impl ResourceSet {
     }
 
     /// Resources in name order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<Encoded>)> {
-        self.map.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<Encoded>)> {
+        self.map.iter().map(|(name, r)| (name.as_str(), r))
     }
 
     /// Names in order.
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.map.keys()
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(SmolStr::as_str)
     }
 
     /// Resources in name order.
@@ -133,8 +134,8 @@ pub struct SharedTypes {
 }
 
 /// Resources grouped by type; of two with one name, the later wins.
-fn by_type(resources: impl IntoIterator<Item = Arc<Encoded>>) -> BTreeMap<String, OrdMap<String, Arc<Encoded>>> {
-    let mut types: BTreeMap<String, OrdMap<String, Arc<Encoded>>> = BTreeMap::new();
+fn by_type(resources: impl IntoIterator<Item = Arc<Encoded>>) -> BTreeMap<String, OrdMap<SmolStr, Arc<Encoded>>> {
+    let mut types: BTreeMap<String, OrdMap<SmolStr, Arc<Encoded>>> = BTreeMap::new();
     for r in resources {
         types.entry(r.type_url.clone()).or_default().insert(r.name.clone(), r);
     }

@@ -35,7 +35,7 @@ impl TypeState {
     /// Spells `held` out into `known`, for changes that are not a whole set.
     fn spell_out(&mut self) {
         if let Some(held) = self.held.take() {
-            self.known = held.iter().map(|(n, r)| (n.clone(), r.version.clone())).collect();
+            self.known = held.iter().map(|(n, r)| (n.to_string(), r.version.clone())).collect();
         }
     }
 
@@ -226,14 +226,14 @@ impl Stream {
             for d in items.diff(held) {
                 match d {
                     Difference::Put(r) => resources.push(r.clone()),
-                    Difference::Removed(name) => removed.push(name.clone()),
+                    Difference::Removed(name) => removed.push(name.to_string()),
                 }
             }
         } else if state.wildcard {
             // Everything the snapshot has that the client lacks, and everything it holds that is
             // gone: walked without collecting the names (thousands per type, per stream, per push).
             for r in items.iter().flat_map(|i| i.values()) {
-                if state.known.get(&r.name) != Some(&r.version) {
+                if state.known.get(r.name.as_str()) != Some(&r.version) {
                     resources.push(r.clone());
                 }
             }
@@ -266,7 +266,7 @@ impl Stream {
             state.known.clear();
         } else {
             for r in &resources {
-                state.known.insert(r.name.clone(), r.version.clone());
+                state.known.insert(r.name.to_string(), r.version.clone());
             }
             for name in &removed {
                 state.known.remove(name);

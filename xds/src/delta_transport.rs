@@ -80,7 +80,7 @@ pub(crate) fn frame(response: DeltaResponse<'_>) -> Bytes {
             .map(|r| WireResource {
                 version: r.version.clone(),
                 resource: Some(WireAny { type_url: r.type_url.clone(), value: r.bytes.clone() }),
-                name: r.name.clone(),
+                name: r.name.to_string(),
             })
             .collect(),
         type_url: response.type_url.to_string(),

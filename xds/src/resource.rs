@@ -6,6 +6,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::Value;
+use smol_str::SmolStr;
 
 use crate::codec::{CodecError, encode, splice};
 
@@ -14,8 +15,8 @@ use crate::codec::{CodecError, encode, splice};
 pub struct Encoded {
     /// Type URL.
     pub type_url: String,
-    /// Resource name.
-    pub name: String,
+    /// Resource name (the key of every set that holds the resource: a copy is a count).
+    pub name: SmolStr,
     /// Content version (hash of the encoded bytes), as sent in Delta xDS.
     pub version: String,
     /// The protobuf bytes of the resource message (shared, not copied, by every response that
@@ -29,7 +30,7 @@ impl Encoded {
         let mut h = DefaultHasher::new();
         bytes.hash(&mut h);
         let version = format!("{:016x}", h.finish());
-        Self { type_url: type_url.to_string(), name: name.to_string(), version, bytes: bytes.into() }
+        Self { type_url: type_url.to_string(), name: name.into(), version, bytes: bytes.into() }
     }
 
     /// As a `google.protobuf.Any`.
@@ -89,7 +90,7 @@ impl Interner {
         let bytes = splice(type_url, &shell_bytes, field, parts.iter().map(|p| &p.bytes[..]))?;
         let encoded = Arc::new(Encoded {
             type_url: type_url.to_string(),
-            name: name.to_string(),
+            name: name.into(),
             version: format!("{:016x}", key.2),
             bytes: bytes.into(),
         });
