@@ -3,6 +3,7 @@
 //! connection is dropped), and keeps the maps equal to what the control plane computed.
 
 pub mod agent;
+pub mod backends;
 pub mod cgroup;
 pub mod delivery;
 pub mod dump;

@@ -17,6 +17,7 @@ use prost::Message;
 use sluice_dataplane_common::{Backend, MAX_SLOTS, ServiceKey, ServiceValue, SlotKey, proto, service_flags, v4_mapped};
 use sluice_translator::dataplane::{KernelService, NodeDataplane};
 
+use crate::backends::BackendTable;
 use crate::loader::Maps;
 use crate::{DataplaneError, Result, deleted, map_error};
 
@@ -108,11 +109,8 @@ struct Wanted<'a> {
 pub struct MapSync {
     services: BTreeMap<ServiceKey, ServiceValue>,
     slots: BTreeMap<u32, Vec<u32>>,
-    backends: BTreeMap<Backend, u32>,
-    /// Backend by id (the reverse of `backends`).
-    backend_ids: BTreeMap<u32, Backend>,
-    /// How many slots point at each backend id.
-    refs: BTreeMap<u32, u32>,
+    /// Backends by id and by address, with how many slots point at each.
+    backends: BackendTable,
     /// Backend ids whose last slot went away since the last apply.
     orphans: BTreeSet<u32>,
     /// A fingerprint of the last applied form of each service: an unchanged one costs a
@@ -120,7 +118,6 @@ pub struct MapSync {
     /// changed endpoint does not recompute every service.
     applied: BTreeMap<ServiceKey, u64>,
     next_service: u32,
-    next_backend: u32,
     pending: Vec<(Instant, Pending)>,
 }
 
@@ -130,10 +127,9 @@ impl MapSync {
         let mut s = Self::default();
         for item in maps.backends.iter() {
             let (id, b) = item.map_err(map_error("backends"))?;
-            s.backends.insert(b, id);
-            s.backend_ids.insert(id, b);
-            s.next_backend = s.next_backend.max(id + 1);
+            s.backends.adopt(id, b);
         }
+        s.backends.settle();
         for item in maps.services.iter() {
             let (k, v) = item.map_err(map_error("services"))?;
             s.services.insert(k, v);
@@ -160,11 +156,10 @@ impl MapSync {
         }
         s.slots.retain(|_, list| !list.is_empty());
         for id in s.slots.values().flatten() {
-            *s.refs.entry(*id).or_default() += 1;
+            s.backends.add_ref(*id);
         }
-        s.orphans = s.backend_ids.keys().filter(|id| !s.refs.contains_key(id)).copied().collect();
+        s.orphans = s.backends.unreferenced().collect();
         s.next_service = s.next_service.max(1);
-        s.next_backend = s.next_backend.max(1);
         Ok(s)
     }
 
@@ -220,12 +215,14 @@ impl MapSync {
         // 1. Backends first.
         for Wanted { backends, .. } in wanted.values() {
             for b in backends {
-                if !self.backends.contains_key(b) {
-                    let id = self.next_backend;
-                    self.next_backend += 1;
-                    maps.backends.insert(id, *b, 0).map_err(map_error("backends"))?;
-                    self.backends.insert(*b, id);
-                    self.backend_ids.insert(id, *b);
+                if self.backends.id_of(b).is_none() {
+                    let id = self.backends.insert(*b);
+                    if let Err(e) = maps.backends.insert(id, *b, 0) {
+                        // Never in the map: the id is free again at once.
+                        self.backends.retire(id);
+                        self.backends.free(id);
+                        return Err(map_error("backends")(e));
+                    }
                     // Referenced by the slots written next; collected if not.
                     self.orphans.insert(id);
                     stats.backends_written += 1;
@@ -235,7 +232,8 @@ impl MapSync {
         // 2 and 3. Slots, then the service entry.
         for (key, Wanted { service: s, print, backends, weights }) in &wanted {
             let owners = slots(weights);
-            let new_slots: Vec<u32> = owners.iter().map(|i| self.backends[&backends[*i]]).collect();
+            let new_slots: Vec<u32> =
+                owners.iter().map(|i| self.backends.id_of(&backends[*i]).expect("written in step 1")).collect();
             let flags = if s.needs_l7 { service_flags::NEEDS_L7 } else { 0 };
             let current = self.services.get(key).copied();
             let id = current.map_or_else(
@@ -288,11 +286,7 @@ impl MapSync {
             stats.services_removed += 1;
         }
         for id in std::mem::take(&mut self.orphans) {
-            if self.refs.contains_key(&id) {
-                continue;
-            }
-            if let Some(b) = self.backend_ids.remove(&id) {
-                self.backends.remove(&b);
+            if self.backends.retire(id) {
                 self.pending.push((now, Pending::Backend(id)));
             }
         }
@@ -302,17 +296,13 @@ impl MapSync {
     /// Replaces a service's slot list, keeping the reference counts; returns the old list.
     fn set_slots(&mut self, service: u32, new: Vec<u32>) -> Vec<u32> {
         for id in &new {
-            *self.refs.entry(*id).or_default() += 1;
+            self.backends.add_ref(*id);
         }
         let old = if new.is_empty() { self.slots.remove(&service) } else { self.slots.insert(service, new) };
         let old = old.unwrap_or_default();
         for id in &old {
-            if let Some(n) = self.refs.get_mut(id) {
-                *n -= 1;
-                if *n == 0 {
-                    self.refs.remove(id);
-                    self.orphans.insert(*id);
-                }
+            if self.backends.drop_ref(*id) {
+                self.orphans.insert(*id);
             }
         }
         old
@@ -336,8 +326,9 @@ impl MapSync {
                     }
                 }
                 Pending::Backend(id) => {
-                    if !self.backend_ids.contains_key(&id) {
+                    if !self.backends.is_live(id) {
                         deleted(maps.backends.remove(&id), "backends")?;
+                        self.backends.free(id);
                         n += 1;
                     }
                 }
