@@ -226,7 +226,7 @@ impl AgentState {
     /// registered cgroups (policy sets first: an entry must not point at a set not yet written).
     fn apply_workloads(&mut self) -> Result<()> {
         let touched = std::mem::take(&mut self.touched);
-        let workloads = self.workloads.iter().map(|(n, w)| (&**n, w));
+        let workloads = self.workloads.iter();
         self.policy.apply(&mut self.dataplane.maps, workloads, touched, Instant::now())?;
         for (id, r) in &self.registered {
             let wanted = self.workloads.get(r.workload.as_str()).map(|w| w.value);

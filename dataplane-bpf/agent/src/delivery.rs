@@ -53,7 +53,16 @@ pub async fn stream(addr: &str, node: &str, state: &Arc<Mutex<AgentState>>) -> R
     state.lock().expect("agent state").metrics.connected.set(1);
     let mut applied = 0;
     while let Some(response) = responses.message().await.map_err(xds_err("receiving"))? {
+        let started = std::time::Instant::now();
         let outcome = state.lock().expect("agent state").apply_response(&response);
+        tracing::debug!(
+            type_url = %response.type_url,
+            resources = response.resources.len(),
+            removed = response.removed_resources.len(),
+            version = %response.system_version_info,
+            took_us = started.elapsed().as_micros() as u64,
+            "response applied"
+        );
         let error_detail = outcome.err().map(|message| {
             tracing::warn!(type_url = %response.type_url, %message, "rejecting update");
             RpcStatus { code: tonic::Code::InvalidArgument as i32, message, details: vec![] }

@@ -2,12 +2,11 @@
 //! resumes) and the map-ready values it needs later, not the decoded messages. A mesh of
 //! 100 000 workloads is 100 000 of these, so each is a few dozen bytes.
 
-use std::collections::BTreeMap;
-
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
 use prost::Message;
 use sluice_dataplane_common::{ServiceKey, Workload};
 use sluice_translator::dataplane::{KernelAuthorization, KernelService, KernelWorkload};
+use smol_str::SmolStr;
 
 use crate::policy::workload_value;
 use crate::sync::service_key;
@@ -18,8 +17,8 @@ use crate::sync::service_key;
 pub enum Version {
     /// 16 lowercase hex digits.
     Hex(u64),
-    /// Anything else.
-    Text(Box<str>),
+    /// Anything else (boxed twice: a thin pointer keeps a held workload small).
+    Text(Box<Box<str>>),
 }
 
 impl Version {
@@ -28,7 +27,7 @@ impl Version {
         let hex = text.len() == 16 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         match u64::from_str_radix(text, 16) {
             Ok(n) if hex => Version::Hex(n),
-            _ => Version::Text(text.into()),
+            _ => Version::Text(Box::new(text.into())),
         }
     }
 }
@@ -59,10 +58,10 @@ pub struct HeldWorkload {
     pub version: Version,
     /// The workload's map value (identity, namespace, policy set, mode, address).
     pub value: Workload,
-    /// It runs on this node: `sluice run` may start it here.
-    pub local: bool,
     /// Its rules, when the kernel protects it (`value.policy` is not 0).
     pub authorization: Option<Box<KernelAuthorization>>,
+    /// It runs on this node: `sluice run` may start it here.
+    pub local: bool,
 }
 
 /// The held form of a resource type's messages.
@@ -85,12 +84,127 @@ impl Hold for KernelWorkload {
     fn hold(&self, version: Version) -> Result<HeldWorkload, String> {
         let value = workload_value(self);
         let authorization = self.authorization.clone().filter(|_| value.policy != 0).map(Box::new);
-        Ok(HeldWorkload { version, value, local: self.local, authorization })
+        Ok(HeldWorkload { version, value, authorization, local: self.local })
     }
 }
 
-/// Held resources of one type, by name.
-pub type HeldSet<H> = BTreeMap<Box<str>, H>;
+/// Held resources of one type: a vector sorted by name (a workload is about 90 bytes here;
+/// an ordered tree's half-full nodes and a boxed name each doubled that).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldSet<H> {
+    entries: Vec<(SmolStr, H)>,
+}
+
+impl<H> Default for HeldSet<H> {
+    fn default() -> Self {
+        Self { entries: Vec::new() }
+    }
+}
+
+/// A batch with more insertions and removals than this is merged into a new vector in one
+/// pass; fewer are moved into place one by one.
+const IN_PLACE: usize = 8;
+
+impl<H> HeldSet<H> {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.entries.binary_search_by(|(n, _)| n.as_str().cmp(name))
+    }
+
+    /// What `name` holds.
+    pub fn get(&self, name: &str) -> Option<&H> {
+        self.find(name).ok().map(|i| &self.entries[i].1)
+    }
+
+    /// Names and values, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &H)> + Clone {
+        self.entries.iter().map(|(n, h)| (n.as_str(), h))
+    }
+
+    /// Values, in name order.
+    pub fn values(&self) -> impl Iterator<Item = &H> {
+        self.entries.iter().map(|(_, h)| h)
+    }
+
+    /// How many names are held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Holds `value` under `name`; returns what it held before.
+    pub fn insert(&mut self, name: SmolStr, value: H) -> Option<H> {
+        self.apply(vec![(name, Some(value))]).pop().and_then(|(_, old)| old)
+    }
+
+    /// Drops `name`; returns what it held.
+    pub fn remove(&mut self, name: &str) -> Option<H> {
+        self.apply(vec![(name.into(), None)]).pop().and_then(|(_, old)| old)
+    }
+
+    /// Sets each name in turn to its value (None: dropped) and returns, in the same order, what
+    /// each held just before its own step.
+    pub fn apply(&mut self, items: Vec<(SmolStr, Option<H>)>) -> Vec<(SmolStr, Option<H>)> {
+        let moves = items.iter().filter(|(name, value)| self.find(name).is_ok() != value.is_some()).count();
+        if moves <= IN_PLACE {
+            return items.into_iter().map(|(name, value)| self.set(name, value)).collect();
+        }
+        self.merge(items)
+    }
+
+    fn set(&mut self, name: SmolStr, value: Option<H>) -> (SmolStr, Option<H>) {
+        let old = match (self.find(&name), value) {
+            (Ok(i), Some(v)) => Some(std::mem::replace(&mut self.entries[i].1, v)),
+            (Ok(i), None) => Some(self.entries.remove(i).1),
+            (Err(i), Some(v)) => {
+                self.entries.insert(i, (name.clone(), v));
+                None
+            }
+            (Err(_), None) => None,
+        };
+        (name, old)
+    }
+
+    /// [`HeldSet::apply`] for a large batch: one ordered pass over the held entries and the
+    /// batch sorted by name (and, for one name, by its place in the batch).
+    fn merge(&mut self, items: Vec<(SmolStr, Option<H>)>) -> Vec<(SmolStr, Option<H>)> {
+        let mut ops: Vec<(SmolStr, usize, Option<H>)> =
+            items.into_iter().enumerate().map(|(i, (name, value))| (name, i, value)).collect();
+        ops.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let old = std::mem::take(&mut self.entries);
+        let mut out = Vec::with_capacity(old.len() + ops.len());
+        let mut before: Vec<(usize, SmolStr, Option<H>)> = Vec::with_capacity(ops.len());
+        let mut old = old.into_iter();
+        let mut ops = ops.into_iter().peekable();
+        while let Some((name, ..)) = ops.peek() {
+            let name = name.clone();
+            // The held entries before this name move as one run, found by a binary search.
+            let run = old.as_slice().partition_point(|(n, _)| *n < name);
+            out.extend(old.by_ref().take(run));
+            let held = old.as_slice().first().is_some_and(|(n, _)| *n == name);
+            let mut current = if held { old.next().map(|(_, v)| v) } else { None };
+            while let Some((n, i, value)) = ops.next_if(|(n, ..)| *n == name) {
+                before.push((i, n, std::mem::replace(&mut current, value)));
+            }
+            if let Some(v) = current {
+                out.push((name, v));
+            }
+        }
+        out.extend(old);
+        out.shrink_to_fit();
+        self.entries = out;
+        before.sort_unstable_by_key(|(i, ..)| *i);
+        before.into_iter().map(|(_, name, old)| (name, old)).collect()
+    }
+}
 
 /// What applying a Delta response changed in the held resources of one type: the value each
 /// touched name had before (None: it was absent), so a failed apply can be undone. The held
@@ -98,23 +212,16 @@ pub type HeldSet<H> = BTreeMap<Box<str>, H>;
 #[derive(Debug)]
 pub struct Undo<H> {
     /// Upserted names and what they held before.
-    pub before: Vec<(Box<str>, Option<H>)>,
+    pub before: Vec<(SmolStr, Option<H>)>,
     /// Removed names and what they held.
-    pub removed: Vec<(Box<str>, H)>,
+    pub removed: Vec<(SmolStr, H)>,
 }
 
 impl<H> Undo<H> {
-    /// Puts every touched name back as it was (removals were applied last: undone first).
+    /// Puts every touched name back as it was: the steps undone last to first.
     pub fn revert(self, held: &mut HeldSet<H>) {
-        for (name, old) in self.removed {
-            held.insert(name, old);
-        }
-        for (name, old) in self.before.into_iter().rev() {
-            match old {
-                Some(v) => held.insert(name, v),
-                None => held.remove(&name),
-            };
-        }
+        let removed = self.removed.into_iter().rev().map(|(name, old)| (name, Some(old)));
+        held.apply(removed.chain(self.before.into_iter().rev()).collect());
     }
 }
 
@@ -126,25 +233,20 @@ pub fn update<M: Hold>(
     response: &DeltaDiscoveryResponse,
 ) -> Result<(Vec<M>, Undo<M::Held>), String> {
     let mut decoded = Vec::with_capacity(response.resources.len());
-    let mut holds = Vec::with_capacity(response.resources.len());
+    let mut batch = Vec::with_capacity(response.resources.len() + response.removed_resources.len());
     for r in &response.resources {
         let bytes = r.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
         let invalid = |e: String| format!("{} {}: {e}", response.type_url, r.name);
         let value = M::decode(bytes).map_err(|e| invalid(e.to_string()))?;
-        holds.push((Box::<str>::from(r.name.as_str()), value.hold(Version::parse(&r.version)).map_err(invalid)?));
+        batch.push((SmolStr::from(r.name.as_str()), Some(value.hold(Version::parse(&r.version)).map_err(invalid)?)));
         decoded.push(value);
     }
-    let mut undo = Undo { before: Vec::with_capacity(holds.len()), removed: Vec::new() };
-    for (name, value) in holds {
-        let old = held.insert(name.clone(), value);
-        undo.before.push((name, old));
-    }
-    for name in &response.removed_resources {
-        if let Some((name, old)) = held.remove_entry(name.as_str()) {
-            undo.removed.push((name, old));
-        }
-    }
-    Ok((decoded, undo))
+    let upserts = batch.len();
+    batch.extend(response.removed_resources.iter().map(|name| (SmolStr::from(name.as_str()), None)));
+    let mut before = held.apply(batch);
+    // Only what was held is recorded as removed.
+    let removed = before.split_off(upserts).into_iter().filter_map(|(name, old)| Some((name, old?))).collect();
+    Ok((decoded, Undo { before, removed }))
 }
 
 #[cfg(test)]
@@ -196,9 +298,9 @@ mod tests {
         };
         let (decoded, undo) = update::<KernelService>(&mut held, &response).unwrap();
         assert_eq!(decoded, [service("a", 81), service("c", 80)]);
-        assert_eq!(held.keys().map(|k| &**k).collect::<Vec<_>>(), ["a", "c"]);
-        assert_eq!(held["a"].key.port, 81);
-        assert_eq!(held["a"].version, Version::Text("2".into()));
+        assert_eq!(held.iter().map(|(k, _)| k).collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(held.get("a").unwrap().key.port, 81);
+        assert_eq!(held.get("a").unwrap().version, Version::Text(Box::new("2".into())));
         assert_eq!(undo.removed.len(), 1, "only what was held is recorded as removed");
         assert_eq!(&*undo.removed[0].0, "b");
         undo.revert(&mut held);
@@ -223,5 +325,36 @@ mod tests {
         let err = update::<KernelService>(&mut held, &unholdable).unwrap_err();
         assert!(err.contains(" y: ") && err.contains("not-an-ip"), "{err}");
         assert_eq!(held, before, "a response that does not decode or hold changes nothing");
+    }
+
+    proptest::proptest! {
+        /// A batch (large ones merged, small ones in place) does what setting each name in turn
+        /// does to an ordered map, reports each step's prior value, and reverts exactly.
+        #[test]
+        fn batches_match_an_ordered_map(
+            start in proptest::collection::btree_map(0u8..40, 0u32..5, 0..30),
+            upserts in proptest::collection::vec((0u8..40, 0u32..5), 0..30),
+            removals in proptest::collection::vec(0u8..40, 0..20),
+        ) {
+            let name = |n: u8| SmolStr::from(format!("w{n:02}"));
+            let mut held = HeldSet::new();
+            held.apply(start.iter().map(|(n, v)| (name(*n), Some(*v))).collect());
+            let mut model: std::collections::BTreeMap<SmolStr, u32> = start.iter().map(|(n, v)| (name(*n), *v)).collect();
+            let original = held.clone();
+            // As `update` builds a batch: upserts, then removals (a name may be in both).
+            let items: Vec<(SmolStr, Option<u32>)> = upserts.iter().map(|(n, v)| (name(*n), Some(*v)))
+                .chain(removals.iter().map(|n| (name(*n), None))).collect();
+            let mut want = Vec::new();
+            for (n, v) in &items {
+                want.push((n.clone(), match v { Some(v) => model.insert(n.clone(), *v), None => model.remove(n) }));
+            }
+            let before = held.apply(items.clone());
+            proptest::prop_assert_eq!(&before, &want);
+            proptest::prop_assert_eq!(held.iter().map(|(n, v)| (SmolStr::from(n), *v)).collect::<Vec<_>>(), model.into_iter().collect::<Vec<_>>());
+            let mut before = before;
+            let removed = before.split_off(upserts.len()).into_iter().filter_map(|(n, o)| Some((n, o?))).collect();
+            Undo { before, removed }.revert(&mut held);
+            proptest::prop_assert_eq!(held, original);
+        }
     }
 }

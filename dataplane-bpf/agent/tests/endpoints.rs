@@ -61,7 +61,7 @@ fn endpoint_identities_follow_the_held_workloads() {
     assert!(policy.rewrites_all(), "a started agent rewrites every address first");
     let apply = |policy: &mut PolicySync, maps: &mut Maps, held: &HeldSet<HeldWorkload>, touched: &[&str]| {
         let touched: BTreeSet<Addr> = touched.iter().map(|t| ip(t)).collect();
-        policy.apply(maps, held.iter().map(|(n, w)| (&**n, w)), touched, Instant::now()).unwrap();
+        policy.apply(maps, held.iter(), touched, Instant::now()).unwrap();
     };
     apply(&mut policy, &mut dp.maps, &held, &[]);
     assert_eq!(entries(&dp.maps), [(ip("127.0.8.1"), identity("sa-a")), (ip("127.0.8.2"), identity("sa-b"))]);
