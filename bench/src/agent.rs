@@ -1,7 +1,7 @@
 //! The real agent at scale (root): `sluice serve` on S services / S×E endpoints, `sluice agent`
-//! attached to a cgroup of the benchmark's; the agent's RSS once it holds everything, the map
-//! memory, and the time from a file write (one service's endpoints move; debounce 0) until the
-//! kernel map holds the new backend.
+//! attached to a cgroup of the benchmark's; the agent's RSS once it holds everything (services
+//! and workloads), the map memory, and the time from a file write (one service's endpoints move;
+//! debounce 0) until the kernel map holds the new backend.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -89,6 +89,11 @@ pub fn run(sluice: &Path, services: usize, per_service: usize, changes: usize) -
     let synced =
         wait("the full config in the maps", Duration::from_secs(300), || first_backend_is(&maps, services - 1, last))?;
     let synced = synced.max(started.elapsed());
+    // The workloads come after the services; the endpoints map gets every address once their
+    // last part is in. RSS is read once the agent holds both.
+    wait("every workload in the endpoints map", Duration::from_secs(300), || {
+        maps.endpoints.get(&addr(last), 0).is_ok()
+    })?;
     std::thread::sleep(Duration::from_millis(500));
     let pid = agent.child.id();
     let (rss, hwm) = (status_kb(pid, "VmRSS").unwrap_or(0), status_kb(pid, "VmHWM").unwrap_or(0));
