@@ -1,6 +1,6 @@
 //! The agent's copy of the backends map: each backend id's address and how many service slots
 //! point at it, in one dense table indexed by id, with a hash index from address to id that
-//! holds only ids (a mesh of 100 000 backends is about 3.5 MB here, not three ordered maps).
+//! holds only ids (a mesh of 100 000 backends is about 3 MB here, not three ordered maps).
 //!
 //! An id stops being live when its last slot goes; it is reused only after [`BackendTable::free`],
 //! which the agent calls once the map entry is deleted (after the grace period), so a program
@@ -11,15 +11,27 @@ use std::hash::{BuildHasher, RandomState};
 use hashbrown::HashTable;
 use sluice_dataplane_common::Backend;
 
-/// One id's state.
+/// One id's state: a backend and how many slots point at it, or (in `refs`, past any real
+/// count) free or retired. No enum tag: 24 bytes an id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Entry {
-    /// Never used, or deleted from the map: may be handed out again.
-    Free,
-    /// In the map, pointed at by `refs` slots.
-    Live { backend: Backend, refs: u32 },
-    /// Out of the index (no new slot points at it), still in the map until the grace period ends.
-    Retired,
+struct Entry {
+    backend: Backend,
+    refs: u32,
+}
+
+/// Never used, or deleted from the map: may be handed out again.
+const FREE: u32 = u32::MAX;
+/// Out of the index (no new slot points at it), still in the map until the grace period ends.
+const RETIRED: u32 = u32::MAX - 1;
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 24);
+
+impl Entry {
+    const FREE: Entry = Entry { backend: Backend { addr: [0; 16], port: 0, family: 0, pad: 0 }, refs: FREE };
+
+    fn is_live(&self) -> bool {
+        self.refs < RETIRED
+    }
 }
 
 /// Backends by id and by address.
@@ -36,16 +48,13 @@ pub struct BackendTable {
 
 impl Default for BackendTable {
     fn default() -> Self {
-        Self { entries: vec![Entry::Free], index: HashTable::new(), free: Vec::new(), hasher: RandomState::new() }
+        Self { entries: vec![Entry::FREE], index: HashTable::new(), free: Vec::new(), hasher: RandomState::new() }
     }
 }
 
 impl BackendTable {
     fn live(&self, id: u32) -> Option<(Backend, u32)> {
-        match self.entries.get(id as usize) {
-            Some(Entry::Live { backend, refs }) => Some((*backend, *refs)),
-            _ => None,
-        }
+        self.entries.get(id as usize).filter(|e| e.is_live()).map(|e| (e.backend, e.refs))
     }
 
     /// The live id of `backend`.
@@ -67,7 +76,7 @@ impl BackendTable {
     /// Records `backend` (not live yet) under a free id, with no references; returns the id.
     pub fn insert(&mut self, backend: Backend) -> u32 {
         let id = self.free.pop().unwrap_or_else(|| {
-            self.entries.push(Entry::Free);
+            self.entries.push(Entry::FREE);
             (self.entries.len() - 1) as u32
         });
         self.put(id, backend);
@@ -78,40 +87,36 @@ impl BackendTable {
     pub fn adopt(&mut self, id: u32, backend: Backend) {
         let at = id as usize;
         if self.entries.len() <= at {
-            self.entries.resize(at + 1, Entry::Free);
+            self.entries.resize(at + 1, Entry::FREE);
         }
         self.put(id, backend);
     }
 
     fn put(&mut self, id: u32, backend: Backend) {
-        self.entries[id as usize] = Entry::Live { backend, refs: 0 };
+        self.entries[id as usize] = Entry { backend, refs: 0 };
         let hash = self.hasher.hash_one(backend);
         let (entries, hasher) = (&self.entries, &self.hasher);
-        self.index.insert_unique(hash, id, |id| match entries[*id as usize] {
-            Entry::Live { backend, .. } => hasher.hash_one(backend),
-            _ => 0,
-        });
+        self.index.insert_unique(hash, id, |id| hasher.hash_one(entries[*id as usize].backend));
     }
 
     /// Rebuilds the free list after adoption: every id not in the map may be handed out.
     pub fn settle(&mut self) {
-        self.free =
-            (1..self.entries.len() as u32).rev().filter(|id| self.entries[*id as usize] == Entry::Free).collect();
+        self.free = (1..self.entries.len() as u32).rev().filter(|id| self.entries[*id as usize].refs == FREE).collect();
     }
 
     /// One more slot points at `id`.
     pub fn add_ref(&mut self, id: u32) {
-        if let Some(Entry::Live { refs, .. }) = self.entries.get_mut(id as usize) {
-            *refs += 1;
+        if let Some(e) = self.entries.get_mut(id as usize).filter(|e| e.is_live()) {
+            e.refs += 1;
         }
     }
 
     /// One slot fewer points at `id`; true when it was the last.
     pub fn drop_ref(&mut self, id: u32) -> bool {
         match self.entries.get_mut(id as usize) {
-            Some(Entry::Live { refs, .. }) if *refs > 0 => {
-                *refs -= 1;
-                *refs == 0
+            Some(e) if e.is_live() && e.refs > 0 => {
+                e.refs -= 1;
+                e.refs == 0
             }
             _ => false,
         }
@@ -131,14 +136,14 @@ impl BackendTable {
         if let Ok(found) = self.index.find_entry(hash, |i| *i == id) {
             found.remove();
         }
-        self.entries[id as usize] = Entry::Retired;
+        self.entries[id as usize].refs = RETIRED;
         true
     }
 
     /// `id`'s map entry is deleted: the id may be handed out again.
     pub fn free(&mut self, id: u32) {
-        if let Some(e @ Entry::Retired) = self.entries.get_mut(id as usize) {
-            *e = Entry::Free;
+        if let Some(e) = self.entries.get_mut(id as usize).filter(|e| e.refs == RETIRED) {
+            *e = Entry::FREE;
             self.free.push(id);
         }
     }
