@@ -77,8 +77,9 @@ enum Command {
         /// Quiet time after a file change before reloading, in milliseconds.
         #[arg(long, default_value_t = 100)]
         debounce_ms: u64,
-        /// Split Delta xDS responses (Envoy's and the node agents') into parts of about this many bytes, so a
-        /// large initial sync holds a part per stream in memory, not the whole config (0: never).
+        /// Split Delta xDS responses (Envoy's and the node agents') into parts of about this many
+        /// bytes, so a large initial sync holds a part per stream in memory, not the whole config
+        /// (0: never).
         #[arg(long, default_value_t = sluice_xds::server::DELTA_CHUNK_BYTES)]
         delta_chunk_bytes: usize,
     },

@@ -152,7 +152,9 @@ pub(super) fn shell(table: &RouteTable) -> Value {
 /// routes of the service's VirtualService, or Istio's default route.
 pub(super) fn virtual_host(proxy: &mut Proxy<'_>, table: &RouteTable, index: usize) -> Resource {
     let entry = &table.hosts[index];
-    let service = proxy.snapshot.services.get(&entry.service).expect("a route table is built from this snapshot");
+    // A table outlives its snapshot only while every change since is patchable, and a change
+    // that removes a service is not.
+    let service = proxy.snapshot.services.get(&entry.service).expect("a route table's services are in the snapshot");
     let routes = match virtual_service_for(proxy, service) {
         Some(vs) => vs_routes(proxy, vs, service, table.port),
         None => vec![default_route(&outbound_cluster_name(table.port, "", &service.hostname), None)],
