@@ -97,8 +97,16 @@ fn make_structural(value: &mut Value) {
         }
         return;
     };
-    for key in ["default", "title", "$schema", "definitions", "$defs", "examples"] {
+    for key in ["default", "title", "$schema", "definitions", "$defs", "examples", "propertyNames"] {
         map.remove(key);
+    }
+    // Kubernetes has no patternProperties (a real API server refuses the CRD): a map whose keys
+    // follow a pattern (e.g. port numbers) becomes a plain map; sluice's validation checks the
+    // keys and names the field.
+    if let Some(Value::Object(patterns)) = map.remove("patternProperties")
+        && let Some(value) = patterns.into_iter().map(|(_, v)| v).next()
+    {
+        map.insert("additionalProperties".into(), value);
     }
     if let Some(format) = map.get("format").and_then(Value::as_str) {
         match format {
@@ -138,43 +146,121 @@ fn make_structural(value: &mut Value) {
     }
 }
 
-/// Structural-schema violations in `schema` (at `path`): untyped nodes, references, and
-/// type-carrying `anyOf`/`oneOf` branches. Empty for a schema Kubernetes accepts.
+/// Violations of Kubernetes' rules for a CRD's schema (apiextensions' structural-schema and
+/// OpenAPI checks) in `schema`, at `path`. Empty for a schema a real API server accepts.
 pub fn structural_violations(schema: &Value, path: &str) -> Vec<String> {
     let mut out = Vec::new();
+    check_node(schema, path, false, &mut out);
+    out
+}
+
+/// The keywords Kubernetes' JSONSchemaProps refuses ("… is not supported").
+const UNSUPPORTED: [&str; 7] =
+    ["patternProperties", "dependencies", "$ref", "definitions", "additionalItems", "$schema", "propertyNames"];
+
+/// One node; `in_junction` inside `allOf`/`anyOf`/`oneOf`/`not`, which may hold value
+/// validations only.
+fn check_node(schema: &Value, path: &str, in_junction: bool, out: &mut Vec<String>) {
     let Value::Object(map) = schema else {
-        return vec![format!("{path}: a schema must be an object")];
+        out.push(format!("{path}: a schema must be an object"));
+        return;
     };
-    if map.contains_key("$ref") {
-        out.push(format!("{path}: $ref is not allowed"));
+    let mut bad = |what: String| out.push(format!("{path}: {what}"));
+    for key in UNSUPPORTED {
+        if map.contains_key(key) {
+            bad(format!("{key} is not supported"));
+        }
     }
-    let typed = map.contains_key("type")
-        || map.contains_key("x-kubernetes-int-or-string")
-        || map.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
-    if !typed {
-        out.push(format!("{path}: no type"));
+    if map.get("uniqueItems") == Some(&Value::Bool(true)) {
+        bad("uniqueItems cannot be set to true".into());
     }
-    for junction in ["anyOf", "oneOf", "allOf"] {
+    let ty = map.get("type").and_then(Value::as_str).unwrap_or("");
+    if ty == "null" {
+        bad("type cannot be null (use nullable)".into());
+    }
+    let flag = |k: &str| map.get(k) == Some(&Value::Bool(true));
+    let int_or_string = flag("x-kubernetes-int-or-string");
+    if map.contains_key("x-kubernetes-preserve-unknown-fields") && !flag("x-kubernetes-preserve-unknown-fields") {
+        bad("x-kubernetes-preserve-unknown-fields must be true or absent".into());
+    }
+    if in_junction {
+        for key in [
+            "type",
+            "default",
+            "description",
+            "nullable",
+            "additionalProperties",
+            "x-kubernetes-preserve-unknown-fields",
+            "x-kubernetes-embedded-resource",
+            "x-kubernetes-int-or-string",
+        ] {
+            if map.contains_key(key) {
+                bad(format!("{key} is not allowed inside allOf/anyOf/oneOf/not"));
+            }
+        }
+    } else if ty.is_empty() && !int_or_string && !flag("x-kubernetes-preserve-unknown-fields") {
+        bad("type must not be empty".into());
+    }
+    if int_or_string && !ty.is_empty() {
+        bad("type must be empty with x-kubernetes-int-or-string".into());
+    }
+    if flag("x-kubernetes-embedded-resource") && ty != "object" {
+        bad("type must be object with x-kubernetes-embedded-resource".into());
+    }
+    if let Some(m) = map.get("x-kubernetes-map-type") {
+        if ty != "object" {
+            bad("type must be object with x-kubernetes-map-type".into());
+        }
+        if !matches!(m.as_str(), Some("atomic" | "granular")) {
+            bad(format!("x-kubernetes-map-type {m} is not atomic or granular"));
+        }
+    }
+    if let Some(l) = map.get("x-kubernetes-list-type") {
+        if ty != "array" {
+            bad("type must be array with x-kubernetes-list-type".into());
+        }
+        if !matches!(l.as_str(), Some("atomic" | "set" | "map")) {
+            bad(format!("x-kubernetes-list-type {l} is not atomic, set or map"));
+        }
+    }
+    let list_map = map.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("map");
+    let has_keys = map.get("x-kubernetes-list-map-keys").and_then(Value::as_array).is_some_and(|k| !k.is_empty());
+    if list_map != has_keys {
+        bad("x-kubernetes-list-map-keys goes with x-kubernetes-list-type map, and only with it".into());
+    }
+    let props = map.get("properties").and_then(Value::as_object);
+    if props.is_some_and(|p| !p.is_empty()) && map.contains_key("additionalProperties") {
+        bad("additionalProperties and properties are mutually exclusive".into());
+    }
+    if let Some(props) = props {
+        for (name, child) in props {
+            check_node(child, &format!("{path}.properties[{name}]"), in_junction, out);
+        }
+    }
+    match map.get("items") {
+        Some(items @ Value::Object(_)) => check_node(items, &format!("{path}.items"), in_junction, out),
+        Some(_) => out.push(format!("{path}: items must be a schema object, not an array")),
+        None if ty == "array" && !in_junction => out.push(format!("{path}: an array needs items")),
+        None => {}
+    }
+    if let Some(extra @ Value::Object(_)) = map.get("additionalProperties") {
+        check_node(extra, &format!("{path}.additionalProperties"), in_junction, out);
+    }
+    for junction in ["allOf", "anyOf", "oneOf"] {
         for (i, branch) in map.get(junction).and_then(Value::as_array).into_iter().flatten().enumerate() {
-            for forbidden in ["type", "default", "description", "nullable", "additionalProperties"] {
-                if branch.get(forbidden).is_some() && !map.contains_key("x-kubernetes-int-or-string") {
-                    out.push(format!("{path}.{junction}[{i}]: {forbidden} is not allowed in a junction"));
-                }
+            let at = format!("{path}.{junction}[{i}]");
+            // Kubernetes' one exception: int-or-string's `anyOf: [{type: integer}, {type: string}]`.
+            let int_or_string_branch = int_or_string
+                && matches!(branch.as_object().map(|b| b.len()), Some(1))
+                && matches!(branch.get("type").and_then(Value::as_str), Some("integer" | "string"));
+            if !int_or_string_branch {
+                check_node(branch, &at, true, out);
             }
         }
     }
-    if let Some(props) = map.get("properties").and_then(Value::as_object) {
-        for (name, child) in props {
-            out.extend(structural_violations(child, &format!("{path}.{name}")));
-        }
+    if let Some(not) = map.get("not") {
+        check_node(not, &format!("{path}.not"), true, out);
     }
-    if let Some(items) = map.get("items") {
-        out.extend(structural_violations(items, &format!("{path}[]")));
-    }
-    if let Some(extra @ Value::Object(_)) = map.get("additionalProperties") {
-        out.extend(structural_violations(extra, &format!("{path}.*")));
-    }
-    out
 }
 
 /// Every CRD: (file name, definition).
@@ -278,9 +364,81 @@ mod tests {
 
     #[test]
     fn the_checker_finds_what_the_api_server_rejects() {
-        let bad = json!({"type": "object", "properties": {"a": {}, "b": {"$ref": "#/x", "type": "string"},
-            "c": {"anyOf": [{"type": "string"}], "type": "string"}}});
-        let v = structural_violations(&bad, "root");
-        assert_eq!(v.len(), 3, "{v:?}");
+        // Each schema breaks one rule; the message names its place and the rule.
+        let cases = [
+            (json!({"type": "object", "properties": {"a": {}}}), "root.properties[a]: type must not be empty"),
+            (json!({"type": "string", "$ref": "#/x"}), "root: $ref is not supported"),
+            (
+                json!({"type": "object", "patternProperties": {"^\\d+$": {"type": "string"}}}),
+                "root: patternProperties is not supported",
+            ),
+            (json!({"type": "object", "dependencies": {}}), "root: dependencies is not supported"),
+            (json!({"type": "object", "definitions": {}}), "root: definitions is not supported"),
+            (
+                json!({"type": "array", "items": {"type": "string"}, "additionalItems": false}),
+                "root: additionalItems is not supported",
+            ),
+            (
+                json!({"type": "array", "items": {"type": "string"}, "uniqueItems": true}),
+                "root: uniqueItems cannot be set to true",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": false}),
+                "root: additionalProperties and properties are mutually exclusive",
+            ),
+            (
+                json!({"type": "string", "anyOf": [{"type": "string"}]}),
+                "root.anyOf[0]: type is not allowed inside allOf/anyOf/oneOf/not",
+            ),
+            (
+                json!({"type": "array", "items": [{"type": "string"}]}),
+                "root: items must be a schema object, not an array",
+            ),
+            (json!({"type": "array"}), "root: an array needs items"),
+            (
+                json!({"type": "object", "x-kubernetes-preserve-unknown-fields": false}),
+                "root: x-kubernetes-preserve-unknown-fields must be true or absent",
+            ),
+            (
+                json!({"type": "string", "x-kubernetes-int-or-string": true}),
+                "root: type must be empty with x-kubernetes-int-or-string",
+            ),
+            (
+                json!({"type": "string", "x-kubernetes-list-type": "set"}),
+                "root: type must be array with x-kubernetes-list-type",
+            ),
+            (
+                json!({"type": "array", "items": {"type": "object"}, "x-kubernetes-list-type": "map"}),
+                "root: x-kubernetes-list-map-keys goes with x-kubernetes-list-type map, and only with it",
+            ),
+            (
+                json!({"type": "string", "x-kubernetes-map-type": "atomic"}),
+                "root: type must be object with x-kubernetes-map-type",
+            ),
+            (
+                json!({"type": "string", "x-kubernetes-embedded-resource": true}),
+                "root: type must be object with x-kubernetes-embedded-resource",
+            ),
+        ];
+        for (schema, want) in cases {
+            assert_eq!(structural_violations(&schema, "root"), vec![want.to_string()], "{schema}");
+        }
+        // Kubernetes' own shapes pass: int-or-string, a free-form object, a map of strings.
+        let good = json!({"type": "object", "properties": {
+            "port": {"x-kubernetes-int-or-string": true, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "list": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}},
+                     "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["k"]}}});
+        assert_eq!(structural_violations(&good, "root"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn integer_keyed_maps_become_additional_properties() {
+        // PeerAuthentication's portLevelMtls: schemars writes patternProperties for u32 keys.
+        let pa = schema::<authz::PeerAuthenticationSpec>();
+        let port_level = &pa["properties"]["portLevelMtls"];
+        assert!(port_level.get("patternProperties").is_none(), "{port_level}");
+        assert_eq!(port_level["additionalProperties"]["properties"]["mode"]["type"], "string", "{port_level}");
     }
 }

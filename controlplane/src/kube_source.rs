@@ -223,19 +223,38 @@ pub fn api_resource(kind: Kind, version: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(kind.group(), version, kind.name()), &kind.plural())
 }
 
-/// The version to watch `kind` at: the newest Istio version the cluster serves. None when the
-/// group is not served (Istio's CRDs are not installed).
+/// The version to watch `kind` at: the newest Istio version at which the cluster serves the
+/// kind's resource. None when no version serves it (its CRD is not installed; the group may
+/// still be there for other kinds).
 async fn served_version(client: &Client, kind: Kind) -> Result<Option<String>, kube::Error> {
     if !kind.is_istio() {
         return Ok(Some(kind.versions()[0].to_string()));
     }
-    let request = http::Request::get(format!("/apis/{}", kind.group())).body(Vec::new()).expect("a valid request");
-    let group: k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroup = match client.request(request).await {
-        Ok(g) => g,
-        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    Ok(kind.versions().iter().find(|v| group.versions.iter().any(|s| s.version == **v)).map(|v| v.to_string()))
+    for version in kind.versions() {
+        let request =
+            http::Request::get(format!("/apis/{}/{version}", kind.group())).body(Vec::new()).expect("a valid request");
+        let resources: k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList =
+            match client.request(request).await {
+                Ok(list) => list,
+                Err(kube::Error::Api(status)) if status.code == 404 => continue,
+                Err(e) => return Err(e),
+            };
+        if resources.resources.iter().any(|r| r.name == kind.plural()) {
+            return Ok(Some(version.to_string()));
+        }
+    }
+    Ok(None)
+}
+
+/// True for a watcher error that says the resource is not served (its CRD was removed).
+fn not_served(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
 }
 
 /// Starts one watcher task per kind; each change to the cache is signalled on `changed`.
@@ -304,6 +323,11 @@ async fn watch_kind(
         while let Some(item) = events.next().await {
             match item {
                 Ok(event) => signal(cache.lock().expect("kube cache lock").apply(kind, &version, event)),
+                // The CRD went away under the watch: discover again (and mark the kind absent).
+                Err(e) if not_served(&e) => {
+                    tracing::warn!(kind = kind.name(), version = %version, error = %e, "no longer served");
+                    break;
+                }
                 Err(e) => tracing::warn!(kind = kind.name(), error = %e, "watch failed; retrying"),
             }
         }

@@ -36,6 +36,14 @@ impl LeaseConfig {
     }
 }
 
+/// Where the Lease lives: `flag`, else `$POD_NAMESPACE` (in a pod: its own namespace), else the
+/// client's default namespace (outside a cluster: the kubeconfig context's, else `default`),
+/// which exists where a fixed `sluice-system` may not.
+pub fn lease_namespace(flag: Option<String>, client: &kube::Client) -> String {
+    flag.or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| client.default_namespace().to_string())
+}
+
 fn conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
@@ -92,11 +100,36 @@ pub async fn try_hold(api: &Api<Lease>, config: &LeaseConfig, now: Timestamp) ->
 /// this replica leads. An error or a lost race makes it a follower until the next attempt wins.
 pub async fn run(api: Api<Lease>, config: LeaseConfig, leader: watch::Sender<bool>) {
     let every = config.duration / 3;
+    // The same failure is said once (then at debug), with what to do: a namespace that does not
+    // exist or a Lease the account may not write would otherwise warn every few seconds.
+    let mut said: Option<String> = None;
     loop {
         let leads = match try_hold(&api, &config, Timestamp::now()).await {
-            Ok(l) => l,
+            Ok(l) => {
+                if said.take().is_some() {
+                    tracing::info!(lease = %config.name, namespace = %config.namespace, "the Lease can be written again");
+                }
+                l
+            }
             Err(e) => {
-                tracing::warn!(lease = %config.name, error = %e, "leader election failed; not writing status");
+                let text = e.to_string();
+                if said.as_deref() == Some(text.as_str()) {
+                    tracing::debug!(lease = %config.name, error = %e, "leader election failed; not writing status");
+                } else {
+                    tracing::warn!(
+                        lease = %config.name,
+                        namespace = %config.namespace,
+                        error = %e,
+                        "status writing is off until Lease {}/{} can be taken (does namespace {} exist, and may \
+                         this account write Leases there? --lease-namespace picks another; --no-status says \
+                         status is not wanted); retrying every {:?}",
+                        config.namespace,
+                        config.name,
+                        config.namespace,
+                        every
+                    );
+                    said = Some(text);
+                }
                 false
             }
         };

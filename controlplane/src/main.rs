@@ -44,7 +44,8 @@ enum Command {
         /// Watch only this namespace (Kubernetes source).
         #[arg(long)]
         namespace: Option<String>,
-        /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else sluice-system).
+        /// Namespace of the leader-election Lease (default: $POD_NAMESPACE in a pod, else the
+        /// kubeconfig context's namespace, else `default`).
         #[arg(long)]
         lease_namespace: Option<String>,
         /// This replica's identity in the Lease (default: $POD_NAME, else the host name).
@@ -243,7 +244,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let client = runtime.block_on(kube_client(kubeconfig.as_deref()))?;
                 let lease = (!no_status).then(|| {
                     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-                    let namespace = lease_namespace.or_else(|| env("POD_NAMESPACE")).unwrap_or("sluice-system".into());
+                    let namespace = sluice_controlplane::lease::lease_namespace(lease_namespace, &client);
+                    tracing::info!(namespace = %namespace, "leader election Lease sluice-leader");
                     let identity = identity.or_else(|| env("POD_NAME")).unwrap_or_else(host_name);
                     sluice_controlplane::lease::LeaseConfig::new(&namespace, &identity)
                 });
@@ -316,6 +318,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
             let maps = sluice_dataplane::loader::Maps::open(&args.pin_dir).with_context(|| {
                 format!("opening the maps pinned in {} (is the agent attached?)", args.pin_dir.display())
             })?;
+            print!("{}", sluice_dataplane::dump::links(&args.pin_dir));
             print!("{}", sluice_dataplane::dump::dump(&maps)?);
         }
         Some(AgentAction::Detach) => sluice_dataplane::loader::Dataplane::remove(&args.pin_dir)?,

@@ -166,14 +166,15 @@ fn iptables_capture_inbound_and_outbound() {
             "--config",
             root.join("cfg").to_str().unwrap(),
             "--xds-addr",
-            "127.0.0.1:15010",
+            &format!("127.0.0.1:{NETNS_XDS_PORT}"),
             "--monitoring-addr",
-            "127.0.0.1:15014",
+            &format!("127.0.0.1:{NETNS_MONITORING_PORT}"),
         ],
         &root.join("sluice.log"),
     );
     let out = Command::new(sluice)
-        .args(["bootstrap", "--proxy", &node, "--xds-addr", "127.0.0.1:15010", "--admin-port", "15000"])
+        .args(["bootstrap", "--proxy", &node, "--xds-addr", &format!("127.0.0.1:{NETNS_XDS_PORT}")])
+        .args(["--admin-port", "15000"])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -227,6 +228,10 @@ fn iptables_capture_inbound_and_outbound() {
 }
 
 /// The real Envoy binary (not a wrapper script), so it can be copied where uid 1337 can run it.
+/// istiod's ports, on the loopback of the pod's own network namespace (no other program there).
+const NETNS_XDS_PORT: u16 = 15010;
+const NETNS_MONITORING_PORT: u16 = 15014;
+
 fn envoy_bin_path() -> std::path::PathBuf {
     let bin = envoy_bin();
     let path = if bin.contains('/') {

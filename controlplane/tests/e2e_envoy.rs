@@ -11,13 +11,21 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sluice_testkit::{Backend, Proc, envoy_bin, eventually, free_port, http_get};
+use sluice_testkit::{Backend, Proc, envoy_bin, eventually, free_port, http_get, relocate};
 
-/// Bookinfo's listeners use fixed addresses: one mesh at a time in this binary.
+/// Bookinfo's listeners use the example's addresses (moved into this run's 127.<n>/16 block, so
+/// parallel runs do not collide): one mesh at a time in this binary.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-const OUTBOUND: &str = "127.0.0.1:9080";
-const INBOUND: &str = "127.0.1.10:9080";
+/// productpage's outbound listener (the Sidecar's egress bind, 127.0.0.1 in the example).
+fn outbound() -> String {
+    relocate("127.0.0.1:9080")
+}
+
+/// productpage's inbound listener, on its pod IP.
+fn inbound() -> String {
+    relocate("127.0.1.10:9080")
+}
 
 struct Mesh {
     dir: tempfile::TempDir,
@@ -65,7 +73,7 @@ fn variant_text(variant: &str) -> String {
     let dir = common::root().join("examples/bookinfo-variants").join(variant);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("variant").map(|e| e.unwrap().path()).collect();
     files.sort();
-    files.iter().map(|f| std::fs::read_to_string(f).unwrap() + "\n---\n").collect()
+    files.iter().map(|f| relocate(&std::fs::read_to_string(f).unwrap()) + "\n---\n").collect()
 }
 
 impl Mesh {
@@ -83,14 +91,14 @@ impl Mesh {
             ("reviews-v3", "127.0.1.42:9080"),
         ]
         .iter()
-        .map(|(n, a)| Backend::start(n, a.parse::<SocketAddr>().unwrap()))
+        .map(|(n, a)| Backend::start(n, relocate(a).parse::<SocketAddr>().unwrap()))
         .collect();
         let (xds_port, monitoring_port, admin_port) = (free_port(), free_port(), free_port());
         let sluice = start_sluice(dir.path(), xds_port, monitoring_port, "sluice.log");
         let mut args = vec![
             "bootstrap".to_string(),
             "--proxy".into(),
-            common::PRODUCTPAGE.into(),
+            relocate(common::PRODUCTPAGE),
             "--xds-addr".into(),
             format!("127.0.0.1:{xds_port}"),
             "--admin-port".into(),
@@ -110,7 +118,7 @@ impl Mesh {
         );
         let mesh = Mesh { dir, sluice: Some(sluice), envoy, xds_port, monitoring_port, _backends: backends };
         let up = eventually(Duration::from_secs(30), || {
-            http_get(OUTBOUND, "details:9080", "/", &[]).ok().filter(|(s, _)| *s == 200)
+            http_get(&outbound(), "details:9080", "/", &[]).ok().filter(|(s, _)| *s == 200)
         });
         assert!(up.is_some(), "Envoy never served traffic: {}", mesh.logs());
         mesh
@@ -131,7 +139,7 @@ impl Mesh {
     }
 
     fn reviews(&self, headers: &[(&str, &str)]) -> String {
-        let (status, body) = http_get(OUTBOUND, "reviews:9080", "/", headers).expect("request");
+        let (status, body) = http_get(&outbound(), "reviews:9080", "/", headers).expect("request");
         assert_eq!(status, 200, "{body}");
         body
     }
@@ -150,6 +158,7 @@ impl Drop for Mesh {
     }
 }
 
+/// Copies the example with its addresses relocated.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -157,7 +166,8 @@ fn copy_dir(from: &Path, to: &Path) {
         if e.file_type().unwrap().is_dir() {
             copy_dir(&e.path(), &to.join(e.file_name()));
         } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            std::fs::write(to.join(e.file_name()), relocate(&text)).unwrap();
         }
     }
 }
@@ -199,20 +209,20 @@ fn bookinfo_sotw_routing_faults_authorization_and_restart() {
 
     mesh.set_variant("ratings-abort");
     let aborted = eventually(Duration::from_secs(10), || {
-        http_get(OUTBOUND, "ratings:9080", "/", &[("end-user", "jason")]).ok().filter(|(s, _)| *s == 500)
+        http_get(&outbound(), "ratings:9080", "/", &[("end-user", "jason")]).ok().filter(|(s, _)| *s == 500)
     });
     assert!(aborted.is_some(), "fault abort never applied");
-    assert_eq!(http_get(OUTBOUND, "ratings:9080", "/", &[]).unwrap(), (200, "ratings-v1".into()));
-    assert_eq!(http_get(OUTBOUND, "ratings:9080", "/ratings/broken", &[]).unwrap().0, 503);
+    assert_eq!(http_get(&outbound(), "ratings:9080", "/", &[]).unwrap(), (200, "ratings-v1".into()));
+    assert_eq!(http_get(&outbound(), "ratings:9080", "/ratings/broken", &[]).unwrap().0, 503);
 
     // Inbound: productpage's own listener, bound on its pod IP, forwards to the app.
-    assert_eq!(http_get(INBOUND, "productpage:9080", "/admin", &[]).unwrap(), (200, "productpage-app".into()));
+    assert_eq!(http_get(&inbound(), "productpage:9080", "/admin", &[]).unwrap(), (200, "productpage-app".into()));
     mesh.set_variant("deny-admin");
     let denied = eventually(Duration::from_secs(10), || {
-        http_get(INBOUND, "productpage:9080", "/admin", &[]).ok().filter(|(s, _)| *s == 403)
+        http_get(&inbound(), "productpage:9080", "/admin", &[]).ok().filter(|(s, _)| *s == 403)
     });
     assert!(denied.is_some(), "DENY policy never applied");
-    assert_eq!(http_get(INBOUND, "productpage:9080", "/productpage", &[]).unwrap(), (200, "productpage-app".into()));
+    assert_eq!(http_get(&inbound(), "productpage:9080", "/productpage", &[]).unwrap(), (200, "productpage-app".into()));
 
     // The convergence of file edits shows in /metrics.
     let metrics = mesh.monitoring("/metrics");
@@ -225,13 +235,13 @@ fn bookinfo_sotw_routing_faults_authorization_and_restart() {
     assert!(metrics.contains("pilot_xds 1"), "{metrics}");
     let syncz: serde_json::Value = serde_json::from_str(&mesh.monitoring("/debug/syncz")).unwrap();
     let proxy = &syncz["proxies"][0];
-    assert_eq!(proxy["node_id"], common::PRODUCTPAGE);
+    assert_eq!(proxy["node_id"], relocate(common::PRODUCTPAGE));
     let version_before: u64 = proxy["snapshot_version"].as_u64().unwrap();
 
     // Kill sluice: Envoy keeps serving its last config.
     mesh.sluice.take().unwrap().kill();
     for _ in 0..20 {
-        assert_eq!(http_get(INBOUND, "productpage:9080", "/admin", &[]).unwrap().0, 403);
+        assert_eq!(http_get(&inbound(), "productpage:9080", "/admin", &[]).unwrap().0, 403);
         // deny-admin has no reviews VirtualService: the default route spreads over all versions.
         assert!(mesh.reviews(&[]).starts_with("reviews-v"));
     }
@@ -246,7 +256,7 @@ fn bookinfo_sotw_routing_faults_authorization_and_restart() {
     });
     let proxy = synced.expect("Envoy did not reconnect and ACK");
     assert!(proxy["snapshot_version"].as_u64().unwrap() >= version_before, "version went backwards: {proxy}");
-    assert_eq!(http_get(INBOUND, "productpage:9080", "/admin", &[]).unwrap().0, 403);
+    assert_eq!(http_get(&inbound(), "productpage:9080", "/admin", &[]).unwrap().0, 403);
 }
 
 #[test]

@@ -12,9 +12,14 @@ use std::time::{Duration, Instant};
 use sluice_dataplane::loader::Maps;
 use std::sync::Mutex;
 
-use sluice_testkit::{Backend, CONNECT_LOOP_PY, NetnsPair, Proc, eventually, free_port, is_root, share};
+use sluice_testkit::{
+    Backend, CONNECT_LOOP_PY, NetnsPair, Proc, eventually, free_port, is_root, relocate, share, unrelocate,
+};
 
-/// Bookinfo's backends use fixed addresses: one mesh at a time in this binary.
+/// Bookinfo's backends use the example's addresses, moved into this run's 127.<n>/16 block
+/// (`relocate`) so that parallel runs do not collide: config, node ids and commands go in
+/// relocated, and what comes back (dumps, client output) is read with the example's addresses
+/// again (`unrelocate`), so the assertions speak of the example. One mesh at a time in this binary.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
@@ -43,7 +48,7 @@ fn agent(sandbox: &Sandbox, xds_port: u16, metrics_port: u16, log: &str) -> Proc
     Proc::spawn(
         "sluice agent",
         Command::new(SLUICE)
-            .args(["agent", "--node", "node-1", "--node-proxy", NODE_PROXY, "--xds-addr"])
+            .args(["agent", "--node", "node-1", "--node-proxy", &relocate(NODE_PROXY), "--xds-addr"])
             .arg(format!("127.0.0.1:{xds_port}"))
             .args([
                 "--cgroup".as_ref(),
@@ -62,7 +67,10 @@ fn agent(sandbox: &Sandbox, xds_port: u16, metrics_port: u16, log: &str) -> Proc
 /// `sluice run --workload <workload> -- <command>`.
 fn run_as(sandbox: &Sandbox, workload: &str, command: &[&str]) -> Command {
     let mut cmd = Command::new(SLUICE);
-    cmd.args(["run", "--workload", workload, "--agent-socket"]).arg(sandbox.socket()).arg("--").args(command);
+    cmd.args(["run", "--workload", workload, "--agent-socket"])
+        .arg(sandbox.socket())
+        .arg("--")
+        .args(command.iter().map(|a| relocate(a)));
     cmd
 }
 
@@ -93,15 +101,17 @@ impl KernelMesh {
         let routes = sandbox.dir.path().join("routes");
         std::fs::create_dir_all(&routes).unwrap();
         for (name, content) in files {
-            std::fs::write(routes.join(name), content).unwrap();
+            std::fs::write(routes.join(name), relocate(content)).unwrap();
         }
+        let example = sandbox.dir.path().join("bookinfo");
+        copy_relocated(&common::root().join("examples/bookinfo"), &example);
         let (xds_port, metrics_port) = (free_port(), free_port());
         let serve = Proc::spawn(
             "sluice serve",
             Command::new(SLUICE)
                 // Every resource in a part of its own: the agent takes each change in parts.
                 .args(["serve", "--debounce-ms", "0", "--delta-chunk-bytes", "1", "--config"])
-                .arg(common::root().join("examples/bookinfo"))
+                .arg(&example)
                 .arg("--config")
                 .arg(&routes)
                 .arg("--xds-addr")
@@ -111,7 +121,9 @@ impl KernelMesh {
             &sandbox.dir.path().join("serve.log"),
         );
         let backends = (1..=3)
-            .map(|v| Backend::start(&format!("reviews-v{v}"), format!("127.0.1.4{}:9080", v - 1).parse().unwrap()))
+            .map(|v| {
+                Backend::start(&format!("reviews-v{v}"), relocate(&format!("127.0.1.4{}:9080", v - 1)).parse().unwrap())
+            })
             .collect();
         let agent = agent(sandbox, xds_port, metrics_port, "agent.log");
         let served =
@@ -129,6 +141,18 @@ impl KernelMesh {
     }
 }
 
+/// Copies the example's YAML with its addresses relocated.
+fn copy_relocated(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().map(Result::unwrap) {
+        if e.file_type().unwrap().is_dir() {
+            copy_relocated(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::write(to.join(e.file_name()), relocate(&std::fs::read_to_string(e.path()).unwrap())).unwrap();
+        }
+    }
+}
+
 fn log(sandbox: &Sandbox, name: &str) -> String {
     std::fs::read_to_string(sandbox.dir.path().join(name)).unwrap_or_default()
 }
@@ -140,11 +164,11 @@ fn variant(name: &str) -> String {
 
 fn lines(out: &Output) -> Vec<String> {
     assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    unrelocate(&String::from_utf8_lossy(&out.stdout)).lines().map(str::to_string).collect()
 }
 
 fn dump(pin_dir: &Path) -> Option<String> {
-    Maps::open(pin_dir).ok().and_then(|m| sluice_dataplane::dump::dump(&m).ok())
+    Maps::open(pin_dir).ok().and_then(|m| sluice_dataplane::dump::dump(&m).ok()).map(|d| unrelocate(&d))
 }
 
 #[test]
@@ -162,7 +186,7 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     }
     // The CLI dump reads the same pinned maps.
     let cli = Command::new(SLUICE).args(["agent", "dump", "--pin-dir"]).arg(&sandbox.kernel.pin_dir).output().unwrap();
-    assert!(String::from_utf8_lossy(&cli.stdout).contains("-> 127.0.1.41:9080 weight 1/5"), "{cli:?}");
+    assert!(unrelocate(&String::from_utf8_lossy(&cli.stdout)).contains("-> 127.0.1.41:9080 weight 1/5"), "{cli:?}");
 
     // 1000 connects from productpage's workload: 80/20 within ±5 points; getpeername shows the VIP.
     let out = lines(&run_client(&sandbox, "productpage-v1.default", 1000, 0).output().unwrap());
@@ -178,7 +202,8 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     assert!((share(&out, "reviews-v2") - (1.0 - v1)).abs() < 1e-9, "only v1 and v2 are routed: {:?}", &out[..5]);
 
     // A process outside any registered cgroup is not redirected: nothing listens on the VIP.
-    let outside = Command::new("python3").args(["-c", CONNECT_LOOP_PY, REVIEWS, "9080", "2"]).output().unwrap();
+    let outside =
+        Command::new("python3").args(["-c", CONNECT_LOOP_PY, &relocate(REVIEWS), "9080", "2"]).output().unwrap();
     assert!(lines(&outside).iter().all(|l| l == "error 111"), "{outside:?}");
     // A workload the config does not have is refused with its name.
     let unknown = run_client(&sandbox, "nobody.default", 1, 0).output().unwrap();
@@ -196,7 +221,7 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
 
     // A config edit reaches the maps: file write → map update, timed.
     let written = Instant::now();
-    std::fs::write(mesh.routes.join("reviews.yaml"), variant("reviews-50-50")).unwrap();
+    std::fs::write(mesh.routes.join("reviews.yaml"), relocate(&variant("reviews-50-50"))).unwrap();
     let updated = eventually(Duration::from_secs(10), || {
         dump(&sandbox.kernel.pin_dir).filter(|d| d.contains("127.0.1.40:9080 weight 1/2")).map(|_| written.elapsed())
     });
@@ -218,7 +243,7 @@ fn bookinfo_reviews_split_at_connect_with_live_edits_and_agent_restart() {
     std::fs::remove_file(mesh.routes.join("extra.yaml")).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     mesh.agent = agent(&sandbox, mesh.xds_port, mesh.metrics_port, "agent2.log");
-    let out: Vec<String> = client.wait_for_stdout().lines().map(str::to_string).collect();
+    let out: Vec<String> = unrelocate(&client.wait_for_stdout()).lines().map(str::to_string).collect();
     assert_eq!(out.len(), 300);
     let failed: Vec<_> = out.iter().filter(|l| !l.starts_with("reviews-v")).collect();
     assert!(failed.is_empty(), "connects failed across the agent restart: {failed:?}");
@@ -365,7 +390,8 @@ fn node_mode_goes_through_the_node_proxy_for_l7_routes() {
     let files = [("reviews.yaml", jason), ("node-mode.yaml", NODE_MODE.to_string())];
     let mesh = KernelMesh::start(&sandbox, &files, "node proxy: 127.0.2.1");
     let bootstrap = Command::new(SLUICE)
-        .args(["bootstrap", "--proxy", "sidecar~127.0.2.1~node-proxy.default~default.svc.cluster.local", "--xds-addr"])
+        .args(["bootstrap", "--proxy", &relocate("sidecar~127.0.2.1~node-proxy.default~default.svc.cluster.local")])
+        .arg("--xds-addr")
         .arg(format!("127.0.0.1:{}", mesh.xds_port))
         .args(["--admin-port", &free_port().to_string()])
         .output()
@@ -382,7 +408,8 @@ fn node_mode_goes_through_the_node_proxy_for_l7_routes() {
         ]),
         &sandbox.dir.path().join("envoy.log"),
     );
-    let listening = eventually(Duration::from_secs(30), || std::net::TcpStream::connect((NODE_PROXY, 9080)).ok());
+    let listening =
+        eventually(Duration::from_secs(30), || std::net::TcpStream::connect((relocate(NODE_PROXY), 9080)).ok());
     assert!(listening.is_some(), "the node proxy never listened: {}", log(&sandbox, "envoy.log"));
 
     // jason's header reaches reviews-v2 only through L7 routing: the node-mode client gets it

@@ -1,6 +1,7 @@
 //! The Kubernetes source against an in-memory API server behind kube-rs's mock transport:
 //! first list, live events, a dropped watch, a 410 Gone relist, the API server down at start
-//! (the state directory is served), Istio's CRDs absent, status written only by the Lease holder.
+//! (the state directory is served), Istio's CRDs absent (whole groups, or one CRD of a served
+//! group), status written only by the Lease holder, and from outside a cluster.
 
 mod fake_apiserver;
 
@@ -99,6 +100,8 @@ fn count(fake: &FakeApiServer, f: impl Fn(&fake_apiserver::Recorded) -> bool) ->
 fn lists_follows_events_survives_dropped_watches_and_410_and_the_leader_writes_status() {
     let fake = FakeApiServer::new();
     fake.load_list(&fixture());
+    // As `helm install -n sluice-system --create-namespace` leaves it.
+    fake.put("namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "sluice-system"}}));
     let running = Running::start(&fake, None, Some(LeaseConfig::new("sluice-system", "sluice-0")));
 
     // First list: every kind, the invalid VirtualService reported and left out.
@@ -242,10 +245,67 @@ fn without_istios_crds_the_kubernetes_kinds_are_still_served() {
     drop(running);
 }
 
+/// A real API server serves security.istio.io for AuthorizationPolicy while PeerAuthentication's
+/// CRD is missing: its list is 404. The kinds that exist are served, the missing one is empty.
+#[test]
+fn a_missing_crd_in_a_served_group_leaves_the_other_kinds_served() {
+    let fake = FakeApiServer::new();
+    fake.remove_resource("peerauthentications");
+    fake.load_list(&fixture());
+    let running = Running::start(&fake, None, None);
+    let c = running.wait_config("the kinds that exist", |c| has(c, "VirtualService", "reviews"));
+    assert!(has(&c, "Service", "reviews") && has(&c, "Pod", "reviews-v1-6c9f8d7b5-abcde"), "{c:#}");
+    assert!(running.ready());
+    assert_eq!(
+        count(&fake, |r| r.path.ends_with("/peerauthentications")),
+        0,
+        "discovery says the resource is not served: it is never listed"
+    );
+    // The fake answers as a real one: 404 with a Status body.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let err = runtime.block_on(async {
+        let api: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(
+            fake.client(),
+            &sluice_controlplane::kube_source::api_resource(sluice_translator::model::Kind::PeerAuthentication, "v1"),
+        );
+        api.list(&Default::default()).await.unwrap_err()
+    });
+    assert!(matches!(&err, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound"), "{err:?}");
+    drop(running);
+}
+
+/// `sluice serve --kubeconfig` on a laptop: no POD_NAMESPACE and no sluice-system namespace.
+/// The Lease goes to the kubeconfig's namespace, so status is written.
+#[test]
+fn outside_a_cluster_the_lease_is_taken_where_it_can_be_and_status_is_written() {
+    let fake = FakeApiServer::new();
+    fake.load_list(&fixture());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let namespace = runtime.block_on(async { sluice_controlplane::lease::lease_namespace(None, &fake.client()) });
+    if std::env::var_os("POD_NAMESPACE").is_none() {
+        assert_eq!(namespace, "default", "the client's default namespace");
+    }
+    // Where the Lease used to go by default, a real API server refuses it.
+    let refused = runtime.block_on(async {
+        let api = kube::Api::namespaced(fake.client(), "sluice-system");
+        try_hold(&api, &LeaseConfig::new("sluice-system", "x"), k8s_openapi::jiff::Timestamp::now()).await
+    });
+    assert!(matches!(&refused, Err(kube::Error::Api(s)) if s.code == 404), "{refused:?}");
+    let running = Running::start(&fake, None, Some(LeaseConfig::new(&namespace, "laptop")));
+    eventually(TIMEOUT, || {
+        (count(&fake, |r| r.method == http::Method::PATCH && r.path.contains("/reviews-split/status")) > 0)
+            .then_some(())
+    })
+    .expect("status written on the rejected VirtualService");
+    assert_eq!(fake.get("leases", &namespace, "sluice-leader").unwrap()["spec"]["holderIdentity"], "laptop");
+    drop(running);
+}
+
 #[test]
 fn a_follower_writes_no_status() {
     let fake = FakeApiServer::new();
     fake.load_list(&fixture());
+    fake.put("namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "sluice-system"}}));
     let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.000000Z").to_string();
     fake.put(
         "leases",
@@ -270,6 +330,7 @@ fn the_lease_is_taken_when_free_or_expired_and_not_while_held() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let fake = FakeApiServer::new();
+        fake.put("namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns"}}));
         let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(fake.client(), "ns");
         let a = LeaseConfig::new("ns", "a");
         let b = LeaseConfig::new("ns", "b");

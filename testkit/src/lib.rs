@@ -72,6 +72,59 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// The port of the listener that holds a run's address block (see [`run_block`]).
+const BLOCK_LOCK_PORT: u16 = 47_999;
+
+/// This process's own `127.<n>.0.0/16`, for tests that must bind fixed-looking addresses (pod
+/// IPs, service VIPs, a Sidecar's bind address): chosen at random once per process and held by
+/// a listener on `127.<n>.255.254`, so two test runs on one machine (or another program that
+/// does the same) never get the same block. Never 127.0.x.x.
+pub fn run_block() -> u8 {
+    static BLOCK: std::sync::OnceLock<(u8, TcpListener)> = std::sync::OnceLock::new();
+    BLOCK
+        .get_or_init(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
+            seed.write_u32(std::process::id());
+            let start = seed.finish();
+            (0..240u64)
+                .map(|i| 10 + ((start + i) % 240) as u8)
+                // 100 stays out: relocate's targets must not look like its sources.
+                .filter(|n| *n != 100)
+                .find_map(|n| TcpListener::bind((format!("127.{n}.255.254"), BLOCK_LOCK_PORT)).ok().map(|l| (n, l)))
+                .expect("a free 127.<n>.0.0/16 block")
+        })
+        .0
+}
+
+/// Moves the loopback addresses that examples and tests write into this run's block:
+/// `127.0.x.*` → `127.<n>.x.*` and `127.100.x.*` → `127.<n>.(100+x).*` (x < 100), and
+/// `127.0.0.1` → `127.<n>.0.1`. For config text, node ids and commands alike; [`unrelocate`]
+/// maps what comes back (dumps, client output) to the written addresses again.
+pub fn relocate(text: &str) -> String {
+    let n = run_block();
+    let mut out = text.replace("127.0.0.1", &format!("127.{n}.0.1"));
+    out = out.replace("127.100.0.", &format!("127.{n}.100."));
+    for x in 1..100 {
+        out = out
+            .replace(&format!("127.0.{x}."), &format!("127.{n}.{x}."))
+            .replace(&format!("127.100.{x}."), &format!("127.{n}.{}.", 100 + x));
+    }
+    out
+}
+
+/// [`relocate`] undone.
+pub fn unrelocate(text: &str) -> String {
+    let n = run_block();
+    let mut out = text.to_string();
+    for x in 1..100 {
+        out = out
+            .replace(&format!("127.{n}.{}.", 100 + x), &format!("127.100.{x}."))
+            .replace(&format!("127.{n}.{x}."), &format!("127.0.{x}."));
+    }
+    out.replace(&format!("127.{n}.100."), "127.100.0.").replace(&format!("127.{n}.0.1"), "127.0.0.1")
+}
+
 /// An HTTP/1.1 server answering every request with its name (and the request path).
 pub struct Backend {
     stop: Arc<AtomicBool>,

@@ -1,6 +1,7 @@
 //! An in-memory Kubernetes API server behind kube-rs's mock transport (tower-test): list, watch
 //! (replay from a resourceVersion, live events, 410 Gone below the compaction point), API group
-//! discovery, Leases (create/replace with resourceVersion checks) and merge-patched status. Faults:
+//! discovery (groups and each group version's resources; a resource whose CRD is missing is
+//! left out and its list or watch is 404 with a Status body, as a real API server answers), Leases (create/replace with resourceVersion checks) and merge-patched status. Faults:
 //! down (transport errors), dropped watches, compaction. Every request is recorded.
 
 use std::collections::BTreeMap;
@@ -46,6 +47,9 @@ struct State {
     requests: Vec<Recorded>,
     /// API groups served, with their versions.
     groups: BTreeMap<String, Vec<String>>,
+    /// Istio resources (plurals) whose CRD is not installed: discovery leaves them out and a
+    /// list or watch of them is 404, as on a real API server.
+    missing: std::collections::BTreeSet<String>,
 }
 
 /// The fake API server. Clone freely: clones share state.
@@ -162,7 +166,16 @@ impl FakeApiServer {
 
     /// Stops serving an API group (its CRDs are not installed).
     pub fn remove_group(&self, group: &str) {
-        self.state.lock().unwrap().groups.remove(group);
+        let mut s = self.state.lock().unwrap();
+        s.groups.remove(group);
+        for kind in sluice_translator::model::Kind::ALL.into_iter().filter(|k| k.group() == group) {
+            s.missing.insert(kind.plural());
+        }
+    }
+
+    /// Stops serving one resource of an Istio group (its CRD is not installed; the group stays).
+    pub fn remove_resource(&self, plural: &str) {
+        self.state.lock().unwrap().missing.insert(plural.into());
     }
 
     /// Makes every request fail at the transport (or work again).
@@ -256,9 +269,35 @@ impl FakeApiServer {
                 None => status(404, "NotFound", "the server could not find the requested resource"),
             });
         }
+        // `/apis/<group>/<version>`: the group version's resources (kubectl's and kube-rs's
+        // discovery), without those whose CRD is missing.
+        if let Some((group, version)) =
+            path.strip_prefix("/apis/").and_then(|gv| gv.split_once('/')).filter(|(_, v)| !v.contains('/'))
+        {
+            if !s.groups.get(group).is_some_and(|vs| vs.iter().any(|v| v == version)) {
+                return Some(status(404, "NotFound", "the server could not find the requested resource"));
+            }
+            let resources: Vec<Value> = sluice_translator::model::Kind::ALL
+                .into_iter()
+                .filter(|k| k.group() == group && k.versions().contains(&version) && !s.missing.contains(&k.plural()))
+                .map(|k| {
+                    json!({"name": k.plural(), "singularName": k.name().to_ascii_lowercase(), "namespaced": true,
+                    "kind": k.name(), "verbs": ["delete", "get", "list", "patch", "create", "update", "watch"]})
+                })
+                .collect();
+            return Some(respond(
+                StatusCode::OK,
+                &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{group}/{version}"),
+                    "resources": resources}),
+            ));
+        }
         let Some(Target { resource, namespace, name, subresource: sub }) = parse_path(&path) else {
             return Some(status(404, "NotFound", &format!("no route for {path}")));
         };
+        if s.missing.contains(&resource) {
+            // What a real API server answers for a resource whose CRD is not installed.
+            return Some(status(404, "NotFound", "the server could not find the requested resource"));
+        }
         let ns = namespace.clone().unwrap_or_default();
         Some(match (method, name) {
             (Method::GET, None) if query_param(&query, "watch").as_deref() == Some("true") => {
@@ -307,6 +346,12 @@ impl FakeApiServer {
             },
             (Method::POST, None) => {
                 let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                // A real API server refuses to create in a namespace that does not exist.
+                let exists = ["default", "kube-system", "kube-public"].contains(&ns.as_str())
+                    || s.objects.contains_key(&("namespaces".to_string(), String::new(), ns.clone()));
+                if namespace.is_some() && !exists {
+                    return Some(status(404, "NotFound", &format!("namespaces \"{ns}\" not found")));
+                }
                 if s.objects.contains_key(&(resource.clone(), ns.clone(), name)) {
                     return Some(status(409, "AlreadyExists", "already exists"));
                 }

@@ -108,6 +108,17 @@ impl AgentState {
         Ok(state)
     }
 
+    /// Where the programs are attached, for `/ready`.
+    pub fn attachment(&self) -> crate::metrics::Attachment {
+        let dp = &self.dataplane;
+        crate::metrics::Attachment {
+            cgroup: dp.cgroup.display().to_string(),
+            cgroup_id: dp.cgroup_id,
+            pin_dir: dp.pin_dir.display().to_string(),
+            adopted: dp.adopted,
+        }
+    }
+
     /// Workload cgroups are named `<namespace>_<name>_<n>` (Kubernetes names have no `_`).
     fn rescan(&mut self) -> Result<()> {
         let entries =
@@ -299,15 +310,26 @@ fn populated(path: &Path) -> bool {
 /// Runs the agent until SIGINT or SIGTERM. The programs stay attached and pinned when it
 /// exits, so connections keep being balanced and the next agent adopts them.
 pub async fn run(config: AgentConfig) -> Result<()> {
+    crate::loader::object()?;
     let metrics = Arc::new(AgentMetrics::default());
-    let state = Arc::new(Mutex::new(AgentState::start(&config, metrics.clone())?));
+    // Every port and socket is bound before anything is pinned: a start that fails here leaves
+    // nothing behind for the next agent to adopt.
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
         .await
         .map_err(io(format!("binding {}", config.metrics_addr)))?;
-    tokio::spawn(async move {
-        let _ = axum::serve(metrics_listener, crate::metrics::router(metrics)).await;
-    });
     let socket = bind_socket(&config.socket)?;
+    let served = metrics.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(metrics_listener, crate::metrics::router(served)).await;
+    });
+    let state = match AgentState::start(&config, metrics.clone()) {
+        Ok(state) => Arc::new(Mutex::new(state)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&config.socket);
+            return Err(e);
+        }
+    };
+    metrics.set_ready(state.lock().expect("agent state").attachment());
     tokio::spawn(serve_socket(socket, state.clone()));
     let keeper = state.clone();
     tokio::spawn(async move {

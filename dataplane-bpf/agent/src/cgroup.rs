@@ -23,6 +23,18 @@ pub fn cgroup_id(path: &Path) -> Result<u64> {
     Ok(std::fs::metadata(path).map_err(io(format!("cgroup {}", path.display())))?.ino())
 }
 
+/// The cgroup below `root` (or `root` itself) whose id is `id`.
+pub fn find_by_id(root: &Path, id: u64) -> Option<PathBuf> {
+    if cgroup_id(root).ok()? == id {
+        return Some(root.to_path_buf());
+    }
+    std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_by_id(&e.path(), id))
+}
+
 /// Creates a cgroup directory (and parents).
 pub fn create(path: &Path) -> Result<()> {
     std::fs::create_dir_all(path).map_err(io(format!("creating cgroup {}", path.display())))

@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 
 use sluice_dataplane_common::{Addr, PolicyRule, RuleKey, mode, proto, rule_flags};
 
 use crate::Result;
-use crate::loader::Maps;
+use crate::loader::{Maps, PROGRAMS, pinned_target};
 
 /// An address as text (IPv4-mapped shown as IPv4).
 pub fn show_addr(a: &Addr) -> String {
@@ -17,6 +18,27 @@ pub fn show_addr(a: &Addr) -> String {
         None if *a == [0; 16] => Ipv4Addr::UNSPECIFIED.to_string(),
         None => format!("[{v6}]"),
     }
+}
+
+/// Where each pinned program is attached, as the kernel's links say: the cgroup's id and path,
+/// or why it runs nowhere.
+pub fn links(pin_dir: &Path) -> String {
+    let mount = crate::cgroup::cgroup2_mount().ok();
+    let mut out = String::new();
+    writeln!(out, "programs ({})", PROGRAMS.len()).expect("string");
+    for (name, _) in PROGRAMS {
+        let place = match pinned_target(pin_dir, name) {
+            None => "not pinned".to_string(),
+            Some(t) if t.cgroup_id == 0 => "detached: its cgroup was removed".to_string(),
+            Some(t) => {
+                let path = mount.as_deref().and_then(|m| crate::cgroup::find_by_id(m, t.cgroup_id));
+                let path = path.map_or_else(|| "(no such cgroup: removed?)".to_string(), |p| p.display().to_string());
+                format!("cgroup {} {path}", t.cgroup_id)
+            }
+        };
+        writeln!(out, "  {name}: {place}").expect("string");
+    }
+    out
 }
 
 /// The readable dump.

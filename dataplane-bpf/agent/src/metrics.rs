@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -24,9 +24,24 @@ pub struct TypeLabel {
     pub r#type: String,
 }
 
+/// Where the agent's programs are attached, as `/ready` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attachment {
+    /// The cgroup the programs run on (and below).
+    pub cgroup: String,
+    /// Its id, as the kernel's links name it.
+    pub cgroup_id: u64,
+    /// Where links and maps are pinned.
+    pub pin_dir: String,
+    /// True when an earlier agent's links were adopted as they were.
+    pub adopted: bool,
+}
+
 /// All metrics of the agent.
 pub struct AgentMetrics {
     registry: Registry,
+    /// Set once the programs are attached (or adopted) and checked: until then `/ready` is 503.
+    ready: std::sync::OnceLock<Attachment>,
     /// 1 while an xDS stream is open.
     pub connected: Gauge,
     /// Services held.
@@ -46,6 +61,7 @@ impl Default for AgentMetrics {
         let mut registry = Registry::with_prefix("sluice_agent");
         let m = Self {
             registry: Registry::default(),
+            ready: std::sync::OnceLock::new(),
             connected: Gauge::default(),
             services: Gauge::default(),
             workloads: Gauge::default(),
@@ -71,6 +87,11 @@ impl AgentMetrics {
         self.apply_time.observe(elapsed.as_secs_f64());
     }
 
+    /// Marks the agent ready, attached as `attachment` says.
+    pub fn set_ready(&self, attachment: Attachment) {
+        let _ = self.ready.set(attachment);
+    }
+
     /// The OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -79,16 +100,28 @@ impl AgentMetrics {
     }
 }
 
-/// `/metrics`.
+/// `/metrics`, and `/ready`: 200 with where the programs are attached (JSON), 503 before.
 pub fn router(metrics: Arc<AgentMetrics>) -> Router {
-    Router::new().route(
-        "/metrics",
-        get(move || {
-            let text = metrics.encode();
-            async move {
-                ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
-                    .into_response()
-            }
-        }),
-    )
+    let ready = metrics.clone();
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.encode();
+                async move {
+                    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+                        .into_response()
+                }
+            }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let answer = match ready.ready.get() {
+                    Some(a) => (StatusCode::OK, axum::Json(serde_json::json!(a))).into_response(),
+                    None => (StatusCode::SERVICE_UNAVAILABLE, "attaching the programs\n").into_response(),
+                };
+                async move { answer }
+            }),
+        )
 }

@@ -9,19 +9,25 @@ use std::time::Instant;
 use common::python_in;
 use sluice_dataplane::sandbox::Sandbox;
 
+use sluice_dataplane::agent::AgentConfig;
 use sluice_dataplane::cgroup;
-use sluice_dataplane::loader::Dataplane;
+use sluice_dataplane::loader::{Dataplane, LinkTarget, PROGRAMS, pinned_target};
 use sluice_dataplane::policy::workload_value;
 use sluice_dataplane::sync::MapSync;
-use sluice_testkit::{Backend, CONNECT_LOOP_PY, is_root, share};
+use sluice_dataplane_common::maps;
+use sluice_testkit::{Backend, CONNECT_LOOP_PY, eventually, free_port, http_get, is_root, relocate, share, unrelocate};
 use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane, WeightedBackend, translate_node};
 use sluice_translator::parse::parse_documents;
 use sluice_translator::snapshot::Snapshot;
 
 const VIP: &str = "127.100.9.1";
 
+/// The tests bind the same backends: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The mesh, with its addresses in this run's block (`relocate`): parallel runs do not collide.
 fn mesh(v1: u32, v2: u32) -> String {
-    format!(
+    relocate(&format!(
         r#"
 apiVersion: v1
 kind: Service
@@ -68,7 +74,7 @@ spec:
     - {{destination: {{host: echo, subset: v1}}, weight: {v1}}}
     - {{destination: {{host: echo, subset: v2}}, weight: {v2}}}
 "#
-    )
+    ))
 }
 
 fn dataplane(v1: u32, v2: u32) -> NodeDataplane {
@@ -81,7 +87,11 @@ fn dataplane(v1: u32, v2: u32) -> NodeDataplane {
 /// Connects `count` times to VIP:8080 from a process moved into `cgroup_dir` before its first
 /// connect.
 fn connect_from(cgroup_dir: &Path, count: usize) -> Vec<String> {
-    python_in(cgroup_dir, CONNECT_LOOP_PY, &[VIP, "8080", &count.to_string()]).lines()
+    python_in(cgroup_dir, CONNECT_LOOP_PY, &[&relocate(VIP), "8080", &count.to_string()])
+        .lines()
+        .iter()
+        .map(|l| unrelocate(l))
+        .collect()
 }
 
 /// Sends `argv[3]` datagrams from one unconnected socket to `argv[1]:argv[2]`; prints
@@ -102,7 +112,8 @@ for i in range(int(sys.argv[3])):
 struct UdpEcho(std::sync::Arc<std::sync::atomic::AtomicBool>, Option<std::thread::JoinHandle<()>>);
 
 fn udp_echo(addr: &str) -> UdpEcho {
-    let socket = std::net::UdpSocket::bind(addr).unwrap();
+    let addr = relocate(addr);
+    let socket = std::net::UdpSocket::bind(&addr).unwrap();
     socket.set_read_timeout(Some(std::time::Duration::from_millis(50))).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (s, name) = (stop.clone(), addr.split(':').next().unwrap().to_string());
@@ -129,6 +140,7 @@ impl Drop for UdpEcho {
 #[test]
 fn connect_time_balancing_getpeername_and_modes() {
     assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let sandbox = Sandbox::new("test").unwrap();
     let root = sandbox.cgroup.clone();
     let pin_dir = sandbox.pin_dir.clone();
@@ -136,8 +148,8 @@ fn connect_time_balancing_getpeername_and_modes() {
     for c in [&client, &outside, &sidecar] {
         cgroup::create(c).unwrap();
     }
-    let _v1 = Backend::start("echo-v1", "127.0.9.1:8081".parse().unwrap());
-    let _v2 = Backend::start("echo-v2", "127.0.9.2:8081".parse().unwrap());
+    let _v1 = Backend::start("echo-v1", relocate("127.0.9.1:8081").parse().unwrap());
+    let _v2 = Backend::start("echo-v2", relocate("127.0.9.2:8081").parse().unwrap());
 
     let mut dp = Dataplane::attach(&sandbox.pin_dir, &root).unwrap();
     assert!(!dp.adopted);
@@ -168,7 +180,7 @@ fn connect_time_balancing_getpeername_and_modes() {
     let v1 = share(&lines, "echo-v1");
     eprintln!("kernel LB 80/20 over 1000 connects: v1 share {v1:.3}");
     assert!((0.75..=0.85).contains(&v1), "v1 share {v1}");
-    let dump = sluice_dataplane::dump::dump(&dp.maps).unwrap();
+    let dump = unrelocate(&sluice_dataplane::dump::dump(&dp.maps).unwrap());
     assert!(
         dump.contains("127.100.9.1:8080/TCP")
             && dump.contains("127.0.9.1:8081 weight 4/5")
@@ -207,17 +219,21 @@ fn connect_time_balancing_getpeername_and_modes() {
     let mut with_udp = dataplane(50, 50);
     with_udp.services.push(KernelService {
         name: "dns.default.svc.cluster.local:5353".into(),
-        vip: "127.100.9.2".into(),
+        vip: relocate("127.100.9.2"),
         port: 5353,
         protocol: "UDP".into(),
         backends: ["127.0.9.1", "127.0.9.2"]
             .iter()
-            .map(|a| WeightedBackend { address: a.to_string(), port: 5354, weight: 1 })
+            .map(|a| WeightedBackend { address: relocate(a), port: 5354, weight: 1 })
             .collect(),
         needs_l7: false,
     });
     sync.apply(&mut dp.maps, &with_udp, Instant::now()).unwrap();
-    let replies = python_in(&client, UDP_CLIENT, &["127.100.9.2", "5353", "10"]).lines();
+    let replies: Vec<String> = python_in(&client, UDP_CLIENT, &[&relocate("127.100.9.2"), "5353", "10"])
+        .lines()
+        .iter()
+        .map(|l| unrelocate(l))
+        .collect();
     assert_eq!(replies.len(), 10, "{replies:?}");
     assert!(replies.iter().all(|l| l.ends_with("127.100.9.2:5353")), "replies must come from the VIP: {replies:?}");
     let first = replies[0].split(' ').next().unwrap().to_string();
@@ -241,4 +257,123 @@ fn connect_time_balancing_getpeername_and_modes() {
     drop(sandbox);
     assert!(!pin_dir.exists(), "pins removed");
     assert!(!root.exists(), "cgroups removed");
+}
+
+fn kernel_workload() -> KernelWorkload {
+    KernelWorkload {
+        namespace: "default".into(),
+        name: "client".into(),
+        ip: None,
+        service_account: "default".into(),
+        mode: "kernel".into(),
+        ..Default::default()
+    }
+}
+
+/// What `sluice agent` does at start, against pins an earlier agent left: a link on a removed
+/// cgroup (the agent was moved) or of another build is replaced, never adopted, and connects go
+/// on while it is; only this build's links on this cgroup are adopted; pinned maps of another
+/// layout are refused with the pin dir and the map named.
+#[test]
+fn an_agent_adopts_only_links_of_this_build_on_its_own_cgroup() {
+    assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sandbox = Sandbox::new("adopt").unwrap();
+    let pin = sandbox.pin_dir.clone();
+    let (a, b) = (sandbox.cgroup.join("a"), sandbox.cgroup.join("b"));
+    let client = b.join("client");
+    for c in [&a, &b, &client] {
+        cgroup::create(c).unwrap();
+    }
+    let _v1 = Backend::start("echo-v1", relocate("127.0.9.1:8081").parse().unwrap());
+    let _v2 = Backend::start("echo-v2", relocate("127.0.9.2:8081").parse().unwrap());
+
+    // An agent attached to cgroup A, with the maps programmed, is killed (pins stay); A goes.
+    let mut dp = Dataplane::attach(&pin, &a).unwrap();
+    let mut sync = MapSync::adopt(&dp.maps).unwrap();
+    sync.apply(&mut dp.maps, &dataplane(50, 50), Instant::now()).unwrap();
+    drop(dp);
+    let a_id = cgroup::cgroup_id(&a).unwrap();
+    cgroup::remove(&a).unwrap();
+    // The links hold the removed cgroup (a zombie the kernel keeps for them): still "attached".
+    assert_eq!(pinned_target(&pin, "sluice_connect4").map(|t| t.cgroup_id), Some(a_id));
+    assert!(sluice_dataplane::dump::links(&pin).contains("no such cgroup"), "{}", sluice_dataplane::dump::links(&pin));
+
+    // The next agent is told to attach to B: every link is replaced, none adopted.
+    let mut dp = Dataplane::attach(&pin, &b).unwrap();
+    assert!(!dp.adopted, "links on a removed cgroup must not be adopted");
+    let b_id = cgroup::cgroup_id(&b).unwrap();
+    for (name, hook) in PROGRAMS {
+        assert_eq!(pinned_target(&pin, name), Some(LinkTarget { cgroup_id: b_id, attach_type: hook as u32 }), "{name}");
+    }
+    assert!(sluice_dataplane::dump::links(&pin).contains(&format!("sluice_ingress: cgroup {b_id} {}", b.display())));
+    // The maps were kept: a workload in B is balanced at once.
+    dp.maps.workloads.insert(cgroup::cgroup_id(&client).unwrap(), workload_value(&kernel_workload()), 0).unwrap();
+    let lines = connect_from(&client, 20);
+    assert!(lines.iter().all(|l| l.starts_with("echo-v")), "{lines:?}");
+
+    // Same build, same cgroup: adopted as it is.
+    drop(dp);
+    assert!(Dataplane::attach(&pin, &b).unwrap().adopted);
+
+    // Another build's programs: replaced while a client keeps connecting; no connect fails.
+    std::fs::remove_file(pin.join("build")).unwrap();
+    std::os::unix::fs::symlink("sluice-ebpf-0000000000000000", pin.join("build")).unwrap();
+    let running = python_in(&client, CONNECT_LOOP_PY, &[&relocate(VIP), "8080", "300", "2"]);
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let dp = Dataplane::attach(&pin, &b).unwrap();
+    assert!(!dp.adopted, "another build's links are replaced");
+    let lines = running.lines();
+    assert_eq!(lines.len(), 300);
+    let failed: Vec<_> = lines.iter().filter(|l| !l.starts_with("echo-v")).collect();
+    assert!(failed.is_empty(), "connects failed while the links were replaced: {failed:?}");
+    drop(dp);
+
+    // A pinned map of another layout (a stand-in pinned under the node-proxy map's name).
+    let slots = aya::maps::MapData::from_pin(pin.join(maps::SLOTS)).unwrap();
+    std::fs::remove_file(pin.join(maps::NODE_PROXY)).unwrap();
+    slots.pin(pin.join(maps::NODE_PROXY)).unwrap();
+    let err = Dataplane::attach(&pin, &b).err().expect("another layout is refused").to_string();
+    assert!(err.contains(maps::NODE_PROXY) && err.contains(&pin.display().to_string()), "{err}");
+
+    drop(sandbox);
+    assert!(!pin.exists(), "pins removed");
+}
+
+/// A start that fails (its metrics port is taken) pins nothing; the next start attaches, and
+/// `/ready` names the cgroup the programs run on.
+#[test]
+fn a_failed_start_leaves_nothing_to_adopt_and_ready_names_the_cgroup() {
+    assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
+    let sandbox = Sandbox::new("start").unwrap();
+    let socket = std::env::temp_dir().join(format!("sluice-start-{}.sock", std::process::id()));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = AgentConfig {
+        xds_addr: format!("http://127.0.0.1:{}", free_port()),
+        node: "node-1".into(),
+        cgroup: sandbox.cgroup.clone(),
+        pin_dir: sandbox.pin_dir.clone(),
+        metrics_addr: taken.local_addr().unwrap(),
+        socket: socket.clone(),
+        node_proxy: None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let err = runtime.block_on(sluice_dataplane::agent::run(config.clone())).unwrap_err().to_string();
+    assert!(err.contains("binding"), "{err}");
+    assert!(!sandbox.pin_dir.exists(), "a failed start pins nothing");
+
+    config.metrics_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics = config.metrics_addr.to_string();
+    let agent = runtime.spawn(sluice_dataplane::agent::run(config));
+    let ready = eventually(std::time::Duration::from_secs(20), || {
+        http_get(&metrics, "x", "/ready", &[]).ok().filter(|(code, _)| *code == 200)
+    });
+    agent.abort();
+    drop(runtime);
+    let _ = std::fs::remove_file(&socket);
+    let (_, body) = ready.expect("the agent became ready");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["cgroup"], sandbox.cgroup.display().to_string(), "{ready}");
+    assert_eq!(ready["cgroup_id"], cgroup::cgroup_id(&sandbox.cgroup).unwrap(), "{ready}");
+    assert_eq!(ready["adopted"], false, "{ready}");
 }
