@@ -15,30 +15,67 @@ fn is_config_file(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
-/// Every config file under `paths` (files are taken as given, directories walked), sorted.
-pub fn config_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<Diagnostic>) {
-    let mut files = Vec::new();
-    let mut diagnostics = Vec::new();
+/// What a walk of the config paths found.
+#[derive(Debug, Default)]
+pub struct Walk {
+    /// Every config file, sorted.
+    pub files: Vec<PathBuf>,
+    /// Why a root or a directory below it could not be read.
+    pub diagnostics: Vec<Diagnostic>,
+    /// The roots and directories that could not be read (missing, or no permission): what was
+    /// read from under them before stays served.
+    pub unreadable: Vec<PathBuf>,
+}
+
+impl Walk {
+    /// True when `file` lies in a part of the tree this walk could not read.
+    fn hides(&self, file: &Path) -> bool {
+        self.unreadable.iter().any(|d| file.starts_with(d))
+    }
+}
+
+/// True for entries the walk passes over: hidden ones, and so Kubernetes' ConfigMap volume
+/// layout (`..data` and `..<timestamp>` hold the files the top-level links point to), which
+/// would otherwise be read three times.
+fn hidden(entry: &walkdir::DirEntry) -> bool {
+    entry.depth() > 0 && entry.file_name().to_string_lossy().starts_with('.')
+}
+
+/// Every config file under `paths` (files are taken as given, directories walked).
+pub fn config_files(paths: &[PathBuf]) -> Walk {
+    let mut walk = Walk::default();
     for root in paths {
         if root.is_file() {
-            files.push(root.clone());
+            walk.files.push(root.clone());
             continue;
         }
         if !root.exists() {
-            diagnostics.push(io_error(root, "no such file or directory".into()));
+            walk.diagnostics.push(io_error(
+                root,
+                "no such file or directory: the objects read from it before stay served until it is back".into(),
+            ));
+            walk.unreadable.push(root.clone());
             continue;
         }
-        for entry in walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name() {
+        let entries = walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name().into_iter();
+        for entry in entries.filter_entry(|e| !hidden(e)) {
             match entry {
-                Ok(e) if e.file_type().is_file() && is_config_file(e.path()) => files.push(e.into_path()),
+                Ok(e) if e.file_type().is_file() && is_config_file(e.path()) => walk.files.push(e.into_path()),
                 Ok(_) => {}
-                Err(e) => diagnostics.push(io_error(root, e.to_string())),
+                Err(e) => {
+                    let at = e.path().map_or_else(|| root.clone(), Path::to_path_buf);
+                    walk.diagnostics.push(io_error(
+                        &at,
+                        format!("cannot read: {e}; the objects read from it before stay served until it is readable"),
+                    ));
+                    walk.unreadable.push(at);
+                }
             }
         }
     }
-    files.sort();
-    files.dedup();
-    (files, diagnostics)
+    walk.files.sort();
+    walk.files.dedup();
+    walk
 }
 
 fn io_error(path: &Path, message: String) -> Diagnostic {
@@ -54,7 +91,7 @@ fn io_error(path: &Path, message: String) -> Diagnostic {
 
 /// Reads and parses every config file under `paths`.
 pub fn load(paths: &[PathBuf]) -> (Vec<Loaded>, Vec<Diagnostic>) {
-    let (files, mut diagnostics) = config_files(paths);
+    let Walk { files, mut diagnostics, .. } = config_files(paths);
     let mut objects = Vec::new();
     for file in files {
         let (o, d) = read(&file);
@@ -87,7 +124,8 @@ fn stamp(path: &Path) -> Option<Stamp> {
 pub struct FileCache {
     /// Stamps of the files as last read (None: changed while being read, read again next time).
     files: HashMap<PathBuf, Option<Stamp>>,
-    /// Groups that carried only walk errors (a missing root), as last reported.
+    /// Groups that carried only walk errors (a missing root, an unreadable directory), as last
+    /// reported.
     errors: BTreeSet<String>,
     /// Every file has been reported once.
     reported: bool,
@@ -98,10 +136,10 @@ impl FileCache {
     /// or gone since the last call — and on the first call every file, and true (a complete
     /// read).
     pub fn reload(&mut self, paths: &[PathBuf]) -> (Vec<GroupRead>, bool) {
-        let (files, walk_errors) = config_files(paths);
+        let walk = config_files(paths);
         let mut reads: Vec<GroupRead> = Vec::new();
         let mut seen = HashMap::new();
-        for file in files {
+        for file in walk.files.iter().cloned() {
             let before = stamp(&file);
             if let Some(Some(known)) = self.files.remove(&file)
                 && before.as_ref() == Some(&known)
@@ -115,11 +153,17 @@ impl FileCache {
             reads.push((file.display().to_string(), Some((objects.into_iter().map(Arc::new).collect(), diagnostics))));
             seen.insert(file, unchanged);
         }
-        for gone in std::mem::replace(&mut self.files, seen).into_keys() {
-            reads.push((gone.display().to_string(), None));
+        for (gone, stamp) in std::mem::take(&mut self.files) {
+            // Not seen because its directory (or the root) cannot be read now: not a deletion.
+            if walk.hides(&gone) {
+                seen.insert(gone, stamp);
+            } else {
+                reads.push((gone.display().to_string(), None));
+            }
         }
+        self.files = seen;
         let mut errors: BTreeMap<String, Vec<Diagnostic>> = BTreeMap::new();
-        for d in walk_errors {
+        for d in walk.diagnostics {
             errors.entry(d.origin.clone()).or_default().push(d);
         }
         for gone in self.errors.iter().filter(|g| !errors.contains_key(*g)) {
@@ -171,5 +215,62 @@ mod tests {
         std::fs::create_dir(&missing).unwrap();
         let (reads, _) = cache.reload(&[root.clone(), missing]);
         assert_eq!(summary(&reads, &root), [("/later".into(), None)]);
+    }
+
+    #[test]
+    fn a_missing_root_or_unreadable_directory_keeps_what_was_read_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cfg");
+        std::fs::create_dir_all(root.join("policies")).unwrap();
+        std::fs::write(root.join("a.yaml"), DR.replace("NAME", "a")).unwrap();
+        std::fs::write(root.join("policies/p.yaml"), DR.replace("NAME", "p")).unwrap();
+        let mut cache = FileCache::default();
+        let (reads, _) = cache.reload(std::slice::from_ref(&root));
+        assert_eq!(reads.len(), 2);
+
+        // The root goes (rm -rf, or the first half of a swap): nothing is reported gone, only why.
+        std::fs::rename(&root, dir.path().join("old")).unwrap();
+        let (reads, _) = cache.reload(std::slice::from_ref(&root));
+        assert_eq!(summary(&reads, &root), [("".to_string(), Some(0))], "only the error group: {reads:?}");
+        assert!(reads[0].1.as_ref().unwrap().1[0].message.contains("stay served"));
+        // It comes back (a new directory, as an atomic swap by rename leaves it): read again,
+        // the error withdrawn.
+        std::fs::rename(dir.path().join("old"), &root).unwrap();
+        std::fs::remove_file(root.join("a.yaml")).unwrap();
+        let (reads, _) = cache.reload(std::slice::from_ref(&root));
+        let mut got = summary(&reads, &root);
+        got.sort();
+        assert_eq!(got, [("".to_string(), None), ("/a.yaml".to_string(), None)], "a file gone meanwhile goes now");
+
+        // A directory that cannot be read (here a dangling link in its place; a directory with
+        // no read permission fails the same way): its files are kept, the walk says why.
+        std::fs::rename(root.join("policies"), dir.path().join("policies")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), root.join("policies")).unwrap();
+        let (reads, _) = cache.reload(std::slice::from_ref(&root));
+        assert_eq!(summary(&reads, &root), [("/policies".to_string(), Some(0))], "{reads:?}");
+        // Readable again: the error goes, the file was never gone.
+        std::fs::remove_file(root.join("policies")).unwrap();
+        std::fs::rename(dir.path().join("policies"), root.join("policies")).unwrap();
+        let (reads, _) = cache.reload(std::slice::from_ref(&root));
+        assert_eq!(summary(&reads, &root), [("/policies".to_string(), None)], "{reads:?}");
+        // A directory deleted on purpose is a deletion of its files.
+        std::fs::remove_dir_all(root.join("policies")).unwrap();
+        let (reads, _) = cache.reload(std::slice::from_ref(&root));
+        assert_eq!(summary(&reads, &root), [("/policies/p.yaml".to_string(), None)]);
+    }
+
+    #[test]
+    fn a_configmap_volume_is_read_once() {
+        // Kubernetes' layout: the files live in `..<timestamp>/`, `..data` links to it, and
+        // each top-level name links to `..data/<name>`.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("..2024_01_01_00_00_00.1")).unwrap();
+        std::fs::write(root.join("..2024_01_01_00_00_00.1/dr.yaml"), DR.replace("NAME", "a")).unwrap();
+        std::os::unix::fs::symlink("..2024_01_01_00_00_00.1", root.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/dr.yaml", root.join("dr.yaml")).unwrap();
+        let (objects, diagnostics) = load(&[root.to_path_buf()]);
+        assert_eq!(objects.len(), 1, "{diagnostics:?}");
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
     }
 }

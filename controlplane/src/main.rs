@@ -78,6 +78,9 @@ enum Command {
         /// Quiet time after a file change before reloading, in milliseconds.
         #[arg(long, default_value_t = 100)]
         debounce_ms: u64,
+        /// The longest a reload waits while changes keep coming, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        max_debounce_ms: u64,
         /// Split Delta xDS responses (Envoy's and the node agents') into parts of about this many
         /// bytes, so a large initial sync holds a part per stream in memory, not the whole config
         /// (0: never).
@@ -231,6 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             monitoring_addr,
             state_dir,
             debounce_ms,
+            max_debounce_ms,
             delta_chunk_bytes,
         } => {
             let xds_tls = match (xds_tls_addr, tls_cert, tls_key) {
@@ -265,6 +269,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 monitoring_addr,
                 state_dir,
                 debounce: std::time::Duration::from_millis(debounce_ms),
+                max_debounce: std::time::Duration::from_millis(max_debounce_ms.max(debounce_ms)),
                 delta_chunk_bytes,
             };
             runtime.block_on(sluice_controlplane::serve::serve(options, shutdown_signal()))?;

@@ -77,8 +77,65 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     /// Quiet time after a file change before reloading.
     pub debounce: Duration,
+    /// The longest a reload waits under continuous changes (Istio caps its debounce too).
+    pub max_debounce: Duration,
     /// Delta responses are split at about this many bytes (0: never).
     pub delta_chunk_bytes: usize,
+}
+
+/// How often the config roots are checked for having been deleted, recreated or replaced.
+const ROOT_RECHECK: Duration = Duration::from_secs(1);
+
+/// The notify watches on the config roots. Each root is watched (recursively, if a directory)
+/// together with its parent, so that its own deletion, creation and rename are seen; an inotify
+/// watch follows the directory it was made on, so a root whose identity changed (recreated, or
+/// replaced by a rename) is watched again.
+struct RootWatches {
+    watcher: notify::RecommendedWatcher,
+    /// Each root and the identity (device, inode) it is watched at; None: not watched.
+    roots: Vec<(PathBuf, Option<(u64, u64)>)>,
+    /// Parents watched.
+    parents: std::collections::BTreeSet<PathBuf>,
+}
+
+impl RootWatches {
+    fn new(watcher: notify::RecommendedWatcher, roots: &[PathBuf]) -> Self {
+        Self { watcher, roots: roots.iter().map(|r| (r.clone(), None)).collect(), parents: Default::default() }
+    }
+
+    /// Watches what is not watched as it is now. True when a root changed identity (a reload
+    /// is due).
+    fn refresh(&mut self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let mut changed = false;
+        for (root, watched) in &mut self.roots {
+            if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty())
+                && !self.parents.contains(parent)
+                && self.watcher.watch(parent, RecursiveMode::NonRecursive).is_ok()
+            {
+                self.parents.insert(parent.to_path_buf());
+            }
+            let now = std::fs::metadata(&*root).ok().map(|m| (m.dev(), m.ino()));
+            if now == *watched {
+                continue;
+            }
+            changed = true;
+            if watched.is_some() {
+                let _ = self.watcher.unwatch(root);
+            }
+            *watched = None;
+            if let Some(identity) = now {
+                let mode = if root.is_dir() { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
+                match self.watcher.watch(root, mode) {
+                    Ok(()) => *watched = Some(identity),
+                    Err(e) => tracing::warn!(path = %root.display(), error = %e, "cannot watch; checking again"),
+                }
+            } else {
+                tracing::warn!(path = %root.display(), "config root missing; serving what was read from it");
+            }
+        }
+        changed
+    }
 }
 
 struct Pipeline {
@@ -260,46 +317,67 @@ pub async fn serve(
         }
     }
     let state_dir = options.state_dir.clone().map(|d| d.canonicalize().unwrap_or(d));
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    let roots = options.config.clone();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
         let relevant = matches!(event.kind, EventKind::Create(_) | EventKind::Remove(_))
             || matches!(event.kind, EventKind::Modify(k) if !matches!(k, notify::event::ModifyKind::Metadata(_)));
         let in_state = state_dir.as_ref().is_some_and(|s| event.paths.iter().all(|p| p.starts_with(s)));
-        if relevant && !in_state {
+        // The roots' parents are watched too (for the roots' own deletion and creation): their
+        // other entries are not config.
+        let in_config = event.paths.iter().any(|p| roots.iter().any(|r| p.starts_with(r)));
+        if relevant && !in_state && in_config {
             let _ = events_tx.send(Instant::now());
         }
     })
     .context("starting the file watcher")?;
-    for path in &options.config {
-        let (target, mode) = if path.is_dir() {
-            (path.clone(), RecursiveMode::Recursive)
-        } else {
-            (path.parent().map(PathBuf::from).unwrap_or_else(|| ".".into()), RecursiveMode::NonRecursive)
-        };
-        watcher.watch(&target, mode).with_context(|| format!("watching {}", target.display()))?;
-    }
+    let watches = Arc::new(Mutex::new(RootWatches::new(watcher, &options.config)));
+    watches.lock().expect("watches lock").refresh();
     {
         let p = pipeline.clone();
         tokio::task::spawn_blocking(move || p.reload(Instant::now())).await??;
     }
 
-    let debounce = options.debounce;
+    let (debounce, max_debounce) = (options.debounce, options.max_debounce);
     let reloader = {
         let p = pipeline.clone();
         let mut stop = stop_rx.clone();
+        let watches = watches.clone();
         tokio::spawn(async move {
+            // A root deleted, recreated or swapped in by a rename is watched again within a
+            // tick (its inotify watch died with the directory it was made on).
+            let mut tick = tokio::time::interval(ROOT_RECHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let seen = tokio::select! {
                     e = events.recv() => match e { Some(t) => t, None => break },
+                    _ = tick.tick() => {
+                        if !watches.lock().expect("watches lock").refresh() {
+                            continue;
+                        }
+                        Instant::now()
+                    }
                     _ = stop.wait_for(|s| *s) => break,
                 };
-                // Coalesce a burst of changes into one reload. Without a debounce, only what is
-                // already queued: a zero timeout still waits for the timer's next millisecond.
+                // Coalesce a burst of changes into one reload, waiting at most `max_debounce`.
+                // Without a debounce, only what is already queued: a zero timeout still waits
+                // for the timer's next millisecond.
                 if debounce.is_zero() {
                     while events.try_recv().is_ok() {}
                 } else {
-                    while let Ok(Some(_)) = tokio::time::timeout(debounce, events.recv()).await {}
+                    let started = tokio::time::Instant::now();
+                    loop {
+                        let left = max_debounce.saturating_sub(started.elapsed());
+                        if left.is_zero() {
+                            break;
+                        }
+                        match tokio::time::timeout(debounce.min(left), events.recv()).await {
+                            Ok(Some(_)) => continue,
+                            _ => break,
+                        }
+                    }
                 }
+                watches.lock().expect("watches lock").refresh();
                 let p = p.clone();
                 match tokio::task::spawn_blocking(move || p.reload(seen)).await {
                     Ok(Ok(())) => {}
@@ -315,7 +393,7 @@ pub async fn serve(
     for task in &kube_tasks {
         task.abort();
     }
-    drop(watcher);
+    drop(watches);
     let _ = stop_tx.send(true);
     let _ = reloader.await;
     xds_task.await?.context("xDS server")?;

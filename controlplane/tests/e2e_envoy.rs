@@ -267,3 +267,29 @@ fn bookinfo_delta_routing() {
     let syncz: serde_json::Value = serde_json::from_str(&mesh.monitoring("/debug/syncz")).unwrap();
     assert_eq!(syncz["proxies"][0]["protocol"], "delta");
 }
+
+/// The served directory deleted (`rm -rf`) and recreated under a running Envoy: the DENY rule
+/// never disappears while it is gone, and an edit in the recreated directory reaches Envoy.
+#[test]
+fn a_deleted_config_directory_keeps_the_deny_rule_and_its_return_is_seen() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mesh = Mesh::start(false, "deny-admin");
+    let admin = || http_get(&inbound(), "productpage:9080", "/admin", &[]).map(|(s, _)| s).unwrap_or(0);
+    assert_eq!(eventually(Duration::from_secs(10), || (admin() == 403).then_some(())), Some(()), "{}", mesh.logs());
+    let cfg = mesh.dir.path().join("cfg");
+    std::fs::remove_dir_all(&cfg).unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(admin(), 403, "the DENY rule must hold while the directory is gone\n{}", mesh.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    copy_dir(&common::root().join("examples/bookinfo"), &cfg);
+    std::fs::write(cfg.join("variant.yaml"), variant_text("deny-admin")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(admin(), 403);
+    mesh.set_variant("jason-v2");
+    let routed =
+        eventually(Duration::from_secs(10), || (mesh.reviews(&[("end-user", "jason")]) == "reviews-v2").then_some(()));
+    assert!(routed.is_some(), "an edit in the recreated directory never reached Envoy\n{}", mesh.logs());
+    assert_eq!(admin(), 200, "jason-v2 has no DENY rule");
+}

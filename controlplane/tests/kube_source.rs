@@ -42,6 +42,7 @@ impl Running {
             monitoring_addr: monitoring.parse().unwrap(),
             state_dir: state_dir.map(Path::to_path_buf),
             debounce: Duration::from_millis(20),
+            max_debounce: Duration::from_secs(1),
             delta_chunk_bytes: sluice_xds::server::DELTA_CHUNK_BYTES,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -103,6 +103,7 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
         monitoring_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         state_dir: None,
         debounce: Duration::from_millis(20),
+        max_debounce: Duration::from_secs(1),
         delta_chunk_bytes: sluice_xds::server::DELTA_CHUNK_BYTES,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
