@@ -235,7 +235,10 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = ConfigStore::open(options.state_dir.as_deref())?;
+    let (store, recovered) = ConfigStore::open_recovering(options.state_dir.as_deref())?;
+    if let Some(said) = recovered {
+        tracing::warn!("{said}");
+    }
     let from_state = !store.is_empty();
     let generator = Arc::new(MeshGenerator::new(Current { version: store.version(), snapshot: store.snapshot() }));
     let metrics = Arc::new(Metrics::new());

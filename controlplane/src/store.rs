@@ -25,6 +25,14 @@ pub enum StoreError {
         /// The cause.
         source: sled::Error,
     },
+    /// A corrupt state directory could not be moved aside.
+    #[error("state directory {path} is corrupt and could not be moved aside: {source}")]
+    Aside {
+        /// The state directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// Which source a group comes from: a complete reload of one source drops its groups that
@@ -109,6 +117,29 @@ impl ConfigStore {
         store.snapshot.apply(changes);
         store.db = Some((db, path));
         Ok(store)
+    }
+
+    /// As [`ConfigStore::open`], but a state directory that cannot be read (corrupt, or of a
+    /// layout this sluice cannot open) is moved aside to `<dir>.corrupt-<unix seconds>` and a
+    /// fresh one started: sluice then serves from its sources. Returns what was done, to be said.
+    pub fn open_recovering(state_dir: Option<&Path>) -> Result<(Self, Option<String>), StoreError> {
+        let Some(dir) = state_dir else { return Ok((Self::open(None)?, None)) };
+        let error = match Self::open(Some(dir)) {
+            Ok(store) => return Ok((store, None)),
+            Err(e) => e,
+        };
+        let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut aside = dir.as_os_str().to_owned();
+        aside.push(format!(".corrupt-{seconds}"));
+        let aside = std::path::PathBuf::from(aside);
+        std::fs::rename(dir, &aside).map_err(|source| StoreError::Aside { path: dir.display().to_string(), source })?;
+        let store = Self::open(Some(dir))?;
+        let said = format!(
+            "the state directory could not be read ({error}); it was moved aside to {} and sluice starts from its \
+             sources (the last good objects of rejected ones are not known)",
+            aside.display()
+        );
+        Ok((store, Some(said)))
     }
 
     /// Config version: bumped on every change of the accepted objects, persisted.
@@ -339,5 +370,31 @@ mod tests {
         assert!(delta.rebuild);
         assert_eq!(host(&s).as_deref(), Some("b"), "the other definition takes over");
         assert!(s.apply(read("a.yaml", ""), &[]).unwrap().is_none(), "an empty new file changes nothing");
+    }
+
+    #[test]
+    fn a_corrupt_state_directory_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut s = ConfigStore::open(Some(&state)).unwrap();
+        s.apply(read("f.yaml", GOOD), &[Source::Files]).unwrap();
+        drop(s);
+        for entry in std::fs::read_dir(&state).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::write(&path, b"\xde\xad\xbe\xef not sled").unwrap();
+            }
+        }
+        assert!(ConfigStore::open(Some(&state)).is_err(), "the corruption is real");
+        let (s, said) = ConfigStore::open_recovering(Some(&state)).unwrap();
+        assert!(s.is_empty() && s.version() == 0, "a fresh store");
+        let said = said.expect("the recovery is said");
+        assert!(said.contains("moved aside"), "{said}");
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("state.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the old directory is kept for a look: {aside:?}");
     }
 }
