@@ -37,6 +37,10 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, String> {
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
+        // As Istio's bootstrap: regexes up to this RE2 program size (Envoy's default is 100);
+        // sluice's validation holds every regex to the same limit.
+        "layered_runtime": {"layers": [{"name": "sluice", "static_layer": {
+            "re2.max_program_size.error_level": sluice_translator::model::common::RE2_MAX_PROGRAM_SIZE}}]},
         "static_resources": {"clusters": [{
             "name": XDS_CLUSTER, "type": cluster_type, "connect_timeout": "1s",
             "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]},

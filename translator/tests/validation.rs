@@ -498,3 +498,53 @@ fn unknown_kinds_are_skipped_with_a_warning_and_lists_are_read() {
     let (n, _) = diagnostics("---\n# only a comment\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n");
     assert_eq!(n, 1, "empty documents are skipped");
 }
+
+/// What passes validation must also encode and be accepted by Envoy: numbers within the range of
+/// the field they become, Envoy's own bounds, and regexes within the RE2 program size the
+/// bootstrap allows. Each of these once passed validation and froze every proxy.
+#[test]
+fn values_fit_the_fields_they_become() {
+    let max = i64::MAX;
+    rejected(
+        &vs(&format!(
+            "  - route:\n    - {{destination: {{host: a, subset: v1}}, weight: {max}}}\n    - {{destination: {{host: a, subset: v2}}, weight: {max}}}\n    - {{destination: {{host: a, subset: v3}}, weight: 102}}\n"
+        )),
+        "spec.http[0].route[0].weight",
+        "out of range",
+    );
+    rejected(
+        &vs("  - route: [{destination: {host: a}}]\n    timeout: 99999999999999999s\n"),
+        "spec.http[0].timeout",
+        "protobuf durations end at 315576000000s",
+    );
+    let ok = vs("  - route: [{destination: {host: a}}]\n    timeout: 315576000000s\n");
+    assert_eq!(diagnostics(&ok).0, 1, "the largest protobuf duration is valid");
+    rejected(
+        &dr(
+            "  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x, minimumRingSize: 18446744073709551615}\n",
+        ),
+        "spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize",
+        "8388608",
+    );
+    rejected(
+        &dr(
+            "  trafficPolicy:\n    loadBalancer:\n      consistentHash: {useSourceIp: true, ringHash: {minimumRingSize: 8388609}}\n",
+        ),
+        "spec.trafficPolicy.loadBalancer.consistentHash.ringHash.minimumRingSize",
+        "8388608",
+    );
+    rejected(
+        &dr(
+            "  trafficPolicy:\n    loadBalancer:\n      consistentHash: {useSourceIp: true, maglev: {tableSize: 5000011}}\n",
+        ),
+        "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+        "5000011",
+    );
+    // [a-z]{200} is 204 RE2 instructions: over Envoy's default of 100, within the 32768 the
+    // bootstrap sets; [a-z]{40000} is over both.
+    let regex =
+        |r: &str| vs(&format!("  - match: [{{uri: {{regex: \"{r}\"}}}}]\n    route: [{{destination: {{host: a}}}}]\n"));
+    assert_eq!(diagnostics(&regex("[a-z]{200}")).0, 1);
+    rejected(&regex("[a-z]{40000}"), "spec.http[0].match[0].uri.regex", "RE2 instructions");
+    assert_eq!(sluice_translator::model::common::re2_program_size("[a-z]{200}"), 204, "Envoy reports 204");
+}

@@ -8,6 +8,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::diagnostic::Findings;
 
+/// The largest `google.protobuf.Duration` (its `seconds` field's documented range).
+pub const MAX_PROTO_DURATION_SECS: u64 = 315_576_000_000;
+
 /// A duration as Istio accepts it in YAML: Go-style (`1h`, `1m30s`, `250ms`, `1.5s`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Duration(pub StdDuration);
@@ -46,6 +49,11 @@ impl Duration {
             };
             rest = &rest[unit_len..];
             total += value * scale;
+        }
+        if total > MAX_PROTO_DURATION_SECS as f64 {
+            return Err(format!(
+                "duration {text:?} is out of range: protobuf durations end at {MAX_PROTO_DURATION_SECS}s (10000 years)"
+            ));
         }
         StdDuration::try_from_secs_f64(total).map(Self).map_err(|e| format!("duration {text:?} is out of range: {e}"))
     }
@@ -153,7 +161,66 @@ pub fn validate_regex(path: &str, regex: &str, findings: &mut Findings) {
     if let Err(e) = regex::Regex::new(regex) {
         let reason = e.to_string().lines().last().unwrap_or_default().to_string();
         findings.error(path, format!("regex {regex:?} does not compile under RE2 rules: {reason}"));
+        return;
     }
+    let size = re2_program_size(regex);
+    if size > RE2_MAX_PROGRAM_SIZE {
+        findings.error(
+            path,
+            format!(
+                "regex {regex:?} compiles to about {size} RE2 instructions, more than the {RE2_MAX_PROGRAM_SIZE} \
+                 Envoy allows (runtime re2.max_program_size.error_level, as Istio sets it)"
+            ),
+        );
+    }
+}
+
+/// The RE2 program size Envoy accepts: `sluice bootstrap` sets Envoy's runtime key
+/// `re2.max_program_size.error_level` to this, as Istio's bootstrap does (Envoy's own default is
+/// 100, which `[a-z]{200}` already exceeds).
+pub const RE2_MAX_PROGRAM_SIZE: u64 = 32_768;
+
+/// An upper estimate of the size of the RE2 program `regex` compiles to (RE2 counts
+/// instructions: one per byte range of a literal or class, a split per alternative and per
+/// optional repetition, two per capture; bounded repetitions are unrolled). Classes are costed
+/// as their UTF-8 byte sequences, which RE2 shares in part: the estimate errs on the large side.
+pub fn re2_program_size(regex: &str) -> u64 {
+    use regex_syntax::hir::{Class, Hir, HirKind};
+    fn cost(h: &Hir) -> u64 {
+        match h.kind() {
+            HirKind::Empty => 1,
+            HirKind::Literal(l) => l.0.len() as u64,
+            HirKind::Class(Class::Bytes(c)) => c.ranges().len() as u64,
+            HirKind::Class(Class::Unicode(c)) => {
+                let mut n = 0u64;
+                let mut sequences = 0u64;
+                for r in c.ranges() {
+                    for seq in regex_syntax::utf8::Utf8Sequences::new(r.start(), r.end()) {
+                        n += seq.as_slice().len() as u64;
+                        sequences += 1;
+                    }
+                }
+                n + sequences.saturating_sub(1)
+            }
+            HirKind::Look(_) => 1,
+            HirKind::Repetition(r) => {
+                let sub = cost(&r.sub);
+                let min = u64::from(r.min);
+                let optional = match r.max {
+                    Some(max) => u64::from(max) - min,
+                    None => 1,
+                };
+                sub.saturating_mul(min).saturating_add((sub + 1).saturating_mul(optional))
+            }
+            HirKind::Capture(c) => cost(&c.sub) + 2,
+            HirKind::Concat(parts) => parts.iter().map(cost).fold(0, u64::saturating_add),
+            HirKind::Alternation(parts) => {
+                parts.iter().map(cost).fold(0, u64::saturating_add).saturating_add(parts.len() as u64 - 1)
+            }
+        }
+    }
+    // RE2 adds its start, match and fail instructions around the pattern.
+    regex_syntax::parse(regex).map_or(u64::MAX, |hir| cost(&hir).saturating_add(4))
 }
 
 /// A label selector by exact labels (Istio's `WorkloadSelector`, field `labels`).

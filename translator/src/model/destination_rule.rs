@@ -293,6 +293,12 @@ pub struct OutlierDetection {
 }
 
 /// Istio's DestinationRule validation rules.
+/// Envoy's largest ring for ring hash (`RingHashLbConfig.minimum_ring_size` lte).
+pub const MAX_RING_SIZE: u64 = 8_388_608;
+/// Envoy's bound on the Maglev table size (`MaglevLbConfig.table_size` lt).
+pub const MAGLEV_TABLE_LIMIT: u64 = 5_000_011;
+
+/// Checks a DestinationRule.
 pub fn validate(spec: &DestinationRuleSpec, findings: &mut Findings) {
     if spec.host.is_empty() {
         findings.error("spec.host", "host is required");
@@ -387,6 +393,27 @@ fn validate_settings(
             }
             if ch.ring_hash.is_some() && ch.maglev.is_some() {
                 findings.error(&cp, "only one of ringHash or maglev may be set");
+            }
+            // Envoy's bounds (RingHashLbConfig.minimum_ring_size, MaglevLbConfig.table_size):
+            // past them Envoy refuses the whole cluster update.
+            let ring = [
+                ("ringHash.minimumRingSize", ch.ring_hash.as_ref().and_then(|r| r.minimum_ring_size)),
+                ("minimumRingSize", ch.minimum_ring_size),
+            ];
+            for (field, size) in ring {
+                if let Some(size) = size
+                    && size > MAX_RING_SIZE
+                {
+                    findings.error(format!("{cp}.{field}"), format!("{size} is more than Envoy's {MAX_RING_SIZE}"));
+                }
+            }
+            if let Some(size) = ch.maglev.as_ref().and_then(|m| m.table_size)
+                && size >= MAGLEV_TABLE_LIMIT
+            {
+                findings.error(
+                    format!("{cp}.maglev.tableSize"),
+                    format!("{size} must be below Envoy's limit of {MAGLEV_TABLE_LIMIT}"),
+                );
             }
         }
     }

@@ -413,8 +413,11 @@ fn validate_weights<'a>(
         if let Some(w) = weight {
             if *w < 0 {
                 findings.error(format!("{path}[{i}].weight"), format!("weight {w} must not be negative"));
+            } else if *w > i64::from(i32::MAX) {
+                // Istio's field is an int32; a sum that wraps must never pass as 100.
+                findings.error(format!("{path}[{i}].weight"), format!("weight {w} is out of range (int32)"));
             }
-            sum += w;
+            sum = sum.saturating_add(*w);
         }
     }
     if items.len() > 1 && sum != 100 {
