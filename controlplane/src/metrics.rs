@@ -40,6 +40,8 @@ pub struct Metrics {
     convergence: Histogram,
     config_version: Gauge,
     rejected_objects: Gauge,
+    generation_failures: Counter,
+    stale_proxies: Gauge,
     /// When each config version was first seen (file event time).
     version_times: Mutex<BTreeMap<u64, Instant>>,
     /// When each proxy connected: a version older than its stream is not a push it converged on.
@@ -88,9 +90,23 @@ impl Metrics {
             "Objects rejected by validation in the last load",
             rejected_objects.clone(),
         );
+        let generation_failures = Counter::default();
+        registry.register(
+            "sluice_xds_generation_failures",
+            "Times the config could not be made into a proxy's snapshot (the proxy kept a stale one)",
+            generation_failures.clone(),
+        );
+        let stale_proxies = Gauge::default();
+        registry.register(
+            "sluice_xds_stale_proxies",
+            "Proxies whose latest snapshot could not be generated: they are served a stale config",
+            stale_proxies.clone(),
+        );
         Self {
             registry,
             connected,
+            generation_failures,
+            stale_proxies,
             pushes,
             push_time,
             rejects,
@@ -141,6 +157,14 @@ impl Observer for Metrics {
         let label = TypeLabel { r#type: short(type_url) };
         self.pushes.get_or_create(&label).inc();
         self.push_time.get_or_create(&label).observe(elapsed.as_secs_f64());
+    }
+
+    fn generate_failed(&self, _node: &str, _error: &str) {
+        self.generation_failures.inc();
+    }
+
+    fn stale(&self, streams: usize) {
+        self.stale_proxies.set(i64::try_from(streams).unwrap_or(i64::MAX));
     }
 
     fn nacked(&self, _node: &str, type_url: &str, _message: &str) {

@@ -1,4 +1,5 @@
-//! The monitoring port (istiod's 15014): `/ready`, `/metrics`, `/debug/syncz`, `/debug/configz`.
+//! The monitoring port (istiod's 15014): `/ready`, `/healthz` (is every proxy's config current),
+//! `/metrics`, `/debug/syncz`, `/debug/configz`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ pub struct Monitor {
 pub fn router(monitor: Arc<Monitor>) -> Router {
     Router::new()
         .route("/ready", get(ready))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/debug/syncz", get(syncz))
         .route("/debug/configz", get(configz))
@@ -42,6 +44,26 @@ async fn ready(State(m): State<Arc<Monitor>>) -> Response {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "no config loaded yet\n").into_response()
+    }
+}
+
+/// 200 while every connected proxy holds the latest config; 503 with the proxies whose latest
+/// snapshot could not be generated (they are served a stale config) and why. `/ready` stays 200
+/// then: the proxies can still connect and get their last good config.
+async fn healthz(State(m): State<Arc<Monitor>>) -> Response {
+    let stale: Vec<_> = m
+        .xds
+        .statuses()
+        .into_iter()
+        .filter_map(|s| {
+            s.generate_error
+                .map(|e| serde_json::json!({"node_id": s.node_id, "snapshot_version": s.snapshot_version, "error": e}))
+        })
+        .collect();
+    if stale.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"stale": stale}))).into_response()
     }
 }
 

@@ -210,7 +210,7 @@ fn destination_rule_rules() {
     rejected(
         &dr("  trafficPolicy: {connectionPool: {tcp: {maxConnections: -1}}}"),
         "spec.trafficPolicy.connectionPool.tcp.maxConnections",
-        "between 0 and",
+        "must not be negative",
     );
     rejected(
         &dr("  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: SOMETIMES}}}"),
@@ -225,7 +225,7 @@ fn destination_rule_rules() {
     rejected(
         &dr("  trafficPolicy: {outlierDetection: {consecutive5xxErrors: -2}}"),
         "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
-        "negative",
+        "invalid value: integer `-2`, expected u32",
     );
     rejected(
         &dr("  trafficPolicy: {portLevelSettings: [{port: {number: 80}}, {port: {number: 80}}]}"),
@@ -510,7 +510,17 @@ fn values_fit_the_fields_they_become() {
             "  - route:\n    - {{destination: {{host: a, subset: v1}}, weight: {max}}}\n    - {{destination: {{host: a, subset: v2}}, weight: {max}}}\n    - {{destination: {{host: a, subset: v3}}, weight: 102}}\n"
         )),
         "spec.http[0].route[0].weight",
-        "out of range",
+        "expected i32",
+    );
+    rejected(
+        &dr("  trafficPolicy: {outlierDetection: {consecutive5xxErrors: 99999999999}}"),
+        "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
+        "expected u32",
+    );
+    rejected(
+        &dr("  trafficPolicy: {connectionPool: {http: {maxRetries: 4294967296}}}"),
+        "spec.trafficPolicy.connectionPool.http.maxRetries",
+        "expected i32",
     );
     rejected(
         &vs("  - route: [{destination: {host: a}}]\n    timeout: 99999999999999999s\n"),

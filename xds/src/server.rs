@@ -76,6 +76,10 @@ pub trait Observer: Send + Sync + 'static {
     fn nacked(&self, _node: &str, _type_url: &str, _message: &str) {}
     /// The stream acknowledged everything of snapshot `version`.
     fn synced(&self, _node: &str, _version: u64) {}
+    /// The latest config could not be made into `node`'s snapshot: it keeps its current one.
+    fn generate_failed(&self, _node: &str, _error: &str) {}
+    /// Number of streams whose latest regeneration failed, after each refresh.
+    fn stale(&self, _streams: usize) {}
 }
 
 /// An observer that does nothing.
@@ -134,6 +138,7 @@ impl Shared {
             protocol: protocol.to_string(),
             snapshot_version: snapshot.version,
             types: Default::default(),
+            generate_error: None,
         }));
         let (tx, rx) = watch::channel(Arc::new(snapshot));
         self.observer.connected(&node);
@@ -177,18 +182,23 @@ impl XdsServer {
     /// Regenerates every connected proxy's snapshot; streams push only the types that changed.
     /// Returns the number of proxies whose snapshot changed.
     pub fn refresh(&self) -> usize {
-        let targets: Vec<(NodeInfo, watch::Sender<Arc<Snapshot>>)> = self
+        type Target = (NodeInfo, watch::Sender<Arc<Snapshot>>, Arc<Mutex<ProxyStatus>>);
+        let targets: Vec<Target> = self
             .shared
             .streams
             .lock()
             .expect("streams lock")
             .values()
-            .map(|e| (e.node.clone(), e.snapshot.clone()))
+            .map(|e| (e.node.clone(), e.snapshot.clone(), e.status.clone()))
             .collect();
         let mut changed = 0;
-        for (node, tx) in targets {
+        let mut stale = 0;
+        for (node, tx, status) in targets {
             let current = tx.borrow().clone();
-            match self.shared.generator.generate(&node, Some(&current)) {
+            let generated = self.shared.generator.generate(&node, Some(&current));
+            let error = generated.as_ref().err().cloned();
+            status.lock().expect("status").generate_error.clone_from(&error);
+            match generated {
                 Ok(next) => {
                     let differs = next
                         .types
@@ -201,10 +211,13 @@ impl XdsServer {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(node = %node.id, error = %e, "cannot regenerate snapshot; the proxy keeps its current config")
+                    stale += 1;
+                    self.shared.observer.generate_failed(&node.id, &e);
+                    tracing::error!(node = %node.id, error = %e, "cannot regenerate snapshot; the proxy keeps its current config, which is now stale")
                 }
             }
         }
+        self.shared.observer.stale(stale);
         changed
     }
 

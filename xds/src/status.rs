@@ -40,6 +40,10 @@ pub struct ProxyStatus {
     pub snapshot_version: u64,
     /// By type URL.
     pub types: BTreeMap<String, TypeStatus>,
+    /// Why the latest config could not be made into this proxy's snapshot: the proxy keeps
+    /// `snapshot_version`, which is stale. None while it is current.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generate_error: Option<String>,
 }
 
 impl ProxyStatus {

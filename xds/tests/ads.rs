@@ -64,10 +64,16 @@ fn endpoints(name: &str, port: u32) -> Json {
 }
 
 #[derive(Default)]
-struct Synced(Mutex<Vec<(String, u64)>>);
+struct Synced(Mutex<Vec<(String, u64)>>, Mutex<Vec<String>>, std::sync::atomic::AtomicUsize);
 impl Observer for Synced {
     fn synced(&self, node: &str, version: u64) {
         self.0.lock().unwrap().push((node.to_string(), version));
+    }
+    fn generate_failed(&self, node: &str, error: &str) {
+        self.1.lock().unwrap().push(format!("{node}: {error}"));
+    }
+    fn stale(&self, streams: usize) {
+        self.2.store(streams, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -508,4 +514,35 @@ async fn real_envoy_nack_keeps_last_good_config() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the good snapshot was not ACKed: {:?}", h.server.statuses());
+}
+
+/// A config that cannot be made into a proxy's snapshot (here a port past u32) leaves the proxy
+/// on its last snapshot, and says so: in its status (`/debug/syncz`), to the observer (metrics),
+/// and until a good config comes.
+#[tokio::test]
+async fn a_snapshot_that_cannot_be_generated_is_reported_and_the_proxy_keeps_its_own() {
+    let h = Harness::start().await;
+    let (tx, mut rx) = sotw(&h, "p1").await;
+    let cds = next(&mut rx).await;
+    tx.send(ack(&cds, &[])).await.unwrap();
+    let mut bad = endpoints("a", 1);
+    bad.2["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] =
+        json!(99_999_999_999u64);
+    h.generator.set(2, vec![cluster("a", true), bad, cluster("b", false)]);
+    assert_eq!(h.server.refresh(), 0, "nothing new is pushed");
+    nothing(&mut rx).await;
+    let status = &h.server.statuses()[0];
+    assert_eq!(status.snapshot_version, 1, "the proxy keeps its snapshot");
+    let error = status.generate_error.clone().expect("the failure is in the status");
+    assert!(error.contains("port_value") || error.contains("range"), "{error}");
+    assert_eq!(h.synced.1.lock().unwrap().len(), 1, "the observer heard of it");
+    assert_eq!(h.synced.2.load(std::sync::atomic::Ordering::Relaxed), 1, "one stale stream");
+    let syncz = serde_json::to_value(h.server.statuses()).unwrap();
+    assert!(syncz[0]["generate_error"].is_string(), "{syncz}");
+    // A good config: pushed, and the failure clears.
+    h.generator.set(3, vec![cluster("a", true), endpoints("a", 3000), cluster("c", false)]);
+    assert_eq!(h.server.refresh(), 1);
+    assert_eq!(next(&mut rx).await.version_info, "3");
+    assert!(h.server.statuses()[0].generate_error.is_none());
+    assert_eq!(h.synced.2.load(std::sync::atomic::Ordering::Relaxed), 0);
 }

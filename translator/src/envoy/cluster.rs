@@ -157,7 +157,7 @@ pub(super) fn build_inbound(proxy: &Proxy<'_>) -> Vec<Resource> {
 fn thresholds(pool: Option<&ConnectionPoolSettings>) -> Value {
     let tcp = pool.and_then(|p| p.tcp.as_ref());
     let http = pool.and_then(|p| p.http.as_ref());
-    let limit = |v: Option<i64>| v.filter(|v| *v > 0).map_or(UNLIMITED, |v| v as u64);
+    let limit = |v: Option<i32>| v.and_then(|v| u64::try_from(v).ok()).filter(|v| *v > 0).unwrap_or(UNLIMITED);
     json!({
         "max_connections": limit(tcp.and_then(|t| t.max_connections)),
         "max_pending_requests": limit(http.and_then(|h| h.http1_max_pending_requests)),
@@ -318,7 +318,8 @@ fn lb_policy(lb: Option<&LoadBalancerSettings>, cluster: &mut Map<String, Value>
 fn outlier(o: &OutlierDetection) -> Value {
     let mut m = Map::new();
     let five_xx = o.consecutive_5xx_errors;
-    let gateway = o.consecutive_gateway_errors.or(o.consecutive_errors);
+    // The deprecated int32 field; validation refuses a negative one.
+    let gateway = o.consecutive_gateway_errors.or(o.consecutive_errors.and_then(|n| u32::try_from(n).ok()));
     if let Some(n) = five_xx {
         m.insert("consecutive_5xx".into(), json!(n));
         m.insert("enforcing_consecutive_5xx".into(), json!(if n > 0 { 100 } else { 0 }));

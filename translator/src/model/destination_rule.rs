@@ -199,7 +199,7 @@ pub struct ConnectionPoolSettings {
 pub struct TcpSettings {
     /// Max connections to the service.
     #[serde(default)]
-    pub max_connections: Option<i64>,
+    pub max_connections: Option<i32>,
     /// Connect timeout.
     #[serde(default)]
     pub connect_timeout: Option<Duration>,
@@ -235,16 +235,16 @@ pub struct TcpKeepalive {
 pub struct HttpSettings {
     /// Max pending requests.
     #[serde(default)]
-    pub http1_max_pending_requests: Option<i64>,
+    pub http1_max_pending_requests: Option<i32>,
     /// Max concurrent requests.
     #[serde(default)]
-    pub http2_max_requests: Option<i64>,
+    pub http2_max_requests: Option<i32>,
     /// Requests per connection.
     #[serde(default)]
-    pub max_requests_per_connection: Option<i64>,
+    pub max_requests_per_connection: Option<i32>,
     /// Max concurrent retries.
     #[serde(default)]
-    pub max_retries: Option<i64>,
+    pub max_retries: Option<i32>,
     /// Idle timeout.
     #[serde(default)]
     pub idle_timeout: Option<Duration>,
@@ -256,7 +256,7 @@ pub struct HttpSettings {
     pub use_client_protocol: Option<bool>,
     /// Max concurrent streams per HTTP/2 connection.
     #[serde(default)]
-    pub max_concurrent_streams: Option<i64>,
+    pub max_concurrent_streams: Option<i32>,
 }
 
 /// Outlier detection.
@@ -265,16 +265,16 @@ pub struct HttpSettings {
 pub struct OutlierDetection {
     /// Deprecated: consecutive gateway errors.
     #[serde(default)]
-    pub consecutive_errors: Option<i64>,
+    pub consecutive_errors: Option<i32>,
     /// Consecutive 5xx before ejection.
     #[serde(default)]
-    pub consecutive_5xx_errors: Option<i64>,
+    pub consecutive_5xx_errors: Option<u32>,
     /// Consecutive 502/503/504 before ejection.
     #[serde(default)]
-    pub consecutive_gateway_errors: Option<i64>,
+    pub consecutive_gateway_errors: Option<u32>,
     /// Consecutive local-origin failures before ejection.
     #[serde(default)]
-    pub consecutive_local_origin_failures: Option<i64>,
+    pub consecutive_local_origin_failures: Option<u32>,
     /// Distinguish local-origin failures.
     #[serde(default)]
     pub split_external_local_origin_errors: Option<bool>,
@@ -286,10 +286,10 @@ pub struct OutlierDetection {
     pub base_ejection_time: Option<Duration>,
     /// Max share of hosts ejected.
     #[serde(default)]
-    pub max_ejection_percent: Option<i64>,
+    pub max_ejection_percent: Option<i32>,
     /// Minimum healthy share for detection to run.
     #[serde(default)]
-    pub min_health_percent: Option<i64>,
+    pub min_health_percent: Option<i32>,
 }
 
 /// Istio's DestinationRule validation rules.
@@ -429,9 +429,9 @@ fn validate_settings(
         ];
         for (field, v) in checks {
             if let Some(v) = v
-                && !(0..=i64::from(u32::MAX)).contains(&v)
+                && v < 0
             {
-                findings.error(format!("{pp}.{field}"), format!("{v} must be between 0 and 4294967295"));
+                findings.error(format!("{pp}.{field}"), format!("{v} must not be negative"));
             }
         }
         if let Some(h) = pool.http.as_ref().and_then(|h| h.h2_upgrade_policy.as_deref())
@@ -452,17 +452,11 @@ fn validate_settings(
                 findings.error(format!("{op}.{field}"), format!("{v} must be between 0 and 100"));
             }
         }
-        for (field, v) in [
-            ("consecutiveErrors", o.consecutive_errors),
-            ("consecutive5xxErrors", o.consecutive_5xx_errors),
-            ("consecutiveGatewayErrors", o.consecutive_gateway_errors),
-            ("consecutiveLocalOriginFailures", o.consecutive_local_origin_failures),
-        ] {
-            if let Some(v) = v
-                && v < 0
-            {
-                findings.error(format!("{op}.{field}"), format!("{v} must not be negative"));
-            }
+        // The others are unsigned (UInt32Value in Istio's API): the parser refuses negatives.
+        if let Some(v) = o.consecutive_errors
+            && v < 0
+        {
+            findings.error(format!("{op}.consecutiveErrors"), format!("{v} must not be negative"));
         }
         if o.interval.is_some_and(|d| d.as_millis() < 1) {
             findings.error(format!("{op}.interval"), "interval must be at least 1ms");

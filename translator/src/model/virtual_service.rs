@@ -154,7 +154,7 @@ pub struct HttpRouteDestination {
     pub destination: Destination,
     /// Share of traffic (all weights of a route sum to 100).
     #[serde(default)]
-    pub weight: Option<i64>,
+    pub weight: Option<i32>,
     /// Header manipulation for this destination.
     #[serde(default)]
     pub headers: Option<Headers>,
@@ -265,7 +265,7 @@ pub struct RegexRewrite {
 pub struct HttpRetry {
     /// Number of retries; 0 disables retries.
     #[serde(default)]
-    pub attempts: i64,
+    pub attempts: i32,
     /// Timeout per try.
     #[serde(default)]
     pub per_try_timeout: Option<Duration>,
@@ -301,7 +301,7 @@ pub struct FaultDelay {
     pub percentage: Option<Percent>,
     /// Deprecated integer percentage.
     #[serde(default)]
-    pub percent: Option<i64>,
+    pub percent: Option<i32>,
 }
 
 /// Fault abort.
@@ -310,7 +310,7 @@ pub struct FaultDelay {
 pub struct FaultAbort {
     /// HTTP status to answer with.
     #[serde(default)]
-    pub http_status: Option<i64>,
+    pub http_status: Option<i32>,
     /// gRPC status to answer with.
     #[serde(default)]
     pub grpc_status: Option<String>,
@@ -397,13 +397,13 @@ pub struct RouteDestination {
     pub destination: Destination,
     /// Share of connections.
     #[serde(default)]
-    pub weight: Option<i64>,
+    pub weight: Option<i32>,
 }
 
 /// Checks a list of weighted destinations the way Istio's validation does.
 fn validate_weights<'a>(
     path: &str,
-    items: impl Iterator<Item = (&'a Destination, Option<i64>)>,
+    items: impl Iterator<Item = (&'a Destination, Option<i32>)>,
     findings: &mut Findings,
 ) {
     let items: Vec<_> = items.collect();
@@ -413,11 +413,9 @@ fn validate_weights<'a>(
         if let Some(w) = weight {
             if *w < 0 {
                 findings.error(format!("{path}[{i}].weight"), format!("weight {w} must not be negative"));
-            } else if *w > i64::from(i32::MAX) {
-                // Istio's field is an int32; a sum that wraps must never pass as 100.
-                findings.error(format!("{path}[{i}].weight"), format!("weight {w} is out of range (int32)"));
             }
-            sum = sum.saturating_add(*w);
+            // Istio's int32 weights, summed wide: a sum that wraps must never pass as 100.
+            sum += i64::from(*w);
         }
     }
     if items.len() > 1 && sum != 100 {
