@@ -2,7 +2,9 @@
 //! clusters, endpoints, listeners and routes and ACKing every response as Envoy does) in this
 //! process, against `sluice serve` in another, on a config of S services. Measures the time from
 //! a file write until every client has ACKed (i) a full push (a service added: every type
-//! changes) and (ii) an endpoint-only change, and sluice's RSS and CPU seconds per push.
+//! changes) and (ii) an endpoint-only change, and sluice's RSS and CPU seconds per push. With
+//! `--silent M`, M more clients subscribe the same way once the others are synced and never
+//! answer a response (hostile or stuck proxies): the times are still the answering clients'.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -64,6 +66,28 @@ async fn client(channel: tonic::transport::Channel, id: usize, acks: Acks) -> an
 
 /// Waits until every client has ACKed `type_url` at a version above `above[client]`; returns
 /// each client's time from `since`.
+/// A client that subscribes like [`client`] and then never answers: it reads its responses
+/// (so the connection keeps flowing) and sends nothing more.
+async fn silent(channel: tonic::transport::Channel, id: usize) -> anyhow::Result<()> {
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let node =
+        Node { id: format!("sidecar~127.0.3.2~silent-{id}.bench~bench.svc.cluster.local"), ..Default::default() };
+    for type_url in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
+        let request = DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: type_url.into(),
+            resource_names_subscribe: vec!["*".into()],
+            ..Default::default()
+        };
+        tx.send(request).await?;
+    }
+    let mut responses = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    while responses.message().await?.is_some() {}
+    drop(tx);
+    Ok(())
+}
+
 fn wait_all(
     acks: &Acks,
     type_url: &'static str,
@@ -95,7 +119,7 @@ fn versions(acks: &Acks, type_url: &'static str) -> Vec<u64> {
 }
 
 /// One (N, S) point: `pushes` full pushes and as many endpoint-only changes.
-fn point(sluice: &Path, clients: usize, services: usize, pushes: usize) -> anyhow::Result<String> {
+fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: usize) -> anyhow::Result<String> {
     let dir = std::env::temp_dir().join(format!("sluice-conv-{}-{clients}-{services}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("config"))?;
@@ -123,7 +147,7 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize) -> anyho
     let started = Instant::now();
     let channels: Vec<tonic::transport::Channel> = runtime.block_on(async {
         let mut out = Vec::new();
-        for _ in 0..clients.div_ceil(STREAMS_PER_CONNECTION) {
+        for _ in 0..(clients.div_ceil(STREAMS_PER_CONNECTION) + quiet.div_ceil(STREAMS_PER_CONNECTION)) {
             let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?;
             let mut tries = 0;
             let channel = loop {
@@ -152,6 +176,19 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize) -> anyho
     let initial = wait_all(&acks, ROUTE, &zeros, started, Duration::from_secs(600))?;
     wait_all(&acks, ENDPOINT, &zeros, started, Duration::from_secs(600))?;
     let initial_max = initial.iter().copied().fold(0.0, f64::max);
+    let first_quiet_channel = clients.div_ceil(STREAMS_PER_CONNECTION);
+    for id in 0..quiet {
+        let channel = channels[first_quiet_channel + id / STREAMS_PER_CONNECTION].clone();
+        runtime.spawn(async move {
+            if let Err(e) = silent(channel, id).await {
+                eprintln!("silent client {id}: {e}");
+            }
+        });
+    }
+    if quiet > 0 {
+        // Until every silent client has its first responses and holds a slot it will not give back.
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let rss_synced = status_kb(pid, "VmRSS").unwrap_or(0);
     let (mut full, mut eds) = (Vec::new(), Vec::new());
     let mut cpu = Vec::new();
@@ -184,7 +221,7 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize) -> anyho
     };
     let (clo, cmid, chi) = summary(&cpu);
     Ok(format!(
-        "| {clients} | {services} | {:.0} | {} | {} | {} | {} | {:.0} / {:.0} | {clo:.2} / {cmid:.2} / {chi:.2} |",
+        "| {clients} | {quiet} | {services} | {:.0} | {} | {} | {} | {} | {:.0} / {:.0} | {clo:.2} / {cmid:.2} / {chi:.2} |",
         initial_max * 1e3,
         fmt(&full, 0.5),
         fmt(&full, 0.99),
@@ -196,7 +233,7 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize) -> anyho
 }
 
 /// Sweeps N × S.
-pub fn run(sluice: &Path, clients: &[usize], services: &[usize], pushes: usize) -> anyhow::Result<()> {
+pub fn run(sluice: &Path, clients: &[usize], services: &[usize], pushes: usize, quiet: usize) -> anyhow::Result<()> {
     println!(
         "Convergence: Delta ADS clients in the benchmark process, sluice serve in its own; {pushes} pushes per point."
     );
@@ -204,12 +241,12 @@ pub fn run(sluice: &Path, clients: &[usize], services: &[usize], pushes: usize) 
         "Times in ms from the file write until the client ACKed, over clients (p50, p99), min / median / max over pushes.\n"
     );
     println!(
-        "| clients | services | initial sync, all ACKed | full push p50 | full push p99 | endpoint-only p50 | endpoint-only p99 | sluice RSS synced / peak MB | sluice CPU s per full push |"
+        "| clients | silent clients | services | initial sync, all ACKed | full push p50 | full push p99 | endpoint-only p50 | endpoint-only p99 | sluice RSS synced / peak MB | sluice CPU s per full push |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in services {
         for n in clients {
-            println!("{}", point(sluice, *n, *s, pushes)?);
+            println!("{}", point(sluice, *n, *s, pushes, quiet)?);
         }
     }
     Ok(())

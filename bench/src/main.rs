@@ -85,6 +85,9 @@ enum Bench {
         /// Pushes per point.
         #[arg(long, default_value_t = 5)]
         pushes: usize,
+        /// Clients that subscribe and never answer, added once the others are synced.
+        #[arg(long, default_value_t = 0)]
+        silent: usize,
     },
     /// (internal) the data path's echo backend.
     #[command(hide = true)]
@@ -127,10 +130,10 @@ fn main() -> anyhow::Result<()> {
             println!("machine: {}", stats::machine());
             datapath::run(count, rate, runs)
         }
-        Bench::Convergence { clients, services, pushes } => {
+        Bench::Convergence { clients, services, pushes, silent } => {
             println!("machine: {}\n", stats::machine());
             let sluice = std::env::current_exe()?.with_file_name("sluice");
-            convergence::run(&sluice, &clients, &services, pushes)
+            convergence::run(&sluice, &clients, &services, pushes, silent)
         }
         Bench::Echo { addr } => datapath::echo(&addr),
         Bench::Client { target, host, persistent, count, rate } => {

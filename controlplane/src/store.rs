@@ -252,8 +252,10 @@ impl ConfigStore {
         changes
     }
 
-    /// What a group contributes after a read: a read that could not be parsed at all keeps the
-    /// group's objects, and a rejected object keeps its last good form.
+    /// What a group contributes after a read: a rejected object keeps its last good form, and
+    /// when a document could not be parsed at all (so which object it held is unknown), every
+    /// object of the group that the read lacks keeps its last good form — the read's good
+    /// documents still apply.
     fn last_good(
         source: Source,
         previous: BTreeMap<ObjectRef, Arc<Loaded>>,
@@ -262,18 +264,15 @@ impl ConfigStore {
     ) -> Group {
         let errors = || diagnostics.iter().filter(|d| d.severity == Severity::Error);
         let mut group = Group { source, objects: BTreeMap::new(), diagnostics: Vec::new() };
-        if errors().any(|d| d.object.is_none()) {
-            group.objects = previous;
-        } else {
-            for l in objects {
-                group.objects.entry(l.reference.clone()).or_insert(l);
-            }
-            let rejected: BTreeSet<&ObjectRef> = errors().filter_map(|d| d.object.as_ref()).collect();
-            for (r, old) in previous {
-                if rejected.contains(&r) && !group.objects.contains_key(&r) {
-                    tracing::warn!(object = %r, "keeping the last good version of a rejected object");
-                    group.objects.insert(r, old);
-                }
+        for l in objects {
+            group.objects.entry(l.reference.clone()).or_insert(l);
+        }
+        let unparsed = errors().any(|d| d.object.is_none());
+        let rejected: BTreeSet<&ObjectRef> = errors().filter_map(|d| d.object.as_ref()).collect();
+        for (r, old) in previous {
+            if (unparsed || rejected.contains(&r)) && !group.objects.contains_key(&r) {
+                tracing::warn!(object = %r, "keeping the last good version of a rejected object");
+                group.objects.insert(r, old);
             }
         }
         group.diagnostics = diagnostics;
@@ -346,13 +345,22 @@ mod tests {
         assert_eq!(s.rejected(), 1);
         s.apply(read("f.yaml", "apiVersion: v1\nkind: [unclosed\n"), &[]).unwrap();
         assert_eq!(s.len(), 1, "a file that does not parse keeps its objects");
+        // A broken document next to good ones: the good ones apply (here a second object),
+        // the broken one's object (unknown) keeps its last good form.
+        let second = GOOD.replace("name: a", "name: b");
+        assert!(
+            s.apply(read("f.yaml", &format!("apiVersion: v1\nkind: [unclosed\n---\n{second}")), &[]).unwrap().is_some()
+        );
+        assert_eq!(s.len(), 2, "the good neighbour is served and the last good DestinationRule kept");
+        s.apply(read("f.yaml", GOOD), &[]).unwrap();
+        assert_eq!(s.len(), 1);
         assert!(s.apply(read("f.yaml", ""), &[]).unwrap().is_some(), "a deleted object goes");
         assert_eq!(s.rejected(), 0, "the rejection went with the read that had it");
-        assert_eq!((s.version(), s.len()), (2, 0));
+        assert_eq!((s.version(), s.len()), (4, 0));
         s.apply(read("f.yaml", GOOD), &[]).unwrap();
         drop(s);
         let mut s = ConfigStore::open(Some(dir.path())).unwrap();
-        assert_eq!((s.version(), s.len()), (3, 1), "restart: same objects, version does not go back");
+        assert_eq!((s.version(), s.len()), (5, 1), "restart: same objects, version does not go back");
         assert_eq!(s.snapshot().destination_rules.len(), 1, "and the snapshot has them");
         // A complete read of the files without f.yaml: it was deleted while sluice was down.
         assert!(s.apply(read("g.yaml", ""), &[Source::Files]).unwrap().is_some());

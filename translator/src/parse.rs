@@ -8,28 +8,166 @@ use serde_json::Value;
 use crate::diagnostic::{Diagnostic, Findings, ObjectRef, Severity};
 use crate::model::{self, IstioObject, Kind, Loaded, Meta, Object};
 
+/// The deepest nesting of collections a document may have. Kubernetes objects, Istio's
+/// included, nest a few dozen levels at most; a hostile document of thousands would take the
+/// parser seconds, so it is refused before parsing.
+pub const MAX_DEPTH: usize = 128;
+
+/// The largest document read: Kubernetes' own limit on a request body (3 MiB).
+pub const MAX_DOCUMENT_BYTES: usize = 3 << 20;
+
 /// Parses every YAML document in `text` (from `origin`) into objects. Documents that fail to parse
-/// or validate are reported and left out; the others are returned.
+/// or validate are reported and left out; the others are returned. A syntax error rejects the
+/// document it is in, not its neighbours: documents are split at their `---` lines first.
 pub fn parse_documents(origin: &str, text: &str) -> (Vec<Loaded>, Vec<Diagnostic>) {
     let mut out = Parsed { origin, objects: Vec::new(), diagnostics: Vec::new() };
-    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        match Value::deserialize(document) {
-            Ok(value) => out.document(value, &format!("document {index}")),
-            Err(e) => {
-                out.diagnostics.push(Diagnostic {
-                    severity: Severity::Error,
-                    origin: origin.to_string(),
-                    object: None,
-                    path: format!("document {index}"),
-                    code: None,
-                    message: format!("invalid YAML: {e}"),
-                });
-                // The YAML stream cannot be resynchronised after a syntax error.
-                break;
-            }
+    for (index, (line, document)) in split_documents(text).into_iter().enumerate() {
+        let where_ = format!("document {index}");
+        match parse_yaml(document) {
+            Ok(value) => out.document(value, &where_),
+            Err(e) => out.diagnostics.push(Diagnostic {
+                severity: Severity::Error,
+                origin: origin.to_string(),
+                object: None,
+                path: where_,
+                code: None,
+                message: format!("invalid YAML (document from line {line}): {e}"),
+            }),
         }
     }
     (out.objects, out.diagnostics)
+}
+
+/// The documents of a YAML stream with the line each starts at: split at the lines that begin
+/// with `---` (a directives end marker, possibly followed by content) or are `...`. Inside a
+/// document such a line can only occur indented (block scalars are indented under their key),
+/// so splitting at column 0 never cuts a document.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let (mut start, mut start_line) = (0, 1);
+    let mut offset = 0;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if marker || bare == "..." {
+            out.push((start_line, &text[start..offset]));
+            // Content after `--- ` on the same line belongs to the next document.
+            start = if marker { offset + 3 } else { offset + line.len() };
+            start_line = n + 1 + usize::from(!marker);
+        }
+        offset += line.len();
+    }
+    out.push((start_line, &text[start..]));
+    out.retain(|(_, d)| !d.trim().is_empty());
+    out
+}
+
+/// One document as JSON, Kubernetes' way: a duplicate key is an error (naming the key), so is a
+/// number JSON cannot hold (`.inf`, `.nan`); too deep or too large a document is refused
+/// before it is parsed.
+fn parse_yaml(document: &str) -> Result<Value, String> {
+    if document.len() > MAX_DOCUMENT_BYTES {
+        return Err(format!("the document is {} bytes, more than the {MAX_DOCUMENT_BYTES} read", document.len()));
+    }
+    if let Some(line) = too_deep(document) {
+        return Err(format!("collections nest more than {MAX_DEPTH} deep (at line {line})"));
+    }
+    let de = serde_yaml_ng::Deserializer::from_str(document);
+    Strict::deserialize(de).map(|s| s.0).map_err(|e| e.to_string())
+}
+
+/// The line at which flow collections (`[`, `{`) first nest deeper than [`MAX_DEPTH`], outside
+/// quotes and comments; block collections nest by indentation, which the line length bounds.
+fn too_deep(document: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (n, line) in document.lines().enumerate() {
+        let mut quote: Option<char> = None;
+        let mut previous = ' ';
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') if previous.is_whitespace() => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return Some(n + 1);
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            previous = c;
+        }
+    }
+    None
+}
+
+/// A JSON value deserialized strictly (see [`parse_yaml`]).
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a YAML value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom(format!("{v} is not a number Kubernetes can hold (JSON has no infinity or NaN)")))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        Strict::deserialize(d).map(|s| s.0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Strict(value) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 /// Parses one object already decoded to JSON (as an API server returns it), exactly as a YAML

@@ -558,3 +558,34 @@ fn values_fit_the_fields_they_become() {
     rejected(&regex("[a-z]{40000}"), "spec.http[0].match[0].uri.regex", "RE2 instructions");
     assert_eq!(sluice_translator::model::common::re2_program_size("[a-z]{200}"), 204, "Envoy reports 204");
 }
+
+/// YAML read as Kubernetes reads it: a duplicate key is an error naming the key, so is a number
+/// JSON cannot hold; a syntax error rejects its own document only; a hostile nesting is refused
+/// before it is parsed.
+#[test]
+fn yaml_is_read_strictly_and_per_document() {
+    let dup = vs("  - route: [{destination: {host: a}}]\n").replace("  hosts: [a]\n", "  hosts: [a]\n  hosts: [b]\n");
+    let (accepted, diags) = diagnostics(&dup);
+    assert_eq!(accepted, 0);
+    assert!(diags[0].message.contains("duplicate key \"hosts\"") && diags[0].message.contains("line"), "{diags:?}");
+
+    let inf = dr("  trafficPolicy: {outlierDetection: {interval: .inf}}");
+    let (accepted, diags) = diagnostics(&inf);
+    assert_eq!(accepted, 0);
+    assert!(diags[0].message.contains("not a number"), "{diags:?}");
+
+    let good = dr("");
+    let text = format!("{good}---\napiVersion: v1\nkind: [unclosed\n---\n{}", good.replace("name: x", "name: y"));
+    let (accepted, diags) = diagnostics(&text);
+    assert_eq!(accepted, 2, "the documents around a broken one are read: {diags:?}");
+    assert_eq!(diags.iter().filter(|d| d.severity == Severity::Error).count(), 1);
+    assert_eq!(diags[0].path, "document 1");
+
+    let deep = format!("{}x: {}{}\n", good, "[".repeat(100_000), "]".repeat(100_000));
+    let (accepted, diags) = diagnostics(&deep);
+    assert_eq!(accepted, 0);
+    assert!(diags[0].message.contains("nest more than"), "{diags:?}");
+    // Brackets in quotes and comments are not nesting.
+    let quoted = dr(&format!("  exportTo: [\"{}\"] # {}", "[".repeat(500), "{".repeat(500)));
+    assert!(diagnostics(&quoted).1.iter().all(|d| !d.message.contains("nest")), "{:?}", diagnostics(&quoted).1);
+}

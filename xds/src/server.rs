@@ -97,7 +97,7 @@ pub(crate) struct Shared {
     pub observer: Arc<dyn Observer>,
     pub streams: Mutex<HashMap<u64, StreamEntry>>,
     /// The push throttle's slots.
-    pub pushes: Arc<tokio::sync::Semaphore>,
+    pub pushes: crate::throttle::Lanes,
     /// Delta responses are split into responses of about this many bytes
     /// (0: never split).
     pub delta_chunk_bytes: usize,
@@ -163,7 +163,7 @@ impl XdsServer {
                 generator,
                 observer,
                 streams: Mutex::new(HashMap::new()),
-                pushes: Arc::new(tokio::sync::Semaphore::new(crate::throttle::PUSH_CONCURRENCY)),
+                pushes: crate::throttle::Lanes::default(),
                 delta_chunk_bytes: DELTA_CHUNK_BYTES,
                 next_stream: AtomicU64::new(1),
                 shutdown,
@@ -233,6 +233,11 @@ impl XdsServer {
             .collect();
         out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         out
+    }
+
+    /// Free push slots: (main lane, probation lane); see [`crate::throttle::Lanes`].
+    pub fn push_slots(&self) -> (usize, usize) {
+        self.shared.pushes.available()
     }
 
     /// Number of open streams.

@@ -1,5 +1,6 @@
-//! The push throttle (istiod's `PILOT_PUSH_THROTTLE`): at most [`PUSH_CONCURRENCY`] streams have
-//! responses the client has not answered yet. A full response to a proxy of a large mesh is
+//! The push throttle (istiod's `PILOT_PUSH_THROTTLE`): at most [`PUSH_CONCURRENCY`] streams per
+//! lane have responses the client has not answered yet; clients not known to answer wait in a
+//! lane of their own, so they never delay the ones that do. A full response to a proxy of a large mesh is
 //! megabytes, built and encoded per client; without a bound, a push to a thousand proxies holds a
 //! thousand of them at once.
 
@@ -10,27 +11,57 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-/// Streams that may have unanswered responses at once (istiod's default).
+/// Streams that may have unanswered responses at once (istiod's default), in each lane.
 pub const PUSH_CONCURRENCY: usize = 100;
 
-/// How long a client may leave responses unanswered before its slot is given back anyway, so a
-/// silent client cannot hold one.
+/// How long a client that has answered before may leave responses unanswered before its slot is
+/// given back anyway, so a silent client cannot hold one.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The same for a client that has never answered, or that let its last slot expire: it waits in
+/// the probation lane and holds a slot there only this long.
+pub const PROBATION_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The two lanes of push slots. Clients that answer their responses push in the main lane;
+/// clients that have not answered yet, or went silent, push in the probation lane. Silent
+/// clients, however many, then never delay a healthy proxy's push: they wait behind each other.
+pub struct Lanes {
+    /// Clients that answer.
+    pub main: Arc<Semaphore>,
+    /// Clients not (or no longer) known to answer.
+    pub probation: Arc<Semaphore>,
+}
+
+impl Default for Lanes {
+    fn default() -> Self {
+        Self { main: Arc::new(Semaphore::new(PUSH_CONCURRENCY)), probation: Arc::new(Semaphore::new(PUSH_CONCURRENCY)) }
+    }
+}
+
+impl Lanes {
+    /// Free slots: (main, probation).
+    pub fn available(&self) -> (usize, usize) {
+        (self.main.available_permits(), self.probation.available_permits())
+    }
+}
+
 /// One stream's slot: taken before it sends while it holds none, given back once the client has
-/// answered (ACK or NACK) every response sent, or after [`ANSWER_TIMEOUT`].
+/// answered (ACK or NACK) every response sent, or after its lane's timeout.
 #[derive(Default)]
 pub(crate) struct InFlight {
     slot: Option<(OwnedSemaphorePermit, Instant)>,
     unanswered: HashSet<String>,
+    /// The client answered a response, and has not let a slot expire since.
+    answers: bool,
 }
 
 impl InFlight {
-    /// Waits for a slot unless the stream holds one. A stream never waits while holding a slot,
-    /// so streams cannot deadlock on each other.
-    pub async fn acquire(&mut self, slots: &Arc<Semaphore>) {
+    /// Waits for a slot in this stream's lane unless it holds one. A stream never waits while
+    /// holding a slot, so streams cannot deadlock on each other.
+    pub async fn acquire(&mut self, lanes: &Lanes) {
         if self.slot.is_none() {
-            let permit = slots.clone().acquire_owned().await.expect("the push semaphore is never closed");
+            let lane = if self.answers { &lanes.main } else { &lanes.probation };
+            let permit = lane.clone().acquire_owned().await.expect("the push semaphore is never closed");
             self.slot = Some((permit, Instant::now()));
         }
     }
@@ -42,7 +73,9 @@ impl InFlight {
 
     /// Records the client's answer to `nonce`; frees the slot when nothing is left unanswered.
     pub fn answered(&mut self, nonce: &str) {
-        self.unanswered.remove(nonce);
+        if self.unanswered.remove(nonce) {
+            self.answers = true;
+        }
         if self.unanswered.is_empty() {
             self.slot = None;
         }
@@ -50,13 +83,16 @@ impl InFlight {
 
     /// When the slot is given back regardless of answers (None without a slot).
     pub fn deadline(&self) -> Option<Instant> {
-        self.slot.as_ref().map(|(_, taken)| *taken + ANSWER_TIMEOUT)
+        let timeout = if self.answers { ANSWER_TIMEOUT } else { PROBATION_TIMEOUT };
+        self.slot.as_ref().map(|(_, taken)| *taken + timeout)
     }
 
-    /// Gives the slot back (the client was too slow to answer).
+    /// Gives the slot back (the client was too slow to answer): its next pushes wait in the
+    /// probation lane until it answers again.
     pub fn expire(&mut self) {
         self.slot = None;
         self.unanswered.clear();
+        self.answers = false;
     }
 
     /// Resolves at [`InFlight::deadline`], never without a slot.
@@ -74,24 +110,28 @@ mod tests {
 
     #[tokio::test]
     async fn a_slot_is_held_until_every_response_is_answered_or_the_timeout() {
-        let slots = Arc::new(Semaphore::new(1));
+        let lanes = Lanes::default();
         let mut a = InFlight::default();
-        a.acquire(&slots).await;
+        a.acquire(&lanes).await;
+        assert_eq!(lanes.available(), (PUSH_CONCURRENCY, PUSH_CONCURRENCY - 1), "a new client is on probation");
         a.sent("1");
-        a.acquire(&slots).await; // holds one already: no wait
+        a.acquire(&lanes).await; // holds one already: no wait
         a.sent("2");
-        assert_eq!(slots.available_permits(), 0);
         a.answered("1");
-        assert_eq!(slots.available_permits(), 0, "one response still unanswered");
+        assert_eq!(lanes.available().1, PUSH_CONCURRENCY - 1, "one response still unanswered");
         a.answered("2");
-        assert_eq!(slots.available_permits(), 1);
-        let mut b = InFlight::default();
-        b.acquire(&slots).await;
-        b.sent("1");
-        let deadline = b.deadline().expect("a deadline while holding a slot");
-        assert!(deadline > Instant::now() + ANSWER_TIMEOUT / 2);
-        b.expire();
-        assert_eq!(b.deadline(), None);
-        assert_eq!(slots.available_permits(), 1, "a silent client gives its slot back");
+        assert_eq!(lanes.available(), (PUSH_CONCURRENCY, PUSH_CONCURRENCY));
+        // It answered: its next push takes a main slot, with the longer timeout.
+        a.acquire(&lanes).await;
+        assert_eq!(lanes.available(), (PUSH_CONCURRENCY - 1, PUSH_CONCURRENCY));
+        a.sent("3");
+        assert!(a.deadline().expect("a deadline while holding a slot") > Instant::now() + PROBATION_TIMEOUT);
+        // It goes silent: the slot comes back and the client is on probation again.
+        a.expire();
+        assert_eq!(a.deadline(), None);
+        assert_eq!(lanes.available(), (PUSH_CONCURRENCY, PUSH_CONCURRENCY), "a silent client gives its slot back");
+        a.acquire(&lanes).await;
+        assert_eq!(lanes.available(), (PUSH_CONCURRENCY, PUSH_CONCURRENCY - 1));
+        assert!(a.deadline().unwrap() <= Instant::now() + PROBATION_TIMEOUT);
     }
 }

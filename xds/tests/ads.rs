@@ -546,3 +546,34 @@ async fn a_snapshot_that_cannot_be_generated_is_reported_and_the_proxy_keeps_its
     assert!(h.server.statuses()[0].generate_error.is_none());
     assert_eq!(h.synced.2.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
+
+/// Streams that never answer (hostile or stuck clients) wait in the probation lane: a push to a
+/// proxy that answers is not queued behind them, however many there are.
+#[tokio::test]
+async fn silent_streams_do_not_delay_a_proxy_that_answers() {
+    let h = Harness::start().await;
+    let (tx, mut rx) = sotw(&h, "healthy").await;
+    let cds = next(&mut rx).await;
+    tx.send(ack(&cds, &[])).await.unwrap();
+    nothing(&mut rx).await;
+    // More silent clients than there are slots: each gets its first response and never answers.
+    let mut silent = Vec::new();
+    for i in 0..(2 * sluice_xds::throttle::PUSH_CONCURRENCY + 50) {
+        silent.push(sotw(&h, &format!("silent-{i}")).await);
+    }
+    let full = async {
+        while h.server.push_slots().1 > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), full).await.expect("the silent clients fill the probation lane");
+    h.generator.set(2, vec![cluster("a", true), endpoints("a", 1000), cluster("c", false)]);
+    h.server.refresh();
+    let pushed = next(&mut rx).await;
+    assert_eq!(pushed.version_info, "2");
+    let (main, probation) = h.server.push_slots();
+    assert_eq!(probation, 0, "the silent clients still hold the probation lane when the healthy one is served");
+    assert!(main >= sluice_xds::throttle::PUSH_CONCURRENCY - 1, "{main}");
+    tx.send(ack(&pushed, &[])).await.unwrap();
+    drop(silent);
+}
