@@ -281,8 +281,29 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
     }
 }
 
+/// Where `input` has a sequence for what the typed object holds as a mapping: serde's derived
+/// structs also read a sequence (positionally), so `workloadSelector: []` would pass as a
+/// selector of no labels, selecting every workload. Kubernetes refuses it; so does sluice.
+fn sequence_for_mapping(input: &Value, typed: &Value, path: &str) -> Option<String> {
+    let at = |key: &str| if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    match (input, typed) {
+        (Value::Array(_), Value::Object(_)) => Some(path.to_string()),
+        (Value::Object(i), Value::Object(t)) => {
+            i.iter().find_map(|(k, v)| t.get(k).and_then(|tv| sequence_for_mapping(v, tv, &at(k))))
+        }
+        (Value::Array(i), Value::Array(t)) => {
+            i.iter().zip(t).enumerate().find_map(|(n, (a, b))| sequence_for_mapping(a, b, &format!("{path}[{n}]")))
+        }
+        _ => None,
+    }
+}
+
 /// Deserializes `value` (rooted at field `prefix`) recording unknown fields in `ignored`.
-fn decode<T: DeserializeOwned>(value: &Value, prefix: &str, ignored: &mut Vec<String>) -> Result<T, DecodeError> {
+fn decode<T: DeserializeOwned + serde::Serialize>(
+    value: &Value,
+    prefix: &str,
+    ignored: &mut Vec<String>,
+) -> Result<T, DecodeError> {
     let join = |p: String| match (prefix.is_empty(), p.as_str()) {
         (true, _) => p,
         (false, "" | ".") => prefix.to_string(),
@@ -291,13 +312,19 @@ fn decode<T: DeserializeOwned>(value: &Value, prefix: &str, ignored: &mut Vec<St
     let mut unknown = Vec::new();
     let mut record = |path: serde_ignored::Path<'_>| unknown.push(field_path(&path));
     let de = serde_ignored::Deserializer::new(value, &mut record);
-    let result =
+    let result: Result<T, DecodeError> =
         serde_path_to_error::deserialize(de).map_err(|e| (join(e.path().to_string()), e.into_inner().to_string()));
     ignored.extend(unknown.into_iter().map(join));
-    result
+    let typed = result?;
+    if let Ok(back) = serde_json::to_value(&typed)
+        && let Some(path) = sequence_for_mapping(value, &back, "")
+    {
+        return Err((join(path), "expected a mapping, found a sequence".into()));
+    }
+    Ok(typed)
 }
 
-fn decode_istio<S: DeserializeOwned>(
+fn decode_istio<S: DeserializeOwned + serde::Serialize>(
     value: &Value,
     origin: &str,
     ignored: &mut Vec<String>,

@@ -585,6 +585,14 @@ fn yaml_is_read_strictly_and_per_document() {
     let (accepted, diags) = diagnostics(&deep);
     assert_eq!(accepted, 0);
     assert!(diags[0].message.contains("nest more than"), "{diags:?}");
+    // A sequence where a mapping belongs is a wrong type, not an empty selector (which would
+    // select every workload of the namespace).
+    rejected(
+        &doc(NET, "Sidecar", "spec:\n  workloadSelector: []\n  egress: [{hosts: [\"./*\"]}]"),
+        "spec.workloadSelector",
+        "expected a mapping, found a sequence",
+    );
+    rejected(&ap("spec:\n  selector: []\n  action: DENY\n  rules: [{}]"), "spec.selector", "expected a mapping");
     // Brackets in quotes and comments are not nesting.
     let quoted = dr(&format!("  exportTo: [\"{}\"] # {}", "[".repeat(500), "{".repeat(500)));
     assert!(diagnostics(&quoted).1.iter().all(|d| !d.message.contains("nest")), "{:?}", diagnostics(&quoted).1);
