@@ -117,3 +117,143 @@ proptest! {
         }
     }
 }
+
+/// Numbers and durations where the edges are: each field of a generated DestinationRule and
+/// VirtualService takes one, so every range check (and every missing one) is tried.
+/// Numbers where the edges are (of the proto types Istio's fields become and of Envoy's bounds).
+const NUMBER_EDGES: [&str; 17] = [
+    "-1",
+    "0",
+    "1",
+    "100",
+    "101",
+    "65537",
+    "2147483647",
+    "2147483648",
+    "4294967295",
+    "4294967296",
+    "5000011",
+    "8388608",
+    "8388609",
+    "9223372036854775807",
+    "18446744073709551615",
+    "1.5",
+    ".inf",
+];
+/// Durations where the edges are (protobuf's range, zero, negative, sub-millisecond).
+const DURATION_EDGES: [&str; 9] =
+    ["0s", "1ms", "0.5s", "1h", "315576000000s", "315576000001s", "99999999999999999s", "-1s", "1ns"];
+/// How many numbers and durations [`edges_mesh`] takes.
+const NUMBERS: usize = 16;
+const DURATIONS: usize = 9;
+
+fn edge_number() -> impl Strategy<Value = String> {
+    // Mostly a plain value, so that an object is not rejected for another field's edge.
+    prop_oneof![24 => Just("3".to_string()), 1 => proptest::sample::select(&NUMBER_EDGES[..]).prop_map(str::to_string)]
+}
+
+fn edge_duration() -> impl Strategy<Value = String> {
+    prop_oneof![14 => Just("1s".to_string()), 1 => proptest::sample::select(&DURATION_EDGES[..]).prop_map(str::to_string)]
+}
+
+fn edge_regex() -> impl Strategy<Value = String> {
+    (prop_oneof![Just("[a-z]"), Just("."), Just("\\w"), Just("(a|b)")], 0u32..3000)
+        .prop_map(|(atom, n)| format!("/{atom}{{{n}}}"))
+}
+
+/// A mesh whose DestinationRule and VirtualService take `n` and `d` in every numeric and
+/// duration field (`hash` picks the consistent-hash form).
+fn edges_mesh(n: &[String], d: &[String], regex: &str, hash: usize) -> String {
+    let mut y = mesh(1, 2, false, "{simple: ROUND_ROBIN}")
+        .replace("  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}\n", "");
+    let lb = match hash {
+        0 => format!("consistentHash: {{httpHeaderName: x, minimumRingSize: {}}}", n[0]),
+        1 => format!("consistentHash: {{useSourceIp: true, ringHash: {{minimumRingSize: {}}}}}", n[0]),
+        _ => format!("consistentHash: {{httpCookie: {{name: c, ttl: {}}}, maglev: {{tableSize: {}}}}}", d[0], n[0]),
+    };
+    y += &format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: edges, namespace: ns}}\nspec:\n  host: svc0\n  trafficPolicy:\n    loadBalancer: {{{lb}}}\n    connectionPool:\n      tcp: {{maxConnections: {}, connectTimeout: {}}}\n      http: {{http1MaxPendingRequests: {}, http2MaxRequests: {}, maxRequestsPerConnection: {}, maxRetries: {}, idleTimeout: {}, maxConcurrentStreams: {}}}\n    outlierDetection: {{consecutive5xxErrors: {}, consecutiveGatewayErrors: {}, consecutiveLocalOriginFailures: {}, interval: {}, baseEjectionTime: {}, maxEjectionPercent: {}, minHealthPercent: {}}}\n",
+        n[1], d[1], n[2], n[3], n[4], n[5], d[2], n[6], n[7], n[8], n[9], d[3], d[4], n[10], n[11],
+    );
+    y += &format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: edges, namespace: ns}}\nspec:\n  hosts: [svc0]\n  http:\n  - match: [{{uri: {{regex: \"{regex}\"}}}}]\n    timeout: {}\n    retries: {{attempts: {}, perTryTimeout: {}}}\n    fault:\n      delay: {{fixedDelay: {}, percentage: {{value: {}}}}}\n      abort: {{httpStatus: {}, percentage: {{value: {}}}}}\n    route: [{{destination: {{host: svc0, subset: v0}}, weight: {}}}, {{destination: {{host: svc0, subset: v1}}, weight: {}}}]\n  - route: [{{destination: {{host: svc0}}}}]\n",
+        d[5], n[12], d[6], d[7], n[13], n[14], n[15], n[12], n[13],
+    );
+    y
+}
+
+/// The resources that do not encode, if validation let anything through that cannot.
+fn unencodable(y: &str) -> Option<String> {
+    let (objects, _) = parse_documents("edges.yaml", y);
+    let (snapshot, _) = Snapshot::build(objects);
+    let r = translate_sidecar(&snapshot, "sidecar~127.0.7.250~client.ns~ns.svc.cluster.local").expect("translate");
+    let lists = [
+        (LISTENER_TYPE, &r.listeners),
+        (ROUTE_TYPE, &r.routes),
+        (CLUSTER_TYPE, &r.clusters),
+        (ENDPOINT_TYPE, &r.endpoints),
+    ];
+    lists
+        .iter()
+        .flat_map(|(t, list)| list.iter().map(move |res| (*t, res)))
+        .find_map(|(t, res)| sluice_xds::codec::encode(t, &res.name, &res.body).err().map(|e| format!("{e}")))
+}
+
+/// Every numeric and duration field at every edge, one field at a time (the others plain): what
+/// validation accepts encodes. A value that validated but could not be encoded once froze every
+/// proxy of the mesh.
+#[test]
+fn validate_accepts_only_what_encodes_field_by_field() {
+    let plain_n = vec!["3".to_string(); NUMBERS];
+    let plain_d = vec!["1s".to_string(); DURATIONS];
+    let mut tried = 0;
+    for hash in 0..3 {
+        for i in 0..NUMBERS {
+            for edge in NUMBER_EDGES {
+                let mut n = plain_n.clone();
+                n[i] = edge.to_string();
+                let y = edges_mesh(&n, &plain_d, "/[a-z]+", hash);
+                if let Some(e) = unencodable(&y) {
+                    panic!("number field {i} = {edge}: validation accepted what cannot be encoded: {e}\n{y}");
+                }
+                tried += 1;
+            }
+        }
+        for i in 0..DURATIONS {
+            for edge in DURATION_EDGES {
+                let mut d = plain_d.clone();
+                d[i] = edge.to_string();
+                let y = edges_mesh(&plain_n, &d, "/[a-z]+", hash);
+                if let Some(e) = unencodable(&y) {
+                    panic!("duration field {i} = {edge}: validation accepted what cannot be encoded: {e}\n{y}");
+                }
+                tried += 1;
+            }
+        }
+    }
+    assert_eq!(tried, 3 * (NUMBERS * NUMBER_EDGES.len() + DURATIONS * DURATION_EDGES.len()));
+}
+
+/// How many cases `validate_accepts_only_what_encodes` tries: `SLUICE_FUZZ_CASES` (for long
+/// runs by hand), else enough for CI.
+fn fuzz_cases() -> u32 {
+    std::env::var("SLUICE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: fuzz_cases(), ..ProptestConfig::default() })]
+
+    /// The same invariant for random combinations of edges and regexes of every size.
+    #[test]
+    fn validate_accepts_only_what_encodes(
+        n in proptest::collection::vec(edge_number(), NUMBERS),
+        d in proptest::collection::vec(edge_duration(), DURATIONS),
+        regex in edge_regex(),
+        hash in 0usize..3,
+    ) {
+        let y = edges_mesh(&n, &d, &regex, hash);
+        if let Some(e) = unencodable(&y) {
+            prop_assert!(false, "validation accepted what cannot be encoded: {e}\n{y}");
+        }
+    }
+}
