@@ -293,3 +293,32 @@ fn a_deleted_config_directory_keeps_the_deny_rule_and_its_return_is_seen() {
     assert!(routed.is_some(), "an edit in the recreated directory never reached Envoy\n{}", mesh.logs());
     assert_eq!(admin(), 200, "jason-v2 has no DENY rule");
 }
+
+/// Objects that once validated but could not be encoded (and froze every proxy of the mesh):
+/// rejected, and a DENY rule written after them reaches Envoy; `/healthz` says every proxy is
+/// current.
+#[test]
+fn objects_that_cannot_be_encoded_are_rejected_and_later_changes_still_apply() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mesh = Mesh::start(false, "all-v1");
+    let bad = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: wraps, namespace: default}\n\
+        spec:\n  hosts: [ratings]\n  http:\n  - route:\n    - {destination: {host: ratings}, weight: 9223372036854775807}\n    \
+        - {destination: {host: ratings}, weight: 9223372036854775807}\n    - {destination: {host: ratings}, weight: 102}\n\
+        ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: forever, namespace: default}\n\
+        spec:\n  hosts: [details]\n  http:\n  - route: [{destination: {host: details}}]\n    timeout: 99999999999999999s\n\
+        ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: counts, namespace: default}\n\
+        spec:\n  host: productpage\n  trafficPolicy: {outlierDetection: {consecutive5xxErrors: 99999999999}}\n";
+    std::fs::write(mesh.dir.path().join("cfg/bad.yaml"), bad).unwrap();
+    let rejected = eventually(Duration::from_secs(10), || {
+        let c: serde_json::Value = serde_json::from_str(&mesh.monitoring("/debug/configz")).ok()?;
+        (c["rejected"].as_array()?.len() >= 3).then_some(c)
+    });
+    assert!(rejected.is_some(), "the three objects are rejected\n{}", mesh.logs());
+    mesh.set_variant("deny-admin");
+    let denied = eventually(Duration::from_secs(10), || {
+        http_get(&inbound(), "productpage:9080", "/admin", &[]).ok().filter(|(s, _)| *s == 403)
+    });
+    assert!(denied.is_some(), "the DENY rule written after the bad objects never reached Envoy\n{}", mesh.logs());
+    let (code, body) = http_get(&format!("127.0.0.1:{}", mesh.monitoring_port), "x", "/healthz", &[]).unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok\n"), "no proxy is served a stale config");
+}
