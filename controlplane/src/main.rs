@@ -311,8 +311,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{d}");
             }
             let warnings = loaded.diagnostics.len() - errors;
+            let stuck = sluice_controlplane::ungeneratable(&loaded.snapshot);
+            for (node, why) in &stuck {
+                println!("error: cannot generate the config of proxy {node}: {why}");
+            }
             println!("{errors} rejected, {warnings} warnings");
-            Ok(if errors > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            if !stuck.is_empty() {
+                println!("{} proxies whose config cannot be generated", stuck.len());
+            }
+            Ok(if errors > 0 || !stuck.is_empty() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
     }
 }
