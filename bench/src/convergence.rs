@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use sluice_testkit::{Proc, free_port};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -31,11 +31,15 @@ const STREAMS_PER_CONNECTION: usize = 50;
 /// The highest version each client has ACKed per type, and when.
 type Acks = Arc<Mutex<Vec<HashMap<&'static str, (u64, Instant)>>>>;
 
-async fn client(channel: tonic::transport::Channel, id: usize, acks: Acks) -> anyhow::Result<()> {
+/// Opens a Delta ADS stream as `node_id`, subscribed to every resource of the four types;
+/// returns the sender for further requests and the responses.
+async fn subscribe(
+    channel: tonic::transport::Channel,
+    node_id: String,
+) -> anyhow::Result<(tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>, tonic::Streaming<DeltaDiscoveryResponse>)> {
     let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let node =
-        Node { id: format!("sidecar~127.0.3.1~client-{id}.bench~bench.svc.cluster.local"), ..Default::default() };
+    let node = Node { id: node_id, ..Default::default() };
     for type_url in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
         let request = DeltaDiscoveryRequest {
             node: Some(node.clone()),
@@ -45,7 +49,14 @@ async fn client(channel: tonic::transport::Channel, id: usize, acks: Acks) -> an
         };
         tx.send(request).await?;
     }
-    let mut responses = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    let responses = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    Ok((tx, responses))
+}
+
+/// A client that ACKs every response as Envoy does, recording the versions it ACKed.
+async fn client(channel: tonic::transport::Channel, id: usize, acks: Acks) -> anyhow::Result<()> {
+    let node = format!("sidecar~127.0.3.1~client-{id}.bench~bench.svc.cluster.local");
+    let (tx, mut responses) = subscribe(channel, node).await?;
     while let Some(r) = responses.message().await? {
         tx.send(DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
@@ -64,30 +75,17 @@ async fn client(channel: tonic::transport::Channel, id: usize, acks: Acks) -> an
     Ok(())
 }
 
-/// Waits until every client has ACKed `type_url` at a version above `above[client]`; returns
-/// each client's time from `since`.
 /// A client that subscribes like [`client`] and then never answers: it reads its responses
 /// (so the connection keeps flowing) and sends nothing more.
 async fn silent(channel: tonic::transport::Channel, id: usize) -> anyhow::Result<()> {
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let node =
-        Node { id: format!("sidecar~127.0.3.2~silent-{id}.bench~bench.svc.cluster.local"), ..Default::default() };
-    for type_url in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
-        let request = DeltaDiscoveryRequest {
-            node: Some(node.clone()),
-            type_url: type_url.into(),
-            resource_names_subscribe: vec!["*".into()],
-            ..Default::default()
-        };
-        tx.send(request).await?;
-    }
-    let mut responses = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    let node = format!("sidecar~127.0.3.2~silent-{id}.bench~bench.svc.cluster.local");
+    let (_tx, mut responses) = subscribe(channel, node).await?;
     while responses.message().await?.is_some() {}
-    drop(tx);
     Ok(())
 }
 
+/// Waits until every client has ACKed `type_url` at a version above `above[client]`; returns
+/// each client's time from `since`.
 fn wait_all(
     acks: &Acks,
     type_url: &'static str,

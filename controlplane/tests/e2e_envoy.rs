@@ -19,7 +19,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// productpage's outbound listener (the Sidecar's egress bind, 127.0.0.1 in the example).
 fn outbound() -> String {
-    relocate("127.0.0.1:9080")
+    relocate("127.0.0.1") + ":9080"
 }
 
 /// productpage's inbound listener, on its pod IP.
