@@ -320,7 +320,9 @@ pub async fn serve(
         }
     }
     let state_dir = options.state_dir.clone().map(|d| d.canonicalize().unwrap_or(d));
-    let roots = options.config.clone();
+    // Events may name a path as it was given (relative) or absolute: match either.
+    let roots: Vec<PathBuf> =
+        options.config.iter().flat_map(|r| [r.clone(), std::path::absolute(r).unwrap_or_else(|_| r.clone())]).collect();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
         let relevant = matches!(event.kind, EventKind::Create(_) | EventKind::Remove(_))

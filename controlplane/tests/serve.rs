@@ -197,3 +197,37 @@ fn continuous_writes_still_reload() {
     }
     assert!(reloaded_during.is_some(), "no reload while the writes went on ({i} writes)");
 }
+
+/// `--config` as the README writes it, relative to the working directory: edits are seen, and so
+/// is the directory's return after a deletion.
+#[test]
+fn a_relative_config_path_is_watched() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cfg")).unwrap();
+    std::fs::write(dir.path().join("cfg/dr.yaml"), dr("web")).unwrap();
+    let (xds, mon) = (free_port(), free_port());
+    let _sluice = Proc::spawn(
+        "sluice",
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .current_dir(dir.path())
+            .args(["serve", "--debounce-ms", "20", "--config", "cfg"])
+            .args(["--xds-addr", &format!("127.0.0.1:{xds}"), "--monitoring-addr", &format!("127.0.0.1:{mon}")]),
+        &dir.path().join("sluice.log"),
+    );
+    let version =
+        |v: u64| eventually(Duration::from_secs(10), || metric(mon, "sluice_config_version").filter(|n| *n >= v));
+    version(1).expect("loaded");
+    std::fs::write(dir.path().join("cfg/two.yaml"), dr("two").replace("name: web", "name: two")).unwrap();
+    version(2).unwrap_or_else(|| {
+        panic!(
+            "an edit under a relative root was not seen: {}",
+            std::fs::read_to_string(dir.path().join("sluice.log")).unwrap()
+        )
+    });
+    std::fs::remove_dir_all(dir.path().join("cfg")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::create_dir(dir.path().join("cfg")).unwrap();
+    std::fs::write(dir.path().join("cfg/three.yaml"), dr("three").replace("name: web", "name: three")).unwrap();
+    version(3).expect("the recreated relative root is read");
+    assert_eq!(configz(mon)["objects"].as_array().map(Vec::len), Some(1), "only three.yaml is left");
+}

@@ -158,7 +158,8 @@ fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
 /// Where the kernel says a link is attached (its fdinfo: `cgroup_id`, `attach_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkTarget {
-    /// The cgroup's id; 0 once the cgroup was removed (the link is then defunct).
+    /// The cgroup's id. A removed cgroup keeps its id while links hold it (the kernel keeps
+    /// it as a zombie), so a link on a removed cgroup is one whose id no directory has.
     pub cgroup_id: u64,
     /// `bpf_attach_type`.
     pub attach_type: u32,
