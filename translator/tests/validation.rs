@@ -251,7 +251,26 @@ fn se(spec: &str) -> String {
 
 #[test]
 fn service_entry_and_workload_entry_rules() {
-    rejected(&se("spec: {hosts: [a.com]}"), "spec.ports", "at least one port");
+    // As Istio: ports are optional; port names are DNS-1123 labels; a WorkloadEntry without an
+    // address is a warning when it names a network; Unix socket addresses are absolute file
+    // paths (or abstract) and carry no ports.
+    let (accepted, diags) = diagnostics(&se("spec: {hosts: [a.com]}"));
+    assert_eq!(accepted, 1, "a ServiceEntry without ports: {diags:?}");
+    rejected(&se("spec: {hosts: [a.com], ports: [{number: 80, name: Http_1}]}"), "spec.ports[0].name", "DNS-1123");
+    let we = |body: &str| doc(NET, "WorkloadEntry", body);
+    warned(&we("spec: {network: net-2}"), "spec.address", "unset with network");
+    rejected(&we("spec: {labels: {app: a}}"), "spec.address", "address is required");
+    for relative in ["unix://relative.sock", "unix:///var/run/", "unix://"] {
+        rejected(&we(&format!("spec: {{address: \"{relative}\"}}")), "spec.address", "absolute path");
+    }
+    rejected(
+        &we("spec: {address: \"unix:///var/run/a.sock\", ports: {http: 80}}"),
+        "spec.ports",
+        "must not include ports",
+    );
+    assert_eq!(diagnostics(&we("spec: {address: \"unix:///var/run/a.sock\"}")).0, 1);
+    assert_eq!(diagnostics(&we("spec: {address: \"unix://@abstract\"}")).0, 1);
+    rejected(&we("spec: {address: 1.2.3.4, ports: {Bad_Name: 80}}"), "spec.ports.Bad_Name", "DNS-1123");
     rejected(
         &se("spec: {hosts: [a.com], ports: [{number: 80, name: http}, {number: 81, name: http}]}"),
         "spec.ports[1].name",

@@ -126,9 +126,7 @@ pub fn validate(spec: &ServiceEntrySpec, findings: &mut Findings) {
         }
     }
     validate_export_to("spec.exportTo", &spec.export_to, findings);
-    if spec.ports.is_empty() {
-        findings.error("spec.ports", "at least one port is required");
-    }
+    // Istio allows a ServiceEntry without ports (it then only names hosts for other objects).
     let mut names = std::collections::BTreeSet::new();
     let mut numbers = std::collections::BTreeSet::new();
     for (i, p) in spec.ports.iter().enumerate() {
@@ -137,8 +135,9 @@ pub fn validate(spec: &ServiceEntrySpec, findings: &mut Findings) {
         if let Some(t) = p.target_port {
             validate_port(&format!("{path}.targetPort"), t, findings);
         }
-        if p.name.is_empty() {
-            findings.error(format!("{path}.name"), "port name is required");
+        if !super::common::is_dns1123_label(&p.name) {
+            findings
+                .error(format!("{path}.name"), format!("invalid port name {:?}: a DNS-1123 label is required", p.name));
         } else if !names.insert(&p.name) {
             findings.error(format!("{path}.name"), format!("duplicate port name {:?}", p.name));
         }
@@ -186,9 +185,26 @@ pub fn validate(spec: &ServiceEntrySpec, findings: &mut Findings) {
 /// Checks a workload (WorkloadEntry spec or ServiceEntry endpoint) at `path`.
 pub fn validate_workload(path: &str, w: &WorkloadEntrySpec, must_be_ip: bool, findings: &mut Findings) {
     if w.address.is_empty() {
-        findings.error(format!("{path}.address"), "address is required");
-    } else if w.address.starts_with("unix://") {
-        // A Unix socket path is accepted as is.
+        match w.network.as_deref().filter(|n| !n.is_empty()) {
+            // Istio: reached through the network's gateway. sluice has no network gateways.
+            Some(network) => findings.warn(
+                format!("{path}.address"),
+                format!(
+                    "address is unset with network {network:?}: sluice has no network gateways, so it has no endpoint"
+                ),
+            ),
+            None => findings.error(format!("{path}.address"), "address is required"),
+        }
+    } else if let Some(socket) = w.address.strip_prefix("unix://") {
+        // Istio's rule: an absolute path to a file, or an abstract socket (`@name`); no ports.
+        let absolute_file = socket.starts_with('/') && !socket.ends_with('/');
+        let abstract_socket = socket.starts_with('@') && socket.len() > 1;
+        if !(absolute_file || abstract_socket) {
+            findings.error(format!("{path}.address"), format!("{socket:?} is not an absolute path to a file"));
+        }
+        if !w.ports.is_empty() {
+            findings.error(format!("{path}.ports"), format!("unix endpoint {} must not include ports", w.address));
+        }
     } else if w.address.parse::<std::net::IpAddr>().is_err() {
         if must_be_ip {
             findings.error(
@@ -200,6 +216,12 @@ pub fn validate_workload(path: &str, w: &WorkloadEntrySpec, must_be_ip: bool, fi
         }
     }
     for (name, port) in &w.ports {
+        if !super::common::is_dns1123_label(name) {
+            findings.error(
+                format!("{path}.ports.{name}"),
+                format!("invalid port name {name:?}: a DNS-1123 label is required"),
+            );
+        }
         validate_port(&format!("{path}.ports.{name}"), *port, findings);
     }
     if let Some(l) = &w.locality

@@ -289,7 +289,8 @@ impl Snapshot {
             read.push(Dependency::WorkloadEntries(meta.namespace.clone()));
             for we in self.workload_entries_in(&meta.namespace) {
                 let Some(w) = self.workloads.get(&(we.meta.namespace.clone(), we.meta.name.clone())) else { continue };
-                if labels_match(selector, &w.labels) {
+                // An entry without an address (one on another network) has no endpoint here.
+                if labels_match(selector, &w.labels) && !we.spec.address.is_empty() {
                     let mut ep = workload_endpoint(w, we.spec.address.clone());
                     ep.weight = we.spec.weight;
                     endpoints.push(ep);
@@ -339,6 +340,7 @@ impl Snapshot {
         let mut endpoints: Vec<Endpoint> = spec
             .endpoints
             .iter()
+            .filter(|e| !e.address.is_empty())
             .map(|e| Endpoint {
                 address: e.address.clone(),
                 ports: e.ports.clone(),
