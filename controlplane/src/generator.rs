@@ -85,7 +85,7 @@ impl OutboundCache {
 /// before instead.
 pub struct MeshGenerator {
     current: RwLock<Arc<Current>>,
-    interner: Interner,
+    interner: Arc<Interner>,
     outbound: Mutex<OutboundCache>,
     /// The deltas that led to recent versions, by version.
     deltas: Mutex<VecDeque<(u64, SnapshotDelta)>>,
@@ -94,10 +94,15 @@ pub struct MeshGenerator {
 impl MeshGenerator {
     /// A generator starting at `current`.
     pub fn new(current: Current) -> Self {
+        Self::with_interner(current, Arc::default())
+    }
+
+    /// A generator starting at `current` that shares encodings with others through `interner`.
+    pub fn with_interner(current: Current, interner: Arc<Interner>) -> Self {
         let outbound = OutboundCache { version: current.version, ..Default::default() };
         Self {
             current: RwLock::new(Arc::new(current)),
-            interner: Interner::default(),
+            interner,
             outbound: Mutex::new(outbound),
             deltas: Mutex::default(),
         }
@@ -239,6 +244,11 @@ impl MeshGenerator {
             next += 1;
         }
         (next == to + 1).then_some(merged)
+    }
+
+    /// The encodings this generator shares.
+    pub fn interner(&self) -> Arc<Interner> {
+        self.interner.clone()
     }
 
     /// The config version being served.

@@ -1,6 +1,7 @@
 //! The sluice control plane: sources, the config pipeline, and the commands of the `sluice`
 //! binary.
 
+pub mod admission;
 pub mod bootstrap;
 pub mod crds;
 pub mod file_source;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use sluice_translator::diagnostic::Diagnostic;
 use sluice_translator::envoy::{ProxyResources, Resource, translate_sidecar};
-use sluice_translator::snapshot::Snapshot;
+use sluice_translator::snapshot::{Change, Snapshot};
 
 /// A loaded config: the snapshot of every accepted object and every diagnostic on the way.
 pub struct LoadedConfig {
@@ -31,8 +32,25 @@ pub struct LoadedConfig {
 /// Loads files and directories into a snapshot.
 pub fn load_config(paths: &[PathBuf]) -> LoadedConfig {
     let (objects, mut diagnostics) = file_source::load(paths);
-    let (snapshot, more) = Snapshot::build(objects);
+    let (mut snapshot, more) = Snapshot::build(objects.clone());
     diagnostics.extend(more);
+    if !admission::ungeneratable(&snapshot, true).is_empty() {
+        // Refuse what `sluice serve` would refuse, naming the objects (the first of duplicates
+        // is the one built, as in the snapshot).
+        let mut origins = std::collections::HashMap::new();
+        let mut changes = Vec::new();
+        for l in objects {
+            if !origins.contains_key(&l.reference) {
+                origins.insert(l.reference.clone(), l.origin.clone());
+                changes.push(Change::Upsert(std::sync::Arc::new(l)));
+            }
+        }
+        let admitted = admission::admit(&Snapshot::default(), changes);
+        for (r, stuck) in &admitted.refused {
+            diagnostics.push(stuck.refusal(&origins[r], r));
+        }
+        snapshot = admitted.snapshot;
+    }
     diagnostics.sort();
     diagnostics.dedup();
     LoadedConfig { snapshot, diagnostics }
@@ -63,21 +81,6 @@ pub fn translate_config_dump(snapshot: &Snapshot, node_id: &str) -> Result<(Valu
     Ok((dump, resources))
 }
 
-/// Generates every workload's sidecar config (one proxy per workload with an address, as its
-/// node id names it) and returns the ones that cannot be: (node id, why). What validates must
-/// also generate; this is the check `sluice validate` adds on top of the objects' own rules.
-pub fn ungeneratable(snapshot: &Snapshot) -> Vec<(String, String)> {
-    snapshot
-        .workloads
-        .values()
-        .filter_map(|w| {
-            let ip = w.ip.as_deref()?;
-            let node = format!("sidecar~{ip}~{}.{}~{}.svc.cluster.local", w.name, w.namespace, w.namespace);
-            translate_config_dump(snapshot, &node).err().map(|e| (node, e.to_string()))
-        })
-        .collect()
-}
-
 /// What `sluice translate` prints for a node id: a proxy's `/config_dump`, or for `agent~<node>`
 /// the node agent's kernel entries; plus the translation's warnings.
 pub fn translate_json(snapshot: &Snapshot, node_id: &str) -> Result<(Value, Vec<Diagnostic>), TranslateError> {
@@ -87,38 +90,4 @@ pub fn translate_json(snapshot: &Snapshot, node_id: &str) -> Result<(Value, Vec<
     }
     let (dump, resources) = translate_config_dump(snapshot, node_id)?;
     Ok((dump, resources.diagnostics))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sluice_translator::model::Object;
-    use sluice_translator::parse::parse_documents;
-
-    const MESH: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec: {clusterIP: 127.100.60.1, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: ns}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.60.2}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: ns}\nspec:\n  hosts: [web]\n  http: [{fault: {abort: {httpStatus: 503, percentage: {value: 1}}}, route: [{destination: {host: web, subset: a}, weight: 50}, {destination: {host: web, subset: b}, weight: 50}]}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: ns}\nspec: {host: web, subsets: [{name: a, labels: {v: a}}, {name: b, labels: {v: b}}]}\n";
-
-    #[test]
-    fn a_config_that_cannot_be_generated_is_found_per_proxy() {
-        let (objects, diagnostics) = parse_documents("mesh.yaml", MESH);
-        assert!(diagnostics.is_empty(), "{diagnostics:?}");
-        let (snapshot, _) = Snapshot::build(objects.clone());
-        assert_eq!(ungeneratable(&snapshot), Vec::new(), "a valid mesh generates");
-        // What validation would refuse (a negative HTTP status), slipped past it: the proxy's
-        // config cannot be encoded, and the check names the proxy and the resource.
-        let broken: Vec<_> = objects
-            .into_iter()
-            .map(|mut l| {
-                if let Object::VirtualService(vs) = &mut l.object {
-                    let abort = vs.spec.http[0].fault.as_mut().and_then(|f| f.abort.as_mut()).expect("abort");
-                    abort.http_status = Some(-1);
-                }
-                l
-            })
-            .collect();
-        let (snapshot, _) = Snapshot::build(broken);
-        let stuck = ungeneratable(&snapshot);
-        assert_eq!(stuck.len(), 1, "{stuck:?}");
-        assert_eq!(stuck[0].0, "sidecar~127.0.60.2~client.ns~ns.svc.cluster.local");
-        assert!(stuck[0].1.contains("RouteConfiguration"), "{}", stuck[0].1);
-    }
 }

@@ -311,9 +311,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{d}");
             }
             let warnings = loaded.diagnostics.len() - errors;
-            let stuck = sluice_controlplane::ungeneratable(&loaded.snapshot);
-            for (node, why) in &stuck {
-                println!("error: cannot generate the config of proxy {node}: {why}");
+            // Left after the refusals only when objects together break a proxy.
+            let stuck = sluice_controlplane::admission::ungeneratable(&loaded.snapshot, false);
+            for s in &stuck {
+                println!("error: cannot generate the config of proxy {}: {}", s.node, s.reason);
             }
             println!("{errors} rejected, {warnings} warnings");
             if !stuck.is_empty() {

@@ -195,8 +195,8 @@ impl Pipeline {
         });
         let rejected = store.rejected();
         self.metrics.loaded(rejected);
-        self.ready.store(true, Ordering::Release);
         let Some(delta) = delta else {
+            self.ready.store(true, Ordering::Release);
             tracing::debug!("config unchanged");
             // Status may still be due: an object rejected now leaves the config as it was.
             self.findings.send_modify(|_| {});
@@ -211,6 +211,8 @@ impl Pipeline {
         let services = delta.services.len();
         let stored = started.elapsed();
         self.generator.set(Current { version, snapshot }, delta);
+        // Ready once proxies are given the loaded config, not before.
+        self.ready.store(true, Ordering::Release);
         let generated = started.elapsed();
         let pushed = self.xds.refresh();
         tracing::info!(
@@ -240,7 +242,8 @@ pub async fn serve(
         tracing::warn!("{said}");
     }
     let from_state = !store.is_empty();
-    let generator = Arc::new(MeshGenerator::new(Current { version: store.version(), snapshot: store.snapshot() }));
+    let current = Current { version: store.version(), snapshot: store.snapshot() };
+    let generator = Arc::new(MeshGenerator::with_interner(current, store.interner()));
     let metrics = Arc::new(Metrics::new());
     metrics.config_changed(store.version(), Instant::now());
     let xds = XdsServer::new(generator.clone(), metrics.clone()).with_delta_chunk_bytes(options.delta_chunk_bytes);

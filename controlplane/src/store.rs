@@ -14,6 +14,8 @@ use sluice_translator::model::Loaded;
 use sluice_translator::parse::parse_documents;
 use sluice_translator::snapshot::{Change, Snapshot, SnapshotDelta};
 
+use crate::admission;
+
 /// A persistence failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +50,9 @@ pub enum Source {
 /// One group's latest read: its objects and diagnostics, or None when the group is gone.
 pub type GroupRead = (String, Option<(Vec<Arc<Loaded>>, Vec<Diagnostic>)>);
 
+/// Each changed object's accepted form before the change.
+type Previous = HashMap<ObjectRef, Option<Arc<Loaded>>>;
+
 /// What one group contributes.
 struct Group {
     source: Source,
@@ -68,6 +73,8 @@ pub struct ConfigStore {
     snapshot: Snapshot,
     version: u64,
     db: Option<(sled::Db, String)>,
+    /// Checks that each change's config can be generated.
+    checker: admission::Checker,
 }
 
 const VERSION_KEY: &[u8] = b"version";
@@ -92,6 +99,7 @@ impl ConfigStore {
             snapshot: Snapshot::default(),
             version: 0,
             db: None,
+            checker: admission::Checker::new(Default::default()),
         };
         let Some(dir) = state_dir else { return Ok(store) };
         let path = dir.display().to_string();
@@ -113,7 +121,7 @@ impl ConfigStore {
             saved.entry((source, group)).or_default().extend(loaded.into_iter().map(Arc::new));
         }
         let reads = saved.into_iter().map(|((source, group), objects)| (source, (group, Some((objects, Vec::new())))));
-        let changes = store.take(reads.collect(), &[]);
+        let (changes, _) = store.take(reads.collect(), &[]);
         store.snapshot.apply(changes);
         store.db = Some((db, path));
         Ok(store)
@@ -172,6 +180,11 @@ impl ConfigStore {
         self.accepted.values().map(|l| l.as_ref())
     }
 
+    /// The encodings of the store's generation check, for the server's generator to share.
+    pub fn interner(&self) -> Arc<sluice_xds::resource::Interner> {
+        self.checker.interner()
+    }
+
     /// The translator's snapshot of the accepted objects (a cheap copy: it shares structure).
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot.clone()
@@ -179,25 +192,68 @@ impl ConfigStore {
 
     /// Takes the sources' `reads` of their groups; for a source in `complete`, every group was
     /// read and the ones not in `reads` are gone. Returns the snapshot's delta when the accepted
-    /// objects changed (and the version was bumped). On a persistence error the snapshot has
-    /// changed all the same (the error says only that the state directory lags).
+    /// objects changed (and the version was bumped). A changed object after which some proxy's
+    /// config cannot be generated is refused like an invalid one ([`crate::admission`]). On a
+    /// persistence error the snapshot has changed all the same (the error says only that the
+    /// state directory lags).
     pub fn apply(
         &mut self,
         reads: Vec<(Source, GroupRead)>,
         complete: &[Source],
     ) -> Result<Option<SnapshotDelta>, StoreError> {
-        let changes = self.take(reads, complete);
+        let (changes, mut previous) = self.take(reads, complete);
         if changes.is_empty() {
             return Ok(None);
         }
+        let admitted = self.checker.admit(&self.snapshot, changes.clone());
+        for (r, stuck) in &admitted.refused {
+            let new = changes.iter().find_map(|c| match c {
+                Change::Upsert(l) if &l.reference == r => Some(l.clone()),
+                _ => None,
+            });
+            self.refuse(r, previous.remove(r).flatten(), new, stuck);
+        }
+        let refused: BTreeSet<&ObjectRef> = admitted.refused.iter().map(|(r, _)| r).collect();
+        let kept: Vec<Change> = changes.into_iter().filter(|c| !refused.contains(&admission::reference(c))).collect();
+        if kept.is_empty() {
+            return Ok(None);
+        }
         self.version += 1;
-        let persisted = self.persist(&changes);
-        let delta = self.snapshot.apply(changes);
-        persisted.map(|()| Some(delta))
+        let persisted = self.persist(&kept);
+        self.snapshot = admitted.snapshot;
+        persisted.map(|()| Some(admitted.delta))
     }
 
-    /// Records the reads; returns the changes of the accepted objects.
-    fn take(&mut self, mut reads: Vec<(Source, GroupRead)>, complete: &[Source]) -> Vec<Change> {
+    /// Undoes the change of `r` (its accepted form goes back to `old`) because the config of
+    /// `stuck.node` cannot be generated with `new`; the owning group says so, as for an invalid
+    /// object.
+    fn refuse(&mut self, r: &ObjectRef, old: Option<Arc<Loaded>>, new: Option<Arc<Loaded>>, stuck: &admission::Stuck) {
+        tracing::warn!(object = %r, proxy = %stuck.node, reason = %stuck.reason,
+            "refusing a change whose config cannot be generated; keeping the last good version");
+        match &old {
+            Some(o) => self.accepted.insert(r.clone(), o.clone()),
+            None => self.accepted.remove(r),
+        };
+        let Some(name) = self.owners.get(r).and_then(|o| o.first()).cloned() else { return };
+        let group = self.groups.get_mut(&name).expect("an owner is a group");
+        match old {
+            Some(o) => {
+                group.objects.insert(r.clone(), o);
+            }
+            None => {
+                group.objects.remove(r);
+            }
+        }
+        group.diagnostics.push(stuck.refusal(&new.map_or(name.clone(), |l| l.origin.clone()), r));
+        self.rejected += 1;
+        if !self.groups[&name].objects.contains_key(r) {
+            self.disown(r, &name);
+        }
+    }
+
+    /// Records the reads; returns the changes of the accepted objects, and each changed
+    /// object's accepted form before.
+    fn take(&mut self, mut reads: Vec<(Source, GroupRead)>, complete: &[Source]) -> (Vec<Change>, Previous) {
         if !complete.is_empty() {
             let read: BTreeSet<&str> = reads.iter().map(|(_, (g, _))| g.as_str()).collect();
             let gone: Vec<(Source, GroupRead)> = self
@@ -234,22 +290,23 @@ impl ConfigStore {
             self.groups.insert(name, group);
         }
         let mut changes = Vec::new();
+        let mut previous = Previous::new();
         for r in touched {
             let now = self.owners.get(&r).and_then(|o| o.first()).and_then(|g| self.groups[g].objects.get(&r)).cloned();
             match (self.accepted.get(&r), now) {
                 (Some(old), Some(new)) if old.same_as(&new) => {}
                 (_, Some(new)) => {
-                    self.accepted.insert(r, new.clone());
+                    previous.insert(r.clone(), self.accepted.insert(r, new.clone()));
                     changes.push(Change::Upsert(new));
                 }
                 (Some(_), None) => {
-                    self.accepted.remove(&r);
+                    previous.insert(r.clone(), self.accepted.remove(&r));
                     changes.push(Change::Remove(r));
                 }
                 (None, None) => {}
             }
         }
-        changes
+        (changes, previous)
     }
 
     /// What a group contributes after a read: a rejected object keeps its last good form, and
@@ -325,6 +382,20 @@ mod tests {
         vec![(Source::Files, (group.to_string(), Some((loaded.into_iter().map(Arc::new).collect(), diagnostics))))]
     }
 
+    /// Opens the state directory a dropped store used: sled's flusher thread may hold its lock
+    /// for a moment after the drop.
+    fn reopen(dir: &Path) -> ConfigStore {
+        for _ in 0..50 {
+            match ConfigStore::open(Some(dir)) {
+                Err(StoreError::Sled { source: sled::Error::Io(e), .. }) if e.to_string().contains("lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(40));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{} stays locked", dir.display())
+    }
+
     const GOOD: &str =
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a}\nspec: {host: a}\n";
     const BAD: &str =
@@ -359,7 +430,7 @@ mod tests {
         assert_eq!((s.version(), s.len()), (4, 0));
         s.apply(read("f.yaml", GOOD), &[]).unwrap();
         drop(s);
-        let mut s = ConfigStore::open(Some(dir.path())).unwrap();
+        let mut s = reopen(dir.path());
         assert_eq!((s.version(), s.len()), (5, 1), "restart: same objects, version does not go back");
         assert_eq!(s.snapshot().destination_rules.len(), 1, "and the snapshot has them");
         // A complete read of the files without f.yaml: it was deleted while sluice was down.
@@ -404,5 +475,40 @@ mod tests {
             .filter(|n| n.starts_with("state.corrupt-"))
             .collect();
         assert_eq!(aside.len(), 1, "the old directory is kept for a look: {aside:?}");
+    }
+
+    #[test]
+    fn an_object_whose_config_cannot_be_encoded_keeps_its_last_good_version_and_blocks_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = ConfigStore::open(Some(dir.path())).unwrap();
+        let group = |objects: Vec<Loaded>| {
+            vec![(
+                Source::Files,
+                ("mesh.yaml".to_string(), Some((objects.into_iter().map(Arc::new).collect(), Vec::new()))),
+            )]
+        };
+        s.apply(group(crate::admission::tests::mesh(false)), &[]).unwrap().expect("a change");
+        let version = s.version();
+        // The broken VirtualService, as if it had passed validation: refused, nothing changed.
+        assert!(s.apply(group(crate::admission::tests::mesh(true)), &[]).unwrap().is_none());
+        assert_eq!((s.version(), s.rejected()), (version, 1));
+        let said = s.diagnostics();
+        assert!(
+            said.iter().any(|d| d.severity == Severity::Error
+                && d.object.as_ref().is_some_and(|r| r.kind == "VirtualService")
+                && d.message.contains("cannot be encoded")),
+            "{said:?}"
+        );
+        assert!(crate::admission::ungeneratable(&s.snapshot(), false).is_empty(), "the served config generates");
+        assert_eq!(s.snapshot().virtual_services.len(), 1, "the last good VirtualService is served");
+        // Another object of the mesh still changes.
+        let dr = GOOD.replace("name: a", "name: other");
+        assert!(s.apply(read("other.yaml", &dr), &[]).unwrap().is_some());
+        drop(s);
+        let s = reopen(dir.path());
+        assert!(
+            crate::admission::ungeneratable(&s.snapshot(), false).is_empty(),
+            "the refused version was not persisted"
+        );
     }
 }

@@ -90,6 +90,7 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
         path
     };
     let tls_addr = format!("127.0.0.1:{}", free_port());
+    let monitoring = format!("127.0.0.1:{}", free_port());
     let options = ServeOptions {
         config: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookinfo")],
         kube: None,
@@ -100,7 +101,7 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
             key: write("server-key.pem", &server_key),
             client_ca: Some(write("ca.pem", &mesh_ca.pem)),
         }),
-        monitoring_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        monitoring_addr: monitoring.parse().unwrap(),
         state_dir: None,
         debounce: Duration::from_millis(20),
         max_debounce: Duration::from_secs(1),
@@ -116,6 +117,11 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
             std::net::TcpStream::connect(&tls_addr).ok().map(|_| ())
         });
         assert!(ready.is_some(), "the TLS port never opened");
+        // The port opens before the first load; a proxy asking earlier would get an empty config.
+        let loaded = sluice_testkit::eventually(Duration::from_secs(60), || {
+            sluice_testkit::http_get(&monitoring, "x", "/ready", &[]).ok().filter(|(code, _)| *code == 200)
+        });
+        assert!(loaded.is_some(), "the config never loaded");
         let got = clusters(&tls_addr, &mesh_ca.pem, Some(&client)).await.expect("a mesh client is served");
         assert!(got > 5, "productpage's sidecar gets Bookinfo's clusters, got {got}");
         let anonymous = clusters(&tls_addr, &mesh_ca.pem, None).await;

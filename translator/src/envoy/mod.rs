@@ -78,7 +78,8 @@ pub struct ProxyClass {
     pub kind: String,
     /// The proxy's namespace.
     pub namespace: String,
-    /// Its workload's labels.
+    /// Its workload's labels that some object selects outbound config by (others make no
+    /// difference to it).
     pub labels: std::collections::BTreeMap<String, String>,
     /// No iptables capture.
     pub interception_none: bool,
@@ -105,7 +106,7 @@ impl<'a> ProxyTranslation<'a> {
         ProxyClass {
             kind: p.node.kind.clone(),
             namespace: p.node.namespace.clone(),
-            labels: p.labels.clone(),
+            labels: p.snapshot.outbound_labels(&p.labels),
             interception_none: p.interception_none,
             sidecar: p.sidecar.map(|s| (s.meta.namespace.clone(), s.meta.name.clone())),
         }

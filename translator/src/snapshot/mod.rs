@@ -203,6 +203,10 @@ pub struct Snapshot {
     conflicts: HashMap<String, Vec<Diagnostic>>,
     /// IST0101 findings by VirtualService or DestinationRule.
     analysis: OrdMap<ObjectRef, Vec<Diagnostic>>,
+    /// Label keys by which some object picks proxies for their outbound config (VirtualService
+    /// `sourceLabels`, DestinationRule and Sidecar `workloadSelector`), with how many objects
+    /// name each: proxies whose labels agree on these keys get the same outbound config.
+    selector_keys: OrdMap<String, usize>,
 }
 
 /// References to objects by the (resolved) hosts they name, so that finding the objects for one
@@ -303,6 +307,16 @@ impl Snapshot {
             self.analysis.iter().filter(move |(r, _)| r.kind == kind).flat_map(|(_, d)| d.iter().cloned())
         };
         conflicts.into_iter().chain(analysis("VirtualService")).chain(analysis("DestinationRule")).collect()
+    }
+
+    /// The labels of `labels` that some object selects proxies' outbound config by: what a proxy
+    /// class keeps of its workload's labels.
+    pub fn outbound_labels(&self, labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        labels
+            .iter()
+            .filter(|(k, _)| self.selector_keys.contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// VirtualServices, in namespace/name order, that may name `hostname`.

@@ -180,8 +180,34 @@ impl Snapshot {
         pending.delta
     }
 
+    /// Counts (or with `adding` false, uncounts) the label keys `object` selects proxies by.
+    fn count_selector_keys(&mut self, object: &Object, adding: bool) {
+        let keys: BTreeSet<&String> = match object {
+            Object::VirtualService(vs) => {
+                let http = vs.spec.http.iter().flat_map(|h| h.matches.iter().flat_map(|m| m.source_labels.keys()));
+                let tcp = vs.spec.tcp.iter().flat_map(|t| t.matches.iter().flat_map(|m| m.source_labels.keys()));
+                http.chain(tcp).collect()
+            }
+            Object::DestinationRule(dr) => dr.spec.workload_selector.iter().flat_map(|s| s.labels.keys()).collect(),
+            Object::Sidecar(sc) => sc.spec.workload_selector.iter().flat_map(|s| s.labels.keys()).collect(),
+            _ => return,
+        };
+        for key in keys {
+            let count = self.selector_keys.entry(key.clone()).or_default();
+            if adding {
+                *count += 1;
+            } else {
+                *count -= 1;
+                if *count == 0 {
+                    self.selector_keys.remove(key);
+                }
+            }
+        }
+    }
+
     /// Adds (or with `adding` false, removes) one object's contribution.
     fn take(&mut self, r: &ObjectRef, loaded: &Loaded, adding: bool, pending: &mut Pending) {
+        self.count_selector_keys(&loaded.object, adding);
         match &loaded.object {
             Object::Service(_) | Object::ServiceEntry(_) => {
                 pending.sources.insert(r.clone());

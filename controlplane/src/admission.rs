@@ -1,0 +1,245 @@
+//! The last line of defence behind validation: a change is admitted only if every proxy's config
+//! can still be generated and encoded. An object that validates but whose output cannot be
+//! encoded (a sluice bug, or a rule validation misses) is refused like an invalid object — its
+//! last good version stays — so one object never stops the config of the others.
+
+use std::sync::Arc;
+
+use sluice_translator::diagnostic::{Diagnostic, ObjectRef, Severity};
+use sluice_translator::snapshot::{Change, Snapshot, SnapshotDelta};
+use sluice_xds::resource::Interner;
+use sluice_xds::server::{Generator, NodeInfo};
+
+use crate::generator::{Current, MeshGenerator};
+
+/// A proxy whose config cannot be generated, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stuck {
+    /// The proxy's node id.
+    pub node: String,
+    /// The generation error.
+    pub reason: String,
+}
+
+/// The node ids of the sidecars of `snapshot`'s workloads (one per workload with an address).
+fn sidecar_nodes(snapshot: &Snapshot) -> impl Iterator<Item = String> + '_ {
+    snapshot.workloads.values().filter_map(|w| {
+        let ip = w.ip.as_deref()?;
+        Some(format!("sidecar~{ip}~{}.{}~{}.svc.cluster.local", w.name, w.namespace, w.namespace))
+    })
+}
+
+/// Generates every workload's sidecar config as `sluice serve` would (each proxy class's outbound
+/// half once) and returns the proxies whose config cannot be generated; with `first`, stops at
+/// the first one.
+pub fn ungeneratable(snapshot: &Snapshot, first: bool) -> Vec<Stuck> {
+    let generator = MeshGenerator::new(Current { version: 0, snapshot: snapshot.clone() });
+    let mut stuck = Vec::new();
+    for node in sidecar_nodes(snapshot) {
+        let info = NodeInfo { id: node.clone(), cluster: String::new(), metadata: Default::default() };
+        if let Err(reason) = generator.generate(&info, None) {
+            stuck.push(Stuck { node, reason });
+            if first {
+                break;
+            }
+        }
+    }
+    stuck
+}
+
+impl Stuck {
+    /// The error that refuses object `r` (read from `origin`) for this proxy.
+    pub fn refusal(&self, origin: &str, r: &ObjectRef) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            origin: origin.to_string(),
+            object: Some(r.clone()),
+            path: String::new(),
+            code: None,
+            message: format!(
+                "the config generated from this object cannot be encoded (proxy {}: {}); the object is refused \
+                 (its last good version, if any, is kept)",
+                self.node, self.reason
+            ),
+        }
+    }
+}
+
+/// What [`admit`] decided.
+pub struct Admitted {
+    /// The snapshot with the admitted changes.
+    pub snapshot: Snapshot,
+    /// What the admitted changes changed.
+    pub delta: SnapshotDelta,
+    /// The refused changes' objects, each with the proxy it broke.
+    pub refused: Vec<(ObjectRef, Stuck)>,
+}
+
+/// The object a change is about.
+pub fn reference(change: &Change) -> ObjectRef {
+    match change {
+        Change::Upsert(l) => l.reference.clone(),
+        Change::Remove(r) => r.clone(),
+    }
+}
+
+/// Checks each new config as `sluice serve` would generate it, incrementally: a generator of its
+/// own follows the admitted snapshots, so a change costs what the push after it costs (and,
+/// with the server's generator sharing the interner, the push reuses the check's encodings).
+pub struct Checker {
+    generator: MeshGenerator,
+    version: u64,
+}
+
+impl Checker {
+    /// A checker whose encodings are shared through `interner`.
+    pub fn new(interner: Arc<Interner>) -> Self {
+        let current = Current { version: 0, snapshot: Snapshot::default() };
+        Self { generator: MeshGenerator::with_interner(current, interner), version: 0 }
+    }
+
+    /// The encodings this checker shares.
+    pub fn interner(&self) -> Arc<Interner> {
+        self.generator.interner()
+    }
+
+    /// Moves to `snapshot`, which `delta` leads to from the snapshot checked before, and
+    /// returns the first proxy whose config cannot be generated.
+    fn check(&mut self, snapshot: &Snapshot, delta: SnapshotDelta) -> Option<Stuck> {
+        self.version += 1;
+        self.generator.set(Current { version: self.version, snapshot: snapshot.clone() }, delta);
+        sidecar_nodes(snapshot).find_map(|node| {
+            let info = NodeInfo { id: node.clone(), cluster: String::new(), metadata: Default::default() };
+            self.generator.generate(&info, None).err().map(|reason| Stuck { node, reason })
+        })
+    }
+
+    /// Applies `changes` to `base` (the snapshot checked last), refusing the ones after which
+    /// some proxy's config cannot be generated. Found by halving the change list, so a bad
+    /// object among many costs a few generations, and a change list that generates costs one
+    /// incremental check. When `base` itself does not generate (state from an older sluice),
+    /// nothing can be blamed on the changes and all are admitted.
+    pub fn admit(&mut self, base: &Snapshot, changes: Vec<Change>) -> Admitted {
+        let mut candidate = base.clone();
+        let delta = candidate.apply(changes.iter().cloned());
+        if self.check(&candidate, delta.clone()).is_none() || !ungeneratable(base, true).is_empty() {
+            return Admitted { snapshot: candidate, delta, refused: Vec::new() };
+        }
+        let admitted = admit(base, changes);
+        // The checker saw the refused candidate: it starts again from what was admitted.
+        self.check(&admitted.snapshot, SnapshotDelta { rebuild: true, ..Default::default() });
+        admitted
+    }
+}
+
+/// [`Checker::admit`] without a checker: every check generates every proxy's config afresh.
+pub fn admit(base: &Snapshot, changes: Vec<Change>) -> Admitted {
+    let mut candidate = base.clone();
+    let delta = candidate.apply(changes.iter().cloned());
+    if ungeneratable(&candidate, true).is_empty() || !ungeneratable(base, true).is_empty() {
+        return Admitted { snapshot: candidate, delta, refused: Vec::new() };
+    }
+    halve(base, changes)
+}
+
+/// [`admit`] for a `base` that generates and `changes` after which something does not.
+fn halve(base: &Snapshot, mut changes: Vec<Change>) -> Admitted {
+    if changes.len() == 1 {
+        let change = changes.pop().expect("one change");
+        let mut candidate = base.clone();
+        let delta = candidate.apply([change.clone()]);
+        return match ungeneratable(&candidate, true).pop() {
+            Some(stuck) => Admitted {
+                snapshot: base.clone(),
+                delta: SnapshotDelta::default(),
+                refused: vec![(reference(&change), stuck)],
+            },
+            // It broke a proxy only together with changes refused already.
+            None => Admitted { snapshot: candidate, delta, refused: Vec::new() },
+        };
+    }
+    let second = changes.split_off(changes.len() / 2);
+    let first = admit_on_good_base(base, changes);
+    let rest = admit_on_good_base(&first.snapshot, second);
+    let mut delta = first.delta;
+    delta.then(&rest.delta);
+    let mut refused = first.refused;
+    refused.extend(rest.refused);
+    Admitted { snapshot: rest.snapshot, delta, refused }
+}
+
+/// [`admit`] for a `base` known to generate.
+fn admit_on_good_base(base: &Snapshot, changes: Vec<Change>) -> Admitted {
+    if changes.is_empty() {
+        return Admitted { snapshot: base.clone(), delta: SnapshotDelta::default(), refused: Vec::new() };
+    }
+    let mut candidate = base.clone();
+    let delta = candidate.apply(changes.iter().cloned());
+    if ungeneratable(&candidate, true).is_empty() {
+        return Admitted { snapshot: candidate, delta, refused: Vec::new() };
+    }
+    halve(base, changes)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use sluice_translator::model::{Loaded, Object};
+    use sluice_translator::parse::parse_documents;
+
+    const MESH: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec: {clusterIP: 127.100.60.1, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: ns}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 127.0.60.2}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: ns}\nspec:\n  hosts: [web]\n  http: [{fault: {abort: {httpStatus: 503, percentage: {value: 1}}}, route: [{destination: {host: web, subset: a}, weight: 50}, {destination: {host: web, subset: b}, weight: 50}]}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: ns}\nspec: {host: web, subsets: [{name: a, labels: {v: a}}, {name: b, labels: {v: b}}]}\n";
+
+    /// The mesh's objects, with the VirtualService's abort status set to what validation would
+    /// refuse (a negative HTTP status), as if it had slipped past validation.
+    pub(crate) fn mesh(broken: bool) -> Vec<Loaded> {
+        let (objects, diagnostics) = parse_documents("mesh.yaml", MESH);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        objects
+            .into_iter()
+            .map(|mut l| {
+                if let Object::VirtualService(vs) = &mut l.object
+                    && broken
+                {
+                    let abort = vs.spec.http[0].fault.as_mut().and_then(|f| f.abort.as_mut()).expect("abort");
+                    abort.http_status = Some(-1);
+                    // Another version of the object, as a store compares them.
+                    l.fingerprint = l.fingerprint.wrapping_add(1);
+                }
+                l
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_config_that_cannot_be_generated_is_found_per_proxy() {
+        let (snapshot, _) = Snapshot::build(mesh(false));
+        assert_eq!(ungeneratable(&snapshot, false), Vec::new(), "a valid mesh generates");
+        let (snapshot, _) = Snapshot::build(mesh(true));
+        let stuck = ungeneratable(&snapshot, false);
+        assert_eq!(stuck.len(), 1, "{stuck:?}");
+        assert_eq!(stuck[0].node, "sidecar~127.0.60.2~client.ns~ns.svc.cluster.local");
+        assert!(stuck[0].reason.contains("VirtualHost"), "{}", stuck[0].reason);
+    }
+
+    #[test]
+    fn the_object_that_breaks_generation_is_refused_and_the_others_admitted() {
+        let upserts =
+            |objects: Vec<Loaded>| objects.into_iter().map(|l| Change::Upsert(Arc::new(l))).collect::<Vec<_>>();
+        let admitted = admit(&Snapshot::default(), upserts(mesh(true)));
+        let refused: Vec<String> = admitted.refused.iter().map(|(r, _)| r.to_string()).collect();
+        assert_eq!(refused, ["VirtualService/ns/web"]);
+        assert!(ungeneratable(&admitted.snapshot, false).is_empty());
+        assert!(admitted.snapshot.lookup("web", "ns").is_some(), "the Service is admitted");
+        assert_eq!(admitted.snapshot.virtual_services.len(), 0);
+
+        // On a good base, the broken version of the VirtualService is refused and the good one
+        // stays; a change list that generates is admitted whole.
+        let good = admit(&Snapshot::default(), upserts(mesh(false)));
+        assert!(good.refused.is_empty());
+        let vs = |broken| upserts(mesh(broken)).into_iter().filter(|c| reference(c).kind == "VirtualService");
+        let again = admit(&good.snapshot, vs(true).collect());
+        assert_eq!(again.refused.len(), 1);
+        assert_eq!(again.delta, SnapshotDelta::default(), "nothing admitted, nothing changed");
+        assert_eq!(again.snapshot.virtual_services.len(), 1);
+    }
+}
