@@ -118,3 +118,48 @@ fn envoy_accepts_every_example() {
     }
     assert!(failures.is_empty(), "Envoy rejected:\n{}", failures.join("\n"));
 }
+
+/// What Istio's validation data has and sluice translates since: DestinationRule `warmup` and
+/// `http2KeepAlive`, AuthorizationPolicy path templates (`{*}`, `{**}`): Envoy takes them.
+#[test]
+fn envoy_accepts_warmup_keepalive_and_path_templates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("extra.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: warm, namespace: default}\n\
+         spec:\n  hosts: [warm-rr.example.com, warm-lr.example.com]\n  resolution: STATIC\n  ports: [{name: http, number: 80, protocol: HTTP}]\n\
+         \x20 endpoints: [{address: 127.0.0.7}]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: warm-rr, namespace: default}\n\
+         spec:\n  host: warm-rr.example.com\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 300s, minimumPercent: 5.0, aggression: 5.0}}\n\
+         \x20   connectionPool: {http: {h2UpgradePolicy: UPGRADE, http2KeepAlive: {interval: 15s, timeout: 5s}}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: warm-lr, namespace: default}\n\
+         spec:\n  host: warm-lr.example.com\n  trafficPolicy:\n    loadBalancer: {warmup: {duration: 30s}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: templates, namespace: default}\n\
+         spec:\n  selector: {matchLabels: {app: productpage}}\n  rules:\n  - to:\n    - operation:\n        \
+         paths: [\"/path/template/{*}\", \"/{**}/path/template\", \"/a/{*}/b/{**}\"]\n        notPaths: [\"/not/{*}\"]\n",
+    )
+    .unwrap();
+    let loaded = load_config(&[common::root().join("examples/bookinfo"), dir.path().join("extra.yaml")]);
+    let errors: Vec<_> =
+        loaded.diagnostics.iter().filter(|d| d.severity == sluice_translator::diagnostic::Severity::Error).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let resources = translate_sidecar(&loaded.snapshot, common::PRODUCTPAGE).expect("translate");
+    let all = serde_json::to_string(&(
+        &resources.clusters.iter().map(|r| &r.body).collect::<Vec<_>>(),
+        &resources.listeners.iter().map(|r| &r.body).collect::<Vec<_>>(),
+    ))
+    .unwrap();
+    for wanted in [
+        "round_robin_lb_config",
+        "least_request_lb_config",
+        "slow_start_config",
+        "connection_keepalive",
+        "\"path_template\":\"/**/path/template\"",
+        "\"path_template\":\"/a/*/b/**\"",
+    ] {
+        assert!(all.contains(wanted), "no {wanted} in the translation");
+    }
+    if let Some(text) = envoy_refuses(dir.path(), "istio-valid-features", &resources) {
+        panic!("Envoy refused: {text}");
+    }
+}

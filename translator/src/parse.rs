@@ -72,8 +72,57 @@ fn parse_yaml(document: &str) -> Result<Value, String> {
     if let Some(line) = too_deep(document) {
         return Err(format!("collections nest more than {MAX_DEPTH} deep (at line {line})"));
     }
-    let de = serde_yaml_ng::Deserializer::from_str(document);
-    Strict::deserialize(de).map(|s| s.0).map_err(|e| e.to_string())
+    let mut text = std::borrow::Cow::Borrowed(document);
+    for _ in 0..MAX_COLON_SCALARS {
+        let de = serde_yaml_ng::Deserializer::from_str(&text);
+        match Strict::deserialize(de) {
+            Ok(s) => return Ok(s.0),
+            Err(e) => {
+                let message = e.to_string();
+                match colon_scalar(&message).and_then(|(line, column)| quote_scalar(&text, line, column)) {
+                    Some(quoted) => text = std::borrow::Cow::Owned(quoted),
+                    None => return Err(message),
+                }
+            }
+        }
+    }
+    Err(format!("more than {MAX_COLON_SCALARS} plain scalars with ':' in flow collections"))
+}
+
+/// How many plain scalars with a colon (`[1.2.3.4, 001:db8::]`) one document may have.
+const MAX_COLON_SCALARS: usize = 64;
+
+/// Where the plain scalar starts (line and column, from 1) when `message` is libyaml's refusal
+/// of a ':' inside a plain scalar of a flow collection. Go's YAML (Kubernetes', so Istio's)
+/// reads `[1.2.3.4, 001:db8::]` as two strings; libyaml stops at the colon.
+fn colon_scalar(message: &str) -> Option<(usize, usize)> {
+    let rest = message.strip_prefix("found unexpected ':'")?;
+    let at = rest.split("while scanning a plain scalar at line ").nth(1)?;
+    let (line, column) = at.split_once(" column ")?;
+    let column: String = column.chars().take_while(char::is_ascii_digit).collect();
+    Some((line.parse().ok()?, column.parse().ok()?))
+}
+
+/// `text` with the flow-context plain scalar at `line`:`column` single-quoted: it runs to the
+/// next `,`, `]`, `}`, ` #` or the end of the line, as Go's YAML reads it.
+fn quote_scalar(text: &str, line: usize, column: usize) -> Option<String> {
+    let start_of_line: usize = text.split_inclusive('\n').take(line - 1).map(str::len).sum();
+    let line_text = text[start_of_line..].split('\n').next()?;
+    let start = start_of_line + line_text.char_indices().nth(column - 1)?.0;
+    let scalar_text = &text[start..start_of_line + line_text.len()];
+    let mut end = scalar_text.len();
+    for (i, c) in scalar_text.char_indices() {
+        if matches!(c, ',' | ']' | '}') || (c == '#' && scalar_text[..i].ends_with([' ', '\t'])) {
+            end = i;
+            break;
+        }
+    }
+    let scalar = scalar_text[..end].trim_end();
+    if scalar.is_empty() || scalar.starts_with(['\'', '"']) {
+        return None;
+    }
+    let quoted = format!("'{}'", scalar.replace('\'', "''"));
+    Some(format!("{}{quoted}{}", &text[..start], &text[start + scalar.len()..]))
 }
 
 /// The line at which flow collections (`[`, `{`) first nest deeper than [`MAX_DEPTH`], outside

@@ -209,7 +209,16 @@ fn operation(o: &Operation, tcp: bool) -> Vec<Value> {
         let method = |v: &str| json!({"header": {"name": ":method", "string_match": {"exact": v}}});
         field(&o.methods, false, &method);
         field(&o.not_methods, true, &method);
-        let path = |v: &str| json!({"url_path": {"path": string_match(v, "", false)}});
+        let path = |v: &str| match crate::model::authorization_policy::path_template(v) {
+            Some(Ok(template)) => json!({"uri_template": {
+                "name": "uri-template",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+                    "path_template": template,
+                },
+            }}),
+            _ => json!({"url_path": {"path": string_match(v, "", false)}}),
+        };
         field(&o.paths, false, &path);
         field(&o.not_paths, true, &path);
     }

@@ -196,6 +196,15 @@ fn protocol_options(protocol: Protocol, pool: Option<&ConnectionPoolSettings>) -
         if let Some(n) = http.and_then(|h| h.max_concurrent_streams).filter(|n| *n > 0) {
             h2.insert("max_concurrent_streams".into(), json!(n));
         }
+        if let Some(k) = http.and_then(|h| h.http2_keep_alive) {
+            let mut keepalive = Map::new();
+            for (field, d) in [("interval", k.interval), ("timeout", k.timeout)] {
+                if let Some(d) = d {
+                    keepalive.insert(field.into(), json!(d.to_proto_json()));
+                }
+            }
+            h2.insert("connection_keepalive".into(), Value::Object(keepalive));
+        }
         options.insert("explicit_http_config".into(), object([("http2_protocol_options", Value::Object(h2))]));
     } else {
         options.insert("explicit_http_config".into(), json!({"http_protocol_options": {}}));
@@ -305,14 +314,34 @@ fn lb_policy(lb: Option<&LoadBalancerSettings>, cluster: &mut Map<String, Value>
         }
         return json!("RING_HASH");
     }
-    if let Some(d) = lb.warmup_duration_secs {
-        cluster.insert("slow_start_config".into(), json!({"slow_start_window": d.to_proto_json()}));
-    }
-    json!(match lb.simple {
+    let policy = match lb.simple {
         Some(SimpleLb::RoundRobin) => "ROUND_ROBIN",
         Some(SimpleLb::Random) => "RANDOM",
         _ => "LEAST_REQUEST",
-    })
+    };
+    // Slow start is a setting of the round robin and least request balancers (Envoy has none
+    // for random); Istio's defaults: linear, from 10%. The aggression's runtime key is one no
+    // runtime layer can hold, so the value is the one written.
+    let slow_start = match (&lb.warmup, lb.warmup_duration_secs) {
+        (Some(w), _) => w.duration.map(|d| {
+            json!({
+                "slow_start_window": d.to_proto_json(),
+                "aggression": {"default_value": w.aggression.unwrap_or(1.0), "runtime_key": "("},
+                "min_weight_percent": {"value": w.minimum_percent.unwrap_or(10.0)},
+            })
+        }),
+        (None, Some(d)) => Some(json!({"slow_start_window": d.to_proto_json()})),
+        (None, None) => None,
+    };
+    let config = match policy {
+        "ROUND_ROBIN" => Some("round_robin_lb_config"),
+        "LEAST_REQUEST" => Some("least_request_lb_config"),
+        _ => None,
+    };
+    if let (Some(slow_start), Some(config)) = (slow_start, config) {
+        cluster.insert(config.into(), json!({"slow_start_config": slow_start}));
+    }
+    json!(policy)
 }
 
 fn outlier(o: &OutlierDetection) -> Value {

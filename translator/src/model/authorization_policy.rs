@@ -311,8 +311,12 @@ fn validate_source(path: &str, s: &Source, findings: &mut Findings) {
     }
     let has_accounts = !s.service_accounts.is_empty() || !s.not_service_accounts.is_empty();
     let has_principals = !s.principals.is_empty() || !s.not_principals.is_empty();
+    let has_namespaces = !s.namespaces.is_empty() || !s.not_namespaces.is_empty();
     if has_accounts && has_principals {
         findings.error(path, "serviceAccounts cannot be combined with principals");
+    }
+    if has_accounts && has_namespaces {
+        findings.error(path, "serviceAccounts cannot be combined with namespaces");
     }
     for (field, list) in [
         ("ipBlocks", &s.ip_blocks),
@@ -358,13 +362,50 @@ fn validate_operation(path: &str, o: &Operation, findings: &mut Findings) {
             }
         }
     }
-    for (field, list) in
-        [("paths", &o.paths), ("notPaths", &o.not_paths), ("hosts", &o.hosts), ("notHosts", &o.not_hosts)]
-    {
+    for (field, list) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+        for (i, v) in list.iter().enumerate() {
+            match path_template(v) {
+                Some(Err(why)) => findings.error(format!("{path}.{field}[{i}]"), format!("{v:?}: {why}")),
+                Some(Ok(_)) => {}
+                None => validate_wildcard(&format!("{path}.{field}[{i}]"), v, findings),
+            }
+        }
+    }
+    for (field, list) in [("hosts", &o.hosts), ("notHosts", &o.not_hosts)] {
         for (i, v) in list.iter().enumerate() {
             validate_wildcard(&format!("{path}.{field}[{i}]"), v, findings);
         }
     }
+}
+
+/// Istio's path template operators: one path segment, and any number of them.
+const MATCH_ONE: &str = "{*}";
+const MATCH_ANY: &str = "{**}";
+
+/// For a path with template operators (`/a/{*}/b`, `/{**}/x`), Envoy's URI template
+/// (`/a/*/b`, `/**/x`), or why Istio refuses it: `{**}` at most once with no operator after
+/// it, no other braces, and every other segment a literal of RFC 3986 path characters. None
+/// for a path without operators.
+pub fn path_template(path: &str) -> Option<Result<String, String>> {
+    if !path.contains(MATCH_ONE) && !path.contains(MATCH_ANY) {
+        return None;
+    }
+    let mut any = false;
+    for segment in path.trim_matches('/').split('/') {
+        match segment {
+            MATCH_ONE | MATCH_ANY if any => return Some(Err("{**} must be the last operator".into())),
+            MATCH_ONE => {}
+            MATCH_ANY => any = true,
+            _ if segment.contains(['{', '}']) => {
+                return Some(Err("'{' and '}' are allowed only as the operators {*} and {**}".into()));
+            }
+            _ if !segment.chars().all(|c| c.is_ascii_alphanumeric() || "-._~%!$&'()+,;:@=".contains(c)) => {
+                return Some(Err(format!("segment {segment:?} is not a literal of path characters")));
+            }
+            _ => {}
+        }
+    }
+    Some(Ok(path.replace(MATCH_ANY, "**").replace(MATCH_ONE, "*")))
 }
 
 /// Istio allows `*` only as a whole value, a prefix or a suffix.
@@ -386,9 +427,9 @@ pub struct PeerAuthenticationSpec {
     /// mTLS mode for all ports.
     #[serde(default)]
     pub mtls: Option<MutualTls>,
-    /// Per-port modes.
+    /// Per-port modes (written but empty is an error, as the CRD's `minProperties: 1` says).
     #[serde(default)]
-    pub port_level_mtls: BTreeMap<u32, MutualTls>,
+    pub port_level_mtls: Option<BTreeMap<u32, MutualTls>>,
 }
 
 /// mTLS setting.
@@ -416,14 +457,18 @@ pub enum MtlsMode {
 
 /// Istio's PeerAuthentication validation rules.
 pub fn validate_peer_authentication(spec: &PeerAuthenticationSpec, findings: &mut Findings) {
-    if !spec.port_level_mtls.is_empty() && spec.selector.as_ref().is_none_or(|s| s.match_labels.is_empty()) {
+    let port_level = spec.port_level_mtls.clone().unwrap_or_default();
+    if spec.port_level_mtls.as_ref().is_some_and(BTreeMap::is_empty) {
+        findings.error("spec.portLevelMtls", "portLevelMtls must name at least one port when set");
+    }
+    if !port_level.is_empty() && spec.selector.as_ref().is_none_or(|s| s.match_labels.is_empty()) {
         findings.error("spec.portLevelMtls", "portLevelMtls requires a workload selector");
     }
-    for port in spec.port_level_mtls.keys() {
+    for port in port_level.keys() {
         super::common::validate_port(&format!("spec.portLevelMtls.{port}"), *port, findings);
     }
     let strict = spec.mtls.as_ref().and_then(|m| m.mode) == Some(MtlsMode::Strict)
-        || spec.port_level_mtls.values().any(|m| m.mode == Some(MtlsMode::Strict));
+        || port_level.values().any(|m| m.mode == Some(MtlsMode::Strict));
     if strict {
         findings.warn("spec.mtls.mode", "sluice does not issue workload certificates yet; STRICT mTLS is not enforced");
     }

@@ -297,6 +297,16 @@ pub fn is_dns1123_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// A workload selector's labels: Kubernetes label keys and values, without wildcards (Istio
+/// selects by exact labels; a `*` would silently select nothing).
+pub fn validate_selector(path: &str, labels: &BTreeMap<String, String>, findings: &mut Findings) {
+    for (key, value) in labels {
+        if key.contains('*') || value.contains('*') {
+            findings.error(format!("{path}.{key}"), "wildcard is not supported in a selector");
+        }
+    }
+}
+
 /// A host name as Istio accepts it in `hosts` fields: an FQDN or short name, optionally with a
 /// leading `*.` wildcard, or `*` alone.
 pub fn validate_host(path: &str, host: &str, allow_wildcard: bool, findings: &mut Findings) {
@@ -306,15 +316,31 @@ pub fn validate_host(path: &str, host: &str, allow_wildcard: bool, findings: &mu
         }
         return;
     }
-    let name = match host.strip_prefix("*.") {
-        Some(rest) if allow_wildcard => rest,
-        Some(_) => return findings.error(path, format!("wildcard host {host:?} is not allowed here")),
-        None => host,
+    let (name, partial) = match host.strip_prefix('*') {
+        Some(_) if !allow_wildcard => {
+            return findings.error(path, format!("wildcard host {host:?} is not allowed here"));
+        }
+        Some(rest) => match rest.strip_prefix('.') {
+            Some(rest) => (rest, false),
+            None => (rest, true),
+        },
+        None => (host, false),
     };
     if host.len() > 255 {
         return findings.error(path, format!("host {host:?} is longer than 255 characters"));
     }
-    for label in name.trim_end_matches('.').split('.') {
+    if partial {
+        // Istio accepts a partial wildcard; it matches by suffix, as Envoy's domains do.
+        findings.warn(
+            path,
+            format!("partial wildcard host {host:?} matches every host that ends in {name:?}, not a DNS subtree"),
+        );
+    }
+    for (i, label) in name.trim_end_matches('.').split('.').enumerate() {
+        // The rest of a partial wildcard's first label may start or end with '-'.
+        if partial && i == 0 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && label.len() <= 62 {
+            continue;
+        }
         let ok = !label.is_empty()
             && label.len() <= 63
             && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')

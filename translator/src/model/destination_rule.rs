@@ -98,9 +98,27 @@ pub struct LoadBalancerSettings {
     /// Locality settings (parsed; not translated yet).
     #[serde(default)]
     pub locality_lb_setting: Option<serde_json::Value>,
-    /// Slow start window.
+    /// Slow start window (deprecated for `warmup`).
     #[serde(default)]
     pub warmup_duration_secs: Option<Duration>,
+    /// Slow start: new endpoints' share grows over `duration`.
+    #[serde(default)]
+    pub warmup: Option<WarmupConfiguration>,
+}
+
+/// Istio's `WarmupConfiguration` (Envoy's slow start for round robin and least request).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmupConfiguration {
+    /// The window over which traffic grows (required).
+    #[serde(default)]
+    pub duration: Option<Duration>,
+    /// The share a new endpoint starts at, in percent (Istio's default 10).
+    #[serde(default)]
+    pub minimum_percent: Option<f64>,
+    /// How fast it grows: 1 is linear (the default), more is faster at first.
+    #[serde(default)]
+    pub aggression: Option<f64>,
 }
 
 /// Istio's simple load balancers.
@@ -257,6 +275,22 @@ pub struct HttpSettings {
     /// Max concurrent streams per HTTP/2 connection.
     #[serde(default)]
     pub max_concurrent_streams: Option<i32>,
+    /// HTTP/2 PING keepalive on upstream connections.
+    #[serde(default)]
+    pub http2_keep_alive: Option<Http2KeepAlive>,
+}
+
+/// HTTP/2 PING keepalive: a PING every `interval`, the connection closed when one is not
+/// answered within `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Http2KeepAlive {
+    /// Between PINGs.
+    #[serde(default)]
+    pub interval: Option<Duration>,
+    /// How long a PING may go unanswered.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
 }
 
 /// Outlier detection.
@@ -366,6 +400,23 @@ fn validate_settings(
     findings: &mut Findings,
 ) {
     if let Some(lb) = lb {
+        if let Some(w) = &lb.warmup {
+            let wp = format!("{path}.loadBalancer.warmup");
+            if w.duration.is_none() {
+                findings.error(format!("{wp}.duration"), "duration is required");
+            }
+            if let Some(m) = w.minimum_percent
+                && !(0.0..=100.0).contains(&m)
+            {
+                findings.error(format!("{wp}.minimumPercent"), format!("{m} must be between 0 and 100"));
+            }
+            if w.aggression.is_some_and(|a| a.is_nan() || a < 1.0) {
+                findings.error(format!("{wp}.aggression"), "aggression must be at least 1");
+            }
+            if lb.warmup_duration_secs.is_some() {
+                findings.error(&wp, "only one of warmup or warmupDurationSecs may be set");
+            }
+        }
         if lb.simple.is_some() && lb.consistent_hash.is_some() {
             findings.error(format!("{path}.loadBalancer"), "only one of simple or consistentHash may be set");
         }

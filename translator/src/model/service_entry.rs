@@ -151,6 +151,20 @@ pub fn validate(spec: &ServiceEntrySpec, findings: &mut Findings) {
         }
     }
     let resolution = spec.resolution.unwrap_or(Resolution::None);
+    if !matches!(resolution, Resolution::None | Resolution::Static) {
+        for (i, a) in spec.addresses.iter().enumerate().filter(|(_, a)| a.contains('/')) {
+            findings.error(
+                format!("spec.addresses[{i}]"),
+                format!("CIDR address {a:?} is allowed only with resolution NONE or STATIC"),
+            );
+        }
+    }
+    if resolution == Resolution::DnsRoundRobin && spec.endpoints.len() > 1 {
+        findings.error("spec.endpoints", "resolution DNS_ROUND_ROBIN takes at most one endpoint");
+    }
+    if let Some(selector) = &spec.workload_selector {
+        super::common::validate_selector("spec.workloadSelector.labels", &selector.labels, findings);
+    }
     if resolution == Resolution::None && !spec.endpoints.is_empty() {
         findings.error("spec.endpoints", "endpoints require resolution STATIC or DNS");
     }

@@ -1,0 +1,117 @@
+//! Istio's own validation data (`tests/istio-validation/`, from istio/istio
+//! `pkg/config/validation/testdata/crds`): every `*-valid` document is accepted, every
+//! `*-invalid` document rejected for the reason its `_err` names (in sluice's words: the table
+//! below pairs Istio's message with the part of sluice's that says the same).
+
+use std::path::Path;
+
+use sluice_translator::diagnostic::{Diagnostic, Severity};
+use sluice_translator::parse::parse_documents;
+
+/// Istio's `_err` → what sluice's error says (one of them).
+const REASONS: &[(&str, &[&str])] = &[
+    (
+        "Cannot set serviceAccounts with namespaces or principals",
+        &["serviceAccounts cannot be combined with namespaces", "serviceAccounts cannot be combined with principals"],
+    ),
+    (
+        "spec.trafficPolicy.loadBalancer.warmup.minimumPercent: Invalid value",
+        &["warmup.minimumPercent: 150 must be between 0 and 100"],
+    ),
+    ("spec.trafficPolicy.loadBalancer.warmup.duration: Required value", &["warmup.duration: duration is required"]),
+    (
+        "spec.trafficPolicy.loadBalancer.warmup.aggression: Invalid value",
+        &["warmup.aggression: aggression must be at least 1"],
+    ),
+    ("Unsupported value: \"BLAH\"", &["spec.mtls.mode: unknown variant `BLAH`"]),
+    ("type conversion error from", &["expected key to be a number"]),
+    ("portLevelMtls requires selector", &["portLevelMtls requires a workload selector"]),
+    ("spec.portLevelMtls in body should have at least 1 properties", &["portLevelMtls must name at least one port"]),
+    ("port must be between 1-65535", &["is out of range 1-65535"]),
+    ("spec: Required value", &["spec.hosts: at least one host is required", "spec.address: address is required"]),
+    ("spec.hosts: Required value", &["spec.hosts: at least one host is required"]),
+    ("wildcard is not supported in selector", &["wildcard is not supported in a selector"]),
+    ("only one of WorkloadSelector or Endpoints can be set", &["workloadSelector and endpoints cannot both be set"]),
+    ("hostname cannot be wildcard", &["'*' is not allowed in a ServiceEntry"]),
+    (
+        "CIDR addresses are allowed only for NONE/STATIC resolution types",
+        &["is allowed only with resolution NONE or STATIC"],
+    ),
+    ("Duplicate value", &["duplicate port name"]),
+    ("port number cannot be duplicated", &["duplicate port number"]),
+    ("NONE mode cannot set endpoints", &["endpoints require resolution STATIC or DNS"]),
+    ("DNS_ROUND_ROBIN mode cannot have multiple endpoints", &["resolution DNS_ROUND_ROBIN takes at most one endpoint"]),
+    ("Address is required", &["spec.address: address is required"]),
+    ("UDS may not be a dir", &["\"/dir/\" is not an absolute path to a file"]),
+    ("UDS must be an absolute path or abstract socket", &["\"relative\" is not an absolute path to a file"]),
+    ("UDS may not include ports", &["must not include ports"]),
+    ("spec.ports: Invalid value", &["invalid port name \"@\""]),
+];
+
+/// The documents of a test data file, each with its `_err` (if any) taken out.
+fn documents(file: &str) -> Vec<(Option<String>, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/istio-validation").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.split("\n---\n")
+        .map(|doc| {
+            let mut err = None;
+            let rest: Vec<&str> = doc
+                .lines()
+                .filter(|l| match l.strip_prefix("_err:") {
+                    Some(e) => {
+                        let e = e.trim();
+                        // YAML quoting of the value: `'…'` or `"…"` around the whole of it.
+                        let quoted = e.len() > 1
+                            && (e.starts_with('\'') && e.ends_with('\'') || e.starts_with('"') && e.ends_with('"'));
+                        err = Some(if quoted { e[1..e.len() - 1].to_string() } else { e.to_string() });
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            (err, rest.join("\n"))
+        })
+        .collect()
+}
+
+fn read(file: &str, index: usize, doc: &str) -> Vec<Diagnostic> {
+    let (objects, diagnostics) = parse_documents(&format!("{file}#{index}"), doc);
+    let errors: Vec<Diagnostic> = diagnostics.into_iter().filter(|d| d.severity == Severity::Error).collect();
+    assert!(errors.is_empty() || objects.is_empty(), "{file}#{index}: rejected and accepted: {errors:?}");
+    errors
+}
+
+const KINDS: &[&str] = &["authz", "destinationrule", "peerauth", "serviceentry", "workloadentry"];
+
+#[test]
+fn every_valid_document_of_istio_is_accepted() {
+    let mut refused = Vec::new();
+    for kind in KINDS {
+        let file = format!("{kind}-valid.yaml");
+        for (index, (_, doc)) in documents(&file).into_iter().enumerate() {
+            for e in read(&file, index, &doc) {
+                refused.push(e.to_string());
+            }
+        }
+    }
+    assert!(refused.is_empty(), "Istio accepts these:\n{}", refused.join("\n"));
+}
+
+#[test]
+fn every_invalid_document_of_istio_is_rejected_for_its_reason() {
+    let mut wrong = Vec::new();
+    for kind in KINDS {
+        let file = format!("{kind}-invalid.yaml");
+        for (index, (err, doc)) in documents(&file).into_iter().enumerate() {
+            let err = err.unwrap_or_else(|| panic!("{file}#{index} has no _err"));
+            let errors = read(&file, index, &doc);
+            let said: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            let expected = REASONS.iter().find(|(istio, _)| *istio == err).map(|(_, ours)| *ours);
+            match expected {
+                Some(ours) if said.iter().any(|s| ours.iter().any(|o| s.contains(o))) => {}
+                _ => wrong.push(format!("{file}#{index}: Istio: {err:?}; expected {expected:?}; sluice: {said:?}")),
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
