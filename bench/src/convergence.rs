@@ -175,13 +175,14 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: u
     wait_all(&acks, ENDPOINT, &zeros, started, Duration::from_secs(600))?;
     let initial_max = initial.iter().copied().fold(0.0, f64::max);
     let first_quiet_channel = clients.div_ceil(STREAMS_PER_CONNECTION);
+    let mut silent_tasks = Vec::new();
     for id in 0..quiet {
         let channel = channels[first_quiet_channel + id / STREAMS_PER_CONNECTION].clone();
-        runtime.spawn(async move {
+        silent_tasks.push(runtime.spawn(async move {
             if let Err(e) = silent(channel, id).await {
                 eprintln!("silent client {id}: {e}");
             }
-        });
+        }));
     }
     if quiet > 0 {
         // Until every silent client has its first responses and holds a slot it will not give back.
@@ -210,6 +211,16 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: u
         std::thread::sleep(Duration::from_millis(200));
     }
     let hwm = status_kb(pid, "VmHWM").unwrap_or(0);
+    // The silent clients go away (their streams and connections close): what sluice keeps.
+    let rss_closed = (quiet > 0).then(|| {
+        for task in &silent_tasks {
+            task.abort();
+        }
+        drop(channels);
+        // Past sluice's 5 s look at the stream count.
+        std::thread::sleep(Duration::from_secs(12));
+        status_kb(pid, "VmRSS").unwrap_or(0)
+    });
     runtime.shutdown_background();
     drop(serve);
     let _ = std::fs::remove_dir_all(&dir);
@@ -218,8 +229,9 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: u
         format!("{lo:.0} / {mid:.0} / {hi:.0}")
     };
     let (clo, cmid, chi) = summary(&cpu);
+    let closed = rss_closed.map_or("-".to_string(), |kb| format!("{:.0}", kb as f64 / 1024.0));
     Ok(format!(
-        "| {clients} | {quiet} | {services} | {:.0} | {} | {} | {} | {} | {:.0} / {:.0} | {clo:.2} / {cmid:.2} / {chi:.2} |",
+        "| {clients} | {quiet} | {services} | {:.0} | {} | {} | {} | {} | {:.0} / {:.0} / {closed} | {clo:.2} / {cmid:.2} / {chi:.2} |",
         initial_max * 1e3,
         fmt(&full, 0.5),
         fmt(&full, 0.99),
@@ -239,7 +251,7 @@ pub fn run(sluice: &Path, clients: &[usize], services: &[usize], pushes: usize, 
         "Times in ms from the file write until the client ACKed, over clients (p50, p99), min / median / max over pushes.\n"
     );
     println!(
-        "| clients | silent clients | services | initial sync, all ACKed | full push p50 | full push p99 | endpoint-only p50 | endpoint-only p99 | sluice RSS synced / peak MB | sluice CPU s per full push |"
+        "| clients | silent clients | services | initial sync, all ACKed | full push p50 | full push p99 | endpoint-only p50 | endpoint-only p99 | sluice RSS synced / peak / after the silent clients left MB | sluice CPU s per full push |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in services {

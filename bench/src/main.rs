@@ -6,6 +6,7 @@ mod convergence;
 mod datapath;
 mod maps;
 mod mesh;
+mod parse;
 mod stats;
 mod translate;
 
@@ -27,6 +28,15 @@ enum Bench {
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         services: Vec<usize>,
         /// Runs per size.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Parse time of large and hostile files.
+    Parse {
+        /// Size of each input.
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes: usize,
+        /// Runs per input.
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
@@ -118,6 +128,10 @@ fn main() -> anyhow::Result<()> {
             translate::run(&services, runs)
         }
         Bench::TranslateOne { services, runs } => translate::one(services, runs),
+        Bench::Parse { bytes, runs } => {
+            println!("machine: {}\n", stats::machine());
+            parse::run(bytes, runs)
+        }
         Bench::Maps { services, endpoints, runs } => {
             println!("machine: {}\n", stats::machine());
             maps::run(services, endpoints, runs)

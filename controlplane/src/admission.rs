@@ -3,10 +3,13 @@
 //! encoded (a sluice bug, or a rule validation misses) is refused like an invalid object — its
 //! last good version stays — so one object never stops the config of the others.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use sluice_translator::diagnostic::{Diagnostic, ObjectRef, Severity};
-use sluice_translator::snapshot::{Change, Snapshot, SnapshotDelta};
+use sluice_translator::model::Object;
+use sluice_translator::model::common::labels_match;
+use sluice_translator::snapshot::{Change, ROOT_NAMESPACE, Snapshot, SnapshotDelta, Workload};
 use sluice_xds::resource::Interner;
 use sluice_xds::server::{Generator, NodeInfo};
 
@@ -21,12 +24,15 @@ pub struct Stuck {
     pub reason: String,
 }
 
-/// The node ids of the sidecars of `snapshot`'s workloads (one per workload with an address).
+/// The node id of `w`'s sidecar, if it has an address.
+fn sidecar_node(w: &Workload) -> Option<String> {
+    let ip = w.ip.as_deref()?;
+    Some(format!("sidecar~{ip}~{}.{}~{}.svc.cluster.local", w.name, w.namespace, w.namespace))
+}
+
+/// The node ids of the sidecars of `snapshot`'s workloads.
 fn sidecar_nodes(snapshot: &Snapshot) -> impl Iterator<Item = String> + '_ {
-    snapshot.workloads.values().filter_map(|w| {
-        let ip = w.ip.as_deref()?;
-        Some(format!("sidecar~{ip}~{}.{}~{}.svc.cluster.local", w.name, w.namespace, w.namespace))
-    })
+    snapshot.workloads.values().filter_map(|w| sidecar_node(w))
 }
 
 /// Generates every workload's sidecar config as `sluice serve` would (each proxy class's outbound
@@ -63,6 +69,47 @@ impl Stuck {
             ),
         }
     }
+}
+
+/// The workloads whose inbound half `changes` (which made `delta`) can have changed: the
+/// workloads that changed, the ones an added or changed AuthorizationPolicy, PeerAuthentication
+/// or Sidecar selects, and the endpoints of an added or changed Service or ServiceEntry. A
+/// removal only takes config away. (Inbound config is per workload, so checking every one on
+/// every policy change would cost what generating every sidecar costs.)
+fn inbound_touched(snapshot: &Snapshot, delta: &SnapshotDelta, changes: &[Change]) -> HashSet<(String, String)> {
+    let mut touched: HashSet<(String, String)> = delta.workloads.iter().cloned().collect();
+    let select = |touched: &mut HashSet<_>, namespace: &str, labels: Option<&BTreeMap<String, String>>| {
+        let everywhere = namespace == ROOT_NAMESPACE;
+        for (key, w) in snapshot.workloads.iter() {
+            if (everywhere || w.namespace == namespace) && labels.is_none_or(|l| labels_match(l, &w.labels)) {
+                touched.insert(key.clone());
+            }
+        }
+    };
+    for change in changes {
+        let Change::Upsert(l) = change else { continue };
+        let ns = l.reference.namespace.as_str();
+        match &l.object {
+            Object::AuthorizationPolicy(o) => {
+                select(&mut touched, ns, o.spec.selector.as_ref().map(|s| &s.match_labels))
+            }
+            Object::PeerAuthentication(o) => {
+                select(&mut touched, ns, o.spec.selector.as_ref().map(|s| &s.match_labels))
+            }
+            Object::Sidecar(o) => select(&mut touched, ns, o.spec.workload_selector.as_ref().map(|s| &s.labels)),
+            Object::Service(_) | Object::ServiceEntry(_) => {
+                for service in snapshot.services.values().filter(|s| s.source == l.reference) {
+                    for e in &service.endpoints {
+                        if let Some(w) = snapshot.workload_at(&service.namespace, &e.address) {
+                            touched.insert((w.namespace.clone(), w.name.clone()));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    touched
 }
 
 /// What [`admit`] decided.
@@ -103,14 +150,21 @@ impl Checker {
         self.generator.interner()
     }
 
-    /// Moves to `snapshot`, which `delta` leads to from the snapshot checked before, and
-    /// returns the first proxy whose config cannot be generated.
-    fn check(&mut self, snapshot: &Snapshot, delta: SnapshotDelta) -> Option<Stuck> {
-        self.version += 1;
+    /// The generator the checks ran on: it holds the outbound halves of the config last checked.
+    pub fn generator(&self) -> &MeshGenerator {
+        &self.generator
+    }
+
+    /// Moves to `snapshot`, which `delta` leads to from the snapshot checked before by way of
+    /// `changes`, and returns the first proxy whose config cannot be generated: every class's
+    /// outbound half (patched as a push patches it), and the inbound half of the workloads the
+    /// changes can have touched ([`inbound_touched`]).
+    fn check(&mut self, snapshot: &Snapshot, delta: SnapshotDelta, changes: &[Change]) -> Option<Stuck> {
+        let inbound = inbound_touched(snapshot, &delta, changes);
         self.generator.set(Current { version: self.version, snapshot: snapshot.clone() }, delta);
-        sidecar_nodes(snapshot).find_map(|node| {
-            let info = NodeInfo { id: node.clone(), cluster: String::new(), metadata: Default::default() };
-            self.generator.generate(&info, None).err().map(|reason| Stuck { node, reason })
+        snapshot.workloads.iter().find_map(|(key, w)| {
+            let node = sidecar_node(w)?;
+            self.generator.check(&node, inbound.contains(key)).err().map(|reason| Stuck { node, reason })
         })
     }
 
@@ -119,15 +173,18 @@ impl Checker {
     /// object among many costs a few generations, and a change list that generates costs one
     /// incremental check. When `base` itself does not generate (state from an older sluice),
     /// nothing can be blamed on the changes and all are admitted.
-    pub fn admit(&mut self, base: &Snapshot, changes: Vec<Change>) -> Admitted {
+    /// The checks are made as config `version`, the one the store gives the result: the
+    /// server's generator then takes the outbound halves built for it ([`Checker::generator`]).
+    pub fn admit(&mut self, version: u64, base: &Snapshot, changes: Vec<Change>) -> Admitted {
+        self.version = version;
         let mut candidate = base.clone();
         let delta = candidate.apply(changes.iter().cloned());
-        if self.check(&candidate, delta.clone()).is_none() || !ungeneratable(base, true).is_empty() {
+        if self.check(&candidate, delta.clone(), &changes).is_none() || !ungeneratable(base, true).is_empty() {
             return Admitted { snapshot: candidate, delta, refused: Vec::new() };
         }
         let admitted = admit(base, changes);
         // The checker saw the refused candidate: it starts again from what was admitted.
-        self.check(&admitted.snapshot, SnapshotDelta { rebuild: true, ..Default::default() });
+        self.check(&admitted.snapshot, SnapshotDelta { rebuild: true, ..Default::default() }, &[]);
         admitted
     }
 }

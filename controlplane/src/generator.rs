@@ -231,6 +231,19 @@ impl MeshGenerator {
         *self.current.write().expect("generator lock") = Arc::new(current);
     }
 
+    /// Takes the outbound halves `other` built for the config version now served (the store's
+    /// check translated them already): each class is then translated once per change, not twice.
+    pub fn adopt(&self, other: &MeshGenerator) {
+        let theirs = other.outbound.lock().expect("outbound cache lock");
+        let mut ours = self.outbound.lock().expect("outbound cache lock");
+        if theirs.version != ours.version {
+            return;
+        }
+        for (class, built) in &theirs.classes {
+            ours.classes.entry(class.clone()).or_insert_with(|| built.clone());
+        }
+    }
+
     /// What changed from config version `from` to `to`, if the log reaches back that far.
     fn delta_between(&self, from: u64, to: u64) -> Option<SnapshotDelta> {
         let deltas = self.deltas.lock().expect("delta log lock");
@@ -265,6 +278,20 @@ impl MeshGenerator {
     #[cfg(test)]
     fn stale_classes(&self) -> usize {
         self.outbound.lock().expect("outbound cache lock").stale.len()
+    }
+}
+
+impl MeshGenerator {
+    /// Generates (and encodes) the sidecar `node_id`'s outbound half, cached per class as for
+    /// a push, and with `inbound` its inbound half too; the first error.
+    pub fn check(&self, node_id: &str, inbound: bool) -> Result<(), String> {
+        let current = self.current.read().expect("generator lock").clone();
+        let mut translation = ProxyTranslation::new(&current.snapshot, node_id).map_err(|e| e.to_string())?;
+        self.outbound(current.version, &mut translation)?;
+        if inbound {
+            self.encode(translation.inbound(), &mut Vec::new())?;
+        }
+        Ok(())
     }
 }
 

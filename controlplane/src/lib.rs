@@ -2,6 +2,7 @@
 //! binary.
 
 pub mod admission;
+pub mod allocator;
 pub mod bootstrap;
 pub mod crds;
 pub mod file_source;

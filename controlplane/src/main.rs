@@ -168,29 +168,8 @@ enum AgentAction {
     Detach,
 }
 
-/// glibc's malloc keeps what a push's transient buffers freed resident: after a large free its
-/// mmap threshold grows (up to 32 MB), so later large buffers come from the heap and fragment
-/// it, and each thread's arena holds its own free memory. Fixed thresholds and two arenas let
-/// freed memory go back to the system (`sluice serve` with 1000 Delta clients of a
-/// 1000-service mesh: 256 → 183 MB RSS; BENCHMARKS.md).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn tune_malloc() {
-    const THRESHOLD: libc::c_int = 128 * 1024;
-    // SAFETY: mallopt only sets allocator parameters; it runs first in main, before any other
-    // thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, THRESHOLD);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc() {}
-
 fn main() -> ExitCode {
-    tune_malloc();
+    sluice_controlplane::allocator::tune();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -86,6 +86,9 @@ pub struct ServeOptions {
 /// How often the config roots are checked for having been deleted, recreated or replaced.
 const ROOT_RECHECK: Duration = Duration::from_secs(1);
 
+/// How often serve looks whether streams went away, to give their memory back.
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The notify watches on the config roots. Each root is watched (recursively, if a directory)
 /// together with its parent, so that its own deletion, creation and rename are seen; an inotify
 /// watch follows the directory it was made on, so a root whose identity changed (recreated, or
@@ -206,11 +209,12 @@ impl Pipeline {
         self.findings.send_replace(Arc::new(snapshot.diagnostics()));
         let version = store.version();
         let objects = store.len();
-        drop(store);
         self.metrics.config_changed(version, seen);
         let services = delta.services.len();
         let stored = started.elapsed();
         self.generator.set(Current { version, snapshot }, delta);
+        self.generator.adopt(store.checked());
+        drop(store);
         // Ready once proxies are given the loaded config, not before.
         self.ready.store(true, Ordering::Release);
         let generated = started.elapsed();
@@ -284,6 +288,26 @@ pub async fn serve(
     };
     let monitor =
         Arc::new(Monitor { metrics: metrics.clone(), xds: xds.clone(), store: store.clone(), ready: ready.clone() });
+    // When streams go away (proxies restarted, or silent ones dropped), what they held is
+    // given back to the system, not kept resident for the next crowd.
+    let trim_task = {
+        let (xds, mut stop) = (xds.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TRIM_INTERVAL);
+            let mut most = 0;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+                let now = xds.connected();
+                if now < most {
+                    tokio::task::spawn_blocking(crate::allocator::trim);
+                }
+                most = now;
+            }
+        })
+    };
     let monitoring_task = {
         let stop = wait(stop_rx.clone());
         tokio::spawn(
@@ -409,5 +433,6 @@ pub async fn serve(
         task.await?.context("xDS TLS server")?;
     }
     monitoring_task.await?.context("monitoring server")?;
+    trim_task.abort();
     Ok(())
 }

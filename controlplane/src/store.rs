@@ -185,6 +185,12 @@ impl ConfigStore {
         self.checker.interner()
     }
 
+    /// The generator the store's check ran on, holding the outbound halves of the current
+    /// version (see [`crate::generator::MeshGenerator::adopt`]).
+    pub fn checked(&self) -> &crate::generator::MeshGenerator {
+        self.checker.generator()
+    }
+
     /// The translator's snapshot of the accepted objects (a cheap copy: it shares structure).
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot.clone()
@@ -205,7 +211,7 @@ impl ConfigStore {
         if changes.is_empty() {
             return Ok(None);
         }
-        let admitted = self.checker.admit(&self.snapshot, changes.clone());
+        let admitted = self.checker.admit(self.version + 1, &self.snapshot, changes.clone());
         for (r, stuck) in &admitted.refused {
             let new = changes.iter().find_map(|c| match c {
                 Change::Upsert(l) if &l.reference == r => Some(l.clone()),

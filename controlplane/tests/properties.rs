@@ -144,8 +144,11 @@ const NUMBER_EDGES: [&str; 17] = [
 const DURATION_EDGES: [&str; 9] =
     ["0s", "1ms", "0.5s", "1h", "315576000000s", "315576000001s", "99999999999999999s", "-1s", "1ns"];
 /// How many numbers and durations [`edges_mesh`] takes.
-const NUMBERS: usize = 16;
-const DURATIONS: usize = 9;
+const NUMBERS: usize = 18;
+const DURATIONS: usize = 12;
+/// The load balancer forms [`edges_mesh`] tries: three consistent hashes, then slow start with
+/// round robin and with least request.
+const BALANCERS: usize = 5;
 
 fn edge_number() -> impl Strategy<Value = String> {
     // Mostly a plain value, so that an object is not rejected for another field's edge.
@@ -169,11 +172,16 @@ fn edges_mesh(n: &[String], d: &[String], regex: &str, hash: usize) -> String {
     let lb = match hash {
         0 => format!("consistentHash: {{httpHeaderName: x, minimumRingSize: {}}}", n[0]),
         1 => format!("consistentHash: {{useSourceIp: true, ringHash: {{minimumRingSize: {}}}}}", n[0]),
-        _ => format!("consistentHash: {{httpCookie: {{name: c, ttl: {}}}, maglev: {{tableSize: {}}}}}", d[0], n[0]),
+        2 => format!("consistentHash: {{httpCookie: {{name: c, ttl: {}}}, maglev: {{tableSize: {}}}}}", d[0], n[0]),
+        3 => format!(
+            "simple: ROUND_ROBIN, warmup: {{duration: {}, minimumPercent: {}, aggression: {}}}",
+            d[9], n[16], n[17]
+        ),
+        _ => format!("warmup: {{duration: {}, minimumPercent: {}, aggression: {}}}", d[9], n[16], n[17]),
     };
     y += &format!(
-        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: edges, namespace: ns}}\nspec:\n  host: svc0\n  trafficPolicy:\n    loadBalancer: {{{lb}}}\n    connectionPool:\n      tcp: {{maxConnections: {}, connectTimeout: {}}}\n      http: {{http1MaxPendingRequests: {}, http2MaxRequests: {}, maxRequestsPerConnection: {}, maxRetries: {}, idleTimeout: {}, maxConcurrentStreams: {}}}\n    outlierDetection: {{consecutive5xxErrors: {}, consecutiveGatewayErrors: {}, consecutiveLocalOriginFailures: {}, interval: {}, baseEjectionTime: {}, maxEjectionPercent: {}, minHealthPercent: {}}}\n",
-        n[1], d[1], n[2], n[3], n[4], n[5], d[2], n[6], n[7], n[8], n[9], d[3], d[4], n[10], n[11],
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: edges, namespace: ns}}\nspec:\n  host: svc0\n  trafficPolicy:\n    loadBalancer: {{{lb}}}\n    connectionPool:\n      tcp: {{maxConnections: {}, connectTimeout: {}}}\n      http: {{http1MaxPendingRequests: {}, http2MaxRequests: {}, maxRequestsPerConnection: {}, maxRetries: {}, idleTimeout: {}, maxConcurrentStreams: {}, h2UpgradePolicy: UPGRADE, http2KeepAlive: {{interval: {}, timeout: {}}}}}\n    outlierDetection: {{consecutive5xxErrors: {}, consecutiveGatewayErrors: {}, consecutiveLocalOriginFailures: {}, interval: {}, baseEjectionTime: {}, maxEjectionPercent: {}, minHealthPercent: {}}}\n",
+        n[1], d[1], n[2], n[3], n[4], n[5], d[2], n[6], d[10], d[11], n[7], n[8], n[9], d[3], d[4], n[10], n[11],
     );
     y += &format!(
         "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: edges, namespace: ns}}\nspec:\n  hosts: [svc0]\n  http:\n  - match: [{{uri: {{regex: \"{regex}\"}}}}]\n    timeout: {}\n    retries: {{attempts: {}, perTryTimeout: {}}}\n    fault:\n      delay: {{fixedDelay: {}, percentage: {{value: {}}}}}\n      abort: {{httpStatus: {}, percentage: {{value: {}}}}}\n    route: [{{destination: {{host: svc0, subset: v0}}, weight: {}}}, {{destination: {{host: svc0, subset: v1}}, weight: {}}}]\n  - route: [{{destination: {{host: svc0}}}}]\n",
@@ -207,7 +215,7 @@ fn validate_accepts_only_what_encodes_field_by_field() {
     let plain_n = vec!["3".to_string(); NUMBERS];
     let plain_d = vec!["1s".to_string(); DURATIONS];
     let mut tried = 0;
-    for hash in 0..3 {
+    for hash in 0..BALANCERS {
         for i in 0..NUMBERS {
             for edge in NUMBER_EDGES {
                 let mut n = plain_n.clone();
@@ -231,7 +239,7 @@ fn validate_accepts_only_what_encodes_field_by_field() {
             }
         }
     }
-    assert_eq!(tried, 3 * (NUMBERS * NUMBER_EDGES.len() + DURATIONS * DURATION_EDGES.len()));
+    assert_eq!(tried, BALANCERS * (NUMBERS * NUMBER_EDGES.len() + DURATIONS * DURATION_EDGES.len()));
 }
 
 /// How many cases `validate_accepts_only_what_encodes` tries: `SLUICE_FUZZ_CASES` (for long
@@ -249,7 +257,7 @@ proptest! {
         n in proptest::collection::vec(edge_number(), NUMBERS),
         d in proptest::collection::vec(edge_duration(), DURATIONS),
         regex in edge_regex(),
-        hash in 0usize..3,
+        hash in 0..BALANCERS,
     ) {
         let y = edges_mesh(&n, &d, &regex, hash);
         if let Some(e) = unencodable(&y) {

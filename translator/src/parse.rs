@@ -16,12 +16,58 @@ pub const MAX_DEPTH: usize = 128;
 /// The largest document read: Kubernetes' own limit on a request body (3 MiB).
 pub const MAX_DOCUMENT_BYTES: usize = 3 << 20;
 
+/// The most values (scalars and collections) one document may hold. The largest real objects
+/// (a ServiceEntry of thousands of endpoints, a policy of thousands of IP blocks) hold tens of
+/// thousands; past this a document costs tens of milliseconds and is refused instead.
+pub const MAX_NODES: usize = 1 << 17;
+
+/// A file at least this large is parsed on several threads, a share of its documents each.
+const PARALLEL_BYTES: usize = 64 << 10;
+
+thread_local! {
+    /// Values left in the budget of the document being parsed on this thread.
+    static NODES_LEFT: std::cell::Cell<usize> = const { std::cell::Cell::new(MAX_NODES) };
+}
+
+/// Takes one value from the document's budget.
+fn count_node<E: serde::de::Error>() -> Result<(), E> {
+    NODES_LEFT.with(|left| match left.get() {
+        0 => Err(E::custom(format!("the document holds more than {MAX_NODES} values"))),
+        n => {
+            left.set(n - 1);
+            Ok(())
+        }
+    })
+}
+
 /// Parses every YAML document in `text` (from `origin`) into objects. Documents that fail to parse
 /// or validate are reported and left out; the others are returned. A syntax error rejects the
 /// document it is in, not its neighbours: documents are split at their `---` lines first.
 pub fn parse_documents(origin: &str, text: &str) -> (Vec<Loaded>, Vec<Diagnostic>) {
+    let documents: Vec<(usize, (usize, &str))> = split_documents(text).into_iter().enumerate().collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if text.len() < PARALLEL_BYTES || threads < 2 || documents.len() < 2 {
+        return parse_some(origin, &documents);
+    }
+    // Documents are independent: each thread parses a contiguous share, and the shares are
+    // joined in order, so the result is the one a single thread gives.
+    let share = documents.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = documents.chunks(share).map(|part| scope.spawn(move || parse_some(origin, part))).collect();
+        let (mut objects, mut diagnostics) = (Vec::new(), Vec::new());
+        for part in parts {
+            let (o, d) = part.join().expect("a parsing thread panicked");
+            objects.extend(o);
+            diagnostics.extend(d);
+        }
+        (objects, diagnostics)
+    })
+}
+
+/// [`parse_documents`] for some of a file's documents: (index, (first line, text)).
+fn parse_some(origin: &str, documents: &[(usize, (usize, &str))]) -> (Vec<Loaded>, Vec<Diagnostic>) {
     let mut out = Parsed { origin, objects: Vec::new(), diagnostics: Vec::new() };
-    for (index, (line, document)) in split_documents(text).into_iter().enumerate() {
+    for &(index, (line, document)) in documents {
         let where_ = format!("document {index}");
         match parse_yaml(document) {
             Ok(value) => out.document(value, &where_),
@@ -69,11 +115,10 @@ fn parse_yaml(document: &str) -> Result<Value, String> {
     if document.len() > MAX_DOCUMENT_BYTES {
         return Err(format!("the document is {} bytes, more than the {MAX_DOCUMENT_BYTES} read", document.len()));
     }
-    if let Some(line) = too_deep(document) {
-        return Err(format!("collections nest more than {MAX_DEPTH} deep (at line {line})"));
-    }
+    prescan(document)?;
     let mut text = std::borrow::Cow::Borrowed(document);
     for _ in 0..MAX_COLON_SCALARS {
+        NODES_LEFT.with(|left| left.set(MAX_NODES));
         let de = serde_yaml_ng::Deserializer::from_str(&text);
         match Strict::deserialize(de) {
             Ok(s) => return Ok(s.0),
@@ -125,11 +170,19 @@ fn quote_scalar(text: &str, line: usize, column: usize) -> Option<String> {
     Some(format!("{}{quoted}{}", &text[..start], &text[start + scalar.len()..]))
 }
 
-/// The line at which flow collections (`[`, `{`) first nest deeper than [`MAX_DEPTH`], outside
-/// quotes and comments; block collections nest by indentation, which the line length bounds.
-fn too_deep(document: &str) -> Option<usize> {
+/// Refuses, before the parser reads it, a document whose flow collections (`[`, `{`) nest
+/// deeper than [`MAX_DEPTH`] (outside quotes and comments; block collections nest by
+/// indentation, which the line length bounds) or that holds more than [`MAX_NODES`] values by a
+/// count that cannot overshoot: the separators of flow collections and the entries of block
+/// sequences. The parser reads a whole document before any value is built, so the value
+/// budget alone would come too late.
+fn prescan(document: &str) -> Result<(), String> {
     let mut depth = 0usize;
+    let mut values = 0usize;
     for (n, line) in document.lines().enumerate() {
+        if depth == 0 && line.trim_start().starts_with("- ") {
+            values += 1;
+        }
         let mut quote: Option<char> = None;
         let mut previous = ' ';
         for c in line.chars() {
@@ -141,16 +194,20 @@ fn too_deep(document: &str) -> Option<usize> {
                 (None, '[' | '{') => {
                     depth += 1;
                     if depth > MAX_DEPTH {
-                        return Some(n + 1);
+                        return Err(format!("collections nest more than {MAX_DEPTH} deep (at line {})", n + 1));
                     }
                 }
                 (None, ']' | '}') => depth = depth.saturating_sub(1),
+                (None, ',') if depth > 0 => values += 1,
                 _ => {}
             }
             previous = c;
         }
+        if values > MAX_NODES {
+            return Err(format!("the document holds more than {MAX_NODES} values (at line {})", n + 1));
+        }
     }
-    None
+    Ok(())
 }
 
 /// A JSON value deserialized strictly (see [`parse_yaml`]).
@@ -158,6 +215,7 @@ struct Strict(Value);
 
 impl<'de> Deserialize<'de> for Strict {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        count_node::<D::Error>()?;
         d.deserialize_any(StrictVisitor).map(Strict)
     }
 }

@@ -256,7 +256,7 @@ impl Proxy<'_> {
             return Vec::new();
         }
         let mut ports: BTreeMap<u32, InboundPort> = BTreeMap::new();
-        for service in self.snapshot.services.values() {
+        for service in self.snapshot.services_at(&ip) {
             for endpoint in service.endpoints.iter().filter(|e| e.address == ip) {
                 for port in &service.ports {
                     if port.protocol == crate::model::common::Protocol::Udp {

@@ -207,6 +207,9 @@ pub struct Snapshot {
     /// `sourceLabels`, DestinationRule and Sidecar `workloadSelector`), with how many objects
     /// name each: proxies whose labels agree on these keys get the same outbound config.
     selector_keys: OrdMap<String, usize>,
+    /// The hosts of the services with an endpoint at each address, so a proxy finds the
+    /// services that select it without reading every endpoint of the mesh.
+    endpoint_hosts: OrdMap<String, imbl::OrdSet<String>>,
 }
 
 /// References to objects by the (resolved) hosts they name, so that finding the objects for one
@@ -307,6 +310,12 @@ impl Snapshot {
             self.analysis.iter().filter(move |(r, _)| r.kind == kind).flat_map(|(_, d)| d.iter().cloned())
         };
         conflicts.into_iter().chain(analysis("VirtualService")).chain(analysis("DestinationRule")).collect()
+    }
+
+    /// The services with an endpoint at `address`, by host.
+    pub fn services_at(&self, address: &str) -> impl Iterator<Item = &MeshService> {
+        let hosts = self.endpoint_hosts.get(address).into_iter().flatten();
+        hosts.filter_map(|h| self.services.get(h)).map(|s| s.as_ref())
     }
 
     /// The labels of `labels` that some object selects proxies' outbound config by: what a proxy

@@ -374,6 +374,17 @@ impl Snapshot {
             // Whether a host exists is what VirtualServices and DestinationRules are checked against.
             pending.analyze_all = true;
         }
+        for e in before.iter().flat_map(|s| s.endpoints.iter()) {
+            if let Some(hosts) = self.endpoint_hosts.get_mut(&e.address) {
+                hosts.remove(&host);
+                if hosts.is_empty() {
+                    self.endpoint_hosts.remove(&e.address);
+                }
+            }
+        }
+        for e in winner.iter().flat_map(|s| s.endpoints.iter()) {
+            self.endpoint_hosts.entry(e.address.clone()).or_default().insert(host.clone());
+        }
         match winner {
             Some(w) => self.services.insert(host.clone(), w),
             None => self.services.remove(&host),
