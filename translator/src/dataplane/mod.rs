@@ -12,7 +12,7 @@ pub use self::authorization::{KernelAuthorization, KernelRule};
 
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::common::{Protocol, labels_match};
-use crate::model::virtual_service::Destination;
+use crate::model::virtual_service::{Destination, live_destinations};
 use crate::snapshot::{
     MeshService, ServicePort, ServiceResolution, Snapshot, Workload, exported_to, host_matches, resolve_host,
 };
@@ -233,10 +233,7 @@ fn routed_destinations(
     if let Some(tcp) =
         vs.spec.tcp.iter().find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.port.is_none_or(|p| p == port)))
     {
-        return (
-            tcp.route.iter().map(|d| (resolve(&d.destination), d.weight.unwrap_or(100).max(0) as u32)).collect(),
-            false,
-        );
+        return (live_destinations(&tcp.route).into_iter().map(|(d, w)| (resolve(&d.destination), w)).collect(), false);
     }
     let needs_l7 = !vs.spec.http.is_empty();
     let catch_all = vs.spec.http.iter().find(|r| r.matches.is_empty() && !r.route.is_empty());
@@ -251,7 +248,7 @@ fn routed_destinations(
         });
     }
     let destinations = catch_all
-        .map(|r| r.route.iter().map(|d| (resolve(&d.destination), d.weight.unwrap_or(100).max(0) as u32)).collect())
+        .map(|r| live_destinations(&r.route).into_iter().map(|(d, w)| (resolve(&d.destination), w)).collect())
         .unwrap_or_default();
     (destinations, needs_l7)
 }

@@ -236,11 +236,9 @@ fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &
     };
     match route {
         Some((ns, r)) if r.route.len() > 1 => {
-            let clusters: Vec<Value> = r
-                .route
-                .iter()
-                .filter(|d| d.weight.unwrap_or(0) > 0)
-                .map(|d| json!({"name": cluster_of(ns, &d.destination), "weight": d.weight.unwrap_or(0)}))
+            let clusters: Vec<Value> = crate::model::virtual_service::live_destinations(&r.route)
+                .into_iter()
+                .map(|(d, weight)| json!({"name": cluster_of(ns, &d.destination), "weight": weight}))
                 .collect();
             config["weighted_clusters"] = json!({"clusters": clusters});
         }

@@ -521,24 +521,24 @@ fn action(
         return;
     }
     let mut a = Map::new();
-    let live: Vec<_> = route.route.iter().filter(|d| route.route.len() == 1 || d.weight.unwrap_or(0) > 0).collect();
-    if let [single] = live.as_slice() {
+    let live = crate::model::virtual_service::live_destinations(&route.route);
+    if let [(single, _)] = live.as_slice() {
         a.insert("cluster".into(), json!(cluster_for(proxy, ns, &single.destination, port)));
         apply_headers(single.headers.as_ref(), r);
     } else {
         let clusters: Vec<Value> = live
             .iter()
-            .map(|d| {
+            .map(|(d, weight)| {
                 let mut c = Map::new();
                 c.insert("name".into(), json!(cluster_for(proxy, ns, &d.destination, port)));
-                c.insert("weight".into(), json!(d.weight.unwrap_or(0)));
+                c.insert("weight".into(), json!(weight));
                 apply_headers(d.headers.as_ref(), &mut c);
                 Value::Object(c)
             })
             .collect();
         a.insert("weighted_clusters".into(), object([("clusters", Value::Array(clusters))]));
     }
-    if let Some(first) = live.first()
+    if let Some((first, _)) = live.first()
         && let Some(h) = hash_policy(proxy, ns, &first.destination, port)
     {
         a.insert("hash_policy".into(), Value::Array(h));

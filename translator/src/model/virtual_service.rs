@@ -400,6 +400,45 @@ pub struct RouteDestination {
     pub weight: Option<i32>,
 }
 
+/// A weighted destination of an HTTP or a TCP route.
+pub trait Weighted {
+    /// Where it sends.
+    fn destination(&self) -> &Destination;
+    /// Its weight as written.
+    fn weight(&self) -> Option<i32>;
+}
+
+impl Weighted for HttpRouteDestination {
+    fn destination(&self) -> &Destination {
+        &self.destination
+    }
+    fn weight(&self) -> Option<i32> {
+        self.weight
+    }
+}
+
+impl Weighted for RouteDestination {
+    fn destination(&self) -> &Destination {
+        &self.destination
+    }
+    fn weight(&self) -> Option<i32> {
+        self.weight
+    }
+}
+
+/// The destinations of a route that get traffic, with their weights, as Istio reads them: a
+/// lone destination takes everything whatever its weight says; of several, one without a weight
+/// (or with 0) gets nothing. Every back end splits by this, so Envoy and the kernel agree.
+pub fn live_destinations<W: Weighted>(route: &[W]) -> Vec<(&W, u32)> {
+    if let [only] = route {
+        return vec![(only, 100)];
+    }
+    route
+        .iter()
+        .filter_map(|d| d.weight().and_then(|w| u32::try_from(w).ok()).filter(|w| *w > 0).map(|w| (d, w)))
+        .collect()
+}
+
 /// Checks a list of weighted destinations the way Istio's validation does.
 fn validate_weights<'a>(
     path: &str,
