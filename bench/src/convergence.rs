@@ -21,10 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::mesh::{service_yaml, service_yaml_at};
 use crate::stats::{cpu_seconds, quantile, status_kb, summary};
 
-const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 /// Clients share one HTTP/2 connection per this many streams.
 const STREAMS_PER_CONNECTION: usize = 50;
 
@@ -175,6 +172,7 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: u
     wait_all(&acks, ENDPOINT, &zeros, started, Duration::from_secs(600))?;
     let initial_max = initial.iter().copied().fold(0.0, f64::max);
     let first_quiet_channel = clients.div_ceil(STREAMS_PER_CONNECTION);
+    let rss_alone = status_kb(pid, "VmRSS").unwrap_or(0);
     let mut silent_tasks = Vec::new();
     for id in 0..quiet {
         let channel = channels[first_quiet_channel + id / STREAMS_PER_CONNECTION].clone();
@@ -229,7 +227,8 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: u
         format!("{lo:.0} / {mid:.0} / {hi:.0}")
     };
     let (clo, cmid, chi) = summary(&cpu);
-    let closed = rss_closed.map_or("-".to_string(), |kb| format!("{:.0}", kb as f64 / 1024.0));
+    let mb = |kb: u64| format!("{:.0}", kb as f64 / 1024.0);
+    let closed = rss_closed.map_or("-".to_string(), |kb| format!("{} → {}", mb(rss_alone), mb(kb)));
     Ok(format!(
         "| {clients} | {quiet} | {services} | {:.0} | {} | {} | {} | {} | {:.0} / {:.0} / {closed} | {clo:.2} / {cmid:.2} / {chi:.2} |",
         initial_max * 1e3,
@@ -251,7 +250,7 @@ pub fn run(sluice: &Path, clients: &[usize], services: &[usize], pushes: usize, 
         "Times in ms from the file write until the client ACKed, over clients (p50, p99), min / median / max over pushes.\n"
     );
     println!(
-        "| clients | silent clients | services | initial sync, all ACKed | full push p50 | full push p99 | endpoint-only p50 | endpoint-only p99 | sluice RSS synced / peak / after the silent clients left MB | sluice CPU s per full push |"
+        "| clients | silent clients | services | initial sync, all ACKed | full push p50 | full push p99 | endpoint-only p50 | endpoint-only p99 | sluice RSS synced / peak / before the silent clients came → after they left MB | sluice CPU s per full push |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in services {

@@ -151,7 +151,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    use crate::cache::CLUSTER;
 
     #[test]
     fn known_fields_round_trip() {

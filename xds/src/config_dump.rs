@@ -5,14 +5,8 @@ use serde_json::{Value, json};
 
 use crate::codec::{CodecError, canonical};
 
-/// Listener type URL.
-pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-/// Route configuration type URL.
-pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-/// Cluster type URL.
-pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-/// Cluster load assignment type URL.
-pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// The resource types, as the cache names them.
+pub use crate::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// Named resources of one type: `(name, protobuf JSON)`.
 pub type Named<'a> = &'a [(String, Value)];

@@ -118,7 +118,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    use crate::cache::CLUSTER;
 
     #[test]
     fn same_content_is_encoded_once() {
