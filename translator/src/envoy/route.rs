@@ -193,16 +193,22 @@ fn virtual_service_for<'a>(proxy: &Proxy<'a>, service: &MeshService) -> Option<&
     })
 }
 
-/// Istio's default retry policy.
-fn default_retry() -> Value {
-    json!({
-        "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
-        "num_retries": 2,
+/// The conditions Istio retries on when a VirtualService does not say.
+const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+
+/// A retry policy of `attempts` on `retry_on`, trying other hosts than the ones that failed.
+fn retry_policy(retry_on: &str, attempts: i32) -> Value {
+    json!({"retry_on": retry_on, "num_retries": attempts,
         "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
             "typed_config": typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate", json!({}))}],
-        "host_selection_retry_max_attempts": "5",
-        "retriable_status_codes": [503],
-    })
+        "host_selection_retry_max_attempts": "5"})
+}
+
+/// Istio's default retry policy.
+fn default_retry() -> Value {
+    let mut p = retry_policy(DEFAULT_RETRY_ON, 2);
+    p["retriable_status_codes"] = json!([503]);
+    p
 }
 
 fn default_route(cluster: &str, hash: Option<Vec<Value>>) -> Value {
@@ -551,12 +557,7 @@ fn action(
         Some(rt) if rt.attempts > 0 => {
             let mut on = Vec::new();
             let mut codes = Vec::new();
-            for c in rt
-                .retry_on
-                .as_deref()
-                .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes")
-                .split(',')
-            {
+            for c in rt.retry_on.as_deref().unwrap_or(DEFAULT_RETRY_ON).split(',') {
                 let c = c.trim();
                 match c.parse::<u32>() {
                     Ok(code) => codes.push(code),
@@ -567,10 +568,7 @@ fn action(
             if !codes.is_empty() && !on.iter().any(|c| c == "retriable-status-codes") {
                 on.push("retriable-status-codes".into());
             }
-            let mut p = json!({"retry_on": on.join(","), "num_retries": rt.attempts,
-                "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
-                    "typed_config": typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate", json!({}))}],
-                "host_selection_retry_max_attempts": "5"});
+            let mut p = retry_policy(&on.join(","), rt.attempts);
             if !codes.is_empty() {
                 p["retriable_status_codes"] = json!(codes);
             }
