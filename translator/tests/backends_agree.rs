@@ -46,3 +46,40 @@ fn a_destination_without_a_weight_next_to_one_with_100_gets_nothing_on_either_ba
         assert_eq!(backends, ["127.0.61.1"], "{kind}: the kernel sends subset b nothing");
     }
 }
+
+/// A TCP route chosen by the client's labels: each sidecar takes the route its own labels pick;
+/// the kernel's node-wide entry cannot, so kernel clients' connections fail (no backends), and
+/// the warning names the VirtualService and the field — never another client's route in silence.
+#[test]
+fn a_tcp_route_by_source_labels_is_per_proxy_in_envoy_and_fails_closed_in_the_kernel() {
+    let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: ns}\nspec:\n  hosts: [web]\n  tcp:\n  - match: [{sourceLabels: {app: client}}]\n    route: [{destination: {host: web, subset: a, port: {number: 90}}}]\n  - route: [{destination: {host: web, subset: b, port: {number: 90}}}]\n";
+    let (objects, _) = parse_documents("mesh.yaml", &format!("{MESH}{vs}"));
+    let (snapshot, _) = Snapshot::build(objects);
+    let tcp_cluster = |node: &str| {
+        let r = translate_sidecar(&snapshot, node).expect("translate");
+        let listener = r.listeners.iter().find(|l| l.name == "127.100.61.1_90").expect("the TCP listener");
+        listener.body["filter_chains"][0]["filters"][0]["typed_config"]["cluster"].as_str().map(str::to_string)
+    };
+    assert_eq!(
+        tcp_cluster("sidecar~127.0.61.9~client.ns~ns.svc.cluster.local").as_deref(),
+        Some("outbound|90|a|web.ns.svc.cluster.local")
+    );
+    assert_eq!(
+        tcp_cluster("sidecar~127.0.61.1~web-a.ns~ns.svc.cluster.local").as_deref(),
+        Some("outbound|90|b|web.ns.svc.cluster.local")
+    );
+
+    let (node, diagnostics) = translate_node(&snapshot, "n");
+    let service =
+        node.services.iter().find(|s| s.vip == "127.100.61.1" && s.port == 90).expect("the service in the kernel");
+    assert!(service.backends.is_empty(), "kernel clients fail closed: {:?}", service.backends);
+    let said: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+    assert!(
+        said.iter()
+            .any(|d| d.contains("VirtualService/ns/web") && d.contains("spec.tcp[0].match") && d.contains("fail")),
+        "{said:?}"
+    );
+    // The HTTP port is untouched by the TCP route.
+    let http = node.services.iter().find(|s| s.vip == "127.100.61.1" && s.port == 80).expect("port 80");
+    assert_eq!(http.backends.len(), 2);
+}

@@ -12,7 +12,7 @@ pub use self::authorization::{KernelAuthorization, KernelRule};
 
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::common::{Protocol, labels_match};
-use crate::model::virtual_service::{Destination, live_destinations};
+use crate::model::virtual_service::{Client, Destination, live_destinations, tcp_route};
 use crate::snapshot::{
     MeshService, ServicePort, ServiceResolution, Snapshot, Workload, exported_to, host_matches, resolve_host,
 };
@@ -215,41 +215,75 @@ fn subset_endpoints(
         .map(|s| s.labels.clone())
 }
 
-/// The destinations and weights the kernel applies: the first TCP route for the port, else
-/// the first HTTP route without match conditions; L7 features it cannot apply are reported.
+/// The destinations and weights the kernel applies, None when no VirtualService routes the
+/// port (the service's own endpoints then): the TCP route for the port, decided as a proxy
+/// decides it ([`tcp_route`], the first VirtualService with TCP routes, as the sidecar's
+/// `tcp_proxy`), else the first HTTP route without match conditions; what it cannot apply is
+/// reported. A TCP route that depends on the client (source labels or namespace) cannot be one
+/// node-wide entry: kernel clients' connects to the port then fail (no backends), with a
+/// warning, rather than take a route that is not theirs.
 fn routed_destinations(
     snapshot: &Snapshot,
     service: &MeshService,
-    port: u32,
+    service_port: &ServicePort,
     diagnostics: &mut Vec<Diagnostic>,
-) -> (Vec<(Destination, u32)>, bool) {
-    let vs = snapshot.virtual_services_for_host(&service.hostname).find(|vs| {
+) -> (Option<Vec<(Destination, u32)>>, bool) {
+    let port = service_port.port;
+    let applies = |vs: &&crate::model::IstioObject<crate::model::virtual_service::VirtualServiceSpec>| {
         exported_to(&vs.spec.export_to, &vs.meta.namespace, &service.namespace)
             && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
             && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
-    });
-    let Some(vs) = vs else { return (Vec::new(), false) };
-    let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
-    if let Some(tcp) =
-        vs.spec.tcp.iter().find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.port.is_none_or(|p| p == port)))
-    {
-        return (live_destinations(&tcp.route).into_iter().map(|(d, w)| (resolve(&d.destination), w)).collect(), false);
+    };
+    let object =
+        |vs: &crate::model::IstioObject<_>| ObjectRef::new("VirtualService", &vs.meta.namespace, &vs.meta.name);
+    // TCP routes apply to the ports a sidecar gives a tcp_proxy; HTTP ports are routed by `http`.
+    let tcp_vs = (!service_port.protocol.is_http())
+        .then(|| {
+            snapshot.virtual_services_for_host(&service.hostname).filter(applies).find(|vs| !vs.spec.tcp.is_empty())
+        })
+        .flatten();
+    if let Some(vs) = tcp_vs {
+        let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
+        match tcp_route(&vs.spec.tcp, port, &service.addresses, Client::Unknown) {
+            Ok(Some(tcp)) => {
+                let live = live_destinations(&tcp.route).into_iter().map(|(d, w)| (resolve(&d.destination), w));
+                return (Some(live.collect()), false);
+            }
+            Ok(None) => {}
+            Err(i) => {
+                diagnostics.push(Diagnostic {
+                    severity: Severity::Warning,
+                    origin: vs.origin.clone(),
+                    object: Some(object(vs)),
+                    path: format!("spec.tcp[{i}].match"),
+                    code: None,
+                    message: format!(
+                        "the route for {}:{port} depends on the client (sourceLabels or sourceNamespace), which one \
+                         node-wide kernel entry cannot tell apart: kernel-mode clients' connections to it fail; give \
+                         those clients a sidecar or the node proxy",
+                        service.hostname
+                    ),
+                });
+                return (Some(Vec::new()), false);
+            }
+        }
     }
+    let Some(vs) = snapshot.virtual_services_for_host(&service.hostname).find(applies) else { return (None, false) };
+    let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
     let needs_l7 = !vs.spec.http.is_empty();
     let catch_all = vs.spec.http.iter().find(|r| r.matches.is_empty() && !r.route.is_empty());
     if vs.spec.http.iter().any(|r| !r.matches.is_empty() || r.fault.is_some() || r.rewrite.is_some()) {
         diagnostics.push(Diagnostic {
             severity: Severity::Warning,
             origin: vs.origin.clone(),
-            object: Some(ObjectRef::new("VirtualService", &vs.meta.namespace, &vs.meta.name)),
+            object: Some(object(vs)),
             path: "spec.http".into(),
             code: None,
             message: format!("kernel-mode clients of {}:{port} get only the catch-all route's weights; matches, faults and rewrites need a sidecar or the node proxy", service.hostname),
         });
     }
-    let destinations = catch_all
-        .map(|r| live_destinations(&r.route).into_iter().map(|(d, w)| (resolve(&d.destination), w)).collect())
-        .unwrap_or_default();
+    let destinations =
+        catch_all.map(|r| live_destinations(&r.route).into_iter().map(|(d, w)| (resolve(&d.destination), w)).collect());
     (destinations, needs_l7)
 }
 
@@ -260,12 +294,9 @@ fn kernel_service(
     vip: &str,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> KernelService {
-    let (routed, needs_l7) = routed_destinations(snapshot, service, port.port, diagnostics);
-    let destinations = if routed.is_empty() {
-        vec![(Destination { host: service.hostname.clone(), ..Default::default() }, 100)]
-    } else {
-        routed
-    };
+    let (routed, needs_l7) = routed_destinations(snapshot, service, port, diagnostics);
+    let destinations =
+        routed.unwrap_or_else(|| vec![(Destination { host: service.hostname.clone(), ..Default::default() }, 100)]);
     let mut backends: BTreeMap<(String, u32), u32> = BTreeMap::new();
     for (dest, weight) in destinations.iter().filter(|(_, w)| *w > 0) {
         let Some(target) = snapshot.services.get(&dest.host) else { continue };

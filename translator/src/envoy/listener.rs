@@ -10,8 +10,9 @@ use super::authorization::{self, Layer};
 use super::proxy::{InboundPort, Proxy};
 use super::route::http_ports;
 use super::{Resource, ads_source, inbound_cluster_name, outbound_cluster_name, typed};
-use crate::model::common::{Protocol, labels_match};
+use crate::model::common::Protocol;
 use crate::model::sidecar::OutboundMode;
+use crate::model::virtual_service::{Client, tcp_route};
 use crate::snapshot::{MeshService, exported_to, host_matches, resolve_host};
 
 /// Port of `virtualOutbound`.
@@ -205,28 +206,10 @@ fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &
             && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
             && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
     });
+    let client = Client::Workload { labels: &proxy.labels, namespace: &proxy.node.namespace };
     let route = vs.and_then(|vs| {
-        vs.spec
-            .tcp
-            .iter()
-            .find(|r| {
-                r.matches.is_empty()
-                    || r.matches.iter().any(|m| {
-                        m.port.is_none_or(|p| p == port)
-                            && labels_match(&m.source_labels, &proxy.labels)
-                            && m.source_namespace.as_ref().is_none_or(|ns| *ns == proxy.node.namespace)
-                            && (m.destination_subnets.is_empty()
-                                || service.addresses.iter().any(|a| {
-                                    let ip = a.parse::<std::net::IpAddr>();
-                                    m.destination_subnets.iter().any(|s| {
-                                        crate::model::parse_cidr(s)
-                                            .zip(ip.as_ref().ok())
-                                            .is_some_and(|(net, ip)| net.contains(ip))
-                                    })
-                                }))
-                    })
-            })
-            .map(|r| (vs.meta.namespace.as_str(), r))
+        let r = tcp_route(&vs.spec.tcp, port, &service.addresses, client).expect("a proxy's own routes are decided");
+        r.map(|r| (vs.meta.namespace.as_str(), r))
     });
     let mut config = json!({"stat_prefix": stat_prefix});
     let cluster_of = |ns: &str, d: &crate::model::virtual_service::Destination| {

@@ -388,6 +388,67 @@ pub struct L4MatchAttributes {
     pub source_namespace: Option<String>,
 }
 
+/// The client a route decision is made for: a proxy knows its own, the kernel's entries are
+/// shared by every client on a node and know none.
+#[derive(Debug, Clone, Copy)]
+pub enum Client<'a> {
+    /// One workload: its labels and namespace.
+    Workload {
+        /// Its labels.
+        labels: &'a BTreeMap<String, String>,
+        /// Its namespace.
+        namespace: &'a str,
+    },
+    /// Any client.
+    Unknown,
+}
+
+/// Which TCP route of a VirtualService a connection to `port` of a service with `addresses`
+/// takes, from `client`. Ok(None): no route applies. Err(i): route `i` may apply or not
+/// depending on the client (its match names source labels or a source namespace) and the
+/// client is unknown, so no single answer is right.
+pub fn tcp_route<'a>(
+    routes: &'a [TcpRoute],
+    port: u32,
+    addresses: &[String],
+    client: Client<'_>,
+) -> Result<Option<&'a TcpRoute>, usize> {
+    for (i, r) in routes.iter().enumerate() {
+        if r.matches.is_empty() {
+            return Ok(Some(r));
+        }
+        let mut undecided = false;
+        for m in &r.matches {
+            let here = m.port.is_none_or(|p| p == port)
+                && (m.destination_subnets.is_empty()
+                    || addresses.iter().any(|a| {
+                        let ip = a.parse::<std::net::IpAddr>();
+                        m.destination_subnets.iter().any(|s| {
+                            super::parse_cidr(s).zip(ip.as_ref().ok()).is_some_and(|(net, ip)| net.contains(ip))
+                        })
+                    }));
+            if !here {
+                continue;
+            }
+            match client {
+                Client::Workload { labels, namespace } => {
+                    if super::common::labels_match(&m.source_labels, labels)
+                        && m.source_namespace.as_ref().is_none_or(|ns| ns == namespace)
+                    {
+                        return Ok(Some(r));
+                    }
+                }
+                Client::Unknown if m.source_labels.is_empty() && m.source_namespace.is_none() => return Ok(Some(r)),
+                Client::Unknown => undecided = true,
+            }
+        }
+        if undecided {
+            return Err(i);
+        }
+    }
+    Ok(None)
+}
+
 /// A weighted L4 destination.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
