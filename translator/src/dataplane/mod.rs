@@ -13,9 +13,7 @@ pub use self::authorization::{KernelAuthorization, KernelRule};
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::common::{Protocol, labels_match};
 use crate::model::virtual_service::{Client, Destination, live_destinations, tcp_route};
-use crate::snapshot::{
-    MeshService, ServicePort, ServiceResolution, Snapshot, Workload, exported_to, host_matches, resolve_host,
-};
+use crate::snapshot::{MeshService, ServicePort, ServiceResolution, Snapshot, Workload, host_matches, resolve_host};
 
 /// Type URL of a [`KernelService`] resource on ADS (node id `agent~<node-name>`).
 pub const SERVICE_TYPE: &str = "type.googleapis.com/sluice.dataplane.v1.KernelService";
@@ -229,19 +227,14 @@ fn routed_destinations(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> (Option<Vec<(Destination, u32)>>, bool) {
     let port = service_port.port;
-    let applies = |vs: &&crate::model::IstioObject<crate::model::virtual_service::VirtualServiceSpec>| {
-        exported_to(&vs.spec.export_to, &vs.meta.namespace, &service.namespace)
-            && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-            && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
-    };
+    // One entry serves every client on the node: the VirtualServices visible from the
+    // service's own namespace stand for all of them (a VirtualService exported to some
+    // namespaces only is not told apart yet).
+    let routing = || snapshot.virtual_services_routing(service, &service.namespace);
     let object =
         |vs: &crate::model::IstioObject<_>| ObjectRef::new("VirtualService", &vs.meta.namespace, &vs.meta.name);
     // TCP routes apply to the ports a sidecar gives a tcp_proxy; HTTP ports are routed by `http`.
-    let tcp_vs = (!service_port.protocol.is_http())
-        .then(|| {
-            snapshot.virtual_services_for_host(&service.hostname).filter(applies).find(|vs| !vs.spec.tcp.is_empty())
-        })
-        .flatten();
+    let tcp_vs = (!service_port.protocol.is_http()).then(|| routing().find(|vs| !vs.spec.tcp.is_empty())).flatten();
     if let Some(vs) = tcp_vs {
         let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
         match tcp_route(&vs.spec.tcp, port, &service.addresses, Client::Unknown) {
@@ -268,7 +261,7 @@ fn routed_destinations(
             }
         }
     }
-    let Some(vs) = snapshot.virtual_services_for_host(&service.hostname).find(applies) else { return (None, false) };
+    let Some(vs) = routing().next() else { return (None, false) };
     let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
     let needs_l7 = !vs.spec.http.is_empty();
     let catch_all = vs.spec.http.iter().find(|r| r.matches.is_empty() && !r.route.is_empty());

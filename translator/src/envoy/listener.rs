@@ -13,7 +13,7 @@ use super::{Resource, ads_source, inbound_cluster_name, outbound_cluster_name, t
 use crate::model::common::Protocol;
 use crate::model::sidecar::OutboundMode;
 use crate::model::virtual_service::{Client, tcp_route};
-use crate::snapshot::{MeshService, exported_to, host_matches, resolve_host};
+use crate::snapshot::{MeshService, host_matches, resolve_host};
 
 /// Port of `virtualOutbound`.
 pub const VIRTUAL_OUTBOUND_PORT: u32 = 15001;
@@ -200,12 +200,7 @@ fn hcm(stat_prefix: &str, routes: Value, filters: Vec<Value>) -> Value {
 /// The tcp_proxy for `service` on `port`: the first TCP route of its VirtualService that applies
 /// to this proxy, else the service's default cluster.
 fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &str) -> Value {
-    let vs = proxy.snapshot.virtual_services_for_host(&service.hostname).find(|vs| {
-        !vs.spec.tcp.is_empty()
-            && exported_to(&vs.spec.export_to, &vs.meta.namespace, &proxy.node.namespace)
-            && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-            && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
-    });
+    let vs = proxy.snapshot.virtual_services_routing(service, &proxy.node.namespace).find(|vs| !vs.spec.tcp.is_empty());
     let client = Client::Workload { labels: &proxy.labels, namespace: &proxy.node.namespace };
     let route = vs.and_then(|vs| {
         let r = tcp_route(&vs.spec.tcp, port, &service.addresses, client).expect("a proxy's own routes are decided");

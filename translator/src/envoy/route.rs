@@ -14,7 +14,7 @@ use crate::model::sidecar::{EgressListener, OutboundMode};
 use crate::model::virtual_service::{
     Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, VirtualServiceSpec,
 };
-use crate::snapshot::{MeshService, exported_to, host_matches, resolve_host};
+use crate::snapshot::{MeshService, host_matches, resolve_host};
 
 /// An outbound HTTP port and the egress listener whose hosts it serves.
 pub(super) struct HttpPort {
@@ -185,12 +185,8 @@ pub(super) fn catch_all_host(proxy: &Proxy<'_>) -> Resource {
 
 /// The VirtualService for `service` that this proxy uses: visible, bound to the mesh, and the
 /// first by namespace/name whose hosts cover the service.
-fn virtual_service_for<'a>(proxy: &Proxy<'a>, service: &MeshService) -> Option<&'a IstioObject<VirtualServiceSpec>> {
-    proxy.snapshot.virtual_services_for_host(&service.hostname).find(|vs| {
-        exported_to(&vs.spec.export_to, &vs.meta.namespace, &proxy.node.namespace)
-            && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-            && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
-    })
+fn virtual_service_for<'a>(proxy: &Proxy<'a>, service: &'a MeshService) -> Option<&'a IstioObject<VirtualServiceSpec>> {
+    proxy.snapshot.virtual_services_routing(service, &proxy.node.namespace).next()
 }
 
 /// The conditions Istio retries on when a VirtualService does not say.

@@ -333,6 +333,23 @@ impl Snapshot {
         self.virtual_service_hosts.lookup(&self.virtual_services, hostname)
     }
 
+    /// The VirtualServices that route `service` for clients in `namespace`, in namespace/name
+    /// order: exported to that namespace, bound to the mesh, with a host that covers the
+    /// service. A sidecar takes the first for HTTP and the first with TCP routes for TCP; so
+    /// does the kernel. The one place this rule is written.
+    pub fn virtual_services_routing<'a>(
+        &'a self,
+        service: &'a MeshService,
+        namespace: &str,
+    ) -> impl Iterator<Item = &'a IstioObject<VirtualServiceSpec>> + use<'a> {
+        let namespace = namespace.to_string();
+        self.virtual_services_for_host(&service.hostname).filter(move |vs| {
+            exported_to(&vs.spec.export_to, &vs.meta.namespace, &namespace)
+                && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+                && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
+        })
+    }
+
     /// VirtualServices, in namespace/name order, that may route to `hostname`.
     pub fn virtual_services_routing_to(
         &self,
