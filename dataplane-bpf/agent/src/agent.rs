@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+use sluice_dataplane_api::{KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE};
 use sluice_dataplane_common::{Addr, ServiceKey, maps};
-use sluice_translator::dataplane::{KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 

@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use sluice_translator::dataplane::{AGENT_NODE_PREFIX, SERVICE_TYPE, WORKLOAD_TYPE};
+use sluice_dataplane_api::{AGENT_NODE_PREFIX, SERVICE_TYPE, WORKLOAD_TYPE};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

@@ -4,8 +4,8 @@
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
 use prost::Message;
+use sluice_dataplane_api::{KernelAuthorization, KernelService, KernelWorkload};
 use sluice_dataplane_common::{ServiceKey, Workload};
-use sluice_translator::dataplane::{KernelAuthorization, KernelService, KernelWorkload};
 use smol_str::SmolStr;
 
 use crate::policy::workload_value;
@@ -253,7 +253,7 @@ pub fn update<M: Hold>(
 mod tests {
     use envoy_types::pb::envoy::service::discovery::v3::Resource;
     use envoy_types::pb::google::protobuf::Any;
-    use sluice_translator::dataplane::SERVICE_TYPE;
+    use sluice_dataplane_api::SERVICE_TYPE;
 
     use super::*;
 

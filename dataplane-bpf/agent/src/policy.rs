@@ -9,11 +9,11 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use ipnet::IpNet;
+use sluice_dataplane_api::{KernelRule, KernelWorkload};
 use sluice_dataplane_common::{
     Addr, Endpoint, IpBlock, MAX_BLOCKS, MAX_LIST, MAX_RULES, PolicyRule, PolicySet, RuleKey, Workload, mode,
     rule_flags,
 };
-use sluice_translator::dataplane::{KernelRule, KernelWorkload};
 
 use crate::held::HeldWorkload;
 use crate::loader::Maps;

@@ -14,8 +14,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use sluice_dataplane_api::{KernelService, NodeDataplane};
 use sluice_dataplane_common::{Backend, MAX_SLOTS, ServiceKey, ServiceValue, SlotKey, proto, service_flags, v4_mapped};
-use sluice_translator::dataplane::{KernelService, NodeDataplane};
 
 use crate::backends::BackendTable;
 use crate::loader::Maps;

@@ -11,9 +11,9 @@ use sluice_dataplane::loader::{Dataplane, Maps};
 use sluice_dataplane::policy::{PolicySync, stable_id};
 use sluice_dataplane::sandbox::Sandbox;
 use sluice_dataplane::sync::addr;
+use sluice_dataplane_api::KernelWorkload;
 use sluice_dataplane_common::{Addr, Endpoint};
 use sluice_testkit::is_root;
-use sluice_translator::dataplane::KernelWorkload;
 
 fn workload(name: &str, ip: &str, account: &str) -> KernelWorkload {
     KernelWorkload {

@@ -18,9 +18,9 @@ use sluice_dataplane::loader::{Dataplane, Maps};
 use sluice_dataplane::policy::workload_value;
 use sluice_dataplane::sandbox::Sandbox;
 use sluice_dataplane::sync::MapSync;
+use sluice_dataplane_api::{KernelService, KernelWorkload, NodeDataplane, WeightedBackend};
 use sluice_dataplane_common::SlotKey;
 use sluice_testkit::{Backend, CONNECT_LOOP_PY, is_root};
-use sluice_translator::dataplane::{KernelService, KernelWorkload, NodeDataplane, WeightedBackend};
 
 /// Backends that really listen, so every balanced connect succeeds.
 const BACKENDS: [&str; 6] = ["127.0.9.11", "127.0.9.12", "127.0.9.13", "127.0.9.14", "127.0.9.15", "127.0.9.16"];

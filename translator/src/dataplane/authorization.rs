@@ -6,62 +6,12 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
+use super::{KernelAuthorization, KernelRule};
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::IstioObject;
 use crate::model::authorization_policy::{Action, AuthorizationPolicySpec, Condition, Operation, Rule, Source};
 use crate::snapshot::Snapshot;
-
-/// The authorization of one workload: what the kernel checks for connections it receives.
-#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
-pub struct KernelAuthorization {
-    /// Some ALLOW policy selects the workload: a connection no ALLOW rule matches is denied
-    /// (also when every ALLOW rule was dropped as L7-only).
-    #[prost(bool, tag = "1")]
-    pub default_deny: bool,
-    /// DENY rules first, then ALLOW rules; the first match decides.
-    #[prost(message, repeated, tag = "2")]
-    pub rules: Vec<KernelRule>,
-}
-
-/// One L4 rule: matches when every non-empty list matches and no `not_` list does.
-#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
-pub struct KernelRule {
-    /// `<namespace>/<name>` of the AuthorizationPolicy.
-    #[prost(string, tag = "1")]
-    pub policy: String,
-    /// Index of the rule in `spec.rules`.
-    #[prost(uint32, tag = "2")]
-    pub rule: u32,
-    /// DENY (else ALLOW).
-    #[prost(bool, tag = "3")]
-    pub deny: bool,
-    /// Source identities as `<namespace>/<service account>`, or `*` for any mesh identity.
-    #[prost(string, repeated, tag = "4")]
-    pub principals: Vec<String>,
-    /// Excluded source identities.
-    #[prost(string, repeated, tag = "5")]
-    pub not_principals: Vec<String>,
-    /// Source namespaces, or `*`.
-    #[prost(string, repeated, tag = "6")]
-    pub namespaces: Vec<String>,
-    /// Excluded source namespaces.
-    #[prost(string, repeated, tag = "7")]
-    pub not_namespaces: Vec<String>,
-    /// Destination ports.
-    #[prost(uint32, repeated, tag = "8")]
-    pub ports: Vec<u32>,
-    /// Excluded destination ports.
-    #[prost(uint32, repeated, tag = "9")]
-    pub not_ports: Vec<u32>,
-    /// Source address blocks (CIDR).
-    #[prost(string, repeated, tag = "10")]
-    pub ip_blocks: Vec<String>,
-    /// Excluded source address blocks.
-    #[prost(string, repeated, tag = "11")]
-    pub not_ip_blocks: Vec<String>,
-}
 
 /// Reports for one policy rule.
 struct Reporter<'a> {

@@ -6,72 +6,15 @@ pub mod authorization;
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
-pub use self::authorization::{KernelAuthorization, KernelRule};
+pub use sluice_dataplane_api::{
+    AGENT_NODE_PREFIX, KernelAuthorization, KernelRule, KernelService, KernelWorkload, NodeDataplane, SERVICE_TYPE,
+    WORKLOAD_TYPE, WeightedBackend, entry_name,
+};
 
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::common::{Protocol, labels_match};
 use crate::model::virtual_service::{Client, Destination, live_destinations, tcp_route};
 use crate::snapshot::{MeshService, ServicePort, ServiceResolution, Snapshot, Workload, host_matches, resolve_host};
-
-/// Type URL of a [`KernelService`] resource on ADS (node id `agent~<node-name>`).
-pub const SERVICE_TYPE: &str = "type.googleapis.com/sluice.dataplane.v1.KernelService";
-/// Type URL of a [`KernelWorkload`] resource on ADS.
-pub const WORKLOAD_TYPE: &str = "type.googleapis.com/sluice.dataplane.v1.KernelWorkload";
-/// Node id prefix of node agents.
-pub const AGENT_NODE_PREFIX: &str = "agent~";
-
-/// Everything one node's agent programs into its maps.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeDataplane {
-    /// Services with a virtual IP, by (VIP, port, protocol).
-    pub services: Vec<KernelService>,
-    /// Workloads the agent may run or recognise on this node.
-    pub workloads: Vec<KernelWorkload>,
-}
-
-// The resource types are protobuf messages (delivered over ADS as `Any`) and serde types
-// (golden files and `sluice translate`): one type per concept.
-
-/// One (VIP, port) the kernel balances; its ADS resource name is [`KernelService::resource_name`].
-#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
-pub struct KernelService {
-    /// `<fqdn>:<port>`.
-    #[prost(string, tag = "1")]
-    pub name: String,
-    /// Virtual IP.
-    #[prost(string, tag = "2")]
-    pub vip: String,
-    /// Service port.
-    #[prost(uint32, tag = "3")]
-    pub port: u32,
-    /// `TCP` or `UDP`.
-    #[prost(string, tag = "4")]
-    pub protocol: String,
-    /// Backends with relative weights (empty: connect fails at once).
-    #[prost(message, repeated, tag = "5")]
-    pub backends: Vec<WeightedBackend>,
-    /// The service has L7 routes the kernel does not apply.
-    #[prost(bool, tag = "6")]
-    pub needs_l7: bool,
-}
-
-impl KernelService {
-    /// `<vip>:<port>/<protocol>` (IPv6 VIPs in brackets): unique per node.
-    pub fn resource_name(&self) -> String {
-        entry_name(&self.vip, self.port, &self.protocol)
-    }
-
-    /// The host of the service this entry balances.
-    pub fn host(&self) -> &str {
-        self.name.rsplit_once(':').map_or(&self.name, |(host, _)| host)
-    }
-}
-
-fn entry_name(vip: &str, port: u32, protocol: &str) -> String {
-    if vip.contains(':') { format!("[{vip}]:{port}/{protocol}") } else { format!("{vip}:{port}/{protocol}") }
-}
 
 fn kernel_protocol(port: &ServicePort) -> &'static str {
     if port.protocol == Protocol::Udp { "UDP" } else { "TCP" }
@@ -119,55 +62,6 @@ pub fn kernel_workload(
         mode,
         local: w.node.as_deref().is_none_or(|n| n == node),
         authorization: authorization.flatten(),
-    }
-}
-
-/// A backend and its share.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, prost::Message, Serialize, Deserialize)]
-pub struct WeightedBackend {
-    /// IP address.
-    #[prost(string, tag = "1")]
-    pub address: String,
-    /// Port.
-    #[prost(uint32, tag = "2")]
-    pub port: u32,
-    /// Relative weight (> 0).
-    #[prost(uint32, tag = "3")]
-    pub weight: u32,
-}
-
-/// A workload and its data-plane mode; its ADS resource name is `<namespace>/<name>`.
-#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
-pub struct KernelWorkload {
-    /// Namespace.
-    #[prost(string, tag = "1")]
-    pub namespace: String,
-    /// Pod or WorkloadEntry name.
-    #[prost(string, tag = "2")]
-    pub name: String,
-    /// IP, when known.
-    #[prost(string, optional, tag = "3")]
-    pub ip: Option<String>,
-    /// Service account.
-    #[prost(string, tag = "4")]
-    pub service_account: String,
-    /// `kernel`, `sidecar` or `node`.
-    #[prost(string, tag = "5")]
-    pub mode: String,
-    /// The workload runs on this node (or names no node): `sluice run` may start it here.
-    /// Other workloads are sent for their identity (remote sources) and their policy.
-    #[prost(bool, tag = "6")]
-    pub local: bool,
-    /// What the kernel enforces for connections to a kernel-mode workload; None when no
-    /// AuthorizationPolicy selects it (or its sidecar or node proxy enforces policy).
-    #[prost(message, optional, tag = "7")]
-    pub authorization: Option<KernelAuthorization>,
-}
-
-impl KernelWorkload {
-    /// `<namespace>/<name>`.
-    pub fn resource_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
     }
 }
 

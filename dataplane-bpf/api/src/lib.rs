@@ -1,0 +1,161 @@
+//! The messages sluice serves node agents over ADS (node id `agent~<node-name>`): one resource
+//! per kernel service and per workload. The translator builds them; the agent reads them and
+//! depends on this crate alone, not on the translator. They are protobuf messages (delivered as
+//! `Any`) and serde types (golden files and `sluice translate`): one type per concept.
+
+use serde::{Deserialize, Serialize};
+
+/// Type URL of a [`KernelService`] resource on ADS (node id `agent~<node-name>`).
+pub const SERVICE_TYPE: &str = "type.googleapis.com/sluice.dataplane.v1.KernelService";
+/// Type URL of a [`KernelWorkload`] resource on ADS.
+pub const WORKLOAD_TYPE: &str = "type.googleapis.com/sluice.dataplane.v1.KernelWorkload";
+/// Node id prefix of node agents.
+pub const AGENT_NODE_PREFIX: &str = "agent~";
+
+/// Everything one node's agent programs into its maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDataplane {
+    /// Services with a virtual IP, by (VIP, port, protocol).
+    pub services: Vec<KernelService>,
+    /// Workloads the agent may run or recognise on this node.
+    pub workloads: Vec<KernelWorkload>,
+}
+
+/// One (VIP, port) the kernel balances; its ADS resource name is [`KernelService::resource_name`].
+#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
+pub struct KernelService {
+    /// `<fqdn>:<port>`.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Virtual IP.
+    #[prost(string, tag = "2")]
+    pub vip: String,
+    /// Service port.
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+    /// `TCP` or `UDP`.
+    #[prost(string, tag = "4")]
+    pub protocol: String,
+    /// Backends with relative weights (empty: connect fails at once).
+    #[prost(message, repeated, tag = "5")]
+    pub backends: Vec<WeightedBackend>,
+    /// The service has L7 routes the kernel does not apply.
+    #[prost(bool, tag = "6")]
+    pub needs_l7: bool,
+}
+
+impl KernelService {
+    /// `<vip>:<port>/<protocol>` (IPv6 VIPs in brackets): unique per node.
+    pub fn resource_name(&self) -> String {
+        entry_name(&self.vip, self.port, &self.protocol)
+    }
+
+    /// The host of the service this entry balances.
+    pub fn host(&self) -> &str {
+        self.name.rsplit_once(':').map_or(&self.name, |(host, _)| host)
+    }
+}
+
+/// `<vip>:<port>/<protocol>` (IPv6 VIPs in brackets): a kernel entry's resource name.
+pub fn entry_name(vip: &str, port: u32, protocol: &str) -> String {
+    if vip.contains(':') { format!("[{vip}]:{port}/{protocol}") } else { format!("{vip}:{port}/{protocol}") }
+}
+
+/// A backend and its share.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, prost::Message, Serialize, Deserialize)]
+pub struct WeightedBackend {
+    /// IP address.
+    #[prost(string, tag = "1")]
+    pub address: String,
+    /// Port.
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+    /// Relative weight (> 0).
+    #[prost(uint32, tag = "3")]
+    pub weight: u32,
+}
+
+/// A workload and its data-plane mode; its ADS resource name is `<namespace>/<name>`.
+#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
+pub struct KernelWorkload {
+    /// Namespace.
+    #[prost(string, tag = "1")]
+    pub namespace: String,
+    /// Pod or WorkloadEntry name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// IP, when known.
+    #[prost(string, optional, tag = "3")]
+    pub ip: Option<String>,
+    /// Service account.
+    #[prost(string, tag = "4")]
+    pub service_account: String,
+    /// `kernel`, `sidecar` or `node`.
+    #[prost(string, tag = "5")]
+    pub mode: String,
+    /// The workload runs on this node (or names no node): `sluice run` may start it here.
+    /// Other workloads are sent for their identity (remote sources) and their policy.
+    #[prost(bool, tag = "6")]
+    pub local: bool,
+    /// What the kernel enforces for connections to a kernel-mode workload; None when no
+    /// AuthorizationPolicy selects it (or its sidecar or node proxy enforces policy).
+    #[prost(message, optional, tag = "7")]
+    pub authorization: Option<KernelAuthorization>,
+}
+
+impl KernelWorkload {
+    /// `<namespace>/<name>`.
+    pub fn resource_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The authorization of one workload: what the kernel checks for connections it receives.
+#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
+pub struct KernelAuthorization {
+    /// Some ALLOW policy selects the workload: a connection no ALLOW rule matches is denied
+    /// (also when every ALLOW rule was dropped as L7-only).
+    #[prost(bool, tag = "1")]
+    pub default_deny: bool,
+    /// DENY rules first, then ALLOW rules; the first match decides.
+    #[prost(message, repeated, tag = "2")]
+    pub rules: Vec<KernelRule>,
+}
+
+/// One L4 rule: matches when every non-empty list matches and no `not_` list does.
+#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
+pub struct KernelRule {
+    /// `<namespace>/<name>` of the AuthorizationPolicy.
+    #[prost(string, tag = "1")]
+    pub policy: String,
+    /// Index of the rule in `spec.rules`.
+    #[prost(uint32, tag = "2")]
+    pub rule: u32,
+    /// DENY (else ALLOW).
+    #[prost(bool, tag = "3")]
+    pub deny: bool,
+    /// Source identities as `<namespace>/<service account>`, or `*` for any mesh identity.
+    #[prost(string, repeated, tag = "4")]
+    pub principals: Vec<String>,
+    /// Excluded source identities.
+    #[prost(string, repeated, tag = "5")]
+    pub not_principals: Vec<String>,
+    /// Source namespaces, or `*`.
+    #[prost(string, repeated, tag = "6")]
+    pub namespaces: Vec<String>,
+    /// Excluded source namespaces.
+    #[prost(string, repeated, tag = "7")]
+    pub not_namespaces: Vec<String>,
+    /// Destination ports.
+    #[prost(uint32, repeated, tag = "8")]
+    pub ports: Vec<u32>,
+    /// Excluded destination ports.
+    #[prost(uint32, repeated, tag = "9")]
+    pub not_ports: Vec<u32>,
+    /// Source address blocks (CIDR).
+    #[prost(string, repeated, tag = "10")]
+    pub ip_blocks: Vec<String>,
+    /// Excluded source address blocks.
+    #[prost(string, repeated, tag = "11")]
+    pub not_ip_blocks: Vec<String>,
+}
