@@ -83,3 +83,140 @@ fn a_tcp_route_by_source_labels_is_per_proxy_in_envoy_and_fails_closed_in_the_ke
     let http = node.services.iter().find(|s| s.vip == "127.100.61.1" && s.port == 80).expect("port 80");
     assert_eq!(http.backends.len(), 2);
 }
+
+mod differential {
+    //! For generated routes — 1 to 4 destinations over subsets, weights present or missing,
+    //! HTTP or TCP catch-all — each subset's share of traffic in the sidecar's config equals its
+    //! share in the kernel entry (within the kernel's rounding), so the two back ends can no
+    //! longer drift apart on a split.
+
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use serde_json::Value;
+    use sluice_translator::dataplane::translate_node;
+    use sluice_translator::envoy::translate_sidecar;
+    use sluice_translator::parse::parse_documents;
+    use sluice_translator::snapshot::Snapshot;
+
+    /// Four versions, one pod each (`127.0.62.<v+1>`), a subset per version, and a client.
+    fn mesh() -> String {
+        let mut y = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec: {clusterIP: 127.100.62.1, selector: {app: web}, ports: [{name: http, port: 80}, {name: tcp-raw, port: 90}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 80}, {name: tcp-raw, port: 90}]\nendpoints:\n".to_string();
+        for v in 0..4 {
+            y += &format!(
+                "- {{addresses: [127.0.62.{}], targetRef: {{kind: Pod, name: web-{v}, namespace: ns}}}}\n",
+                v + 1
+            );
+        }
+        for v in 0..4 {
+            y += &format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{v}, namespace: ns, labels: {{app: web, v: v{v}}}}}\nspec: {{nodeName: n, containers: [{{name: c}}]}}\nstatus: {{podIP: 127.0.62.{}}}\n",
+                v + 1
+            );
+        }
+        y += "---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: ns, labels: {app: client}}\nspec: {nodeName: n, containers: [{name: c}]}\nstatus: {podIP: 127.0.62.9}\n";
+        y += "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: ns}\nspec: {host: web, subsets: [{name: v0, labels: {v: v0}}, {name: v1, labels: {v: v1}}, {name: v2, labels: {v: v2}}, {name: v3, labels: {v: v3}}]}\n";
+        y
+    }
+
+    /// Weights that validate: one destination with or without 100; several summing to 100,
+    /// where a missing weight counts as 0 (at least one present).
+    fn route() -> impl Strategy<Value = Vec<(usize, Option<u32>)>> {
+        (1usize..=4).prop_flat_map(|n| {
+            let subsets = proptest::sample::subsequence(vec![0usize, 1, 2, 3], n).prop_shuffle();
+            let cuts = proptest::collection::vec(0u32..=100, n - 1);
+            let missing = proptest::collection::vec(any::<bool>(), n);
+            (subsets, cuts, missing).prop_map(move |(subsets, mut cuts, missing)| {
+                if n == 1 {
+                    return vec![(subsets[0], if missing[0] { None } else { Some(100) })];
+                }
+                cuts.sort();
+                let mut weights = Vec::new();
+                let mut last = 0;
+                for c in cuts.iter().chain(std::iter::once(&100)) {
+                    weights.push(c - last);
+                    last = *c;
+                }
+                subsets
+                    .into_iter()
+                    .zip(weights)
+                    .zip(missing)
+                    .map(|((s, w), m)| (s, if m && w == 0 { None } else { Some(w) }))
+                    .collect()
+            })
+        })
+    }
+
+    /// Each subset's share (0..=1) of what the sidecar sends to `port`.
+    fn envoy_shares(snapshot: &Snapshot, port: u32, tcp: bool) -> BTreeMap<String, f64> {
+        let r = translate_sidecar(snapshot, "sidecar~127.0.62.9~client.ns~ns.svc.cluster.local").expect("translate");
+        let action: Value = if tcp {
+            let l = r.listeners.iter().find(|l| l.name == format!("127.100.62.1_{port}")).expect("listener");
+            l.body["filter_chains"][0]["filters"][0]["typed_config"].clone()
+        } else {
+            let rc = r.routes.iter().find(|rc| rc.name == port.to_string()).expect("route config");
+            let vh = rc.body["virtual_hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"].as_str().unwrap().starts_with("web.ns"))
+                .unwrap()
+                .clone();
+            vh["routes"][0]["route"].clone()
+        };
+        let subset = |cluster: &str| cluster.split('|').nth(2).unwrap_or("").to_string();
+        let mut shares = BTreeMap::new();
+        if let Some(c) = action["cluster"].as_str() {
+            shares.insert(subset(c), 1.0);
+        } else {
+            let clusters = action["weighted_clusters"]["clusters"].as_array().expect("weighted clusters");
+            let total: f64 = clusters.iter().map(|c| c["weight"].as_f64().unwrap()).sum();
+            for c in clusters {
+                *shares.entry(subset(c["name"].as_str().unwrap())).or_default() +=
+                    c["weight"].as_f64().unwrap() / total;
+            }
+        }
+        shares
+    }
+
+    /// Each subset's share in the kernel entry for `port` (a backend's subset is its pod's version).
+    fn kernel_shares(snapshot: &Snapshot, port: u32) -> BTreeMap<String, f64> {
+        let (node, _) = translate_node(snapshot, "n");
+        let s = node.services.iter().find(|s| s.vip == "127.100.62.1" && s.port == port).expect("entry");
+        let total: f64 = s.backends.iter().map(|b| f64::from(b.weight)).sum();
+        let mut shares = BTreeMap::new();
+        for b in &s.backends {
+            let v: usize = b.address.rsplit('.').next().unwrap().parse::<usize>().unwrap() - 1;
+            *shares.entry(format!("v{v}")).or_default() += f64::from(b.weight) / total;
+        }
+        shares
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn envoy_and_the_kernel_split_alike(route in route(), tcp in any::<bool>()) {
+            let port = if tcp { 90 } else { 80 };
+            let kind = if tcp { "tcp" } else { "http" };
+            let destinations: Vec<String> = route
+                .iter()
+                .map(|(s, w)| {
+                    let weight = w.map(|w| format!(", weight: {w}")).unwrap_or_default();
+                    format!("{{destination: {{host: web, subset: v{s}, port: {{number: {port}}}}}{weight}}}")
+                })
+                .collect();
+            let vs = format!("---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: ns}}\nspec:\n  hosts: [web]\n  {kind}:\n  - route: [{}]\n", destinations.join(", "));
+            let (objects, diagnostics) = parse_documents("mesh.yaml", &format!("{}{vs}", mesh()));
+            let errors: Vec<_> = diagnostics.iter().filter(|d| d.severity == sluice_translator::diagnostic::Severity::Error).collect();
+            prop_assert!(errors.is_empty(), "the generator made an invalid route: {:?}", errors);
+            let (snapshot, _) = Snapshot::build(objects);
+            let envoy = envoy_shares(&snapshot, port, tcp);
+            let kernel = kernel_shares(&snapshot, port);
+            prop_assert_eq!(envoy.keys().collect::<Vec<_>>(), kernel.keys().collect::<Vec<_>>(), "{}", vs);
+            for (subset, share) in &envoy {
+                prop_assert!((share - kernel[subset]).abs() < 0.01, "{subset}: Envoy {share}, kernel {}\n{vs}", kernel[subset]);
+            }
+        }
+    }
+}
