@@ -287,7 +287,7 @@ pub fn run(count: usize, rate: u32, runs: usize) -> anyhow::Result<()> {
             name: "echo".into(),
             vip: vip.into(),
             port: vport.parse()?,
-            protocol: "TCP".into(),
+            protocol: sluice_translator::dataplane::KernelProtocol::Tcp as i32,
             backends: vec![WeightedBackend { address: bip.into(), port: bport.parse()?, weight: 1 }],
             needs_l7: false,
         }],
@@ -297,7 +297,7 @@ pub fn run(count: usize, rate: u32, runs: usize) -> anyhow::Result<()> {
     let client = KernelWorkload {
         namespace: "bench".into(),
         name: "client".into(),
-        mode: "kernel".into(),
+        mode: sluice_translator::dataplane::Mode::Kernel as i32,
         ..Default::default()
     };
     dp.maps.workloads.insert(sluice_dataplane::cgroup::cgroup_id(&client_cgroup)?, workload_value(&client), 0)?;

@@ -27,7 +27,7 @@ pub fn validate_object(object: &Object, findings: &mut Findings) {
         _ => Default::default(),
     };
     if let Some(mode) = labels.get(crate::DATAPLANE_LABEL)
-        && !["sidecar", "node", "kernel"].contains(&mode.as_str())
+        && crate::dataplane::Mode::from_name(mode).is_none()
     {
         findings.error(
             format!("metadata.labels.{}", crate::DATAPLANE_LABEL),

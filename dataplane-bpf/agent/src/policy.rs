@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use ipnet::IpNet;
-use sluice_dataplane_api::{KernelRule, KernelWorkload};
+use sluice_dataplane_api::{KernelRule, KernelWorkload, Mode};
 use sluice_dataplane_common::{
     Addr, Endpoint, IpBlock, MAX_BLOCKS, MAX_LIST, MAX_RULES, PolicyRule, PolicySet, RuleKey, Workload, mode,
     rule_flags,
@@ -32,7 +32,7 @@ pub fn stable_id(text: &str) -> u32 {
 
 /// The policy set id of a workload the kernel protects, else 0.
 pub fn policy_set(w: &KernelWorkload) -> u32 {
-    if w.mode != "kernel" || w.authorization.is_none() {
+    if w.mode() != Mode::Kernel || w.authorization.is_none() {
         return 0;
     }
     stable_id(&format!("policy/{}/{}", w.namespace, w.name)).max(1)
@@ -48,10 +48,10 @@ pub fn workload_value(w: &KernelWorkload) -> Workload {
         identity: stable_id(&format!("{}/{}", w.namespace, w.service_account)),
         namespace: stable_id(&w.namespace),
         policy: policy_set(w),
-        mode: match w.mode.as_str() {
-            "sidecar" => mode::SIDECAR,
-            "node" => mode::NODE,
-            _ => mode::KERNEL,
+        mode: match w.mode() {
+            Mode::Sidecar => mode::SIDECAR,
+            Mode::Node => mode::NODE,
+            Mode::Kernel => mode::KERNEL,
         },
         pad: [0; 3],
         addr: workload_addr(w),

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use sluice_dataplane_api::{KernelService, NodeDataplane};
+use sluice_dataplane_api::{KernelService, NodeDataplane, Protocol};
 use sluice_dataplane_common::{Backend, MAX_SLOTS, ServiceKey, ServiceValue, SlotKey, proto, service_flags, v4_mapped};
 
 use crate::backends::BackendTable;
@@ -45,7 +45,10 @@ pub fn service_key(s: &KernelService) -> Result<ServiceKey> {
     Ok(ServiceKey {
         addr: addr(ip),
         port: port16(&s.name, s.port)?,
-        proto: if s.protocol == "UDP" { proto::UDP } else { proto::TCP },
+        proto: match s.protocol() {
+            Protocol::Udp => proto::UDP,
+            Protocol::Tcp => proto::TCP,
+        },
         pad: 0,
     })
 }

@@ -21,7 +21,7 @@ fn workload(name: &str, ip: &str, account: &str) -> KernelWorkload {
         name: name.into(),
         ip: Some(ip.into()),
         service_account: account.into(),
-        mode: "kernel".into(),
+        mode: sluice_dataplane_api::Mode::Kernel as i32,
         ..Default::default()
     }
 }

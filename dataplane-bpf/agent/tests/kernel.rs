@@ -163,7 +163,7 @@ fn connect_time_balancing_getpeername_and_modes() {
         name: "client".into(),
         ip: None,
         service_account: "default".into(),
-        mode: mode.into(),
+        mode: sluice_dataplane_api::Mode::from_name(mode).expect("a mode") as i32,
         ..Default::default()
     };
     dp.maps.workloads.insert(cgroup::cgroup_id(&client).unwrap(), workload_value(&workload("kernel")), 0).unwrap();
@@ -221,7 +221,7 @@ fn connect_time_balancing_getpeername_and_modes() {
         name: "dns.default.svc.cluster.local:5353".into(),
         vip: relocate("127.100.9.2"),
         port: 5353,
-        protocol: "UDP".into(),
+        protocol: sluice_dataplane_api::Protocol::Udp as i32,
         backends: ["127.0.9.1", "127.0.9.2"]
             .iter()
             .map(|a| WeightedBackend { address: relocate(a), port: 5354, weight: 1 })
@@ -265,7 +265,7 @@ fn kernel_workload() -> KernelWorkload {
         name: "client".into(),
         ip: None,
         service_account: "default".into(),
-        mode: "kernel".into(),
+        mode: sluice_dataplane_api::Mode::Kernel as i32,
         ..Default::default()
     }
 }

@@ -37,7 +37,7 @@ fn node(sets: &[Vec<(usize, u32)>]) -> NodeDataplane {
             name: format!("s{i}"),
             vip: VIPS[i].into(),
             port: PORT,
-            protocol: "TCP".into(),
+            protocol: sluice_dataplane_api::Protocol::Tcp as i32,
             backends: backends
                 .iter()
                 .map(|(b, w)| WeightedBackend { address: BACKENDS[*b].into(), port: PORT, weight: *w })
@@ -87,7 +87,7 @@ fn readers_never_see_a_slot_without_its_backend() {
     let caller = KernelWorkload {
         namespace: "default".into(),
         name: "reader".into(),
-        mode: "kernel".into(),
+        mode: sluice_dataplane_api::Mode::Kernel as i32,
         ..Default::default()
     };
     dp.maps

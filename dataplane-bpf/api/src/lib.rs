@@ -12,6 +12,75 @@ pub const WORKLOAD_TYPE: &str = "type.googleapis.com/sluice.dataplane.v1.KernelW
 /// Node id prefix of node agents.
 pub const AGENT_NODE_PREFIX: &str = "agent~";
 
+/// A kernel entry's transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+#[repr(i32)]
+pub enum Protocol {
+    /// TCP.
+    Tcp = 0,
+    /// UDP.
+    Udp = 1,
+}
+
+impl Protocol {
+    /// `TCP` or `UDP`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
+}
+
+/// A workload's data-plane mode (label `sluice.io/dataplane`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(i32)]
+pub enum Mode {
+    /// The kernel balances its connections and enforces its inbound policy.
+    Kernel = 0,
+    /// Its sidecar does both.
+    Sidecar = 1,
+    /// The node proxy takes its connections to services with L7 routing.
+    Node = 2,
+}
+
+impl Mode {
+    /// `kernel`, `sidecar` or `node`: the label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Sidecar => "sidecar",
+            Self::Node => "node",
+        }
+    }
+
+    /// The mode a label value names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Kernel, Self::Sidecar, Self::Node].into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// Serde for an enumeration field held as its protobuf number: the variant's name in JSON.
+macro_rules! by_name {
+    ($module:ident, $enum:ty) => {
+        mod $module {
+            use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+            pub fn serialize<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+                <$enum>::try_from(*value).map_err(serde::ser::Error::custom)?.serialize(s)
+            }
+
+            pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+                <$enum>::deserialize(d).map(|v| v as i32)
+            }
+        }
+    };
+}
+by_name!(protocol_name, crate::Protocol);
+by_name!(mode_name, crate::Mode);
+
 /// Everything one node's agent programs into its maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDataplane {
@@ -33,9 +102,10 @@ pub struct KernelService {
     /// Service port.
     #[prost(uint32, tag = "3")]
     pub port: u32,
-    /// `TCP` or `UDP`.
-    #[prost(string, tag = "4")]
-    pub protocol: String,
+    /// The transport ([`Protocol`]; `TCP` or `UDP` in JSON).
+    #[prost(enumeration = "Protocol", tag = "4")]
+    #[serde(with = "protocol_name")]
+    pub protocol: i32,
     /// Backends with relative weights (empty: connect fails at once).
     #[prost(message, repeated, tag = "5")]
     pub backends: Vec<WeightedBackend>,
@@ -47,7 +117,7 @@ pub struct KernelService {
 impl KernelService {
     /// `<vip>:<port>/<protocol>` (IPv6 VIPs in brackets): unique per node.
     pub fn resource_name(&self) -> String {
-        entry_name(&self.vip, self.port, &self.protocol)
+        entry_name(&self.vip, self.port, self.protocol())
     }
 
     /// The host of the service this entry balances.
@@ -57,7 +127,8 @@ impl KernelService {
 }
 
 /// `<vip>:<port>/<protocol>` (IPv6 VIPs in brackets): a kernel entry's resource name.
-pub fn entry_name(vip: &str, port: u32, protocol: &str) -> String {
+pub fn entry_name(vip: &str, port: u32, protocol: Protocol) -> String {
+    let protocol = protocol.name();
     if vip.contains(':') { format!("[{vip}]:{port}/{protocol}") } else { format!("{vip}:{port}/{protocol}") }
 }
 
@@ -90,9 +161,10 @@ pub struct KernelWorkload {
     /// Service account.
     #[prost(string, tag = "4")]
     pub service_account: String,
-    /// `kernel`, `sidecar` or `node`.
-    #[prost(string, tag = "5")]
-    pub mode: String,
+    /// Its data-plane mode ([`Mode`]; `kernel`, `sidecar` or `node` in JSON).
+    #[prost(enumeration = "Mode", tag = "5")]
+    #[serde(with = "mode_name")]
+    pub mode: i32,
     /// The workload runs on this node (or names no node): `sluice run` may start it here.
     /// Other workloads are sent for their identity (remote sources) and their policy.
     #[prost(bool, tag = "6")]

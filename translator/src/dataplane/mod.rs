@@ -7,8 +7,8 @@ pub mod authorization;
 use std::collections::BTreeMap;
 
 pub use sluice_dataplane_api::{
-    AGENT_NODE_PREFIX, KernelAuthorization, KernelRule, KernelService, KernelWorkload, NodeDataplane, SERVICE_TYPE,
-    WORKLOAD_TYPE, WeightedBackend, entry_name,
+    AGENT_NODE_PREFIX, KernelAuthorization, KernelRule, KernelService, KernelWorkload, Mode, NodeDataplane,
+    Protocol as KernelProtocol, SERVICE_TYPE, WORKLOAD_TYPE, WeightedBackend, entry_name,
 };
 
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
@@ -16,8 +16,8 @@ use crate::model::common::{Protocol, labels_match};
 use crate::model::virtual_service::{Client, Destination, live_destinations, tcp_route};
 use crate::snapshot::{MeshService, ServicePort, ServiceResolution, Snapshot, Workload, host_matches, resolve_host};
 
-fn kernel_protocol(port: &ServicePort) -> &'static str {
-    if port.protocol == Protocol::Udp { "UDP" } else { "TCP" }
+fn kernel_protocol(port: &ServicePort) -> KernelProtocol {
+    if port.protocol == Protocol::Udp { KernelProtocol::Udp } else { KernelProtocol::Tcp }
 }
 
 /// The (VIP, port) pairs of `service` the kernel balances, as `(vip, port)`.
@@ -51,7 +51,7 @@ pub fn kernel_workload(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> KernelWorkload {
     let mode = mode(snapshot, &w.namespace, &w.labels);
-    let authorization = (mode == "kernel").then(|| {
+    let authorization = (mode == Mode::Kernel).then(|| {
         authorization::workload_authorization(snapshot, &w.namespace, &w.labels, w.ip.as_deref(), diagnostics)
     });
     KernelWorkload {
@@ -59,7 +59,7 @@ pub fn kernel_workload(
         name: w.name.clone(),
         ip: w.ip.clone(),
         service_account: w.service_account.clone(),
-        mode,
+        mode: mode as i32,
         local: w.node.as_deref().is_none_or(|n| n == node),
         authorization: authorization.flatten(),
     }
@@ -67,12 +67,13 @@ pub fn kernel_workload(
 
 /// The data-plane mode of a workload: its own `sluice.io/dataplane` label, else its
 /// namespace's, else `kernel`.
-fn mode(snapshot: &Snapshot, namespace: &str, labels: &BTreeMap<String, String>) -> String {
+/// (Validation refuses any other label value.)
+fn mode(snapshot: &Snapshot, namespace: &str, labels: &BTreeMap<String, String>) -> Mode {
     labels
         .get(crate::DATAPLANE_LABEL)
         .or_else(|| snapshot.namespaces.get(namespace).and_then(|l| l.get(crate::DATAPLANE_LABEL)))
-        .cloned()
-        .unwrap_or_else(|| "kernel".into())
+        .and_then(|m| Mode::from_name(m))
+        .unwrap_or(Mode::Kernel)
 }
 
 /// Translates the snapshot for the agent of `node`. Every workload is sent (identities of remote
@@ -208,7 +209,7 @@ fn kernel_service(
         name: format!("{}:{}", service.hostname, port.port),
         vip: vip.to_string(),
         port: port.port,
-        protocol: kernel_protocol(port).into(),
+        protocol: kernel_protocol(port) as i32,
         backends: backends
             .into_iter()
             .map(|((address, port), w)| WeightedBackend { address, port, weight: w / divisor.max(1) })
