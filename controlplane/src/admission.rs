@@ -131,8 +131,9 @@ pub fn reference(change: &Change) -> ObjectRef {
 }
 
 /// Checks each new config as `sluice serve` would generate it, incrementally: a generator of its
-/// own follows the admitted snapshots, so a change costs what the push after it costs (and,
-/// with the server's generator sharing the interner, the push reuses the check's encodings).
+/// own follows the admitted snapshots, so a change costs what the push after it costs; the
+/// server's generator shares its encodings (the interner) and adopts the outbound halves it
+/// built ([`MeshGenerator::adopt`]), so the push does not do the work again.
 pub struct Checker {
     generator: MeshGenerator,
     version: u64,
@@ -173,6 +174,7 @@ impl Checker {
     /// object among many costs a few generations, and a change list that generates costs one
     /// incremental check. When `base` itself does not generate (state from an older sluice),
     /// nothing can be blamed on the changes and all are admitted.
+    ///
     /// The checks are made as config `version`, the one the store gives the result: the
     /// server's generator then takes the outbound halves built for it ([`Checker::generator`]).
     pub fn admit(&mut self, version: u64, base: &Snapshot, changes: Vec<Change>) -> Admitted {
