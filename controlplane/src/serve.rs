@@ -214,9 +214,10 @@ impl Pipeline {
         let stored = started.elapsed();
         self.generator.set(Current { version, snapshot }, delta);
         self.generator.adopt(store.checked());
-        drop(store);
-        // Ready once proxies are given the loaded config, not before.
+        // Ready once proxies are given the loaded config, not before; and before the store is
+        // let go, so whoever sees the loaded config (`/debug/configz`) also sees ready.
         self.ready.store(true, Ordering::Release);
+        drop(store);
         let generated = started.elapsed();
         let pushed = self.xds.refresh();
         tracing::info!(
