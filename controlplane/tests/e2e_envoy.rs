@@ -82,16 +82,18 @@ impl Mesh {
         let cfg = dir.path().join("cfg");
         copy_dir(&common::root().join("examples/bookinfo"), &cfg);
         std::fs::write(cfg.join("variant.yaml"), variant_text(variant)).unwrap();
+        // The examples' addresses, moved into this run's loopback block by `relocate` (the
+        // productpage app's 127.0.0.1 becomes 127.<n>.0.1): nothing binds 127.0.0.1 itself.
         let backends = [
-            ("productpage-app", "127.0.0.1:19080"),
-            ("details-v1", "127.0.1.20:9080"),
-            ("ratings-v1", "127.0.1.30:9080"),
-            ("reviews-v1", "127.0.1.40:9080"),
-            ("reviews-v2", "127.0.1.41:9080"),
-            ("reviews-v3", "127.0.1.42:9080"),
+            ("productpage-app", "127.0.0.1", 19080),
+            ("details-v1", "127.0.1.20", 9080),
+            ("ratings-v1", "127.0.1.30", 9080),
+            ("reviews-v1", "127.0.1.40", 9080),
+            ("reviews-v2", "127.0.1.41", 9080),
+            ("reviews-v3", "127.0.1.42", 9080),
         ]
         .iter()
-        .map(|(n, a)| Backend::start(n, relocate(a).parse::<SocketAddr>().unwrap()))
+        .map(|(n, ip, port)| Backend::start(n, SocketAddr::new(relocate(ip).parse().unwrap(), *port)))
         .collect();
         let (xds_port, monitoring_port, admin_port) = (free_port(), free_port(), free_port());
         let sluice = start_sluice(dir.path(), xds_port, monitoring_port, "sluice.log");
