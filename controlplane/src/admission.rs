@@ -184,7 +184,8 @@ impl Checker {
         if self.check(&candidate, delta.clone(), &changes).is_none() || !ungeneratable(base, true).is_empty() {
             return Admitted { snapshot: candidate, delta, refused: Vec::new() };
         }
-        let admitted = admit(base, changes);
+        // `base` generates and the candidate does not: find what to refuse.
+        let admitted = halve(base, changes);
         // The checker saw the refused candidate: it starts again from what was admitted.
         self.check(&admitted.snapshot, SnapshotDelta { rebuild: true, ..Default::default() }, &[]);
         admitted
@@ -193,12 +194,12 @@ impl Checker {
 
 /// [`Checker::admit`] without a checker: every check generates every proxy's config afresh.
 pub fn admit(base: &Snapshot, changes: Vec<Change>) -> Admitted {
-    let mut candidate = base.clone();
-    let delta = candidate.apply(changes.iter().cloned());
-    if ungeneratable(&candidate, true).is_empty() || !ungeneratable(base, true).is_empty() {
+    if !ungeneratable(base, true).is_empty() {
+        let mut candidate = base.clone();
+        let delta = candidate.apply(changes);
         return Admitted { snapshot: candidate, delta, refused: Vec::new() };
     }
-    halve(base, changes)
+    admit_on_good_base(base, changes)
 }
 
 /// [`admit`] for a `base` that generates and `changes` after which something does not.
