@@ -264,6 +264,29 @@ impl MeshGenerator {
         self.interner.clone()
     }
 
+    /// Generates (and encodes) the sidecar `node_id`'s outbound half, cached per class as for
+    /// a push, and with `inbound` its inbound half too (else none): both halves.
+    fn sidecar(
+        &self,
+        current: &Current,
+        node_id: &str,
+        inbound: bool,
+    ) -> Result<(Arc<SharedTypes>, Vec<Arc<Encoded>>), String> {
+        let mut translation = ProxyTranslation::new(&current.snapshot, node_id).map_err(|e| e.to_string())?;
+        let outbound = self.outbound(current.version, &mut translation)?;
+        let mut encoded = Vec::new();
+        if inbound {
+            self.encode(translation.inbound(), &mut encoded)?;
+        }
+        Ok((outbound, encoded))
+    }
+
+    /// [`MeshGenerator::sidecar`] for checking only: the first error.
+    pub fn check(&self, node_id: &str, inbound: bool) -> Result<(), String> {
+        let current = self.current.read().expect("generator lock").clone();
+        self.sidecar(&current, node_id, inbound).map(|_| ())
+    }
+
     /// The config version being served.
     pub fn version(&self) -> u64 {
         self.current.read().expect("generator lock").version
@@ -281,20 +304,6 @@ impl MeshGenerator {
     }
 }
 
-impl MeshGenerator {
-    /// Generates (and encodes) the sidecar `node_id`'s outbound half, cached per class as for
-    /// a push, and with `inbound` its inbound half too; the first error.
-    pub fn check(&self, node_id: &str, inbound: bool) -> Result<(), String> {
-        let current = self.current.read().expect("generator lock").clone();
-        let mut translation = ProxyTranslation::new(&current.snapshot, node_id).map_err(|e| e.to_string())?;
-        self.outbound(current.version, &mut translation)?;
-        if inbound {
-            self.encode(translation.inbound(), &mut Vec::new())?;
-        }
-        Ok(())
-    }
-}
-
 impl Generator for MeshGenerator {
     fn generate(
         &self,
@@ -309,10 +318,7 @@ impl Generator for MeshGenerator {
             });
             return Ok(patched.unwrap_or_else(|| agent_snapshot(&current, node_name, previous)));
         }
-        let mut translation = ProxyTranslation::new(&current.snapshot, &node.id).map_err(|e| e.to_string())?;
-        let outbound = self.outbound(current.version, &mut translation)?;
-        let mut inbound = Vec::new();
-        self.encode(translation.inbound(), &mut inbound)?;
+        let (outbound, inbound) = self.sidecar(&current, &node.id, true)?;
         // On a name clash the snapshot keeps the outbound listener, as `translate_sidecar` does.
         Ok(sluice_xds::cache::Snapshot::layered(current.version, &outbound, inbound, previous))
     }
