@@ -43,8 +43,8 @@ pub fn ungeneratable(snapshot: &Snapshot, first: bool) -> Vec<Stuck> {
     let mut stuck = Vec::new();
     for node in sidecar_nodes(snapshot) {
         let info = NodeInfo { id: node.clone(), cluster: String::new(), metadata: Default::default() };
-        if let Err(reason) = generator.generate(&info, None) {
-            stuck.push(Stuck { node, reason });
+        if let Err(e) = generator.generate(&info, None) {
+            stuck.push(Stuck { node, reason: e.reason().to_string() });
             if first {
                 break;
             }
@@ -165,7 +165,10 @@ impl Checker {
         self.generator.set(Current { version: self.version, snapshot: snapshot.clone() }, delta);
         snapshot.workloads.iter().find_map(|(key, w)| {
             let node = sidecar_node(w)?;
-            self.generator.check(&node, inbound.contains(key)).err().map(|reason| Stuck { node, reason })
+            self.generator
+                .check(&node, inbound.contains(key))
+                .err()
+                .map(|e| Stuck { reason: e.reason().to_string(), node })
         })
     }
 

@@ -1,21 +1,21 @@
 //! Builds each proxy's xDS snapshot from the current translator snapshot.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use prost::Message;
+use sluice_translator::dataplane::patch::{Holder, patch};
 use sluice_translator::dataplane::{
-    AGENT_NODE_PREFIX, KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE, kernel_service_names,
-    kernel_services, kernel_workload, translate_node,
+    AGENT_NODE_PREFIX, KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE, translate_node,
 };
 use sluice_translator::envoy::{
     ProxyClass, ProxyResources, ProxyTranslation, Resource, RouteTable, VIRTUAL_HOST_TYPE, VIRTUAL_HOSTS_FIELD,
     route_shell,
 };
-use sluice_translator::snapshot::{Snapshot, SnapshotDelta, resolve_host};
+use sluice_translator::snapshot::{Snapshot, SnapshotDelta};
 use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SharedTypes};
 use sluice_xds::resource::{Encoded, Interner};
-use sluice_xds::server::{Generator, NodeInfo};
+use sluice_xds::server::{GenerateError, Generator, NodeInfo};
 
 /// The config the generator translates from.
 pub struct Current {
@@ -271,18 +271,21 @@ impl MeshGenerator {
         current: &Current,
         node_id: &str,
         inbound: bool,
-    ) -> Result<(Arc<SharedTypes>, Vec<Arc<Encoded>>), String> {
-        let mut translation = ProxyTranslation::new(&current.snapshot, node_id).map_err(|e| e.to_string())?;
-        let outbound = self.outbound(current.version, &mut translation)?;
+    ) -> Result<(Arc<SharedTypes>, Vec<Arc<Encoded>>), GenerateError> {
+        let node = || node_id.to_string();
+        let mut translation = ProxyTranslation::new(&current.snapshot, node_id)
+            .map_err(|e| GenerateError::UnservableNode { node: node(), reason: e.to_string() })?;
+        let build = |reason| GenerateError::Build { node: node(), reason };
+        let outbound = self.outbound(current.version, &mut translation).map_err(build)?;
         let mut encoded = Vec::new();
         if inbound {
-            self.encode(translation.inbound(), &mut encoded)?;
+            self.encode(translation.inbound(), &mut encoded).map_err(build)?;
         }
         Ok((outbound, encoded))
     }
 
     /// [`MeshGenerator::sidecar`] for checking only: the first error.
-    pub fn check(&self, node_id: &str, inbound: bool) -> Result<(), String> {
+    pub fn check(&self, node_id: &str, inbound: bool) -> Result<(), GenerateError> {
         let current = self.current.read().expect("generator lock").clone();
         self.sidecar(&current, node_id, inbound).map(|_| ())
     }
@@ -309,7 +312,7 @@ impl Generator for MeshGenerator {
         &self,
         node: &NodeInfo,
         previous: Option<&sluice_xds::cache::Snapshot>,
-    ) -> Result<sluice_xds::cache::Snapshot, String> {
+    ) -> Result<sluice_xds::cache::Snapshot, GenerateError> {
         let current = self.current.read().expect("generator lock").clone();
         if let Some(node_name) = node.id.strip_prefix(AGENT_NODE_PREFIX) {
             let patched = previous.and_then(|p| {
@@ -345,84 +348,25 @@ fn encode_workload(w: &KernelWorkload) -> Arc<Encoded> {
     Arc::new(Encoded::new(WORKLOAD_TYPE, &w.resource_name(), w.encode_to_vec()))
 }
 
-/// `previous` (an agent's snapshot) brought up to `current` through `delta`: the entries of the
-/// changed services, of the services routing to them and of the services whose routing changed,
-/// and the changed workloads. None when only a full translation gives the right answer: subsets
-/// or policy changed, a wildcard VirtualService changed or routes to a changed service, or a
-/// (VIP, port) is claimed by two services.
+/// `previous` (an agent's snapshot) brought up to `current` through `delta`, as the
+/// translator's [`patch`] says; None when it asks for a full translation.
 fn patch_agent_snapshot(
     current: &Current,
     node_name: &str,
     previous: &sluice_xds::cache::Snapshot,
     delta: &SnapshotDelta,
 ) -> Option<sluice_xds::cache::Snapshot> {
-    if delta.rebuild {
-        return None;
-    }
-    let snapshot = &current.snapshot;
-    // Each affected host with the entry names it had.
-    let mut hosts: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (host, change) in &delta.services {
-        hosts.insert(host.clone(), change.before.as_deref().map(kernel_service_names).unwrap_or_default());
-    }
-    // Hosts whose VirtualService changed.
-    for host in &delta.routing {
-        if host.starts_with('*') {
-            return None;
-        }
-        if let Some(service) = snapshot.services.get(host) {
-            hosts.entry(host.clone()).or_insert_with(|| kernel_service_names(service));
-        }
-    }
-    for host in delta.services.keys() {
-        for vs in snapshot.virtual_services_routing_to(host) {
-            for routed in vs.spec.hosts.iter().map(|h| resolve_host(h, &vs.meta.namespace)) {
-                if routed.starts_with('*') {
-                    return None;
-                }
-                if let Some(service) = snapshot.services.get(&routed) {
-                    hosts.entry(routed).or_insert_with(|| kernel_service_names(service));
-                }
-            }
-        }
-    }
-    let held = previous.of(SERVICE_TYPE).map(|t| t.items.clone()).unwrap_or_default();
-    let owner = |name: &str| -> Option<Option<String>> {
-        match held.get(name) {
-            None => Some(None),
-            Some(e) => KernelService::decode(e.bytes.clone()).ok().map(|k| Some(k.host().to_string())),
+    let held = previous.of(SERVICE_TYPE).map(|t| &t.items);
+    let holder = |name: &str| match held.and_then(|h| h.get(name)) {
+        None => Holder::Nobody,
+        Some(e) => {
+            KernelService::decode(e.bytes.clone()).map_or(Holder::Unknown, |k| Holder::Service(k.host().to_string()))
         }
     };
-    let mut diagnostics = Vec::new();
-    let mut put = Vec::new();
-    let mut gone = BTreeSet::new();
-    let mut named = BTreeSet::new();
-    for (host, before) in &hosts {
-        for name in before {
-            // An entry another service holds (two claim the VIP and port): translate in full.
-            if owner(name)?.is_some_and(|o| &o != host) {
-                return None;
-            }
-            gone.insert(name.clone());
-        }
-        for k in snapshot.services.get(host).map(|s| kernel_services(snapshot, s, &mut diagnostics)).unwrap_or_default()
-        {
-            let name = k.resource_name();
-            let claimed = owner(&name)?.is_some_and(|o| !hosts.contains_key(&o));
-            if claimed || !named.insert(name) {
-                return None;
-            }
-            put.push(encode_service(&k));
-        }
-    }
-    let mut removed: Vec<(String, String)> =
-        gone.difference(&named).map(|n| (SERVICE_TYPE.to_string(), n.clone())).collect();
-    for key in &delta.workloads {
-        match snapshot.workloads.get(key) {
-            Some(w) => put.push(encode_workload(&kernel_workload(snapshot, w, node_name, &mut diagnostics))),
-            None => removed.push((WORKLOAD_TYPE.to_string(), format!("{}/{}", key.0, key.1))),
-        }
-    }
+    let patch = patch(&current.snapshot, node_name, delta, holder)?;
+    let put = patch.services.iter().map(encode_service).chain(patch.workloads.iter().map(encode_workload));
+    let removed = patch.removed_services.into_iter().map(|n| (SERVICE_TYPE.to_string(), n));
+    let removed = removed.chain(patch.removed_workloads.into_iter().map(|n| (WORKLOAD_TYPE.to_string(), n)));
     Some(previous.patched(current.version, put, removed))
 }
 

@@ -11,7 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use sluice_xds::server::{NodeInfo, Observer};
+use sluice_xds::server::{GenerateError, NodeInfo, Observer};
 
 /// `type="cds"` and friends, as Istio labels xDS metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -159,7 +159,7 @@ impl Observer for Metrics {
         self.push_time.get_or_create(&label).observe(elapsed.as_secs_f64());
     }
 
-    fn generate_failed(&self, _node: &str, _error: &str) {
+    fn generate_failed(&self, _node: &str, _error: &GenerateError) {
         self.generation_failures.inc();
     }
 

@@ -1,18 +1,18 @@
-//! Delta (incremental) xDS streams: per-resource versions, subscribe/unsubscribe, removals.
+//! Delta (incremental) xDS streams: per-resource versions, subscribe/unsubscribe, removals. The
+//! stream loop is [`crate::stream`]'s; this module holds what a Delta request means, what its
+//! responses hold, and their encoding (see [`crate::delta_transport`] for why it is sluice's own).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use tonic::{Status, Streaming};
 
-use crate::cache::{Difference, PUSH_ORDER, ResourceSet, Snapshot, is_wildcard_type};
-use crate::delta_transport::{DeltaResponse, Sender, frame};
+use crate::cache::{Difference, ResourceSet, is_wildcard_type};
 use crate::resource::Encoded;
-use crate::server::{NodeInfo, Shared};
-use crate::status::{Nack, ProxyStatus};
-use crate::throttle::InFlight;
+use crate::stream::{Core, Gone, Protocol};
 
 #[derive(Default)]
 struct TypeState {
@@ -45,20 +45,13 @@ impl TypeState {
     }
 }
 
-struct Stream {
-    shared: Arc<Shared>,
-    node: NodeInfo,
-    tx: Sender,
-    status: Arc<Mutex<ProxyStatus>>,
-    snapshot: Arc<Snapshot>,
+/// A Delta stream's per-type state.
+#[derive(Default)]
+pub(crate) struct Delta {
     types: HashMap<String, TypeState>,
-    nonce: u64,
-    in_flight: InFlight,
-    fixed_type: Option<&'static str>,
-    synced_version: Option<u64>,
 }
 
-struct Gone;
+type DeltaCore = Core<Bytes>;
 
 /// `resources` in runs of about `budget` bytes each (one run when `budget` is 0). Always at
 /// least one run, possibly empty (a response of removals only).
@@ -76,100 +69,32 @@ fn split(resources: &[Arc<Encoded>], budget: usize) -> Vec<&[Arc<Encoded>]> {
     parts
 }
 
-/// Serves one Delta stream until the client or the server ends it.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: Sender,
-    fixed_type: Option<&'static str>,
-) {
-    let first = match requests.message().await {
-        Ok(Some(r)) => r,
-        _ => return,
-    };
-    let Some(node) = NodeInfo::from_proto(first.node.as_ref()) else {
-        let _ = tx.send(Err(Status::invalid_argument("the first request must carry node.id"))).await;
-        return;
-    };
-    let (_registration, mut snapshots, status) = match shared.register(node.clone(), "delta") {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = tx.send(Err(e)).await;
-            return;
-        }
-    };
-    let mut shutdown = shared.shutdown.subscribe();
-    let snapshot = snapshots.borrow_and_update().clone();
-    let mut s = Stream {
-        shared,
-        node,
-        tx,
-        status,
-        snapshot,
-        types: HashMap::new(),
-        nonce: 0,
-        in_flight: InFlight::default(),
-        fixed_type,
-        synced_version: None,
-    };
-    tracing::info!(node = %s.node.id, "delta stream opened");
-    if s.handle(first).await.is_err() {
-        return;
-    }
-    loop {
-        tokio::select! {
-            msg = requests.message() => match msg {
-                Ok(Some(req)) => if s.handle(req).await.is_err() { break },
-                Ok(None) => break,
-                Err(e) => { tracing::debug!(node = %s.node.id, error = %e, "stream error"); break }
-            },
-            changed = snapshots.changed() => {
-                if changed.is_err() { break }
-                s.snapshot = snapshots.borrow_and_update().clone();
-                s.status.lock().expect("status").snapshot_version = s.snapshot.version;
-                if s.push_changes().await.is_err() { break }
-            },
-            _ = InFlight::expired(s.in_flight.deadline()) => s.in_flight.expire(),
-            _ = shutdown.changed() => {
-                let _ = s.tx.send(Err(Status::unavailable("server shutting down"))).await;
-                break;
-            }
-        }
-    }
-    tracing::info!(node = %s.node.id, "delta stream closed");
-}
+impl Protocol for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = Bytes;
+    const NAME: &'static str = "delta";
 
-impl Stream {
-    fn type_version(&self, type_url: &str) -> String {
-        self.snapshot.of(type_url).map_or_else(|| self.snapshot.version.to_string(), |t| t.version.clone())
+    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
     }
 
-    async fn handle(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Gone> {
-        let type_url = self.fixed_type.map_or(req.type_url.clone(), str::to_string);
-        if type_url.is_empty() {
-            let _ = self.tx.send(Err(Status::invalid_argument("type_url is required on ADS"))).await;
-            return Err(Gone);
-        }
+    fn type_url(request: &DeltaDiscoveryRequest) -> &str {
+        &request.type_url
+    }
+
+    async fn handle(&mut self, core: &mut DeltaCore, type_url: String, req: DeltaDiscoveryRequest) -> Result<(), Gone> {
         let first = !self.types.contains_key(&type_url);
         let state = self.types.entry(type_url.clone()).or_default();
         if first {
             state.known = req.initial_resource_versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             state.wildcard = req.resource_names_subscribe.is_empty() && is_wildcard_type(&type_url);
         }
-        if !req.response_nonce.is_empty() {
-            self.in_flight.answered(&req.response_nonce);
-        }
+        core.answered(&req.response_nonce);
         if !req.response_nonce.is_empty() && state.parts.contains(&req.response_nonce) {
-            let mut status = self.status.lock().expect("status");
-            let t = status.types.entry(type_url.clone()).or_default();
             match &req.error_detail {
-                Some(err) => {
-                    tracing::warn!(node = %self.node.id, type_url, error = %err.message, "NACK");
-                    t.last_nack = Some(Nack { version: state.sent_version.clone(), message: err.message.clone() });
-                    self.shared.observer.nacked(&self.node.id, &type_url, &err.message);
-                }
+                Some(err) => core.nacked(&type_url, &state.sent_version, &err.message),
                 // The version is acknowledged with its last part.
-                None if req.response_nonce == state.nonce => t.acked_version = state.sent_version.clone(),
+                None if req.response_nonce == state.nonce => core.acked(&type_url, &state.sent_version),
                 None => {}
             }
         }
@@ -191,32 +116,28 @@ impl Stream {
         }
         let changed = !req.resource_names_subscribe.is_empty();
         if first || changed || req.error_detail.is_none() {
-            self.send(&type_url, first).await?;
-        }
-        self.report_sync();
-        Ok(())
-    }
-
-    async fn push_changes(&mut self) -> Result<(), Gone> {
-        let mut order: Vec<String> = PUSH_ORDER.iter().map(|t| t.to_string()).collect();
-        let mut rest: Vec<String> = self.types.keys().filter(|t| !order.contains(t)).cloned().collect();
-        rest.sort();
-        order.extend(rest);
-        for t in order {
-            if self.types.contains_key(&t) {
-                self.send(&t, false).await?;
-            }
+            self.send(core, &type_url, first).await?;
         }
         Ok(())
     }
 
+    async fn push(&mut self, core: &mut DeltaCore, type_url: &str) -> Result<(), Gone> {
+        self.send(core, type_url, false).await
+    }
+
+    fn sent_versions(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.types.iter().map(|(t, s)| (t.as_str(), s.sent_version.as_str()))
+    }
+}
+
+impl Delta {
     /// Sends what the client lacks or holds at another version, and what it holds that is gone.
     /// Sends nothing when there is no difference, unless `always` (the first request of a type).
-    async fn send(&mut self, type_url: &str, always: bool) -> Result<(), Gone> {
+    async fn send(&mut self, core: &mut DeltaCore, type_url: &str, always: bool) -> Result<(), Gone> {
         let start = Instant::now();
-        let version = self.type_version(type_url);
+        let version = core.type_version(type_url);
         let state = self.types.get_mut(type_url).expect("state exists for requested type");
-        let items = self.snapshot.of(type_url).map(|t| &t.items);
+        let items = core.snapshot.of(type_url).map(|t| &t.items);
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         if !state.wildcard || items.is_none() {
@@ -250,12 +171,7 @@ impl Stream {
         if resources.is_empty() && removed.is_empty() && !always {
             // Nothing this client holds changed: it is current at the new version already.
             if state.sent_version != version {
-                let mut status = self.status.lock().expect("status");
-                let t = status.types.entry(type_url.to_string()).or_default();
-                if t.acked_version == t.sent_version {
-                    t.acked_version = version.clone();
-                }
-                t.sent_version = version.clone();
+                core.current_without_response(type_url, &version);
                 state.sent_version = version;
             }
             return Ok(());
@@ -272,15 +188,13 @@ impl Stream {
                 state.known.remove(name);
             }
         }
-        self.in_flight.acquire(&self.shared.pushes).await;
+        core.in_flight.acquire(&core.shared.pushes).await;
         state.sent_version = version.clone();
         state.parts.clear();
-        let parts = split(&resources, self.shared.delta_chunk_bytes);
+        let parts = split(&resources, core.shared.delta_chunk_bytes);
         let last = parts.len() - 1;
         for (i, part) in parts.into_iter().enumerate() {
-            self.nonce += 1;
-            let nonce = self.nonce.to_string();
-            self.in_flight.sent(&nonce);
+            let nonce = core.next_nonce();
             state.parts.push(nonce.clone());
             let complete = i == last;
             let response = frame(DeltaResponse {
@@ -291,30 +205,89 @@ impl Stream {
                 type_url,
                 removed_resources: if complete { std::mem::take(&mut removed) } else { Vec::new() },
                 nonce: nonce.clone(),
+                identifier: &core.shared.identifier,
             });
             if complete {
+                core.record_sent(type_url, &version, &nonce, state.holds());
                 state.nonce = nonce;
-                let mut status = self.status.lock().expect("status");
-                let t = status.types.entry(type_url.to_string()).or_default();
-                t.sent_version = version.clone();
-                t.sent_nonce = state.nonce.clone();
-                t.resources = state.holds();
             }
-            self.tx.send(Ok(response)).await.map_err(|_| Gone)?;
+            core.send(response).await?;
         }
-        self.shared.observer.pushed(&self.node.id, type_url, start.elapsed());
+        core.pushed(type_url, start);
         Ok(())
     }
+}
 
-    fn report_sync(&mut self) {
-        let version = self.snapshot.version;
-        if self.synced_version == Some(version) {
-            return;
-        }
-        let all_current = self.types.iter().all(|(t, s)| s.sent_version == self.type_version(t));
-        if all_current && self.status.lock().expect("status").in_sync() {
-            self.synced_version = Some(version);
-            self.shared.observer.synced(&self.node.id, version);
-        }
-    }
+/// `google.protobuf.Any` whose value is a shared encoding.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WireAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "bytes", tag = "2")]
+    value: Bytes,
+}
+
+/// `envoy.service.discovery.v3.Resource`, the fields sluice sends.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WireResource {
+    #[prost(string, tag = "1")]
+    version: String,
+    #[prost(message, optional, tag = "2")]
+    resource: Option<WireAny>,
+    #[prost(string, tag = "3")]
+    name: String,
+}
+
+/// `envoy.service.discovery.v3.DeltaDiscoveryResponse`, the fields sluice sends.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WireResponse {
+    #[prost(string, tag = "1")]
+    system_version_info: String,
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<WireResource>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    removed_resources: Vec<String>,
+    #[prost(message, optional, tag = "7")]
+    control_plane: Option<ControlPlane>,
+}
+
+/// One Delta response, as the stream logic describes it.
+pub(crate) struct DeltaResponse<'a> {
+    pub system_version_info: String,
+    pub resources: &'a [Arc<Encoded>],
+    pub type_url: &'a str,
+    pub removed_resources: Vec<String>,
+    pub nonce: String,
+    /// `control_plane.identifier`.
+    pub identifier: &'a str,
+}
+
+/// The gRPC message frame (flag, length, message) of `response`.
+pub(crate) fn frame(response: DeltaResponse<'_>) -> Bytes {
+    let message = WireResponse {
+        system_version_info: response.system_version_info,
+        resources: response
+            .resources
+            .iter()
+            .map(|r| WireResource {
+                version: r.version.clone(),
+                resource: Some(WireAny { type_url: r.type_url.clone(), value: r.bytes.clone() }),
+                name: r.name.to_string(),
+            })
+            .collect(),
+        type_url: response.type_url.to_string(),
+        nonce: response.nonce,
+        removed_resources: response.removed_resources,
+        control_plane: Some(ControlPlane { identifier: response.identifier.to_string() }),
+    };
+    let len = prost::Message::encoded_len(&message);
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    prost::Message::encode(&message, &mut buf).expect("the buffer has room for the message");
+    buf.freeze()
 }

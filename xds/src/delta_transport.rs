@@ -11,8 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use futures::StreamExt;
 use http_body::Frame;
@@ -21,85 +20,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::server::NamedService;
 
-use crate::resource::Encoded;
-use crate::server::{STREAM_BUFFER, Shared};
+use crate::delta::Delta;
+use crate::shared::Shared;
+use crate::stream::STREAM_BUFFER;
 
-/// `google.protobuf.Any` whose value is a shared encoding.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WireAny {
-    #[prost(string, tag = "1")]
-    type_url: String,
-    #[prost(bytes = "bytes", tag = "2")]
-    value: Bytes,
-}
-
-/// `envoy.service.discovery.v3.Resource`, the fields sluice sends.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WireResource {
-    #[prost(string, tag = "1")]
-    version: String,
-    #[prost(message, optional, tag = "2")]
-    resource: Option<WireAny>,
-    #[prost(string, tag = "3")]
-    name: String,
-}
-
-/// `envoy.service.discovery.v3.DeltaDiscoveryResponse`, the fields sluice sends.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WireResponse {
-    #[prost(string, tag = "1")]
-    system_version_info: String,
-    #[prost(message, repeated, tag = "2")]
-    resources: Vec<WireResource>,
-    #[prost(string, tag = "4")]
-    type_url: String,
-    #[prost(string, tag = "5")]
-    nonce: String,
-    #[prost(string, repeated, tag = "6")]
-    removed_resources: Vec<String>,
-    #[prost(message, optional, tag = "7")]
-    control_plane: Option<ControlPlane>,
-}
-
-/// One Delta response, as the stream logic describes it.
-pub(crate) struct DeltaResponse<'a> {
-    pub system_version_info: String,
-    pub resources: &'a [Arc<Encoded>],
-    pub type_url: &'a str,
-    pub removed_resources: Vec<String>,
-    pub nonce: String,
-}
-
-/// The gRPC message frame (flag, length, message) of `response`.
-pub(crate) fn frame(response: DeltaResponse<'_>) -> Bytes {
-    let message = WireResponse {
-        system_version_info: response.system_version_info,
-        resources: response
-            .resources
-            .iter()
-            .map(|r| WireResource {
-                version: r.version.clone(),
-                resource: Some(WireAny { type_url: r.type_url.clone(), value: r.bytes.clone() }),
-                name: r.name.to_string(),
-            })
-            .collect(),
-        type_url: response.type_url.to_string(),
-        nonce: response.nonce,
-        removed_resources: response.removed_resources,
-        control_plane: Some(ControlPlane { identifier: "sluice".into() }),
-    };
-    let len = prost::Message::encoded_len(&message);
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
-    prost::Message::encode(&message, &mut buf).expect("the buffer has room for the message");
-    buf.freeze()
-}
-
-/// What a Delta stream sends: framed responses, or the status that ends the stream.
-pub(crate) type Sender = mpsc::Sender<Result<Bytes, Status>>;
-
-/// A gRPC service whose Delta method (at `path`) is served by [`crate::delta::run`] with framed
+/// A gRPC service whose Delta method (at `path`) is served by [`Delta`] streams with framed
 /// responses; every other method goes to `inner`.
 #[derive(Clone)]
 pub(crate) struct DeltaService<S> {
@@ -154,7 +79,7 @@ where
             Some(MAX_REQUEST),
         );
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(crate::delta::run(self.shared.clone(), requests, tx, self.fixed_type));
+        tokio::spawn(crate::stream::run(self.shared.clone(), requests, tx, self.fixed_type, Delta::default()));
         Box::pin(async move { Ok(response(rx)) })
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,134 +19,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::cache::Snapshot;
 use crate::delta_transport::DeltaService;
+use crate::shared::Shared;
+use crate::sotw::Sotw;
 use crate::status::ProxyStatus;
+use crate::stream::STREAM_BUFFER;
 
-/// The identity a proxy presents in its first request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeInfo {
-    /// `node.id`.
-    pub id: String,
-    /// `node.cluster`.
-    pub cluster: String,
-    /// String-valued fields of `node.metadata`.
-    pub metadata: std::collections::BTreeMap<String, String>,
-}
-
-impl NodeInfo {
-    /// Reads the node from a request, if it carries one.
-    pub fn from_proto(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> Option<Self> {
-        use envoy_types::pb::google::protobuf::value::Kind;
-        let node = node?;
-        if node.id.is_empty() {
-            return None;
-        }
-        let metadata = node
-            .metadata
-            .as_ref()
-            .map(|m| {
-                m.fields
-                    .iter()
-                    .filter_map(|(k, v)| match &v.kind {
-                        Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Some(Self { id: node.id.clone(), cluster: node.cluster.clone(), metadata })
-    }
-}
-
-/// Builds a proxy's snapshot. Implemented by the application (sluice's control plane).
-pub trait Generator: Send + Sync + 'static {
-    /// The snapshot for `node`; `previous` is what its stream holds now, so unchanged types can
-    /// keep their versions. An error refuses the stream with that message.
-    fn generate(&self, node: &NodeInfo, previous: Option<&Snapshot>) -> Result<Snapshot, String>;
-}
-
-/// Hooks for metrics and logs. Every method has a no-op default.
-pub trait Observer: Send + Sync + 'static {
-    /// A stream opened.
-    fn connected(&self, _node: &NodeInfo) {}
-    /// A stream closed.
-    fn disconnected(&self, _node: &NodeInfo) {}
-    /// A response was sent; `elapsed` is the time to build and queue it.
-    fn pushed(&self, _node: &str, _type_url: &str, _elapsed: Duration) {}
-    /// A response was rejected.
-    fn nacked(&self, _node: &str, _type_url: &str, _message: &str) {}
-    /// The stream acknowledged everything of snapshot `version`.
-    fn synced(&self, _node: &str, _version: u64) {}
-    /// The latest config could not be made into `node`'s snapshot: it keeps its current one.
-    fn generate_failed(&self, _node: &str, _error: &str) {}
-    /// Number of streams whose latest regeneration failed, after each refresh.
-    fn stale(&self, _streams: usize) {}
-}
-
-/// An observer that does nothing.
-pub struct NoObserver;
-impl Observer for NoObserver {}
-
-pub(crate) struct StreamEntry {
-    pub node: NodeInfo,
-    pub snapshot: watch::Sender<Arc<Snapshot>>,
-    pub status: Arc<Mutex<ProxyStatus>>,
-}
-
-pub(crate) struct Shared {
-    pub generator: Arc<dyn Generator>,
-    pub observer: Arc<dyn Observer>,
-    pub streams: Mutex<HashMap<u64, StreamEntry>>,
-    /// The push throttle's slots.
-    pub pushes: crate::throttle::Lanes,
-    /// Delta responses are split into responses of about this many bytes
-    /// (0: never split).
-    pub delta_chunk_bytes: usize,
-    next_stream: AtomicU64,
-    pub shutdown: watch::Sender<bool>,
-}
-
-/// Removes a stream from the registry when its task ends, however it ends.
-pub(crate) struct Registration {
-    shared: Arc<Shared>,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let removed = self.shared.streams.lock().expect("streams lock").remove(&self.id);
-        if let Some(entry) = removed {
-            self.shared.observer.disconnected(&entry.node);
-        }
-    }
-}
-
-/// A registered stream: its registry guard, its snapshot channel and its status.
-pub(crate) type Registered = (Registration, watch::Receiver<Arc<Snapshot>>, Arc<Mutex<ProxyStatus>>);
-
-impl Shared {
-    /// Registers a stream for `node` with its first snapshot.
-    pub fn register(self: &Arc<Self>, node: NodeInfo, protocol: &str) -> Result<Registered, Status> {
-        // Generate and insert under the streams lock: a refresh for a config set meanwhile
-        // then either sees this stream or ran before its snapshot was generated. Without it a
-        // stream generated from the old config but inserted after the refresh kept the old
-        // config until the next change.
-        let mut streams = self.streams.lock().expect("streams lock");
-        let snapshot = self.generator.generate(&node, None).map_err(Status::failed_precondition)?;
-        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let status = Arc::new(Mutex::new(ProxyStatus {
-            node_id: node.id.clone(),
-            protocol: protocol.to_string(),
-            snapshot_version: snapshot.version,
-            types: Default::default(),
-            generate_error: None,
-        }));
-        let (tx, rx) = watch::channel(Arc::new(snapshot));
-        self.observer.connected(&node);
-        streams.insert(id, StreamEntry { node, snapshot: tx, status: status.clone() });
-        drop(streams);
-        Ok((Registration { shared: self.clone(), id }, rx, status))
-    }
-}
+pub use crate::shared::{GenerateError, Generator, NoObserver, NodeInfo, Observer};
 
 /// The xDS server. Cheap to clone.
 #[derive(Clone)]
@@ -165,6 +43,7 @@ impl XdsServer {
                 streams: Mutex::new(HashMap::new()),
                 pushes: crate::throttle::Lanes::default(),
                 delta_chunk_bytes: DELTA_CHUNK_BYTES,
+                identifier: DEFAULT_IDENTIFIER.to_string(),
                 next_stream: AtomicU64::new(1),
                 shutdown,
             }),
@@ -176,6 +55,15 @@ impl XdsServer {
     pub fn with_delta_chunk_bytes(self, bytes: usize) -> Self {
         let mut shared = Arc::try_unwrap(self.shared).ok().expect("set before the server is shared");
         shared.delta_chunk_bytes = bytes;
+        Self { shared: Arc::new(shared) }
+    }
+
+    /// This server with `identifier` as the `control_plane.identifier` of its responses (Envoy
+    /// shows it in its config dump; istiod sends its own pod name and version). Set before
+    /// serving.
+    pub fn with_identifier(self, identifier: impl Into<String>) -> Self {
+        let mut shared = Arc::try_unwrap(self.shared).ok().expect("set before the server is shared");
+        shared.identifier = identifier.into();
         Self { shared: Arc::new(shared) }
     }
 
@@ -196,8 +84,8 @@ impl XdsServer {
         for (node, tx, status) in targets {
             let current = tx.borrow().clone();
             let generated = self.shared.generator.generate(&node, Some(&current));
-            let error = generated.as_ref().err().cloned();
-            status.lock().expect("status").generate_error.clone_from(&error);
+            let error = generated.as_ref().err().map(ToString::to_string);
+            status.lock().expect("status").generate_error = error;
             match generated {
                 Ok(next) => {
                     let differs = next
@@ -324,13 +212,11 @@ impl XdsServer {
     }
 }
 
+/// `control_plane.identifier` unless [`XdsServer::with_identifier`] sets another.
+pub const DEFAULT_IDENTIFIER: &str = "sluice";
+
 /// The Delta ADS method's path.
 const ADS_DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
-
-/// Responses are queued per stream; a proxy that stops reading blocks only its own stream. One:
-/// a response is built when the transport has taken the one before, so a stream holds a couple
-/// of responses, not a queue of them.
-pub(crate) const STREAM_BUFFER: usize = 1;
 
 /// The default split of large Delta responses (see [`XdsServer::with_delta_chunk_bytes`]): an
 /// initial sync of a large mesh then builds and encodes 64 KiB at a time per stream instead of
@@ -352,7 +238,7 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(crate::sotw::run(self.shared.clone(), request.into_inner(), tx, None));
+        tokio::spawn(crate::stream::run(self.shared.clone(), request.into_inner(), tx, None, Sotw::default()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -23,7 +23,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use crate::delta_transport::DeltaService;
-use crate::server::{STREAM_BUFFER, Shared};
+use crate::shared::Shared;
+use crate::sotw::Sotw;
+use crate::stream::STREAM_BUFFER;
 
 /// One single-type service.
 pub struct Typed {
@@ -42,7 +44,13 @@ macro_rules! single_type_service {
                 request: Request<Streaming<DiscoveryRequest>>,
             ) -> Result<Response<Self::$stream_ty>, Status> {
                 let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-                tokio::spawn(crate::sotw::run(self.shared.clone(), request.into_inner(), tx, Some($type_url)));
+                tokio::spawn(crate::stream::run(
+                    self.shared.clone(),
+                    request.into_inner(),
+                    tx,
+                    Some($type_url),
+                    Sotw::default(),
+                ));
                 Ok(Response::new(ReceiverStream::new(rx)))
             }
 

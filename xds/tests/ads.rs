@@ -14,7 +14,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use serde_json::{Value, json};
 use sluice_xds::cache::{CLUSTER, ENDPOINT, Snapshot};
 use sluice_xds::resource::Interner;
-use sluice_xds::server::{Generator, NoObserver, NodeInfo, Observer, XdsServer};
+use sluice_xds::server::{GenerateError, Generator, NoObserver, NodeInfo, Observer, XdsServer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -36,13 +36,14 @@ impl Fixed {
 }
 
 impl Generator for Fixed {
-    fn generate(&self, node: &NodeInfo, previous: Option<&Snapshot>) -> Result<Snapshot, String> {
+    fn generate(&self, node: &NodeInfo, previous: Option<&Snapshot>) -> Result<Snapshot, GenerateError> {
         if node.id == "refuse-me" {
-            return Err("unknown proxy".into());
+            return Err(GenerateError::UnservableNode { node: node.id.clone(), reason: "unknown proxy".into() });
         }
         let (version, resources) = self.state.lock().unwrap().clone();
         let encoded: Result<Vec<_>, _> = resources.iter().map(|(t, n, j)| self.interner.encode(t, n, j)).collect();
-        Ok(Snapshot::new(version, encoded.map_err(|e| e.to_string())?, previous))
+        let encoded = encoded.map_err(|e| GenerateError::Build { node: node.id.clone(), reason: e.to_string() })?;
+        Ok(Snapshot::new(version, encoded, previous))
     }
 }
 
@@ -69,7 +70,7 @@ impl Observer for Synced {
     fn synced(&self, node: &str, version: u64) {
         self.0.lock().unwrap().push((node.to_string(), version));
     }
-    fn generate_failed(&self, node: &str, error: &str) {
+    fn generate_failed(&self, node: &str, error: &GenerateError) {
         self.1.lock().unwrap().push(format!("{node}: {error}"));
     }
     fn stale(&self, streams: usize) {
@@ -386,6 +387,7 @@ async fn bad_clients_and_shutdown() {
     let (_tx2, mut s2) = sotw(&h, "refuse-me").await;
     let err = tokio::time::timeout(Duration::from_secs(5), s2.message()).await.unwrap().unwrap_err();
     assert!(err.message().contains("unknown proxy"));
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "an unservable node is a bad argument: {err:?}");
     // Garbage bytes on the gRPC port: the server survives.
     {
         use tokio::io::AsyncWriteExt;

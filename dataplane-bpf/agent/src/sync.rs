@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use sluice_dataplane_api::{KernelService, NodeDataplane, Protocol};
+use sluice_dataplane_api::{KernelService, NodeDataplane, Protocol, gcd};
 use sluice_dataplane_common::{Backend, MAX_SLOTS, ServiceKey, ServiceValue, SlotKey, proto, service_flags, v4_mapped};
 
 use crate::backends::BackendTable;
@@ -68,10 +68,6 @@ pub fn slots(weights: &[u32]) -> Vec<usize> {
     };
     let g = scaled.iter().copied().fold(0, gcd);
     scaled.iter().enumerate().flat_map(|(i, w)| std::iter::repeat_n(i, (w / g.max(1)) as usize)).collect()
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 enum Pending {

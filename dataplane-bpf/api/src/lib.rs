@@ -132,6 +132,12 @@ pub fn entry_name(vip: &str, port: u32, protocol: Protocol) -> String {
     if vip.contains(':') { format!("[{vip}]:{port}/{protocol}") } else { format!("{vip}:{port}/{protocol}") }
 }
 
+/// The greatest common divisor, by which both sides reduce backend weights (the translator its
+/// entries' weights, the agent its slot counts).
+pub fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// A backend and its share.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, prost::Message, Serialize, Deserialize)]
 pub struct WeightedBackend {
@@ -178,7 +184,12 @@ pub struct KernelWorkload {
 impl KernelWorkload {
     /// `<namespace>/<name>`.
     pub fn resource_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        Self::name_of(&self.namespace, &self.name)
+    }
+
+    /// The resource name of the workload `name` in `namespace`.
+    pub fn name_of(namespace: &str, name: &str) -> String {
+        format!("{namespace}/{name}")
     }
 }
 

@@ -3,12 +3,13 @@
 //! DestinationRule subsets become weighted backend sets; the agent turns weights into slots.
 
 pub mod authorization;
+pub mod patch;
 
 use std::collections::BTreeMap;
 
 pub use sluice_dataplane_api::{
     AGENT_NODE_PREFIX, KernelAuthorization, KernelRule, KernelService, KernelWorkload, Mode, NodeDataplane,
-    Protocol as KernelProtocol, SERVICE_TYPE, WORKLOAD_TYPE, WeightedBackend, entry_name,
+    Protocol as KernelProtocol, SERVICE_TYPE, WORKLOAD_TYPE, WeightedBackend, entry_name, gcd,
 };
 
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
@@ -204,7 +205,7 @@ fn kernel_service(
             *backends.entry((e.address.clone(), target.endpoint_port(tport, e))).or_default() += share;
         }
     }
-    let divisor = backends.values().copied().fold(0, gcd);
+    let divisor = backends.values().map(|w| u64::from(*w)).fold(0, gcd) as u32;
     KernelService {
         name: format!("{}:{}", service.hostname, port.port),
         vip: vip.to_string(),
@@ -216,8 +217,4 @@ fn kernel_service(
             .collect(),
         needs_l7,
     }
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
