@@ -223,13 +223,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => None,
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let identity = identity.or_else(|| env("POD_NAME")).unwrap_or_else(host_name);
+            let identifier = format!("sluice-{identity}");
             let kube = if kube || kubeconfig.is_some() {
                 let client = runtime.block_on(kube_client(kubeconfig.as_deref()))?;
                 let lease = (!no_status).then(|| {
-                    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
                     let namespace = sluice_controlplane::lease::lease_namespace(lease_namespace, &client);
                     tracing::info!(namespace = %namespace, "leader election Lease sluice-leader");
-                    let identity = identity.or_else(|| env("POD_NAME")).unwrap_or_else(host_name);
                     sluice_controlplane::lease::LeaseConfig::new(&namespace, &identity)
                 });
                 Some(sluice_controlplane::serve::KubeServe {
@@ -250,6 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 debounce: std::time::Duration::from_millis(debounce_ms),
                 max_debounce: std::time::Duration::from_millis(max_debounce_ms.max(debounce_ms)),
                 delta_chunk_bytes,
+                identifier,
             };
             runtime.block_on(sluice_controlplane::serve::serve(options, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)

@@ -81,6 +81,9 @@ pub struct ServeOptions {
     pub max_debounce: Duration,
     /// Delta responses are split at about this many bytes (0: never).
     pub delta_chunk_bytes: usize,
+    /// `control_plane.identifier` of every xDS response (Envoy shows it in its config dump, so
+    /// an operator can tell which replica served a proxy).
+    pub identifier: String,
 }
 
 /// How often the config roots are checked for having been deleted, recreated or replaced.
@@ -251,7 +254,9 @@ pub async fn serve(
     let generator = Arc::new(MeshGenerator::with_interner(current, store.interner()));
     let metrics = Arc::new(Metrics::new());
     metrics.config_changed(store.version(), Instant::now());
-    let xds = XdsServer::new(generator.clone(), metrics.clone()).with_delta_chunk_bytes(options.delta_chunk_bytes);
+    let xds = XdsServer::new(generator.clone(), metrics.clone())
+        .with_delta_chunk_bytes(options.delta_chunk_bytes)
+        .with_identifier(options.identifier.clone());
     let store = Arc::new(Mutex::new(store));
     let ready = Arc::new(AtomicBool::new(from_state));
     if from_state {

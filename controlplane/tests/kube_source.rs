@@ -44,6 +44,7 @@ impl Running {
             debounce: Duration::from_millis(20),
             max_debounce: Duration::from_secs(1),
             delta_chunk_bytes: sluice_xds::server::DELTA_CHUNK_BYTES,
+            identifier: sluice_xds::server::DEFAULT_IDENTIFIER.into(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         runtime.spawn(async move {

@@ -70,6 +70,8 @@ async fn clusters(addr: &str, ca: &str, identity: Option<&(String, String)>) -> 
             .map_err(|e| format!("stream: {e}"))?
             .into_inner();
         let response = stream.message().await.map_err(|e| format!("response: {e}"))?.ok_or("stream ended")?;
+        let identifier = response.control_plane.map(|c| c.identifier);
+        assert_eq!(identifier.as_deref(), Some("sluice-test"), "the configured server identifier");
         Ok(response.resources.len())
     };
     let result = tokio::time::timeout(Duration::from_secs(10), call).await.map_err(|_| "timed out".to_string())?;
@@ -106,6 +108,7 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
         debounce: Duration::from_millis(20),
         max_debounce: Duration::from_secs(1),
         delta_chunk_bytes: sluice_xds::server::DELTA_CHUNK_BYTES,
+        identifier: "sluice-test".into(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
