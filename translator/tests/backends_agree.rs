@@ -84,6 +84,61 @@ fn a_tcp_route_by_source_labels_is_per_proxy_in_envoy_and_fails_closed_in_the_ke
     assert_eq!(http.backends.len(), 2);
 }
 
+/// VirtualServices exported to some namespaces only: clients in different namespaces get
+/// different routes. Each sidecar takes its own; the kernel's node-wide entry cannot, so it
+/// fails closed with a warning on `spec.exportTo` — unless every namespace sees the same one.
+#[test]
+fn a_virtual_service_exported_to_some_namespaces_only_is_per_proxy_in_envoy_and_fails_closed_in_the_kernel() {
+    let vs = |ns: &str, export: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web-{ns}, namespace: {ns}}}\nspec:\n  hosts: [web.ns.svc.cluster.local]\n  exportTo: [{export}]\n  tcp:\n  - route: [{{destination: {{host: web.ns.svc.cluster.local, subset: a, port: {{number: 90}}}}}}]\n"
+        )
+    };
+    let other_client = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: other-client, namespace: other}\nspec: {nodeName: n, containers: [{name: c}]}\nstatus: {podIP: 127.0.61.8}\n";
+    let build = |extra: &str| {
+        let (objects, diagnostics) = parse_documents("mesh.yaml", &format!("{MESH}{other_client}{extra}"));
+        assert!(
+            diagnostics.iter().all(|d| d.severity != sluice_translator::diagnostic::Severity::Error),
+            "{diagnostics:?}"
+        );
+        Snapshot::build(objects).0
+    };
+    let tcp_cluster = |snapshot: &Snapshot, node: &str| {
+        let r = translate_sidecar(snapshot, node).expect("translate");
+        let listener = r.listeners.iter().find(|l| l.name == "127.100.61.1_90").expect("the TCP listener");
+        listener.body["filter_chains"][0]["filters"][0]["typed_config"]["cluster"].as_str().map(str::to_string)
+    };
+    let kernel = |snapshot: &Snapshot| {
+        let (node, diagnostics) = translate_node(snapshot, "n");
+        let service =
+            node.services.iter().find(|s| s.vip == "127.100.61.1" && s.port == 90).expect("the entry").clone();
+        (service, diagnostics.iter().map(|d| d.to_string()).collect::<Vec<_>>())
+    };
+    let ns_client = "sidecar~127.0.61.9~client.ns~ns.svc.cluster.local";
+    let other = "sidecar~127.0.61.8~other-client.other~other.svc.cluster.local";
+
+    // Exported only to its own namespace "other": its clients go to subset a, those of ns to
+    // the whole service.
+    let snapshot = build(&vs("other", "'.'"));
+    assert_eq!(tcp_cluster(&snapshot, other).as_deref(), Some("outbound|90|a|web.ns.svc.cluster.local"));
+    assert_eq!(tcp_cluster(&snapshot, ns_client).as_deref(), Some("outbound|90||web.ns.svc.cluster.local"));
+    let (service, said) = kernel(&snapshot);
+    assert!(service.backends.is_empty(), "kernel clients fail closed: {:?}", service.backends);
+    assert!(
+        said.iter()
+            .any(|d| d.contains("VirtualService/other/web-other") && d.contains("spec.exportTo") && d.contains("fail")),
+        "{said:?}"
+    );
+
+    // Exported everywhere: one route for every client, and the kernel applies it.
+    let snapshot = build(&vs("other", "'*'"));
+    assert_eq!(tcp_cluster(&snapshot, ns_client).as_deref(), Some("outbound|90|a|web.ns.svc.cluster.local"));
+    let (service, said) = kernel(&snapshot);
+    let backends: Vec<&str> = service.backends.iter().map(|b| b.address.as_str()).collect();
+    assert_eq!(backends, ["127.0.61.1"], "{said:?}");
+    assert!(!said.iter().any(|d| d.contains("spec.exportTo")), "{said:?}");
+}
+
 mod differential {
     //! For generated routes — 1 to 4 destinations over subsets, weights present or missing,
     //! HTTP or TCP catch-all — each subset's share of traffic in the sidecar's config equals its

@@ -13,9 +13,12 @@ pub use sluice_dataplane_api::{
 };
 
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
+use crate::model::IstioObject;
 use crate::model::common::{Protocol, labels_match};
-use crate::model::virtual_service::{Client, Destination, live_destinations, tcp_route};
+use crate::model::virtual_service::{Client, Destination, VirtualServiceSpec, live_destinations, tcp_route};
 use crate::snapshot::{MeshService, ServicePort, ServiceResolution, Snapshot, Workload, host_matches, resolve_host};
+
+type VirtualServiceObject = IstioObject<VirtualServiceSpec>;
 
 fn kernel_protocol(port: &ServicePort) -> KernelProtocol {
     if port.protocol == Protocol::Udp { KernelProtocol::Udp } else { KernelProtocol::Tcp }
@@ -109,13 +112,48 @@ fn subset_endpoints(
         .map(|s| s.labels.clone())
 }
 
+/// The namespaces whose clients may see different VirtualServices for `service`: `""` stands
+/// for every namespace no `exportTo` names, then each namespace a VirtualService for the host
+/// is exported to by name or by `.`.
+fn client_views(snapshot: &Snapshot, service: &MeshService) -> Vec<String> {
+    let mut views = vec![String::new()];
+    for vs in snapshot.virtual_services_for_host(&service.hostname) {
+        for e in &vs.spec.export_to {
+            let named = match e.as_str() {
+                "*" => continue,
+                "." => &vs.meta.namespace,
+                other => other,
+            };
+            if !views.iter().any(|v| v == named) {
+                views.push(named.to_string());
+            }
+        }
+    }
+    views
+}
+
+/// The VirtualServices that route a port for some clients: the first with TCP routes, the first
+/// of all.
+type Chosen<'a> = (Option<&'a VirtualServiceObject>, Option<&'a VirtualServiceObject>);
+
+/// True when both choices are the very same objects.
+fn same_choice(a: Chosen<'_>, b: Chosen<'_>) -> bool {
+    let same = |x: Option<&VirtualServiceObject>, y: Option<&VirtualServiceObject>| match (x, y) {
+        (Some(x), Some(y)) => std::ptr::eq(x, y),
+        (x, y) => x.is_none() && y.is_none(),
+    };
+    same(a.0, b.0) && same(a.1, b.1)
+}
+
 /// The destinations and weights the kernel applies, None when no VirtualService routes the
 /// port (the service's own endpoints then): the TCP route for the port, decided as a proxy
 /// decides it ([`tcp_route`], the first VirtualService with TCP routes, as the sidecar's
 /// `tcp_proxy`), else the first HTTP route without match conditions; what it cannot apply is
-/// reported. A TCP route that depends on the client (source labels or namespace) cannot be one
-/// node-wide entry: kernel clients' connects to the port then fail (no backends), with a
-/// warning, rather than take a route that is not theirs.
+/// reported. One entry serves every client on the node, so a route that depends on the client
+/// cannot be one entry: a TCP match on source labels or namespace, or VirtualServices exported
+/// to some namespaces only so that clients in different namespaces get different routes. Kernel
+/// clients' connects to the port then fail (no backends), with a warning, rather than take a
+/// route that is not theirs.
 fn routed_destinations(
     snapshot: &Snapshot,
     service: &MeshService,
@@ -123,14 +161,43 @@ fn routed_destinations(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> (Option<Vec<(Destination, u32)>>, bool) {
     let port = service_port.port;
-    // One entry serves every client on the node: the VirtualServices visible from the
-    // service's own namespace stand for all of them (a VirtualService exported to some
-    // namespaces only is not told apart yet).
-    let routing = || snapshot.virtual_services_routing(service, &service.namespace);
-    let object =
-        |vs: &crate::model::IstioObject<_>| ObjectRef::new("VirtualService", &vs.meta.namespace, &vs.meta.name);
+    let object = |vs: &VirtualServiceObject| ObjectRef::new("VirtualService", &vs.meta.namespace, &vs.meta.name);
+    let fail_closed = |vs: &VirtualServiceObject, path: String, why: &str| Diagnostic {
+        severity: Severity::Warning,
+        origin: vs.origin.clone(),
+        object: Some(object(vs)),
+        path,
+        code: None,
+        message: format!(
+            "the route for {}:{port} depends on the client ({why}), which one node-wide kernel entry cannot tell \
+             apart: kernel-mode clients' connections to it fail; give those clients a sidecar or the node proxy",
+            service.hostname
+        ),
+    };
     // TCP routes apply to the ports a sidecar gives a tcp_proxy; HTTP ports are routed by `http`.
-    let tcp_vs = (!service_port.protocol.is_http()).then(|| routing().find(|vs| !vs.spec.tcp.is_empty())).flatten();
+    let tcp = !service_port.protocol.is_http();
+    // For clients in `namespace`: the first VirtualService with TCP routes (on a TCP port), and
+    // the first of all (whose HTTP routes apply otherwise).
+    let chosen = |namespace: &str| {
+        let tcp_vs =
+            tcp.then(|| snapshot.virtual_services_routing(service, namespace).find(|vs| !vs.spec.tcp.is_empty()));
+        (tcp_vs.flatten(), snapshot.virtual_services_routing(service, namespace).next())
+    };
+    let views = client_views(snapshot, service);
+    let everyone = chosen(&views[0]);
+    if let Some((t, h)) = views[1..].iter().map(|ns| chosen(ns)).find(|c| !same_choice(*c, everyone)) {
+        let candidates = [t, h, everyone.0, everyone.1];
+        let restricted = candidates.iter().flatten().find(|vs| !vs.spec.export_to.is_empty());
+        if let Some(vs) = restricted.or(candidates.iter().flatten().next()) {
+            diagnostics.push(fail_closed(
+                vs,
+                "spec.exportTo".into(),
+                "VirtualServices exported to some namespaces only",
+            ));
+        }
+        return (Some(Vec::new()), false);
+    }
+    let (tcp_vs, first_vs) = everyone;
     if let Some(vs) = tcp_vs {
         let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
         match tcp_route(&vs.spec.tcp, port, &service.addresses, Client::Unknown) {
@@ -140,24 +207,12 @@ fn routed_destinations(
             }
             Ok(None) => {}
             Err(i) => {
-                diagnostics.push(Diagnostic {
-                    severity: Severity::Warning,
-                    origin: vs.origin.clone(),
-                    object: Some(object(vs)),
-                    path: format!("spec.tcp[{i}].match"),
-                    code: None,
-                    message: format!(
-                        "the route for {}:{port} depends on the client (sourceLabels or sourceNamespace), which one \
-                         node-wide kernel entry cannot tell apart: kernel-mode clients' connections to it fail; give \
-                         those clients a sidecar or the node proxy",
-                        service.hostname
-                    ),
-                });
+                diagnostics.push(fail_closed(vs, format!("spec.tcp[{i}].match"), "sourceLabels or sourceNamespace"));
                 return (Some(Vec::new()), false);
             }
         }
     }
-    let Some(vs) = routing().next() else { return (None, false) };
+    let Some(vs) = first_vs else { return (None, false) };
     let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
     let needs_l7 = !vs.spec.http.is_empty();
     let catch_all = vs.spec.http.iter().find(|r| r.matches.is_empty() && !r.route.is_empty());
