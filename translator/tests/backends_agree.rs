@@ -139,6 +139,46 @@ fn a_virtual_service_exported_to_some_namespaces_only_is_per_proxy_in_envoy_and_
     assert!(!said.iter().any(|d| d.contains("spec.exportTo")), "{said:?}");
 }
 
+/// An HTTP route the kernel cannot apply exactly: the warning names each route and field it
+/// cannot apply, and what it applies instead.
+#[test]
+fn the_kernel_names_the_http_fields_it_cannot_apply_and_what_it_does_instead() {
+    let said = |http: &str| {
+        let vs = format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: ns}}\nspec:\n  hosts: [web]\n  http:\n{http}"
+        );
+        let (objects, diagnostics) = parse_documents("mesh.yaml", &format!("{MESH}{vs}"));
+        assert!(
+            diagnostics.iter().all(|d| d.severity != sluice_translator::diagnostic::Severity::Error),
+            "{diagnostics:?}"
+        );
+        let (node, diagnostics) = translate_node(&Snapshot::build(objects).0, "n");
+        let service =
+            node.services.iter().find(|s| s.vip == "127.100.61.1" && s.port == 80).expect("the entry").clone();
+        let said: Vec<String> =
+            diagnostics.iter().map(|d| d.to_string()).filter(|d| d.contains("web.ns.svc.cluster.local:80")).collect();
+        (service.backends.iter().map(|b| b.address.clone()).collect::<Vec<_>>(), said)
+    };
+    let (backends, warnings) = said(
+        "  - match: [{headers: {x-canary: {exact: 'yes'}}}]\n    route: [{destination: {host: web, subset: b}}]\n  - fault: {abort: {httpStatus: 503, percentage: {value: 10}}}\n    route: [{destination: {host: web, subset: a}}]\n",
+    );
+    assert_eq!(backends, ["127.0.61.1"], "the catch-all's split");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = &warnings[0];
+    assert!(w.contains("spec.http[0] (match)") && w.contains("spec.http[1] (fault)"), "{w}");
+    assert!(w.contains("catch-all route spec.http[1]"), "{w}");
+
+    let (backends, warnings) =
+        said("  - match: [{uri: {prefix: /v2}}]\n    route: [{destination: {host: web, subset: b}}]\n");
+    assert_eq!(backends.len(), 2, "no catch-all: the service's own endpoints");
+    assert!(warnings.len() == 1 && warnings[0].contains("the service's own endpoints"), "{warnings:?}");
+
+    // A plain split with retries and a timeout: exact in the kernel, nothing to warn about.
+    let (_, warnings) =
+        said("  - timeout: 3s\n    retries: {attempts: 2}\n    route: [{destination: {host: web, subset: a}}]\n");
+    assert!(warnings.is_empty(), "{warnings:?}");
+}
+
 mod differential {
     //! For generated routes — 1 to 4 destinations over subsets, weights present or missing,
     //! HTTP or TCP catch-all — each subset's share of traffic in the sidecar's config equals its

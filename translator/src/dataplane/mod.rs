@@ -16,7 +16,9 @@ use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::IstioObject;
 use crate::model::common::{Protocol, labels_match};
 use crate::model::virtual_service::{Client, Destination, VirtualServiceSpec, live_destinations, tcp_route};
-use crate::snapshot::{MeshService, ServicePort, ServiceResolution, Snapshot, Workload, host_matches, resolve_host};
+use crate::snapshot::{
+    MeshService, PortRouting, ServicePort, ServiceResolution, Snapshot, Workload, host_matches, resolve_host,
+};
 
 type VirtualServiceObject = IstioObject<VirtualServiceSpec>;
 
@@ -132,19 +134,6 @@ fn client_views(snapshot: &Snapshot, service: &MeshService) -> Vec<String> {
     views
 }
 
-/// The VirtualServices that route a port for some clients: the first with TCP routes, the first
-/// of all.
-type Chosen<'a> = (Option<&'a VirtualServiceObject>, Option<&'a VirtualServiceObject>);
-
-/// True when both choices are the very same objects.
-fn same_choice(a: Chosen<'_>, b: Chosen<'_>) -> bool {
-    let same = |x: Option<&VirtualServiceObject>, y: Option<&VirtualServiceObject>| match (x, y) {
-        (Some(x), Some(y)) => std::ptr::eq(x, y),
-        (x, y) => x.is_none() && y.is_none(),
-    };
-    same(a.0, b.0) && same(a.1, b.1)
-}
-
 /// The destinations and weights the kernel applies, None when no VirtualService routes the
 /// port (the service's own endpoints then): the TCP route for the port, decided as a proxy
 /// decides it ([`tcp_route`], the first VirtualService with TCP routes, as the sidecar's
@@ -176,17 +165,14 @@ fn routed_destinations(
     };
     // TCP routes apply to the ports a sidecar gives a tcp_proxy; HTTP ports are routed by `http`.
     let tcp = !service_port.protocol.is_http();
-    // For clients in `namespace`: the first VirtualService with TCP routes (on a TCP port), and
-    // the first of all (whose HTTP routes apply otherwise).
     let chosen = |namespace: &str| {
-        let tcp_vs =
-            tcp.then(|| snapshot.virtual_services_routing(service, namespace).find(|vs| !vs.spec.tcp.is_empty()));
-        (tcp_vs.flatten(), snapshot.virtual_services_routing(service, namespace).next())
+        let routing = snapshot.port_routing(service, namespace);
+        PortRouting { tcp: routing.tcp.filter(|_| tcp), ..routing }
     };
     let views = client_views(snapshot, service);
     let everyone = chosen(&views[0]);
-    if let Some((t, h)) = views[1..].iter().map(|ns| chosen(ns)).find(|c| !same_choice(*c, everyone)) {
-        let candidates = [t, h, everyone.0, everyone.1];
+    if let Some(other) = views[1..].iter().map(|ns| chosen(ns)).find(|c| !c.same_as(&everyone)) {
+        let candidates = [other.tcp, other.http, everyone.tcp, everyone.http];
         let restricted = candidates.iter().flatten().find(|vs| !vs.spec.export_to.is_empty());
         if let Some(vs) = restricted.or(candidates.iter().flatten().next()) {
             diagnostics.push(fail_closed(
@@ -197,8 +183,7 @@ fn routed_destinations(
         }
         return (Some(Vec::new()), false);
     }
-    let (tcp_vs, first_vs) = everyone;
-    if let Some(vs) = tcp_vs {
+    if let Some(vs) = everyone.tcp {
         let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
         match tcp_route(&vs.spec.tcp, port, &service.addresses, Client::Unknown) {
             Ok(Some(tcp)) => {
@@ -212,22 +197,46 @@ fn routed_destinations(
             }
         }
     }
-    let Some(vs) = first_vs else { return (None, false) };
+    let Some(vs) = everyone.http else { return (None, false) };
     let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
     let needs_l7 = !vs.spec.http.is_empty();
-    let catch_all = vs.spec.http.iter().find(|r| r.matches.is_empty() && !r.route.is_empty());
-    if vs.spec.http.iter().any(|r| !r.matches.is_empty() || r.fault.is_some() || r.rewrite.is_some()) {
+    let catch_all = vs.spec.http.iter().position(|r| r.is_catch_all());
+    // What the kernel cannot apply, route by route; retries and timeouts (which only a proxy
+    // can apply) are not worth a warning when the split itself is exact.
+    let lacking: Vec<String> = vs
+        .spec
+        .http
+        .iter()
+        .enumerate()
+        .take(catch_all.map_or(usize::MAX, |i| i + 1))
+        .filter_map(|(i, r)| {
+            let fields: Vec<&str> =
+                r.beyond_split().into_iter().filter(|f| !matches!(*f, "timeout" | "retries")).collect();
+            (!fields.is_empty()).then(|| format!("spec.http[{i}] ({})", fields.join(", ")))
+        })
+        .collect();
+    if !lacking.is_empty() {
+        let instead = match catch_all {
+            Some(i) => format!("the weights of the catch-all route spec.http[{i}]"),
+            None => "the service's own endpoints (no route is a catch-all)".to_string(),
+        };
         diagnostics.push(Diagnostic {
             severity: Severity::Warning,
             origin: vs.origin.clone(),
             object: Some(object(vs)),
             path: "spec.http".into(),
             code: None,
-            message: format!("kernel-mode clients of {}:{port} get only the catch-all route's weights; matches, faults and rewrites need a sidecar or the node proxy", service.hostname),
+            message: format!(
+                "kernel-mode clients of {}:{port} cannot get {}: the kernel applies {instead} to every connection; \
+                 give those clients a sidecar or the node proxy",
+                service.hostname,
+                lacking.join(", ")
+            ),
         });
     }
-    let destinations =
-        catch_all.map(|r| live_destinations(&r.route).into_iter().map(|(d, w)| (resolve(&d.destination), w)).collect());
+    let destinations = catch_all
+        .map(|i| &vs.spec.http[i])
+        .map(|r| live_destinations(&r.route).into_iter().map(|(d, w)| (resolve(&d.destination), w)).collect());
     (destinations, needs_l7)
 }
 

@@ -200,7 +200,7 @@ fn hcm(stat_prefix: &str, routes: Value, filters: Vec<Value>) -> Value {
 /// The tcp_proxy for `service` on `port`: the first TCP route of its VirtualService that applies
 /// to this proxy, else the service's default cluster.
 fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &str) -> Value {
-    let vs = proxy.snapshot.virtual_services_routing(service, &proxy.node.namespace).find(|vs| !vs.spec.tcp.is_empty());
+    let vs = proxy.snapshot.port_routing(service, &proxy.node.namespace).tcp;
     let client = Client::Workload { labels: &proxy.labels, namespace: &proxy.node.namespace };
     let route = vs.and_then(|vs| {
         let r = tcp_route(&vs.spec.tcp, port, &service.addresses, client).expect("a proxy's own routes are decided");

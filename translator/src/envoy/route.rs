@@ -186,7 +186,7 @@ pub(super) fn catch_all_host(proxy: &Proxy<'_>) -> Resource {
 /// The VirtualService for `service` that this proxy uses: visible, bound to the mesh, and the
 /// first by namespace/name whose hosts cover the service.
 fn virtual_service_for<'a>(proxy: &Proxy<'a>, service: &'a MeshService) -> Option<&'a IstioObject<VirtualServiceSpec>> {
-    proxy.snapshot.virtual_services_routing(service, &proxy.node.namespace).next()
+    proxy.snapshot.port_routing(service, &proxy.node.namespace).http
 }
 
 /// The conditions Istio retries on when a VirtualService does not say.

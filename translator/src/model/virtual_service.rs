@@ -85,6 +85,31 @@ pub struct HttpRoute {
     pub headers: Option<Headers>,
 }
 
+impl HttpRoute {
+    /// The fields of this route beyond a weighted split of connections, by their YAML names:
+    /// what a back end that only balances connections (the kernel) cannot apply.
+    pub fn beyond_split(&self) -> Vec<&'static str> {
+        let fields = [
+            ("match", !self.matches.is_empty()),
+            ("redirect", self.redirect.is_some()),
+            ("directResponse", self.direct_response.is_some()),
+            ("rewrite", self.rewrite.is_some()),
+            ("timeout", self.timeout.is_some()),
+            ("retries", self.retries.is_some()),
+            ("fault", self.fault.is_some()),
+            ("mirror", self.mirror.is_some() || !self.mirrors.is_empty()),
+            ("corsPolicy", self.cors_policy.is_some()),
+            ("headers", self.headers.is_some()),
+        ];
+        fields.into_iter().filter(|(_, set)| *set).map(|(name, _)| name).collect()
+    }
+
+    /// True when the route applies to every request (no match conditions) and routes somewhere.
+    pub fn is_catch_all(&self) -> bool {
+        self.matches.is_empty() && !self.route.is_empty()
+    }
+}
+
 /// Match conditions of an HTTP route; all fields must match.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -145,6 +145,27 @@ pub fn exported_to(export_to: &[String], own: &str, namespace: &str) -> bool {
     export_to.is_empty() || export_to.iter().any(|e| e == "*" || (e == "." && own == namespace) || e == namespace)
 }
 
+/// The VirtualServices that route one service for some clients ([`Snapshot::port_routing`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PortRouting<'a> {
+    /// The first with TCP routes.
+    pub tcp: Option<&'a IstioObject<VirtualServiceSpec>>,
+    /// The first of all.
+    pub http: Option<&'a IstioObject<VirtualServiceSpec>>,
+}
+
+impl PortRouting<'_> {
+    /// True when both are the very same objects as `other`'s.
+    pub fn same_as(&self, other: &PortRouting<'_>) -> bool {
+        let same =
+            |x: Option<&IstioObject<VirtualServiceSpec>>, y: Option<&IstioObject<VirtualServiceSpec>>| match (x, y) {
+                (Some(x), Some(y)) => std::ptr::eq(x, y),
+                (x, y) => x.is_none() && y.is_none(),
+            };
+        same(self.tcp, other.tcp) && same(self.http, other.http)
+    }
+}
+
 /// A workload: a Pod or a WorkloadEntry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -348,6 +369,15 @@ impl Snapshot {
                 && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
                 && vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.meta.namespace), &service.hostname))
         })
+    }
+
+    /// Which VirtualServices route `service` for clients in `namespace`: the one rule both back
+    /// ends use. `tcp` is the first with TCP routes, which a non-HTTP port's `tcp_proxy` takes;
+    /// `http` is the first of all, whose HTTP routes apply to HTTP ports (and to a TCP port no
+    /// TCP route covers).
+    pub fn port_routing<'a>(&'a self, service: &'a MeshService, namespace: &str) -> PortRouting<'a> {
+        let tcp = self.virtual_services_routing(service, namespace).find(|vs| !vs.spec.tcp.is_empty());
+        PortRouting { tcp, http: self.virtual_services_routing(service, namespace).next() }
     }
 
     /// VirtualServices, in namespace/name order, that may route to `hostname`.
