@@ -1,4 +1,32 @@
 //! Builds each proxy's xDS snapshot from the current translator snapshot.
+//!
+//! # One change, through the whole chain
+//! Say an operator edits a VirtualService's weights in the config directory.
+//! 1. **Sources.** `file_source` (or `kube_source`) reads the file again and hands the store one
+//!    [`Change`](sluice_translator::snapshot::Change) per object that differs.
+//! 2. **Snapshot delta.** `store` validates it and `admission` checks that every proxy's config
+//!    can still be made from it (else the object is refused and its last good version kept);
+//!    [`Snapshot::apply`](sluice_translator::snapshot::Snapshot::apply) yields a
+//!    [`SnapshotDelta`]: here `routing` holds the VirtualService's hosts, nothing forces a
+//!    rebuild.
+//! 3. **Classes and agents.** `serve` gives the new version and the delta to
+//!    [`MeshGenerator::set`]; the cached outbound half of every proxy class becomes stale, to be
+//!    patched on demand: only the listeners and virtual hosts routed for those hosts are
+//!    translated again ([`ProxyTranslation::outbound_listeners_routed`], [`RouteTable::affected`]).
+//!    A node agent's snapshot is patched by the translator's
+//!    `dataplane::patch`, which knows which kernel entries the
+//!    change reaches (or says a full translation is needed).
+//! 4. **xDS sets.** `XdsServer::refresh` asks this generator for each stream's snapshot; what is
+//!    unchanged is the very same encoding (the [`Interner`]), so a type whose set is unchanged
+//!    keeps its version and is not pushed.
+//! 5. **Delta streams.** Each stream's core (sluice-xds `stream`) sees the new snapshot; a Delta
+//!    stream sends the difference between the set the client holds and the new one: for a
+//!    sidecar, the route configuration of the port; for an agent, the one `KernelService`
+//!    entry of the host.
+//! 6. **Agent maps.** The agent applies the entry (`sync::MapSync::apply_changes`): the new
+//!    weights become backend slots; new backends and slots are written before the service entry
+//!    publishes the new count, and what it no longer references is deleted after a grace
+//!    period, so a connect never finds a slot pointing at a missing backend.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -284,7 +312,7 @@ impl MeshGenerator {
         Ok((outbound, encoded))
     }
 
-    /// [`MeshGenerator::sidecar`] for checking only: the first error.
+    /// Generates `node_id`'s config as a push would, for checking only: the first error.
     pub fn check(&self, node_id: &str, inbound: bool) -> Result<(), GenerateError> {
         let current = self.current.read().expect("generator lock").clone();
         self.sidecar(&current, node_id, inbound).map(|_| ())
