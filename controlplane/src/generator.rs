@@ -318,6 +318,11 @@ impl MeshGenerator {
         self.sidecar(&current, node_id, inbound).map(|_| ())
     }
 
+    /// The config being served.
+    pub fn current(&self) -> Arc<Current> {
+        self.current.read().expect("generator lock").clone()
+    }
+
     /// The config version being served.
     pub fn version(&self) -> u64 {
         self.current.read().expect("generator lock").version

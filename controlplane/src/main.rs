@@ -16,6 +16,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the `serve` variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Print the Envoy resources one proxy gets, as Envoy's /config_dump JSON.
@@ -58,14 +60,34 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15010")]
         xds_addr: std::net::SocketAddr,
         /// Also serve xDS over TLS on this address (istiod's 15012); needs --tls-cert and --tls-key.
-        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
-        xds_tls_addr: Option<std::net::SocketAddr>,
-        /// PEM certificate chain for --xds-tls-addr.
         #[arg(long)]
+        xds_tls_addr: Option<std::net::SocketAddr>,
+        /// PEM certificate chain for --xds-tls-addr (default: one sluice's CA issues).
+        #[arg(long, requires_all = ["tls_key", "xds_tls_addr"])]
         tls_cert: Option<PathBuf>,
         /// PEM private key for --xds-tls-addr.
-        #[arg(long)]
+        #[arg(long, requires_all = ["tls_cert", "xds_tls_addr"])]
         tls_key: Option<PathBuf>,
+        /// DNS names of the serving certificate the CA issues for --xds-tls-addr (repeatable).
+        #[arg(long = "tls-dns-name")]
+        tls_dns_names: Vec<String>,
+        /// Istio's plug-in CA directory (ca-cert.pem, ca-key.pem, cert-chain.pem,
+        /// root-cert.pem); default: a self-signed root kept in --state-dir/ca.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+        /// The mesh's trust domain (SPIFFE ids spiffe://<trust domain>/ns/<ns>/sa/<sa>).
+        #[arg(long, default_value = sluice_identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Node agents' tokens for the CSR API: lines of `<node name> <token>`.
+        #[arg(long)]
+        node_tokens: Option<PathBuf>,
+        /// Workload certificate lifetime when a request does not say, in seconds (istiod: 24 h).
+        #[arg(long, default_value_t = 24 * 3600)]
+        default_cert_ttl_s: u64,
+        /// The longest workload certificate lifetime a request may ask for, in seconds
+        /// (istiod: 90 days); longer requests are refused.
+        #[arg(long, default_value_t = 90 * 24 * 3600)]
+        max_cert_ttl_s: u64,
         /// PEM CA bundle: clients of --xds-tls-addr must present a certificate it signed (mTLS).
         #[arg(long)]
         tls_client_ca: Option<PathBuf>,
@@ -209,6 +231,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             xds_tls_addr,
             tls_cert,
             tls_key,
+            tls_dns_names,
+            ca_dir,
+            trust_domain,
+            node_tokens,
+            default_cert_ttl_s,
+            max_cert_ttl_s,
             tls_client_ca,
             monitoring_addr,
             state_dir,
@@ -216,11 +244,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_debounce_ms,
             delta_chunk_bytes,
         } => {
-            let xds_tls = match (xds_tls_addr, tls_cert, tls_key) {
-                (Some(addr), Some(cert), Some(key)) => {
-                    Some(sluice_controlplane::serve::XdsTls { addr, cert, key, client_ca: tls_client_ca })
-                }
-                _ => None,
+            let xds_tls = xds_tls_addr.map(|addr| sluice_controlplane::serve::XdsTls {
+                addr,
+                identity: tls_cert.zip(tls_key),
+                client_ca: tls_client_ca,
+            });
+            anyhow::ensure!(
+                default_cert_ttl_s <= max_cert_ttl_s,
+                "--default-cert-ttl-s {default_cert_ttl_s} is longer than --max-cert-ttl-s {max_cert_ttl_s}"
+            );
+            let defaults = sluice_controlplane::certificates::CaOptions::default();
+            let ca = sluice_controlplane::certificates::CaOptions {
+                ca_dir,
+                trust_domain,
+                node_tokens,
+                serving_names: if tls_dns_names.is_empty() { defaults.serving_names } else { tls_dns_names },
+                policy: sluice_identity::LeafPolicy {
+                    default_ttl: std::time::Duration::from_secs(default_cert_ttl_s),
+                    max_ttl: std::time::Duration::from_secs(max_cert_ttl_s),
+                },
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -246,6 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kube,
                 xds_addr,
                 xds_tls,
+                ca,
                 monitoring_addr,
                 state_dir,
                 debounce: std::time::Duration::from_millis(debounce_ms),

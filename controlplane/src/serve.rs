@@ -10,9 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use notify::{EventKind, RecursiveMode, Watcher};
+use sluice_identity::CertificateAuthority;
+use sluice_identity::service::CertificateService;
 use sluice_translator::diagnostic::{Diagnostic, Severity};
 use sluice_translator::snapshot::SnapshotDelta;
 use sluice_xds::server::XdsServer;
+
+use crate::certificates::{CaOptions, MeshAuthenticator, NodeTokens, open_ca};
 use tokio::sync::{mpsc, watch};
 
 use crate::generator::{Current, MeshGenerator};
@@ -38,25 +42,35 @@ pub struct KubeServe {
 pub struct XdsTls {
     /// Address to listen on.
     pub addr: SocketAddr,
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
-    /// PEM CA bundle that client certificates must chain to.
+    /// PEM certificate chain and key files; None: the CA issues the serving certificate.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// PEM CA bundle that client certificates must chain to (mutual TLS required); None: a
+    /// client certificate of the mesh is optional (a workload renewing its certificate shows
+    /// one; ztunnel and new workloads show none).
     pub client_ca: Option<PathBuf>,
 }
 
 impl XdsTls {
-    fn config(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    fn config(&self, ca: &CertificateAuthority, names: &[String]) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
         let read = |p: &PathBuf, what: &str| {
             std::fs::read(p).with_context(|| format!("reading the xDS TLS {what} {}", p.display()))
         };
-        let identity = tonic::transport::Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?);
-        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.client_ca {
-            config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca, "client CA")?));
-        }
-        Ok(config)
+        let (cert, key) = match &self.identity {
+            Some((cert, key)) => (read(cert, "certificate")?, read(key, "key")?),
+            None => {
+                let (chain, key) = ca
+                    .serving_certificate(names, crate::certificates::SERVING_TTL)
+                    .context("issuing the control plane's serving certificate")?;
+                (chain.concat().into_bytes(), key.into_bytes())
+            }
+        };
+        let config = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key));
+        Ok(match &self.client_ca {
+            Some(ca) => config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca, "client CA")?)),
+            None => {
+                config.client_ca_root(tonic::transport::Certificate::from_pem(ca.root_pem())).client_auth_optional(true)
+            }
+        })
     }
 }
 
@@ -69,8 +83,10 @@ pub struct ServeOptions {
     pub kube: Option<KubeServe>,
     /// xDS gRPC address.
     pub xds_addr: SocketAddr,
-    /// xDS over (mutual) TLS, in addition.
+    /// xDS and Istio's CSR API over (mutual) TLS, in addition.
     pub xds_tls: Option<XdsTls>,
+    /// The CA that signs workload certificates on the TLS port.
+    pub ca: CaOptions,
     /// Monitoring HTTP address.
     pub monitoring_addr: SocketAddr,
     /// sled state directory.
@@ -269,7 +285,8 @@ pub async fn serve(
     let monitoring_listener = tokio::net::TcpListener::bind(options.monitoring_addr)
         .await
         .with_context(|| format!("binding monitoring address {}", options.monitoring_addr))?;
-    tracing::info!(xds = %xds_listener.local_addr()?, monitoring = %monitoring_listener.local_addr()?, "listening");
+    tracing::info!(xds = %xds_listener.local_addr()?, monitoring = %monitoring_listener.local_addr()?,
+        "listening (xDS here is plaintext and unauthenticated: for local proxies only)");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -282,13 +299,27 @@ pub async fn serve(
     };
     let xds_tls_task = match &options.xds_tls {
         Some(tls) => {
-            let config = tls.config()?;
+            let ca = Arc::new(open_ca(&options.ca, options.state_dir.as_deref())?);
+            if let Some(state) = &options.state_dir {
+                // The trust bundle, for workloads and operators without a cluster (in Kubernetes
+                // the ConfigMap istio-ca-root-cert holds it).
+                let path = state.join("root-cert.pem");
+                std::fs::write(&path, ca.root_pem()).with_context(|| format!("writing {}", path.display()))?;
+            }
+            let config = tls.config(&ca, &options.ca.serving_names)?;
+            let tokens = match &options.ca.node_tokens {
+                Some(path) => NodeTokens::load(path)?,
+                None => NodeTokens::default(),
+            };
+            let authenticator = Arc::new(MeshAuthenticator::new(tokens, generator.clone()));
+            let csr = CertificateService::new(ca, authenticator, &options.ca.trust_domain);
             let listener = tokio::net::TcpListener::bind(tls.addr)
                 .await
                 .with_context(|| format!("binding xDS TLS address {}", tls.addr))?;
-            tracing::info!(xds_tls = %listener.local_addr()?, mutual = tls.client_ca.is_some(), "listening");
+            tracing::info!(xds_tls = %listener.local_addr()?, mutual = tls.client_ca.is_some(), "listening (xDS and Istio's CSR API)");
             let (xds, stop) = (xds.clone(), wait(stop_rx.clone()));
-            Some(tokio::spawn(async move { xds.serve_tls(listener, config, stop).await }))
+            let extra = tonic::service::Routes::new(csr);
+            Some(tokio::spawn(async move { xds.serve_tls(listener, config, extra, stop).await }))
         }
         None => None,
     };

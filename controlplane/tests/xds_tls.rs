@@ -1,5 +1,6 @@
-//! xDS over mutual TLS (istiod's 15012): a client with a certificate from the configured CA gets
-//! its config; one without a certificate, or with one from another CA, is turned away.
+//! The TLS port (istiod's 15012): xDS over mutual TLS with a configured CA (a client with a
+//! certificate from it gets its config; one without, or with another CA's, is turned away), and
+//! by default a port whose certificate sluice's own CA issues, serving xDS and Istio's CSR API.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +11,11 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
+use sluice_controlplane::certificates::CaOptions;
 use sluice_controlplane::serve::{ServeOptions, XdsTls, serve};
+use sluice_identity::SpiffeId;
+use sluice_identity::api::IstioCertificateRequest;
+use sluice_identity::service::{certificate_identity, create_certificate};
 use sluice_testkit::free_port;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -99,10 +104,10 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
         xds_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         xds_tls: Some(XdsTls {
             addr: tls_addr.parse().unwrap(),
-            cert: write("server.pem", &server_cert),
-            key: write("server-key.pem", &server_key),
+            identity: Some((write("server.pem", &server_cert), write("server-key.pem", &server_key))),
             client_ca: Some(write("ca.pem", &mesh_ca.pem)),
         }),
+        ca: CaOptions::default(),
         monitoring_addr: monitoring.parse().unwrap(),
         state_dir: None,
         debounce: Duration::from_millis(20),
@@ -131,6 +136,117 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
         assert!(anonymous.is_err(), "a client without a certificate is refused: {anonymous:?}");
         let stranger = clusters(&tls_addr, &mesh_ca.pem, Some(&rogue)).await;
         assert!(stranger.is_err(), "a certificate from another CA is refused: {stranger:?}");
+    });
+    let _ = stop.send(());
+    runtime.block_on(server).unwrap().unwrap();
+}
+
+/// A CSR for a new key: the key (PEM) and the request (PEM).
+fn new_csr() -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let csr = CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    (key.serialize_pem(), csr)
+}
+
+async fn tls_channel(addr: &str, root: &str, identity: Option<&(String, String)>) -> tonic::transport::Channel {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("TLS to the CA")
+}
+
+#[test]
+fn by_default_the_ca_issues_the_ports_certificate_and_signs_for_node_agents_and_renewals() {
+    let state = tempfile::tempdir().unwrap();
+    let tokens = state.path().join("node-tokens");
+    let token = "node-1-0123456789abcdef";
+    std::fs::write(&tokens, format!("node-1 {token}\n")).unwrap();
+    let tls_addr = format!("127.0.0.1:{}", free_port());
+    let monitoring = format!("127.0.0.1:{}", free_port());
+    let options = ServeOptions {
+        config: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookinfo")],
+        kube: None,
+        xds_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        xds_tls: Some(XdsTls { addr: tls_addr.parse().unwrap(), identity: None, client_ca: None }),
+        ca: CaOptions { node_tokens: Some(tokens), ..CaOptions::default() },
+        monitoring_addr: monitoring.parse().unwrap(),
+        state_dir: Some(state.path().join("state")),
+        debounce: Duration::from_millis(20),
+        max_debounce: Duration::from_secs(1),
+        delta_chunk_bytes: sluice_xds::server::DELTA_CHUNK_BYTES,
+        identifier: "sluice-test".into(),
+    };
+    let start = |options: ServeOptions| {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = runtime.spawn(serve(options, async move {
+            let _ = stopped.await;
+        }));
+        let loaded = sluice_testkit::eventually(Duration::from_secs(60), || {
+            sluice_testkit::http_get(&monitoring, "x", "/ready", &[]).ok().filter(|(code, _)| *code == 200)
+        });
+        assert!(loaded.is_some(), "the config never loaded");
+        (runtime, stop, server)
+    };
+    let root_file = state.path().join("state/root-cert.pem");
+    let productpage = SpiffeId::new("cluster.local", "default", "bookinfo-productpage");
+
+    let (runtime, stop, server) = start(options.clone());
+    let root = std::fs::read_to_string(&root_file).expect("the root is published");
+    let (leaf, key) = runtime.block_on(async {
+        // xDS over TLS, no client certificate: ztunnel and new workloads present none.
+        let got = clusters(&tls_addr, &root, None).await.expect("xDS without a client certificate");
+        assert!(got > 5, "{got}");
+        // The node agent asks for productpage's certificate (productpage has no node name, so it
+        // is on every node).
+        let (key, csr) = new_csr();
+        let mut request = tonic::Request::new(
+            IstioCertificateRequest { csr, ..Default::default() }.impersonating(&productpage.to_string()),
+        );
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let chain =
+            create_certificate(tls_channel(&tls_addr, &root, None).await, request).await.expect("issued").cert_chain;
+        assert_eq!(chain.last(), Some(&root), "the chain ends with the published root");
+        let leaf_der = pem::parse(&chain[0]).unwrap().into_contents();
+        assert_eq!(certificate_identity(&leaf_der), Some(productpage.clone()));
+        // A service account with no workload: refused.
+        let (_, csr) = new_csr();
+        let mut request = tonic::Request::new(
+            IstioCertificateRequest { csr, ..Default::default() }
+                .impersonating("spiffe://cluster.local/ns/default/sa/nobody"),
+        );
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let refused = create_certificate(tls_channel(&tls_addr, &root, None).await, request).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        // No token, no certificate: unauthenticated.
+        let (_, csr) = new_csr();
+        let anonymous = tonic::Request::new(IstioCertificateRequest { csr, ..Default::default() });
+        let refused = create_certificate(tls_channel(&tls_addr, &root, None).await, anonymous).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        (chain.concat(), key)
+    });
+    let _ = stop.send(());
+    runtime.block_on(server).unwrap().unwrap();
+    drop(runtime);
+
+    // Restarted on the same state directory: the same root; the workload renews with the
+    // certificate it holds (no token).
+    let (runtime, stop, server) = start(options);
+    assert_eq!(std::fs::read_to_string(&root_file).unwrap(), root, "the root survives a restart");
+    runtime.block_on(async {
+        let (_, csr) = new_csr();
+        let renewal = tonic::Request::new(IstioCertificateRequest { csr, ..Default::default() });
+        let channel = tls_channel(&tls_addr, &root, Some(&(leaf, key))).await;
+        let chain = create_certificate(channel, renewal).await.expect("renewed by client certificate").cert_chain;
+        let leaf_der = pem::parse(&chain[0]).unwrap().into_contents();
+        assert_eq!(certificate_identity(&leaf_der), Some(productpage));
     });
     let _ = stop.send(());
     runtime.block_on(server).unwrap().unwrap();

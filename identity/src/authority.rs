@@ -86,6 +86,8 @@ pub enum CaSource {
     SelfSigned(PathBuf),
     /// Istio's plug-in layout in this directory.
     PlugIn(PathBuf),
+    /// A root in memory only.
+    Ephemeral,
 }
 
 /// A certificate authority that signs workload certificates.
@@ -175,38 +177,55 @@ fn now_minus(skew: Duration) -> OffsetDateTime {
 }
 
 impl CertificateAuthority {
-    /// The self-signed root in `dir`, created (ECDSA P-256, 10 years, organization
-    /// `trust_domain`, as istiod's) if the directory holds none yet.
+    /// A new self-signed root (ECDSA P-256, 10 years, organization `trust_domain`, as istiod's):
+    /// its key and its certificate, PEM.
+    fn new_root(trust_domain: &str) -> Result<(KeyPair, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Signing(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.not_before = now_minus(CLOCK_SKEW);
+        params.not_after = OffsetDateTime::now_utc() + ROOT_TTL;
+        params.serial_number = Some(serial()?);
+        let cert = params.self_signed(&key).map_err(|e| CaError::Signing(e.to_string()))?;
+        Ok((key, cert.pem()))
+    }
+
+    /// A CA whose root is `root` signed by `key`.
+    fn rooted(path: &Path, root: String, key: KeyPair, source: CaSource) -> Result<Self, CaError> {
+        check_signing_pair(path, &root, &key)?;
+        Ok(Self {
+            issuer: issuer(path, &root, key)?,
+            chain: vec![root.clone()],
+            root,
+            policy: LeafPolicy::default(),
+            source,
+        })
+    }
+
+    /// The self-signed root in `dir`, created if the directory holds none yet.
     pub fn self_signed(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
         let (cert_path, key_path) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
         if !cert_path.exists() || !key_path.exists() {
             fs::create_dir_all(dir).map_err(|source| CaError::Io { path: dir.to_path_buf(), source })?;
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Signing(e.to_string()))?;
-            let mut params = CertificateParams::default();
-            params.distinguished_name = DistinguishedName::new();
-            params.distinguished_name.push(DnType::OrganizationName, trust_domain);
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages =
-                vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-            params.not_before = now_minus(CLOCK_SKEW);
-            params.not_after = OffsetDateTime::now_utc() + ROOT_TTL;
-            params.serial_number = Some(serial()?);
-            let cert = params.self_signed(&key).map_err(|e| CaError::Signing(e.to_string()))?;
+            let (key, root) = Self::new_root(trust_domain)?;
             // The key first: a root certificate without its key would be taken for a complete CA.
             write_atomically(&key_path, &key.serialize_pem(), true)?;
-            write_atomically(&cert_path, &cert.pem(), false)?;
+            write_atomically(&cert_path, &root, false)?;
             tracing::info!(dir = %dir.display(), trust_domain, "created a self-signed root CA");
         }
-        let root = read(&cert_path)?;
-        let key = load_key(&key_path)?;
-        check_signing_pair(&cert_path, &root, &key)?;
-        Ok(Self {
-            issuer: issuer(&cert_path, &root, key)?,
-            chain: vec![root.clone()],
-            root,
-            policy: LeafPolicy::default(),
-            source: CaSource::SelfSigned(dir.to_path_buf()),
-        })
+        let (root, key) = (read(&cert_path)?, load_key(&key_path)?);
+        Self::rooted(&cert_path, root, key, CaSource::SelfSigned(dir.to_path_buf()))
+    }
+
+    /// A self-signed root that lives in memory only: every start makes a new one, so what it
+    /// signed does not verify after a restart (for a control plane without a state directory).
+    pub fn ephemeral(trust_domain: &str) -> Result<Self, CaError> {
+        let (key, root) = Self::new_root(trust_domain)?;
+        Self::rooted(Path::new("(in memory)"), root, key, CaSource::Ephemeral)
     }
 
     /// Istio's plug-in layout in `dir`: `ca-key.pem` signs as `ca-cert.pem`, `cert-chain.pem`
@@ -285,6 +304,27 @@ impl CertificateAuthority {
         let mut chain = vec![leaf.pem()];
         chain.extend(self.chain.iter().cloned());
         Ok(chain)
+    }
+}
+
+impl CertificateAuthority {
+    /// A serving certificate for `dns_names` with a key made here (the control plane's own TLS
+    /// port): the chain (leaf first) and the key, PEM.
+    pub fn serving_certificate(&self, dns_names: &[String], ttl: Duration) -> Result<(Vec<String>, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Signing(e.to_string()))?;
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(|e| CaError::Signing(e.to_string()))?;
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = now_minus(CLOCK_SKEW);
+        params.not_after = OffsetDateTime::now_utc() + ttl;
+        params.serial_number = Some(serial()?);
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &self.issuer).map_err(|e| CaError::Signing(e.to_string()))?;
+        let mut chain = vec![leaf.pem()];
+        chain.extend(self.chain.iter().cloned());
+        Ok((chain, key.serialize_pem()))
     }
 }
 

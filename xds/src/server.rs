@@ -163,24 +163,28 @@ impl XdsServer {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
-        self.serve_with(tonic::transport::Server::builder(), listener, shutdown).await
+        self.serve_with(tonic::transport::Server::builder(), listener, Default::default(), shutdown).await
     }
 
-    /// As [`XdsServer::serve`], over TLS: mutual TLS when `tls` names a client CA (istiod's 15012).
+    /// As [`XdsServer::serve`], over TLS (mutual TLS when `tls` names a client CA), with the
+    /// application's `extra` services beside xDS on the same port (istiod's 15012 also serves
+    /// the CSR API).
     pub async fn serve_tls(
         &self,
         listener: tokio::net::TcpListener,
         tls: tonic::transport::ServerTlsConfig,
+        extra: tonic::service::Routes,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
         let builder = tonic::transport::Server::builder().tls_config(tls)?;
-        self.serve_with(builder, listener, shutdown).await
+        self.serve_with(builder, listener, extra, shutdown).await
     }
 
     async fn serve_with(
         &self,
         builder: tonic::transport::Server,
         listener: tokio::net::TcpListener,
+        extra: tonic::service::Routes,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
         let this = self.clone();
@@ -192,6 +196,7 @@ impl XdsServer {
         let typed = crate::typed::services(&self.shared);
         builder
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_routes(extra)
             .add_service(self.ads_service())
             .add_service(typed.0)
             .add_service(typed.1)

@@ -1,0 +1,167 @@
+//! The certificate side of `sluice serve`, as istiod's: the CA (Istio's plug-in layout from
+//! `--ca-dir`, else a self-signed root kept in the state directory, else one in memory), the
+//! control plane's own serving certificate for the TLS port (issued by that CA unless files are
+//! given), node tokens for node agents, and who may impersonate whom.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ring::digest::{SHA256, digest};
+use sluice_identity::service::{AuthError, Authenticator, BoxFuture, Caller, Credentials};
+use sluice_identity::{CertificateAuthority, LeafPolicy, SpiffeId};
+
+use crate::generator::MeshGenerator;
+
+/// How `sluice serve` runs its CA.
+#[derive(Debug, Clone)]
+pub struct CaOptions {
+    /// Istio's plug-in layout (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`).
+    pub ca_dir: Option<PathBuf>,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// Node tokens: lines of `<node name> <token>`.
+    pub node_tokens: Option<PathBuf>,
+    /// DNS names of the control plane's serving certificate.
+    pub serving_names: Vec<String>,
+    /// Leaf lifetimes.
+    pub policy: LeafPolicy,
+}
+
+impl Default for CaOptions {
+    fn default() -> Self {
+        Self {
+            ca_dir: None,
+            trust_domain: sluice_identity::DEFAULT_TRUST_DOMAIN.to_string(),
+            node_tokens: None,
+            serving_names: DEFAULT_SERVING_NAMES.iter().map(|n| n.to_string()).collect(),
+            policy: LeafPolicy::default(),
+        }
+    }
+}
+
+/// The names the serving certificate has unless told: istiod's Service (what istio-agent and
+/// ztunnel dial) and localhost.
+pub const DEFAULT_SERVING_NAMES: [&str; 3] = ["istiod.istio-system.svc", "sluice.sluice-system.svc", "localhost"];
+
+/// How long the control plane's serving certificate lives; a new one is issued at every start.
+pub const SERVING_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Opens the CA `options` describe; the self-signed root lives in `<state_dir>/ca`.
+pub fn open_ca(options: &CaOptions, state_dir: Option<&Path>) -> anyhow::Result<CertificateAuthority> {
+    let ca = match (&options.ca_dir, state_dir) {
+        (Some(dir), _) => CertificateAuthority::plug_in(dir)
+            .with_context(|| format!("loading the plug-in CA from {}", dir.display()))?,
+        (None, Some(state)) => CertificateAuthority::self_signed(&state.join("ca"), &options.trust_domain)
+            .context("opening the self-signed CA in the state directory")?,
+        (None, None) => {
+            tracing::warn!(
+                "no --state-dir and no --ca-dir: the CA's root lives in memory only, so certificates it issues \
+                 stop verifying when sluice restarts"
+            );
+            CertificateAuthority::ephemeral(&options.trust_domain).context("creating an in-memory CA")?
+        }
+    };
+    tracing::info!(source = ?ca.source(), trust_domain = %options.trust_domain, "certificate authority ready");
+    Ok(ca.with_policy(options.policy))
+}
+
+/// Node agents' tokens, kept as digests.
+#[derive(Debug, Default, Clone)]
+pub struct NodeTokens {
+    nodes: HashMap<Vec<u8>, String>,
+}
+
+fn token_digest(token: &str) -> Vec<u8> {
+    digest(&SHA256, token.as_bytes()).as_ref().to_vec()
+}
+
+impl NodeTokens {
+    /// Reads `path`: one `<node name> <token>` per line; blank lines and `#` comments are skipped.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading node tokens {}", path.display()))?;
+        Self::parse(&text).map_err(|(line, reason)| anyhow::anyhow!("{}:{line}: {reason}", path.display()))
+    }
+
+    /// Parses the lines of a node token file; an error names the line (from 1) and why.
+    pub fn parse(text: &str) -> Result<Self, (usize, String)> {
+        let mut nodes = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [node, token] = fields.as_slice() else {
+                return Err((i + 1, "expected `<node name> <token>`".into()));
+            };
+            if token.len() < 16 {
+                return Err((i + 1, format!("the token of node {node} is shorter than 16 characters")));
+            }
+            if nodes.insert(token_digest(token), node.to_string()).is_some() {
+                return Err((i + 1, "this token is already another node's".into()));
+            }
+        }
+        Ok(Self { nodes })
+    }
+
+    /// The node whose token `token` is.
+    pub fn node(&self, token: &str) -> Option<&str> {
+        self.nodes.get(&token_digest(token)).map(String::as_str)
+    }
+}
+
+/// Authenticates CSR callers with node tokens, and lets a node agent impersonate the service
+/// accounts of the workloads on its node in the config being served.
+pub struct MeshAuthenticator {
+    tokens: NodeTokens,
+    generator: Arc<MeshGenerator>,
+}
+
+impl MeshAuthenticator {
+    /// Callers authenticated by `tokens`, impersonation decided on `generator`'s config.
+    pub fn new(tokens: NodeTokens, generator: Arc<MeshGenerator>) -> Self {
+        Self { tokens, generator }
+    }
+}
+
+impl Authenticator for MeshAuthenticator {
+    fn authenticate<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        Box::pin(async move {
+            let token = credentials.bearer_token.as_deref().unwrap_or_default();
+            match self.tokens.node(token) {
+                Some(node) => Ok(Caller::NodeAgent(node.to_string())),
+                // Kubernetes service-account tokens (TokenReview) are not checked yet: refused.
+                None => Err(AuthError("the bearer token is no node's token".into())),
+            }
+        })
+    }
+
+    fn may_impersonate(&self, node: &str, identity: &SpiffeId) -> bool {
+        let current = self.generator.current();
+        // A workload without a node name belongs to every node (a one-machine mesh).
+        current.snapshot.workloads.values().any(|w| {
+            w.namespace == identity.namespace
+                && w.service_account == identity.service_account
+                && w.node.as_deref().is_none_or(|n| n == node)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_tokens_are_parsed_strictly_and_looked_up_by_token() {
+        let tokens = NodeTokens::parse("# nodes\nnode-1 0123456789abcdef0\n\nnode-2   fedcba98765432100\n").unwrap();
+        assert_eq!(tokens.node("0123456789abcdef0"), Some("node-1"));
+        assert_eq!(tokens.node("fedcba98765432100"), Some("node-2"));
+        assert_eq!(tokens.node("nope"), None);
+        assert_eq!(NodeTokens::parse("node-1\n").unwrap_err().0, 1);
+        assert!(NodeTokens::parse("a 0123456789abcdef0\nb short\n").unwrap_err().1.contains("shorter"));
+        assert!(NodeTokens::parse("a 0123456789abcdef0\nb 0123456789abcdef0\n").unwrap_err().1.contains("already"));
+    }
+}
