@@ -75,9 +75,10 @@ enum Command {
         /// root-cert.pem); default: a self-signed root kept in --state-dir/ca.
         #[arg(long)]
         ca_dir: Option<PathBuf>,
-        /// The mesh's trust domain (SPIFFE ids spiffe://<trust domain>/ns/<ns>/sa/<sa>).
-        #[arg(long, default_value = sluice_identity::DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
+        /// Istio's MeshConfig YAML (trustDomain, trustDomainAliases, enableAutoMtls; Istio's
+        /// defaults when absent).
+        #[arg(long)]
+        mesh_config: Option<PathBuf>,
         /// Node agents' tokens for the CSR API: lines of `<node name> <token>`.
         #[arg(long)]
         node_tokens: Option<PathBuf>,
@@ -233,7 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_key,
             tls_dns_names,
             ca_dir,
-            trust_domain,
+            mesh_config,
             node_tokens,
             default_cert_ttl_s,
             max_cert_ttl_s,
@@ -253,10 +254,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 default_cert_ttl_s <= max_cert_ttl_s,
                 "--default-cert-ttl-s {default_cert_ttl_s} is longer than --max-cert-ttl-s {max_cert_ttl_s}"
             );
+            let mesh = match &mesh_config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                    let (mesh, ignored) = sluice_translator::model::mesh_config::MeshConfig::from_yaml(&text)
+                        .with_context(|| format!("{}", path.display()))?;
+                    if !ignored.is_empty() {
+                        tracing::info!(file = %path.display(), fields = ?ignored, "MeshConfig fields sluice does not read");
+                    }
+                    mesh
+                }
+                None => Default::default(),
+            };
             let defaults = sluice_controlplane::certificates::CaOptions::default();
             let ca = sluice_controlplane::certificates::CaOptions {
                 ca_dir,
-                trust_domain,
+                trust_domain: mesh.trust_domain.clone(),
                 node_tokens,
                 serving_names: if tls_dns_names.is_empty() { defaults.serving_names } else { tls_dns_names },
                 policy: sluice_identity::LeafPolicy {

@@ -3,6 +3,7 @@
 pub mod authorization_policy;
 pub mod common;
 pub mod destination_rule;
+pub mod mesh_config;
 pub mod service_entry;
 pub mod sidecar;
 pub mod virtual_service;
