@@ -15,7 +15,7 @@ pub use sluice_dataplane_api::{
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::IstioObject;
 use crate::model::common::{Protocol, labels_match};
-use crate::model::virtual_service::{Client, Destination, VirtualServiceSpec, live_destinations, tcp_route};
+use crate::model::virtual_service::{Client, Destination, VirtualServiceSpec, live_destinations};
 use crate::snapshot::{
     MeshService, PortRouting, ServicePort, ServiceResolution, Snapshot, Workload, host_matches, resolve_host,
 };
@@ -183,29 +183,26 @@ fn routed_destinations(
         }
         return (Some(Vec::new()), false);
     }
-    if let Some(vs) = everyone.tcp {
-        let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
-        match tcp_route(&vs.spec.tcp, port, &service.addresses, Client::Unknown) {
-            Ok(Some(tcp)) => {
-                let live = live_destinations(&tcp.route).into_iter().map(|(d, w)| (resolve(&d.destination), w));
-                return (Some(live.collect()), false);
-            }
-            Ok(None) => {}
-            Err(i) => {
-                diagnostics.push(fail_closed(vs, format!("spec.tcp[{i}].match"), "sourceLabels or sourceNamespace"));
-                return (Some(Vec::new()), false);
-            }
+    match everyone.tcp_route(service, port, Client::Unknown) {
+        Ok(Some((vs, tcp))) => {
+            let resolve =
+                |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
+            let live = live_destinations(&tcp.route).into_iter().map(|(d, w)| (resolve(&d.destination), w));
+            return (Some(live.collect()), false);
+        }
+        Ok(None) => {}
+        Err((vs, i)) => {
+            diagnostics.push(fail_closed(vs, format!("spec.tcp[{i}].match"), "sourceLabels or sourceNamespace"));
+            return (Some(Vec::new()), false);
         }
     }
-    let Some(vs) = everyone.http else { return (None, false) };
+    let Some((vs, http)) = everyone.http_routes() else { return (None, false) };
     let resolve = |d: &Destination| Destination { host: resolve_host(&d.host, &vs.meta.namespace), ..d.clone() };
-    let needs_l7 = !vs.spec.http.is_empty();
-    let catch_all = vs.spec.http.iter().position(|r| r.is_catch_all());
+    let needs_l7 = !http.is_empty();
+    let catch_all = http.iter().position(|r| r.is_catch_all());
     // What the kernel cannot apply, route by route; retries and timeouts (which only a proxy
     // can apply) are not worth a warning when the split itself is exact.
-    let lacking: Vec<String> = vs
-        .spec
-        .http
+    let lacking: Vec<String> = http
         .iter()
         .enumerate()
         .take(catch_all.map_or(usize::MAX, |i| i + 1))
@@ -235,7 +232,7 @@ fn routed_destinations(
         });
     }
     let destinations = catch_all
-        .map(|i| &vs.spec.http[i])
+        .map(|i| &http[i])
         .map(|r| live_destinations(&r.route).into_iter().map(|(d, w)| (resolve(&d.destination), w)).collect());
     (destinations, needs_l7)
 }

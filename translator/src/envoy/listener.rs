@@ -12,7 +12,7 @@ use super::route::http_ports;
 use super::{Resource, ads_source, inbound_cluster_name, outbound_cluster_name, typed};
 use crate::model::common::Protocol;
 use crate::model::sidecar::OutboundMode;
-use crate::model::virtual_service::{Client, tcp_route};
+use crate::model::virtual_service::Client;
 use crate::snapshot::{MeshService, host_matches, resolve_host};
 
 /// Port of `virtualOutbound`.
@@ -200,12 +200,10 @@ fn hcm(stat_prefix: &str, routes: Value, filters: Vec<Value>) -> Value {
 /// The tcp_proxy for `service` on `port`: the first TCP route of its VirtualService that applies
 /// to this proxy, else the service's default cluster.
 fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &str) -> Value {
-    let vs = proxy.snapshot.port_routing(service, &proxy.node.namespace).tcp;
     let client = Client::Workload { labels: &proxy.labels, namespace: &proxy.node.namespace };
-    let route = vs.and_then(|vs| {
-        let r = tcp_route(&vs.spec.tcp, port, &service.addresses, client).expect("a proxy's own routes are decided");
-        r.map(|r| (vs.meta.namespace.as_str(), r))
-    });
+    let routing = proxy.snapshot.port_routing(service, &proxy.node.namespace);
+    let route = routing.tcp_route(service, port, client).ok().expect("a proxy's own routes are decided");
+    let route = route.map(|(vs, r)| (vs.meta.namespace.as_str(), r));
     let mut config = json!({"stat_prefix": stat_prefix});
     let cluster_of = |ns: &str, d: &crate::model::virtual_service::Destination| {
         let fqdn = resolve_host(&d.host, ns);

@@ -155,8 +155,8 @@ pub(super) fn virtual_host(proxy: &mut Proxy<'_>, table: &RouteTable, index: usi
     // A table outlives its snapshot only while every change since is patchable, and a change
     // that removes a service is not.
     let service = proxy.snapshot.services.get(&entry.service).expect("a route table's services are in the snapshot");
-    let routes = match virtual_service_for(proxy, service) {
-        Some(vs) => vs_routes(proxy, vs, service, table.port),
+    let routes = match proxy.snapshot.port_routing(service, &proxy.node.namespace).http_routes() {
+        Some((vs, routes)) => vs_routes(proxy, vs, routes, service, table.port),
         None => vec![default_route(&outbound_cluster_name(table.port, "", &service.hostname), None)],
     };
     let name = format!("{}:{}", service.hostname, table.port);
@@ -181,12 +181,6 @@ pub(super) fn catch_all_host(proxy: &Proxy<'_>) -> Resource {
         }),
     };
     Resource { name: name.to_string(), body }
-}
-
-/// The VirtualService for `service` that this proxy uses: visible, bound to the mesh, and the
-/// first by namespace/name whose hosts cover the service.
-fn virtual_service_for<'a>(proxy: &Proxy<'a>, service: &'a MeshService) -> Option<&'a IstioObject<VirtualServiceSpec>> {
-    proxy.snapshot.port_routing(service, &proxy.node.namespace).http
 }
 
 /// The conditions Istio retries on when a VirtualService does not say.
@@ -234,14 +228,16 @@ fn applies(proxy: &Proxy<'_>, m: &HttpMatchRequest, port: u32) -> bool {
         && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
 }
 
+/// The Envoy routes of `routes`, the HTTP routes of `vs` that apply to this proxy.
 fn vs_routes(
     proxy: &mut Proxy<'_>,
     vs: &IstioObject<VirtualServiceSpec>,
+    routes: &[HttpRoute],
     service: &MeshService,
     port: u32,
 ) -> Vec<Value> {
     let mut out = Vec::new();
-    for (i, route) in vs.spec.http.iter().enumerate() {
+    for (i, route) in routes.iter().enumerate() {
         if route.delegate.is_some() {
             continue;
         }

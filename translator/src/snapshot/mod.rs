@@ -21,7 +21,7 @@ use crate::model::common::{Protocol, labels_match};
 use crate::model::destination_rule::DestinationRuleSpec;
 use crate::model::service_entry::{Location, Resolution, ServiceEntrySpec, WorkloadEntrySpec};
 use crate::model::sidecar::SidecarSpec;
-use crate::model::virtual_service::VirtualServiceSpec;
+use crate::model::virtual_service::{Client, HttpRoute, TcpRoute, VirtualServiceSpec};
 use crate::model::{IstioObject, Loaded};
 
 pub use self::update::{Change, ServiceChange, SnapshotDelta};
@@ -154,7 +154,28 @@ pub struct PortRouting<'a> {
     pub http: Option<&'a IstioObject<VirtualServiceSpec>>,
 }
 
-impl PortRouting<'_> {
+impl<'a> PortRouting<'a> {
+    /// The TCP route a connection to `port` of `service` takes from `client`, with the
+    /// VirtualService it is in ([`tcp_route`]'s rules). Err: the VirtualService and the index of
+    /// a route whose match depends on a client `client` does not describe.
+    pub fn tcp_route(
+        &self,
+        service: &MeshService,
+        port: u32,
+        client: Client<'_>,
+    ) -> Result<Option<(&'a IstioObject<VirtualServiceSpec>, &'a TcpRoute)>, (&'a IstioObject<VirtualServiceSpec>, usize)>
+    {
+        let Some(vs) = self.tcp else { return Ok(None) };
+        crate::model::virtual_service::tcp_route(&vs.spec.tcp, port, &service.addresses, client)
+            .map(|r| r.map(|r| (vs, r)))
+            .map_err(|i| (vs, i))
+    }
+
+    /// The HTTP routes that apply, in order, with their VirtualService.
+    pub fn http_routes(&self) -> Option<(&'a IstioObject<VirtualServiceSpec>, &'a [HttpRoute])> {
+        self.http.map(|vs| (vs, vs.spec.http.as_slice()))
+    }
+
     /// True when both are the very same objects as `other`'s.
     pub fn same_as(&self, other: &PortRouting<'_>) -> bool {
         let same =
