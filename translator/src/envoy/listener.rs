@@ -202,7 +202,7 @@ fn hcm(stat_prefix: &str, routes: Value, filters: Vec<Value>) -> Value {
 fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &str) -> Value {
     let client = Client::Workload { labels: &proxy.labels, namespace: &proxy.node.namespace };
     let routing = proxy.snapshot.port_routing(service, &proxy.node.namespace);
-    let route = routing.tcp_route(service, port, client).ok().expect("a proxy's own routes are decided");
+    let route = routing.tcp_route(service, port, client).map_err(|(_, i)| i).expect("a proxy's own routes are decided");
     let route = route.map(|(vs, r)| (vs.meta.namespace.as_str(), r));
     let mut config = json!({"stat_prefix": stat_prefix});
     let cluster_of = |ns: &str, d: &crate::model::virtual_service::Destination| {

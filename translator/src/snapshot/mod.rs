@@ -145,6 +145,11 @@ pub fn exported_to(export_to: &[String], own: &str, namespace: &str) -> bool {
     export_to.is_empty() || export_to.iter().any(|e| e == "*" || (e == "." && own == namespace) || e == namespace)
 }
 
+/// The TCP route a connection takes and its VirtualService; Err: a VirtualService and the index
+/// of a route whose match depends on the client.
+pub type TcpChoice<'a> =
+    Result<Option<(&'a IstioObject<VirtualServiceSpec>, &'a TcpRoute)>, (&'a IstioObject<VirtualServiceSpec>, usize)>;
+
 /// The VirtualServices that route one service for some clients ([`Snapshot::port_routing`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PortRouting<'a> {
@@ -158,13 +163,7 @@ impl<'a> PortRouting<'a> {
     /// The TCP route a connection to `port` of `service` takes from `client`, with the
     /// VirtualService it is in ([`tcp_route`]'s rules). Err: the VirtualService and the index of
     /// a route whose match depends on a client `client` does not describe.
-    pub fn tcp_route(
-        &self,
-        service: &MeshService,
-        port: u32,
-        client: Client<'_>,
-    ) -> Result<Option<(&'a IstioObject<VirtualServiceSpec>, &'a TcpRoute)>, (&'a IstioObject<VirtualServiceSpec>, usize)>
-    {
+    pub fn tcp_route(&self, service: &MeshService, port: u32, client: Client<'_>) -> TcpChoice<'a> {
         let Some(vs) = self.tcp else { return Ok(None) };
         crate::model::virtual_service::tcp_route(&vs.spec.tcp, port, &service.addresses, client)
             .map(|r| r.map(|r| (vs, r)))
