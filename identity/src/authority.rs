@@ -172,10 +172,6 @@ fn serial() -> Result<SerialNumber, CaError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn now_minus(skew: Duration) -> OffsetDateTime {
-    OffsetDateTime::now_utc() - skew
-}
-
 impl CertificateAuthority {
     /// A new self-signed root (ECDSA P-256, 10 years, organization `trust_domain`, as istiod's):
     /// its key and its certificate, PEM.
@@ -187,8 +183,10 @@ impl CertificateAuthority {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        params.not_before = now_minus(CLOCK_SKEW);
-        params.not_after = OffsetDateTime::now_utc() + ROOT_TTL;
+        // One instant for both ends: the life is exactly the TTL plus the skew.
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + ROOT_TTL;
         params.serial_number = Some(serial()?);
         let cert = params.self_signed(&key).map_err(|e| CaError::Signing(e.to_string()))?;
         Ok((key, cert.pem()))
@@ -296,8 +294,9 @@ impl CertificateAuthority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = now_minus(CLOCK_SKEW);
-        params.not_after = OffsetDateTime::now_utc() + ttl;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + ttl;
         params.serial_number = Some(serial()?);
         params.use_authority_key_identifier_extension = true;
         let leaf = params.signed_by(&csr.public_key, &self.issuer).map_err(|e| CaError::Signing(e.to_string()))?;
@@ -317,8 +316,9 @@ impl CertificateAuthority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_before = now_minus(CLOCK_SKEW);
-        params.not_after = OffsetDateTime::now_utc() + ttl;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + ttl;
         params.serial_number = Some(serial()?);
         params.use_authority_key_identifier_extension = true;
         let leaf = params.signed_by(&key, &self.issuer).map_err(|e| CaError::Signing(e.to_string()))?;

@@ -7,6 +7,7 @@ pub mod api;
 pub mod authority;
 pub mod service;
 pub mod spiffe;
+pub mod workload;
 
 pub use authority::{CaError, CaSource, CertificateAuthority, LeafPolicy};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};

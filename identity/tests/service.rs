@@ -143,3 +143,52 @@ async fn the_caller_decides_the_identity_and_node_agents_impersonate_only_their_
     assert!(message.contains("max allowed TTL"), "{message}");
     assert_eq!(refused(call(ask("productpage", None, -1)).await).0, Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_node_agent_gets_a_checked_certificate_for_a_key_made_on_the_node() {
+    use sluice_identity::workload::{CertificateClient, IssueError, IssuedCertificate, backoff};
+    let server = start().await;
+    let client = CertificateClient::new(server.channel.clone(), "node-1");
+    let issued = client.issue(&productpage(), Some(Duration::from_secs(1200))).await.expect("issued");
+    assert_eq!(issued.identity, productpage());
+    assert_eq!(issued.presented().len(), 1, "the leaf, without the root");
+    assert!(issued.root().contains("BEGIN CERTIFICATE"));
+    let life = issued.not_after.duration_since(issued.not_before).unwrap();
+    assert_eq!(life, Duration::from_secs(1200 + 120), "the TTL asked for, from 2 minutes ago");
+    let (early, late) = (issued.renew_at(-1.0), issued.renew_at(1.0));
+    assert_eq!(early.duration_since(issued.not_before).unwrap(), life.mul_f64(0.4));
+    assert_eq!(late.duration_since(issued.not_before).unwrap(), life.mul_f64(0.6));
+    assert!(!format!("{issued:?}").contains("PRIVATE KEY"), "the key is never logged");
+    // A second certificate: a new key and a new serial.
+    let again = client.issue(&productpage(), None).await.unwrap();
+    assert_ne!(again.serial, issued.serial);
+    assert_ne!(again.key_pem, issued.key_pem);
+    // Refused by the CA: for a workload not on the node.
+    let reviews = SpiffeId::new("cluster.local", "default", "bookinfo-reviews");
+    let refused = client.issue(&reviews, None).await.unwrap_err();
+    assert!(
+        matches!(&refused, IssueError::Refused { status, .. } if status.code() == Code::PermissionDenied),
+        "{refused}"
+    );
+    assert_eq!(
+        (backoff(0), backoff(3), backoff(30)),
+        (Duration::from_secs(1), Duration::from_secs(8), Duration::from_secs(60))
+    );
+
+    // An answer that is not for the identity or the key asked for is never used.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::self_signed(dir.path(), "cluster.local").unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    let for_reviews = ca.sign(&csr, &reviews, None).unwrap();
+    let wrong_identity = IssuedCertificate::from_response(&productpage(), &key, for_reviews.clone()).unwrap_err();
+    assert!(wrong_identity.to_string().contains("names"), "{wrong_identity}");
+    let other_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let wrong_key = IssuedCertificate::from_response(&reviews, &other_key, for_reviews.clone()).unwrap_err();
+    assert!(wrong_key.to_string().contains("not for the key"), "{wrong_key}");
+    let other_root = CertificateAuthority::ephemeral("cluster.local").unwrap().root_pem().to_string();
+    let spliced = vec![for_reviews[0].clone(), other_root];
+    let unsigned = IssuedCertificate::from_response(&reviews, &key, spliced).unwrap_err();
+    assert!(unsigned.to_string().contains("not signed by the next"), "{unsigned}");
+    assert!(IssuedCertificate::from_response(&reviews, &key, for_reviews).is_ok());
+}
