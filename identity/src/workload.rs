@@ -52,6 +52,8 @@ pub struct IssuedCertificate {
     pub not_after: SystemTime,
     /// The leaf's serial number (hex), for logs and tests.
     pub serial: String,
+    /// When it arrived here.
+    pub received: SystemTime,
 }
 
 impl std::fmt::Debug for IssuedCertificate {
@@ -103,6 +105,7 @@ impl IssuedCertificate {
             not_before: system_time(leaf.validity().not_before),
             not_after: system_time(leaf.validity().not_after),
             serial: leaf.raw_serial_as_string(),
+            received: SystemTime::now(),
             chain,
         })
     }
@@ -117,12 +120,15 @@ impl IssuedCertificate {
         &self.chain[..self.chain.len() - 1]
     }
 
-    /// When to renew: half the life after `not_before`, moved by `jitter` (in -1..=1) up to a
-    /// tenth of the life either way, so a node's certificates do not all renew at once.
+    /// When to renew: half the remaining life after it arrived (or after `not_before`, if that
+    /// is later), moved by `jitter` (in -1..=1) up to a tenth of that life either way, so a
+    /// node's certificates do not all renew at once. (From arrival, not from `not_before`: the
+    /// CA back-dates that by its clock skew, which would make a short-lived certificate due at
+    /// once.)
     pub fn renew_at(&self, jitter: f64) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
-        let offset = life.mul_f64(0.5 + 0.1 * jitter.clamp(-1.0, 1.0));
-        self.not_before + offset
+        let start = self.received.max(self.not_before);
+        let life = self.not_after.duration_since(start).unwrap_or_default();
+        start + life.mul_f64(0.5 + 0.1 * jitter.clamp(-1.0, 1.0))
     }
 }
 

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod metrics;
 pub mod policy;
 pub mod sandbox;
+pub mod sds;
 pub mod socket;
 pub mod sync;
 
