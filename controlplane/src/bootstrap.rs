@@ -13,6 +13,23 @@ pub struct BootstrapOptions {
     pub admin_port: u16,
     /// Delta xDS instead of State-of-the-World.
     pub delta: bool,
+    /// The node agent's SDS socket: adds the `sds-grpc` cluster that workload certificates
+    /// (`default`, `ROOTCA`) come through.
+    pub sds_socket: Option<String>,
+}
+
+/// The cluster name of the node agent's SDS server in the bootstrap (Istio's name).
+pub const SDS_CLUSTER: &str = "sds-grpc";
+
+/// The `sds-grpc` cluster: HTTP/2 to the agent's SDS Unix socket at `path`.
+pub fn sds_cluster(path: &str) -> Value {
+    json!({
+        "name": SDS_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": SDS_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}]},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}},
+    })
 }
 
 /// The cluster name of the xDS server in the bootstrap (Istio's name).
@@ -28,7 +45,7 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, String> {
     let cluster_type = if host.parse::<std::net::IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
     let pod_ns = o.proxy.split('~').nth(2).unwrap_or_default();
     let api = if o.delta { "DELTA_GRPC" } else { "GRPC" };
-    let b = json!({
+    let mut b = json!({
         "node": {"id": o.proxy, "cluster": pod_ns, "metadata": {"GENERATOR": "sluice"}},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}}},
         "dynamic_resources": {
@@ -49,6 +66,9 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, String> {
                 "explicit_http_config": {"http2_protocol_options": {}}}},
         }]},
     });
+    if let (Some(path), Some(clusters)) = (&o.sds_socket, b["static_resources"]["clusters"].as_array_mut()) {
+        clusters.push(sds_cluster(path));
+    }
     sluice_xds::codec::canonical("type.googleapis.com/envoy.config.bootstrap.v3.Bootstrap", "bootstrap", &b)
         .map_err(|e| e.to_string())?;
     Ok(b)
@@ -65,10 +85,20 @@ mod tests {
             xds_addr: "127.0.0.1:15010".into(),
             admin_port: 15000,
             delta: true,
+            sds_socket: None,
         };
         let b = bootstrap(&o).unwrap();
         assert_eq!(b["node"]["id"], o.proxy);
         assert_eq!(b["dynamic_resources"]["ads_config"]["api_type"], "DELTA_GRPC");
+        assert_eq!(b["static_resources"]["clusters"].as_array().unwrap().len(), 1, "no SDS unless asked");
+        let sds =
+            bootstrap(&BootstrapOptions { sds_socket: Some("/run/sluice/sds.sock".into()), ..o.clone() }).unwrap();
+        let cluster = &sds["static_resources"]["clusters"][1];
+        assert_eq!(cluster["name"], SDS_CLUSTER);
+        assert_eq!(
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"],
+            "/run/sluice/sds.sock"
+        );
         assert!(bootstrap(&BootstrapOptions { proxy: "nope".into(), ..o.clone() }).is_err());
         assert!(bootstrap(&BootstrapOptions { xds_addr: "nohostport".into(), ..o }).is_err());
     }

@@ -124,6 +124,9 @@ enum Command {
         /// Use Delta xDS (DELTA_GRPC) instead of State-of-the-World.
         #[arg(long)]
         delta: bool,
+        /// The node agent's SDS socket (`sluice agent --sds-socket`): adds the sds-grpc cluster.
+        #[arg(long)]
+        sds_socket: Option<String>,
     },
     /// The node agent (root): loads sluice's eBPF programs and keeps their maps in sync with the
     /// control plane. `sluice agent dump` prints the maps; `sluice agent detach` removes it all.
@@ -181,6 +184,28 @@ struct AgentArgs {
     /// its egress listeners on this IP).
     #[arg(long)]
     node_proxy: Option<std::net::IpAddr>,
+    /// Serve workload certificates over SDS on this Unix socket (keys are made here and signed
+    /// by the CA at --ca-addr, as this node's agent).
+    #[arg(long, requires_all = ["ca_addr", "ca_root", "node_token_file"])]
+    sds_socket: Option<PathBuf>,
+    /// The CA (the control plane's TLS port), host:port or https://host:port.
+    #[arg(long)]
+    ca_addr: Option<String>,
+    /// The PEM root the CA's certificate chains to (the control plane's <state dir>/root-cert.pem).
+    #[arg(long)]
+    ca_root: Option<PathBuf>,
+    /// The name in the CA's serving certificate.
+    #[arg(long, default_value = "istiod.istio-system.svc")]
+    ca_name: String,
+    /// The file holding this node's token (a line of the control plane's --node-tokens).
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = sluice_identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Workload certificate lifetime to ask for, in seconds (default: the CA's, 24 h).
+    #[arg(long)]
+    workload_cert_ttl_s: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -312,8 +337,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(sluice_controlplane::serve::serve(options, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bootstrap { proxy, xds_addr, admin_port, delta } => {
-            let options = sluice_controlplane::bootstrap::BootstrapOptions { proxy, xds_addr, admin_port, delta };
+        Command::Bootstrap { proxy, xds_addr, admin_port, delta, sds_socket } => {
+            let options =
+                sluice_controlplane::bootstrap::BootstrapOptions { proxy, xds_addr, admin_port, delta, sds_socket };
             let b = sluice_controlplane::bootstrap::bootstrap(&options).map_err(anyhow::Error::msg)?;
             println!("{}", serde_json::to_string_pretty(&b)?);
             Ok(ExitCode::SUCCESS)
@@ -391,6 +417,17 @@ fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 metrics_addr: args.metrics_addr,
                 socket: args.socket,
                 node_proxy: args.node_proxy,
+                sds: args.sds_socket.map(|socket| sluice_dataplane::agent::SdsConfig {
+                    socket,
+                    ca_addr: args
+                        .ca_addr
+                        .map_or_else(String::new, |a| if a.contains("://") { a } else { format!("https://{a}") }),
+                    ca_root: args.ca_root.unwrap_or_default(),
+                    ca_name: args.ca_name,
+                    token_file: args.node_token_file.unwrap_or_default(),
+                    trust_domain: args.trust_domain,
+                    ttl: args.workload_cert_ttl_s.map(std::time::Duration::from_secs),
+                }),
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(sluice_dataplane::agent::run(config))?;

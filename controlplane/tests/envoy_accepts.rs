@@ -54,6 +54,7 @@ fn static_bootstrap(r: &sluice_translator::envoy::ProxyResources) -> Value {
         xds_addr: "127.0.0.1:1".into(),
         admin_port: 1,
         delta: false,
+        sds_socket: None,
     })
     .expect("bootstrap")["layered_runtime"]
         .clone();

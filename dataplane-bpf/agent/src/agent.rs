@@ -45,6 +45,51 @@ pub struct AgentConfig {
     /// The node proxy's address: node-mode workloads' connects to services with L7 routing go
     /// there (same port). None: no node proxy, node-mode workloads get kernel balancing only.
     pub node_proxy: Option<std::net::IpAddr>,
+    /// Workload certificates over SDS. None: no SDS.
+    pub sds: Option<SdsConfig>,
+}
+
+/// How the agent gets and serves workload certificates.
+#[derive(Debug, Clone)]
+pub struct SdsConfig {
+    /// The SDS Unix socket (`sluice bootstrap --sds-socket` points Envoy at it).
+    pub socket: PathBuf,
+    /// The CA: `https://host:port` (the control plane's TLS port).
+    pub ca_addr: String,
+    /// The PEM root that the CA's serving certificate chains to.
+    pub ca_root: PathBuf,
+    /// The name the CA's serving certificate carries.
+    pub ca_name: String,
+    /// The file holding this node's token.
+    pub token_file: PathBuf,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// Workload certificate lifetime to ask for (None: the CA's default).
+    pub ttl: Option<Duration>,
+}
+
+/// Who is behind a pid, for SDS: the workload registered at the process's cgroup (or at a
+/// cgroup above it, for a workload that nests its own).
+pub struct AgentResolver {
+    state: Arc<Mutex<AgentState>>,
+    mount: PathBuf,
+    trust_domain: String,
+}
+
+impl crate::sds::Resolver for AgentResolver {
+    fn identity_of(&self, pid: i32) -> std::result::Result<sluice_identity::SpiffeId, String> {
+        let cgroup = crate::sds::cgroup_of(pid).map_err(|e| format!("its cgroup cannot be read: {e}"))?;
+        let mut path = crate::sds::under_mount(&self.mount, &cgroup);
+        while path.starts_with(&self.mount) && path != self.mount {
+            if let Ok(id) = cgroup::cgroup_id(&path)
+                && let Some((namespace, sa)) = self.state.lock().expect("agent state").workload_of_cgroup(id)
+            {
+                return Ok(sluice_identity::SpiffeId::new(&self.trust_domain, &namespace, &sa));
+            }
+            path.pop();
+        }
+        Err(format!("cgroup {} is no registered workload's (start it with sluice run)", cgroup.display()))
+    }
 }
 
 struct Registered {
@@ -256,6 +301,14 @@ impl AgentState {
         Ok(())
     }
 
+    /// The namespace and service account of the workload registered at cgroup `id`.
+    pub fn workload_of_cgroup(&self, id: u64) -> Option<(String, String)> {
+        let registered = self.registered.get(&id)?;
+        let (namespace, _) = registered.workload.split_once('/')?;
+        let held = self.workloads.get(registered.workload.as_str())?;
+        Some((namespace.to_string(), held.service_account.to_string()))
+    }
+
     /// Creates a cgroup for `workload` (`<name>.<namespace>`) known to the served config.
     pub fn register(&mut self, workload: &str) -> Result<PathBuf> {
         let (namespace, name) = parse_workload(workload)?;
@@ -331,6 +384,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     };
     metrics.set_ready(state.lock().expect("agent state").attachment());
     tokio::spawn(serve_socket(socket, state.clone()));
+    if let Some(sds) = &config.sds {
+        start_sds(sds, state.clone())?;
+    }
     let keeper = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(GRACE);
@@ -364,6 +420,36 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("agent stopped; programs stay attached and pinned");
+    Ok(())
+}
+
+/// Starts SDS on `config.socket`, with certificates from the CA at `config.ca_addr`.
+fn start_sds(config: &SdsConfig, state: Arc<Mutex<AgentState>>) -> Result<()> {
+    let read = |path: &Path| std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())));
+    let token = read(&config.token_file)?.trim().to_string();
+    let root = read(&config.ca_root)?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(root))
+        .domain_name(config.ca_name.clone());
+    let channel = tonic::transport::Endpoint::from_shared(config.ca_addr.clone())
+        .and_then(|e| e.tls_config(tls))
+        .map_err(|e| crate::DataplaneError::Invalid(format!("CA address {}: {e}", config.ca_addr)))?
+        // Connected when first needed: a CA that is down delays certificates, not the agent.
+        .connect_lazy();
+    let client = sluice_identity::workload::CertificateClient::new(channel, &token);
+    let certificates = crate::sds::Certificates::new(client, config.ttl);
+    let mount = cgroup::cgroup2_mount()?;
+    let resolver = Arc::new(AgentResolver { state, mount, trust_domain: config.trust_domain.clone() });
+    let sds = crate::sds::Sds::new(resolver, certificates);
+    let socket = config.socket.clone();
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    tokio::spawn(async move {
+        if let Err(e) = sds.serve(&socket, std::future::pending()).await {
+            tracing::error!(socket = %socket.display(), error = %e, "SDS stopped");
+        }
+    });
     Ok(())
 }
 

@@ -62,6 +62,8 @@ pub struct HeldWorkload {
     pub authorization: Option<Box<KernelAuthorization>>,
     /// It runs on this node: `sluice run` may start it here.
     pub local: bool,
+    /// Its service account: with its namespace, the identity its certificate carries.
+    pub service_account: SmolStr,
 }
 
 /// The held form of a resource type's messages.
@@ -84,7 +86,8 @@ impl Hold for KernelWorkload {
     fn hold(&self, version: Version) -> Result<HeldWorkload, String> {
         let value = workload_value(self);
         let authorization = self.authorization.clone().filter(|_| value.policy != 0).map(Box::new);
-        Ok(HeldWorkload { version, value, authorization, local: self.local })
+        let service_account = SmolStr::new(&self.service_account);
+        Ok(HeldWorkload { version, value, authorization, local: self.local, service_account })
     }
 }
 

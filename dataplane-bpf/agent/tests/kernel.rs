@@ -356,6 +356,7 @@ fn a_failed_start_leaves_nothing_to_adopt_and_ready_names_the_cgroup() {
         metrics_addr: taken.local_addr().unwrap(),
         socket: socket.clone(),
         node_proxy: None,
+        sds: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let err = runtime.block_on(sluice_dataplane::agent::run(config.clone())).unwrap_err().to_string();
