@@ -54,12 +54,17 @@ pub fn under_mount(mount: &Path, cgroup: &Path) -> PathBuf {
     mount.join(cgroup.strip_prefix("/").unwrap_or(cgroup))
 }
 
+/// A certificate as it is renewed: None until the first one arrives.
+type Watched = watch::Sender<Option<Arc<IssuedCertificate>>>;
+
 /// The workloads' certificates, issued on first use and renewed at about half their life for as
 /// long as some stream watches them.
 pub struct Certificates {
     client: CertificateClient,
     ttl: Option<Duration>,
-    watched: Mutex<HashMap<SpiffeId, watch::Receiver<Option<Arc<IssuedCertificate>>>>>,
+    /// The identities some stream watches; only the streams hold receivers, so a renewal task
+    /// sees when the last one is gone.
+    watched: Mutex<HashMap<SpiffeId, Arc<Watched>>>,
 }
 
 /// A number in -1..=1 from the system's randomness (renewal jitter).
@@ -78,17 +83,23 @@ impl Certificates {
     /// The certificate of `identity` as it is renewed: None until the first one arrives.
     pub fn watch(self: &Arc<Self>, identity: &SpiffeId) -> watch::Receiver<Option<Arc<IssuedCertificate>>> {
         let mut watched = self.watched.lock().expect("certificates lock");
-        if let Some(rx) = watched.get(identity).filter(|rx| rx.has_changed().is_ok()) {
-            return rx.clone();
+        if let Some(tx) = watched.get(identity) {
+            return tx.subscribe();
         }
         let (tx, rx) = watch::channel(None);
-        watched.insert(identity.clone(), rx.clone());
+        let tx = Arc::new(tx);
+        watched.insert(identity.clone(), tx.clone());
         tokio::spawn(self.clone().renew(identity.clone(), tx));
         rx
     }
 
+    /// Identities whose certificates are kept renewed now.
+    pub fn watched(&self) -> usize {
+        self.watched.lock().expect("certificates lock").len()
+    }
+
     /// Issues and renews `identity`'s certificate until nobody watches it.
-    async fn renew(self: Arc<Self>, identity: SpiffeId, tx: watch::Sender<Option<Arc<IssuedCertificate>>>) {
+    async fn renew(self: Arc<Self>, identity: SpiffeId, tx: Arc<Watched>) {
         let mut attempt = 0;
         loop {
             let wait = match self.client.issue(&identity, self.ttl).await {
@@ -108,11 +119,17 @@ impl Certificates {
                 }
             };
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = tx.closed() => break,
+                _ = tokio::time::sleep(wait) => continue,
+                _ = tx.closed() => {}
+            }
+            // Under the lock: a stream that subscribed since keeps the renewal going.
+            let mut watched = self.watched.lock().expect("certificates lock");
+            if tx.receiver_count() == 0 {
+                watched.remove(&identity);
+                tracing::info!(identity = %identity, "no stream watches the certificate: renewal stops");
+                return;
             }
         }
-        self.watched.lock().expect("certificates lock").remove(&identity);
     }
 }
 

@@ -171,9 +171,17 @@ async fn a_process_gets_its_own_workloads_certificate_and_its_renewals_and_a_str
     let Some(secret::Type::ValidationContext(validation)) = secret.r#type else { panic!("a validation context") };
     let ca_root = std::fs::read_to_string(dir.path().join("ca/ca-cert.pem")).unwrap();
     assert_eq!(inline(&validation.trusted_ca), ca_root);
-    drop((tx, tx2));
+    assert_eq!(certificates.watched(), 1, "one identity, renewed while its streams are open");
+    drop((tx, tx2, stream, roots, client));
     let _ = stop.send(());
     serving.await.unwrap().unwrap();
+    for _ in 0..500 {
+        if certificates.watched() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(certificates.watched(), 0, "no stream left: the renewal stopped");
 
     // A process that is no workload's gets nothing.
     let socket = dir.path().join("sds-nobody.sock");
