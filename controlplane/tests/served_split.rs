@@ -82,30 +82,7 @@ fn version_of(address: &str) -> String {
     format!("v{}", last % 10)
 }
 
-/// A route: (subset, weight or none), weights valid as Istio checks them.
-type Route = Vec<(usize, Option<u32>)>;
-
-fn route() -> impl Strategy<Value = Route> {
-    (1usize..=3).prop_flat_map(|n| {
-        let subsets = proptest::sample::subsequence(vec![0usize, 1, 2, 3], n).prop_shuffle();
-        let cuts = proptest::collection::vec(0u32..=100, n - 1);
-        let missing = proptest::collection::vec(any::<bool>(), n);
-        (subsets, cuts, missing).prop_map(move |(subsets, mut cuts, missing)| {
-            if n == 1 {
-                return vec![(subsets[0], if missing[0] { None } else { Some(100) })];
-            }
-            cuts.sort();
-            let mut weights = Vec::new();
-            let mut last = 0;
-            for c in cuts.iter().chain(std::iter::once(&100)) {
-                weights.push(c - last);
-                last = *c;
-            }
-            let zipped = subsets.into_iter().zip(weights).zip(missing);
-            zipped.map(|((s, w), m)| (s, if m && w == 0 { None } else { Some(w) })).collect()
-        })
-    })
-}
+use sluice_testkit::weights::{Route, route};
 
 /// One change.
 #[derive(Debug, Clone)]
@@ -129,7 +106,7 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0usize..2, route(), proptest::option::of(0usize..4), route(), proptest::option::weighted(0.25, 0usize..4), any::<bool>())
+        3 => (0usize..2, route(3), proptest::option::of(0usize..4), route(3), proptest::option::weighted(0.25, 0usize..4), any::<bool>())
             .prop_map(|(which, http, header_first, tcp, source_first, own_only)| Step::Route { which, http, header_first, tcp, source_first, own_only }),
         1 => (0usize..2).prop_map(Step::Unroute),
         2 => (0u8..16).prop_map(Step::Endpoints),

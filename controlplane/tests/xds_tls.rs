@@ -84,6 +84,23 @@ async fn clusters(addr: &str, ca: &str, identity: Option<&(String, String)>) -> 
     result
 }
 
+/// `sluice serve` on Bookinfo with the TLS port `tls` and the CA `ca`.
+fn serve_options(tls: XdsTls, ca: CaOptions, monitoring: &str, state_dir: Option<std::path::PathBuf>) -> ServeOptions {
+    ServeOptions {
+        config: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookinfo")],
+        kube: None,
+        xds_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        xds_tls: Some(tls),
+        ca,
+        monitoring_addr: monitoring.parse().unwrap(),
+        state_dir,
+        debounce: Duration::from_millis(20),
+        max_debounce: Duration::from_secs(1),
+        delta_chunk_bytes: sluice_xds::server::DELTA_CHUNK_BYTES,
+        identifier: "sluice-test".into(),
+    }
+}
+
 #[test]
 fn mutual_tls_admits_only_clients_of_the_configured_ca() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,23 +115,12 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
     };
     let tls_addr = format!("127.0.0.1:{}", free_port());
     let monitoring = format!("127.0.0.1:{}", free_port());
-    let options = ServeOptions {
-        config: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookinfo")],
-        kube: None,
-        xds_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        xds_tls: Some(XdsTls {
-            addr: tls_addr.parse().unwrap(),
-            identity: Some((write("server.pem", &server_cert), write("server-key.pem", &server_key))),
-            client_ca: Some(write("ca.pem", &mesh_ca.pem)),
-        }),
-        ca: CaOptions::default(),
-        monitoring_addr: monitoring.parse().unwrap(),
-        state_dir: None,
-        debounce: Duration::from_millis(20),
-        max_debounce: Duration::from_secs(1),
-        delta_chunk_bytes: sluice_xds::server::DELTA_CHUNK_BYTES,
-        identifier: "sluice-test".into(),
+    let tls = XdsTls {
+        addr: tls_addr.parse().unwrap(),
+        identity: Some((write("server.pem", &server_cert), write("server-key.pem", &server_key))),
+        client_ca: Some(write("ca.pem", &mesh_ca.pem)),
     };
+    let options = serve_options(tls, CaOptions::default(), &monitoring, None);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = runtime.spawn(serve(options, async move {
@@ -170,19 +176,9 @@ fn by_default_the_ca_issues_the_ports_certificate_and_signs_for_node_agents_and_
     std::fs::write(&tokens, format!("node-1 {token}\n")).unwrap();
     let tls_addr = format!("127.0.0.1:{}", free_port());
     let monitoring = format!("127.0.0.1:{}", free_port());
-    let options = ServeOptions {
-        config: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookinfo")],
-        kube: None,
-        xds_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        xds_tls: Some(XdsTls { addr: tls_addr.parse().unwrap(), identity: None, client_ca: None }),
-        ca: CaOptions { node_tokens: Some(tokens), ..CaOptions::default() },
-        monitoring_addr: monitoring.parse().unwrap(),
-        state_dir: Some(state.path().join("state")),
-        debounce: Duration::from_millis(20),
-        max_debounce: Duration::from_secs(1),
-        delta_chunk_bytes: sluice_xds::server::DELTA_CHUNK_BYTES,
-        identifier: "sluice-test".into(),
-    };
+    let tls = XdsTls { addr: tls_addr.parse().unwrap(), identity: None, client_ca: None };
+    let ca = CaOptions { node_tokens: Some(tokens), ..CaOptions::default() };
+    let options = serve_options(tls, ca, &monitoring, Some(state.path().join("state")));
     let start = |options: ServeOptions| {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

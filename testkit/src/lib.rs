@@ -1,5 +1,8 @@
 //! Test support shared by sluice's crates: child processes killed on drop, free ports, a tiny
-//! HTTP/1.1 backend and client, and polling. Everything started here stops on drop.
+//! HTTP/1.1 backend and client, polling, and generated routes for property tests
+//! ([`weights`]). Everything started here stops on drop.
+
+pub mod weights;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

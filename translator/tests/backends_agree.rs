@@ -214,34 +214,6 @@ mod differential {
         y
     }
 
-    /// Weights that validate: one destination with or without 100; several summing to 100,
-    /// where a missing weight counts as 0 (at least one present).
-    fn route() -> impl Strategy<Value = Vec<(usize, Option<u32>)>> {
-        (1usize..=4).prop_flat_map(|n| {
-            let subsets = proptest::sample::subsequence(vec![0usize, 1, 2, 3], n).prop_shuffle();
-            let cuts = proptest::collection::vec(0u32..=100, n - 1);
-            let missing = proptest::collection::vec(any::<bool>(), n);
-            (subsets, cuts, missing).prop_map(move |(subsets, mut cuts, missing)| {
-                if n == 1 {
-                    return vec![(subsets[0], if missing[0] { None } else { Some(100) })];
-                }
-                cuts.sort();
-                let mut weights = Vec::new();
-                let mut last = 0;
-                for c in cuts.iter().chain(std::iter::once(&100)) {
-                    weights.push(c - last);
-                    last = *c;
-                }
-                subsets
-                    .into_iter()
-                    .zip(weights)
-                    .zip(missing)
-                    .map(|((s, w), m)| (s, if m && w == 0 { None } else { Some(w) }))
-                    .collect()
-            })
-        })
-    }
-
     /// Each subset's share (0..=1) of what the sidecar sends to `port`.
     fn envoy_shares(snapshot: &Snapshot, port: u32, tcp: bool) -> BTreeMap<String, f64> {
         let r = translate_sidecar(snapshot, "sidecar~127.0.62.9~client.ns~ns.svc.cluster.local").expect("translate");
@@ -291,7 +263,7 @@ mod differential {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
         #[test]
-        fn envoy_and_the_kernel_split_alike(route in route(), tcp in any::<bool>()) {
+        fn envoy_and_the_kernel_split_alike(route in sluice_testkit::weights::route(4), tcp in any::<bool>()) {
             let port = if tcp { 90 } else { 80 };
             let kind = if tcp { "tcp" } else { "http" };
             let destinations: Vec<String> = route

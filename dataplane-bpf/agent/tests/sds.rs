@@ -94,6 +94,23 @@ async fn wait_for(socket: &std::path::Path) {
     panic!("{} never appeared", socket.display());
 }
 
+/// Serves `sds` on `socket` until the returned sender is used; returns once the socket is there.
+async fn serve(
+    sds: Sds,
+    socket: &std::path::Path,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let path = socket.to_path_buf();
+    let serving = tokio::spawn(async move {
+        sds.serve(&path, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    wait_for(socket).await;
+    (stop, serving)
+}
+
 fn request(name: &str) -> DiscoveryRequest {
     DiscoveryRequest {
         node: Some(Node {
@@ -120,18 +137,7 @@ async fn a_process_gets_its_own_workloads_certificate_and_its_renewals_and_a_str
     // Four seconds: renewed after about two.
     let certificates = Certificates::new(CertificateClient::new(channel, "node-1-token"), Some(Duration::from_secs(4)));
     let socket = dir.path().join("sds.sock");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let sds = Sds::new(Arc::new(ThisProcess), certificates.clone());
-    let serving = tokio::spawn({
-        let socket = socket.clone();
-        async move {
-            sds.serve(&socket, async {
-                let _ = stopped.await;
-            })
-            .await
-        }
-    });
-    wait_for(&socket).await;
+    let (stop, serving) = serve(Sds::new(Arc::new(ThisProcess), certificates.clone()), &socket).await;
 
     // `default`: the key and the chain without the root, for productpage.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -185,18 +191,7 @@ async fn a_process_gets_its_own_workloads_certificate_and_its_renewals_and_a_str
 
     // A process that is no workload's gets nothing.
     let socket = dir.path().join("sds-nobody.sock");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let sds = Sds::new(Arc::new(Nobody), certificates);
-    let serving = tokio::spawn({
-        let socket = socket.clone();
-        async move {
-            sds.serve(&socket, async {
-                let _ = stopped.await;
-            })
-            .await
-        }
-    });
-    wait_for(&socket).await;
+    let (stop, serving) = serve(Sds::new(Arc::new(Nobody), certificates), &socket).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(request(WORKLOAD_SECRET)).await.unwrap();
     let refused =
