@@ -10,23 +10,7 @@ use smol_str::SmolStr;
 
 use crate::resource::Encoded;
 
-/// Listener type URL.
-pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-/// Route configuration type URL.
-pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-/// Cluster type URL.
-pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-/// Cluster load assignment type URL.
-pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-
-/// The order in which changed types are pushed: clusters before their endpoints, listeners
-/// before their routes (Envoy's warming order).
-pub const PUSH_ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
-
-/// True for types a client subscribes to as a whole (an empty SotW request means "all").
-pub fn is_wildcard_type(type_url: &str) -> bool {
-    type_url == LISTENER || type_url == CLUSTER
-}
+pub use crate::type_url::{CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, is_wildcard_type};
 
 /// Resources of one type by name, with their content hash (names and versions). Immutable once
 /// built, so snapshots share them: every proxy of a class holds the same set. A persistent map:

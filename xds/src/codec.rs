@@ -151,7 +151,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    use crate::cache::CLUSTER;
+    use crate::type_url::CLUSTER;
 
     #[test]
     fn known_fields_round_trip() {

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use crate::codec::{CodecError, canonical};
 
 /// The resource types, as the cache names them.
-pub use crate::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+pub use crate::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// Named resources of one type: `(name, protobuf JSON)`.
 pub type Named<'a> = &'a [(String, Value)];

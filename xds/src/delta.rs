@@ -1,6 +1,6 @@
 //! Delta (incremental) xDS streams: per-resource versions, subscribe/unsubscribe, removals. The
 //! stream loop is [`crate::stream`]'s; this module holds what a Delta request means, what its
-//! responses hold, and their encoding (see [`crate::delta_transport`] for why it is sluice's own).
+//! responses hold, and their encoding (the transport module says why it is sluice's own).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -10,9 +10,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
-use crate::cache::{Difference, ResourceSet, is_wildcard_type};
+use crate::cache::{Difference, ResourceSet};
 use crate::resource::Encoded;
 use crate::stream::{Core, Gone, Protocol};
+use crate::type_url::is_wildcard_type;
 
 #[derive(Default)]
 struct TypeState {

@@ -3,6 +3,7 @@
 //!
 //! - [`codec`]: protobuf JSON ↔ protobuf, checked against Envoy's descriptors.
 //! - [`resource`]: resources encoded once and shared.
+//! - [`type_url`]: the resource types, their push order and subscription.
 //! - [`cache`]: per-proxy snapshots with per-type versions.
 //! - [`server`]: ADS (State-of-the-World and Delta) and the per-type services, ACK/NACK
 //!   bookkeeping ([`status`]), push on refresh.
@@ -19,4 +20,5 @@ mod sotw;
 pub mod status;
 mod stream;
 pub mod throttle;
+pub mod type_url;
 mod typed;

@@ -118,7 +118,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    use crate::cache::CLUSTER;
+    use crate::type_url::CLUSTER;
 
     #[test]
     fn same_content_is_encoded_once() {

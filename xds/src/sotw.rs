@@ -8,8 +8,8 @@ use std::time::Instant;
 use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use crate::cache::is_wildcard_type;
 use crate::stream::{Core, Gone, Protocol};
+use crate::type_url::is_wildcard_type;
 
 #[derive(Default)]
 struct TypeState {

@@ -1,6 +1,6 @@
 //! The core every xDS stream runs on, whatever its protocol: registration, the select loop
 //! (requests, new snapshots, push-slot deadlines, shutdown), nonces, ACK/NACK bookkeeping and
-//! sync reports. State-of-the-World ([`crate::sotw`]) and Delta ([`crate::delta`]) keep only
+//! sync reports. State-of-the-World (`sotw`) and Delta (`delta`) keep only
 //! what differs: how a request changes a type's subscription and what a response holds.
 
 use std::sync::{Arc, Mutex};
@@ -10,10 +10,11 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use crate::cache::{PUSH_ORDER, Snapshot};
+use crate::cache::Snapshot;
 use crate::shared::{NodeInfo, Shared};
 use crate::status::{Nack, ProxyStatus};
 use crate::throttle::InFlight;
+use crate::type_url::PUSH_ORDER;
 
 /// Responses are queued per stream; a proxy that stops reading blocks only its own stream. One:
 /// a response is built when the transport has taken the one before, so a stream holds a couple

@@ -21,11 +21,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use crate::delta_transport::DeltaService;
 use crate::shared::Shared;
 use crate::sotw::Sotw;
 use crate::stream::STREAM_BUFFER;
+use crate::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// One single-type service.
 pub struct Typed {
