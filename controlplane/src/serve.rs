@@ -15,10 +15,9 @@ use sluice_identity::service::CertificateService;
 use sluice_translator::diagnostic::{Diagnostic, Severity};
 use sluice_translator::snapshot::SnapshotDelta;
 use sluice_xds::server::XdsServer;
-
-use crate::certificates::{CaOptions, MeshAuthenticator, NodeTokens, open_ca};
 use tokio::sync::{mpsc, watch};
 
+use crate::certificates::{CaOptions, MeshAuthenticator, NodeTokens, open_ca};
 use crate::generator::{Current, MeshGenerator};
 use crate::kube_source::KubeCache;
 use crate::metrics::Metrics;

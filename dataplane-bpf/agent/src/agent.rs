@@ -371,6 +371,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         .await
         .map_err(io(format!("binding {}", config.metrics_addr)))?;
     let socket = bind_socket(&config.socket)?;
+    let sds = match config.sds.as_ref().map(prepare_sds).transpose() {
+        Ok(sds) => sds,
+        Err(e) => {
+            let _ = std::fs::remove_file(&config.socket);
+            return Err(e);
+        }
+    };
     let served = metrics.clone();
     tokio::spawn(async move {
         let _ = axum::serve(metrics_listener, crate::metrics::router(served)).await;
@@ -379,13 +386,16 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Ok(state) => Arc::new(Mutex::new(state)),
         Err(e) => {
             let _ = std::fs::remove_file(&config.socket);
+            if let Some(sds) = &config.sds {
+                let _ = std::fs::remove_file(&sds.socket);
+            }
             return Err(e);
         }
     };
     metrics.set_ready(state.lock().expect("agent state").attachment());
     tokio::spawn(serve_socket(socket, state.clone()));
-    if let Some(sds) = &config.sds {
-        start_sds(sds, state.clone())?;
+    if let Some(sds) = sds {
+        spawn_sds(sds, state.clone());
     }
     let keeper = state.clone();
     tokio::spawn(async move {
@@ -419,12 +429,24 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         _ = term.recv() => {}
     }
     let _ = std::fs::remove_file(&config.socket);
+    if let Some(sds) = &config.sds {
+        let _ = std::fs::remove_file(&sds.socket);
+    }
     tracing::info!("agent stopped; programs stay attached and pinned");
     Ok(())
 }
 
-/// Starts SDS on `config.socket`, with certificates from the CA at `config.ca_addr`.
-fn start_sds(config: &SdsConfig, state: Arc<Mutex<AgentState>>) -> Result<()> {
+/// SDS made ready before anything is pinned: its files read, its CA client made, its socket
+/// bound (so a start that fails on them leaves nothing behind).
+struct PreparedSds {
+    certificates: Arc<crate::sds::Certificates>,
+    mount: PathBuf,
+    listener: UnixListener,
+    trust_domain: String,
+}
+
+/// Prepares SDS on `config.socket`, with certificates from the CA at `config.ca_addr`.
+fn prepare_sds(config: &SdsConfig) -> Result<PreparedSds> {
     let read = |path: &Path| std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())));
     let token = read(&config.token_file)?.trim().to_string();
     let root = read(&config.ca_root)?;
@@ -437,20 +459,29 @@ fn start_sds(config: &SdsConfig, state: Arc<Mutex<AgentState>>) -> Result<()> {
         // Connected when first needed: a CA that is down delays certificates, not the agent.
         .connect_lazy();
     let client = sluice_identity::workload::CertificateClient::new(channel, &token);
-    let certificates = crate::sds::Certificates::new(client, config.ttl);
     let mount = cgroup::cgroup2_mount()?;
-    let resolver = Arc::new(AgentResolver { state, mount, trust_domain: config.trust_domain.clone() });
-    let sds = crate::sds::Sds::new(resolver, certificates);
-    let socket = config.socket.clone();
-    if let Some(dir) = socket.parent() {
+    if let Some(dir) = config.socket.parent() {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     }
+    let listener = crate::sds::Sds::bind(&config.socket).map_err(io(format!("binding {}", config.socket.display())))?;
+    Ok(PreparedSds {
+        certificates: crate::sds::Certificates::new(client, config.ttl),
+        mount,
+        listener,
+        trust_domain: config.trust_domain.clone(),
+    })
+}
+
+/// Serves SDS for the workloads registered in `state`.
+fn spawn_sds(prepared: PreparedSds, state: Arc<Mutex<AgentState>>) {
+    let PreparedSds { certificates, mount, listener, trust_domain } = prepared;
+    let resolver = Arc::new(AgentResolver { state, mount, trust_domain });
+    let sds = crate::sds::Sds::new(resolver, certificates);
     tokio::spawn(async move {
-        if let Err(e) = sds.serve(&socket, std::future::pending()).await {
-            tracing::error!(socket = %socket.display(), error = %e, "SDS stopped");
+        if let Err(e) = sds.serve_on(listener, std::future::pending()).await {
+            tracing::error!(error = %e, "SDS stopped");
         }
     });
-    Ok(())
 }
 
 fn bind_socket(path: &Path) -> Result<UnixListener> {

@@ -172,26 +172,39 @@ impl Sds {
         SecretDiscoveryServiceServer::new(self)
     }
 
-    /// Serves on the Unix socket `path` (replacing a stale one) until `shutdown`.
-    pub async fn serve(
-        self,
-        path: &Path,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    /// Binds the Unix socket `path` (replacing a stale one), open to every local user: Envoy
+    /// runs as another user than the agent (uid 1337 in Istio's pods), and who asks is decided
+    /// by the caller's cgroup, not by who may connect.
+    pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path)?;
-        // Envoy runs as another user than the agent (uid 1337 in Istio's pods).
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-        }
-        tracing::info!(socket = %path.display(), "serving SDS");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        Ok(listener)
+    }
+
+    /// Serves on `listener` until `shutdown`.
+    pub async fn serve_on(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        tracing::info!(socket = ?listener.local_addr().ok(), "serving SDS");
         tonic::transport::Server::builder()
             .add_service(self.service())
             .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
             .await
             .map_err(std::io::Error::other)
+    }
+
+    /// Binds `path` and serves on it until `shutdown`.
+    pub async fn serve(
+        self,
+        path: &Path,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let listener = Self::bind(path)?;
+        self.serve_on(listener, shutdown).await
     }
 }
 

@@ -362,6 +362,25 @@ fn a_failed_start_leaves_nothing_to_adopt_and_ready_names_the_cgroup() {
     let err = runtime.block_on(sluice_dataplane::agent::run(config.clone())).unwrap_err().to_string();
     assert!(err.contains("binding"), "{err}");
     assert!(!sandbox.pin_dir.exists(), "a failed start pins nothing");
+    // SDS whose token file is missing: refused before anything is pinned, no socket left.
+    let sds_socket = std::env::temp_dir().join(format!("sluice-start-sds-{}.sock", std::process::id()));
+    let with_sds = AgentConfig {
+        metrics_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        sds: Some(sluice_dataplane::agent::SdsConfig {
+            socket: sds_socket.clone(),
+            ca_addr: "https://127.0.0.1:1".into(),
+            ca_root: std::env::temp_dir().join("sluice-no-such-root.pem"),
+            ca_name: "localhost".into(),
+            token_file: std::env::temp_dir().join("sluice-no-such-token"),
+            trust_domain: "cluster.local".into(),
+            ttl: None,
+        }),
+        ..config.clone()
+    };
+    let err = runtime.block_on(sluice_dataplane::agent::run(with_sds)).unwrap_err().to_string();
+    assert!(err.contains("sluice-no-such-token"), "{err}");
+    assert!(!sandbox.pin_dir.exists(), "a failed SDS start pins nothing");
+    assert!(!socket.exists() && !sds_socket.exists(), "and leaves no socket");
 
     config.metrics_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let metrics = config.metrics_addr.to_string();
