@@ -69,7 +69,7 @@ pub fn one(services: usize, runs: usize) -> anyhow::Result<()> {
         let (mut snapshot, _) = Snapshot::build(objects);
         load.push(start.elapsed());
         let t = Instant::now();
-        let resources = translate_sidecar(&snapshot, CLIENT_NODE)?;
+        let resources = translate_sidecar(&snapshot, CLIENT_NODE, Default::default())?;
         sidecar.push(t.elapsed());
         clusters = resources.clusters.len();
         let t = Instant::now();

@@ -18,8 +18,7 @@ pub struct BootstrapOptions {
     pub sds_socket: Option<String>,
 }
 
-/// The cluster name of the node agent's SDS server in the bootstrap (Istio's name).
-pub const SDS_CLUSTER: &str = "sds-grpc";
+pub use sluice_translator::envoy::SDS_CLUSTER;
 
 /// The `sds-grpc` cluster: HTTP/2 to the agent's SDS Unix socket at `path`.
 pub fn sds_cluster(path: &str) -> Value {
@@ -68,6 +67,8 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, String> {
     });
     if let (Some(path), Some(clusters)) = (&o.sds_socket, b["static_resources"]["clusters"].as_array_mut()) {
         clusters.push(sds_cluster(path));
+        // Tells sluice that this proxy can hold its certificate: it then gets mesh mTLS.
+        b["node"]["metadata"][sluice_translator::envoy::SDS_METADATA] = json!("true");
     }
     sluice_xds::codec::canonical("type.googleapis.com/envoy.config.bootstrap.v3.Bootstrap", "bootstrap", &b)
         .map_err(|e| e.to_string())?;

@@ -37,8 +37,8 @@ use sluice_translator::dataplane::{
     AGENT_NODE_PREFIX, KernelService, KernelWorkload, SERVICE_TYPE, WORKLOAD_TYPE, translate_node,
 };
 use sluice_translator::envoy::{
-    ProxyClass, ProxyResources, ProxyTranslation, Resource, RouteTable, VIRTUAL_HOST_TYPE, VIRTUAL_HOSTS_FIELD,
-    route_shell,
+    Certificates, ProxyClass, ProxyResources, ProxyTranslation, Resource, RouteTable, VIRTUAL_HOST_TYPE,
+    VIRTUAL_HOSTS_FIELD, route_shell,
 };
 use sluice_translator::snapshot::{Snapshot, SnapshotDelta};
 use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SharedTypes};
@@ -298,11 +298,13 @@ impl MeshGenerator {
         &self,
         current: &Current,
         node_id: &str,
+        certificates: Certificates,
         inbound: bool,
     ) -> Result<(Arc<SharedTypes>, Vec<Arc<Encoded>>), GenerateError> {
         let node = || node_id.to_string();
         let mut translation = ProxyTranslation::new(&current.snapshot, node_id)
-            .map_err(|e| GenerateError::UnservableNode { node: node(), reason: e.to_string() })?;
+            .map_err(|e| GenerateError::UnservableNode { node: node(), reason: e.to_string() })?
+            .with_certificates(certificates);
         let build = |reason| GenerateError::Build { node: node(), reason };
         let outbound = self.outbound(current.version, &mut translation).map_err(build)?;
         let mut encoded = Vec::new();
@@ -315,7 +317,8 @@ impl MeshGenerator {
     /// Generates `node_id`'s config as a push would, for checking only: the first error.
     pub fn check(&self, node_id: &str, inbound: bool) -> Result<(), GenerateError> {
         let current = self.current.read().expect("generator lock").clone();
-        self.sidecar(&current, node_id, inbound).map(|_| ())
+        // With certificates the config has everything it has without, and the TLS sockets.
+        self.sidecar(&current, node_id, Certificates::Sds, inbound).map(|_| ())
     }
 
     /// The config being served.
@@ -354,7 +357,8 @@ impl Generator for MeshGenerator {
             });
             return Ok(patched.unwrap_or_else(|| agent_snapshot(&current, node_name, previous)));
         }
-        let (outbound, inbound) = self.sidecar(&current, &node.id, true)?;
+        let certificates = Certificates::from_metadata(&node.metadata);
+        let (outbound, inbound) = self.sidecar(&current, &node.id, certificates, true)?;
         // On a name clash the snapshot keeps the outbound listener, as `translate_sidecar` does.
         Ok(sluice_xds::cache::Snapshot::layered(current.version, &outbound, inbound, previous))
     }
@@ -441,7 +445,9 @@ mod tests {
         for id in ids {
             let got = generator.generate(&node(id), None).unwrap();
             let mut want = Vec::new();
-            generator.encode(translate_sidecar(&reference.snapshot, id).unwrap(), &mut want).unwrap();
+            generator
+                .encode(translate_sidecar(&reference.snapshot, id, Default::default()).unwrap(), &mut want)
+                .unwrap();
             let want = sluice_xds::cache::Snapshot::new(1, want, None);
             assert_eq!(contents(&got), contents(&want), "{id}");
         }

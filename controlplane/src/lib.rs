@@ -20,7 +20,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use sluice_translator::diagnostic::Diagnostic;
-use sluice_translator::envoy::{ProxyResources, Resource, translate_sidecar};
+use sluice_translator::envoy::{Certificates, ProxyResources, Resource, translate_sidecar};
 use sluice_translator::snapshot::{Change, Snapshot};
 
 /// A loaded config: the snapshot of every accepted object and every diagnostic on the way.
@@ -70,8 +70,12 @@ pub enum TranslateError {
 }
 
 /// The proxy's resources as an Envoy `/config_dump`, plus translation warnings.
-pub fn translate_config_dump(snapshot: &Snapshot, node_id: &str) -> Result<(Value, ProxyResources), TranslateError> {
-    let resources = translate_sidecar(snapshot, node_id)?;
+pub fn translate_config_dump(
+    snapshot: &Snapshot,
+    node_id: &str,
+    certificates: Certificates,
+) -> Result<(Value, ProxyResources), TranslateError> {
+    let resources = translate_sidecar(snapshot, node_id, certificates)?;
     let named = |list: &[Resource]| list.iter().map(|r| (r.name.clone(), r.body.clone())).collect::<Vec<_>>();
     let dump = sluice_xds::config_dump::config_dump(
         "1",
@@ -85,11 +89,15 @@ pub fn translate_config_dump(snapshot: &Snapshot, node_id: &str) -> Result<(Valu
 
 /// What `sluice translate` prints for a node id: a proxy's `/config_dump`, or for `agent~<node>`
 /// the node agent's kernel entries; plus the translation's warnings.
-pub fn translate_json(snapshot: &Snapshot, node_id: &str) -> Result<(Value, Vec<Diagnostic>), TranslateError> {
+pub fn translate_json(
+    snapshot: &Snapshot,
+    node_id: &str,
+    certificates: Certificates,
+) -> Result<(Value, Vec<Diagnostic>), TranslateError> {
     if let Some(node) = node_id.strip_prefix(sluice_translator::dataplane::AGENT_NODE_PREFIX) {
         let (entries, diagnostics) = sluice_translator::dataplane::translate_node(snapshot, node);
         return Ok((serde_json::to_value(entries).expect("serializable"), diagnostics));
     }
-    let (dump, resources) = translate_config_dump(snapshot, node_id)?;
+    let (dump, resources) = translate_config_dump(snapshot, node_id, certificates)?;
     Ok((dump, resources.diagnostics))
 }

@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_controlplane::{load_config, translate_json};
 use sluice_translator::diagnostic::Severity;
+use sluice_translator::envoy::Certificates;
+use sluice_translator::model::mesh_config::MeshConfig;
 
 /// sluice: an Istio-compatible service-mesh control plane.
 #[derive(Parser)]
@@ -29,6 +31,13 @@ enum Command {
         /// agent~<node> for a node agent's kernel entries (printed as JSON)
         #[arg(long)]
         proxy: String,
+        /// Translate for a proxy that holds its workload certificate (bootstrapped with
+        /// `--sds-socket`): mesh mTLS in its clusters and inbound chains.
+        #[arg(long)]
+        sds: bool,
+        /// Istio's MeshConfig YAML (trustDomain, trustDomainAliases, enableAutoMtls).
+        #[arg(long)]
+        mesh_config: Option<PathBuf>,
     },
     /// Serve xDS to Envoy proxies from config files (watched for changes) and/or a Kubernetes API
     /// server.
@@ -231,14 +240,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// The MeshConfig in `path`, or Istio's defaults.
+fn read_mesh_config(path: Option<&std::path::Path>) -> anyhow::Result<MeshConfig> {
+    let Some(path) = path else { return Ok(MeshConfig::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (mesh, ignored) = MeshConfig::from_yaml(&text).with_context(|| format!("{}", path.display()))?;
+    if !ignored.is_empty() {
+        tracing::info!(file = %path.display(), fields = ?ignored, "MeshConfig fields sluice does not read");
+    }
+    Ok(mesh)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Translate { config, proxy } => {
-            let loaded = load_config(&config);
+        Command::Translate { config, proxy, sds, mesh_config } => {
+            let mut loaded = load_config(&config);
             for d in &loaded.diagnostics {
                 eprintln!("{d}");
             }
-            let (dump, diagnostics) = translate_json(&loaded.snapshot, &proxy).context("translating")?;
+            loaded.snapshot.mesh = std::sync::Arc::new(read_mesh_config(mesh_config.as_deref())?);
+            let certificates = if sds { Certificates::Sds } else { Certificates::None };
+            let (dump, diagnostics) = translate_json(&loaded.snapshot, &proxy, certificates).context("translating")?;
             for d in &diagnostics {
                 eprintln!("{d}");
             }
@@ -279,18 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 default_cert_ttl_s <= max_cert_ttl_s,
                 "--default-cert-ttl-s {default_cert_ttl_s} is longer than --max-cert-ttl-s {max_cert_ttl_s}"
             );
-            let mesh = match &mesh_config {
-                Some(path) => {
-                    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                    let (mesh, ignored) = sluice_translator::model::mesh_config::MeshConfig::from_yaml(&text)
-                        .with_context(|| format!("{}", path.display()))?;
-                    if !ignored.is_empty() {
-                        tracing::info!(file = %path.display(), fields = ?ignored, "MeshConfig fields sluice does not read");
-                    }
-                    mesh
-                }
-                None => Default::default(),
-            };
+            let mesh = read_mesh_config(mesh_config.as_deref())?;
             let defaults = sluice_controlplane::certificates::CaOptions::default();
             let ca = sluice_controlplane::certificates::CaOptions {
                 ca_dir,
@@ -327,6 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 xds_addr,
                 xds_tls,
                 ca,
+                mesh,
                 monitoring_addr,
                 state_dir,
                 debounce: std::time::Duration::from_millis(debounce_ms),

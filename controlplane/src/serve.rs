@@ -86,6 +86,8 @@ pub struct ServeOptions {
     pub xds_tls: Option<XdsTls>,
     /// The CA that signs workload certificates on the TLS port.
     pub ca: CaOptions,
+    /// Istio's MeshConfig: trust domain and aliases, auto mTLS.
+    pub mesh: sluice_translator::model::mesh_config::MeshConfig,
     /// Monitoring HTTP address.
     pub monitoring_addr: SocketAddr,
     /// sled state directory.
@@ -260,7 +262,8 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (store, recovered) = ConfigStore::open_recovering(options.state_dir.as_deref())?;
+    let (mut store, recovered) = ConfigStore::open_recovering(options.state_dir.as_deref())?;
+    store.set_mesh(options.mesh.clone());
     if let Some(said) = recovered {
         tracing::warn!("{said}");
     }

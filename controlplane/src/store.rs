@@ -127,6 +127,11 @@ impl ConfigStore {
         Ok(store)
     }
 
+    /// Puts the mesh-wide settings in force for every snapshot from now on.
+    pub fn set_mesh(&mut self, mesh: sluice_translator::model::mesh_config::MeshConfig) {
+        self.snapshot.mesh = Arc::new(mesh);
+    }
+
     /// As [`ConfigStore::open`], but a state directory that cannot be read (corrupt, or of a
     /// layout this sluice cannot open) is moved aside to `<dir>.corrupt-<unix seconds>` and a
     /// fresh one started: sluice then serves from its sources. Returns what was done, to be said.

@@ -21,10 +21,10 @@ fn envoy() -> String {
 fn static_bootstrap(r: &sluice_translator::envoy::ProxyResources) -> Value {
     let endpoints: BTreeMap<_, _> = r.endpoints.iter().map(|e| (e.name.clone(), e.body.clone())).collect();
     let routes: BTreeMap<_, _> = r.routes.iter().map(|e| (e.name.clone(), e.body.clone())).collect();
-    let clusters: Vec<Value> = r
-        .clusters
-        .iter()
-        .map(|c| {
+    // The cluster `sluice bootstrap --sds-socket` adds, which mTLS sockets name.
+    let sds = sluice_controlplane::bootstrap::sds_cluster("/run/sluice/sds.sock");
+    let clusters: Vec<Value> = std::iter::once(sds)
+        .chain(r.clusters.iter().map(|c| {
             let mut c = c.body.clone();
             if c["type"] == "EDS" {
                 let name = c["name"].as_str().expect("name").to_string();
@@ -34,7 +34,7 @@ fn static_bootstrap(r: &sluice_translator::envoy::ProxyResources) -> Value {
                     endpoints.get(&name).cloned().unwrap_or_else(|| panic!("no EDS resource for {name}"));
             }
             c
-        })
+        }))
         .collect();
     let mut listeners: Vec<Value> = r.listeners.iter().map(|l| l.body.clone()).collect();
     for l in &mut listeners {
@@ -95,7 +95,7 @@ fn envoy_accepts_the_regexes_sluice_accepts() {
     .unwrap();
     let loaded = load_config(&[common::root().join("examples/bookinfo"), dir.path().join("vs.yaml")]);
     assert_eq!(loaded.snapshot.virtual_services.len(), 1, "{:?}", loaded.diagnostics);
-    let resources = translate_sidecar(&loaded.snapshot, common::PRODUCTPAGE).expect("translate");
+    let resources = translate_sidecar(&loaded.snapshot, common::PRODUCTPAGE, Default::default()).expect("translate");
     assert!(
         serde_json::to_string(&resources.routes.iter().map(|r| &r.body).collect::<Vec<_>>()).unwrap().contains("{200}")
     );
@@ -109,9 +109,11 @@ fn envoy_accepts_every_example() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut failures = Vec::new();
     // Kernel entries are not Envoy config.
-    for (name, paths, node) in common::cases().into_iter().filter(|(_, _, node)| *node != common::AGENT) {
+    for (name, paths, node, certificates) in
+        common::cases().into_iter().filter(|(_, _, node, _)| *node != common::AGENT)
+    {
         let loaded = load_config(&paths);
-        let resources = translate_sidecar(&loaded.snapshot, node).expect("translate");
+        let resources = translate_sidecar(&loaded.snapshot, node, certificates).expect("translate");
         assert!(!resources.listeners.is_empty() && !resources.clusters.is_empty(), "{name}: nothing translated");
         if let Some(text) = envoy_refuses(dir.path(), &name, &resources) {
             failures.push(format!("{name}: {text}"));
@@ -144,7 +146,7 @@ fn envoy_accepts_warmup_keepalive_and_path_templates() {
     let errors: Vec<_> =
         loaded.diagnostics.iter().filter(|d| d.severity == sluice_translator::diagnostic::Severity::Error).collect();
     assert!(errors.is_empty(), "{errors:?}");
-    let resources = translate_sidecar(&loaded.snapshot, common::PRODUCTPAGE).expect("translate");
+    let resources = translate_sidecar(&loaded.snapshot, common::PRODUCTPAGE, Default::default()).expect("translate");
     let all = serde_json::to_string(&(
         &resources.clusters.iter().map(|r| &r.body).collect::<Vec<_>>(),
         &resources.listeners.iter().map(|r| &r.body).collect::<Vec<_>>(),

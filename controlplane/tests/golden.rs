@@ -12,11 +12,11 @@ fn examples_match_golden_files() {
     let update = std::env::var_os("SLUICE_UPDATE_GOLDEN").is_some();
     let dir = common::root().join("controlplane/tests/golden");
     let mut mismatches = Vec::new();
-    for (name, paths, node) in common::cases() {
+    for (name, paths, node, certificates) in common::cases() {
         let loaded = load_config(&paths);
         let errors: Vec<_> = loaded.diagnostics.iter().filter(|d| d.severity == Severity::Error).collect();
         assert!(errors.is_empty(), "{name}: example config has errors: {errors:#?}");
-        let (dump, _) = translate_json(&loaded.snapshot, node).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (dump, _) = translate_json(&loaded.snapshot, node, certificates).unwrap_or_else(|e| panic!("{name}: {e}"));
         let text = serde_json::to_string_pretty(&dump).expect("json") + "\n";
         let file = dir.join(format!("{name}.json"));
         if update {

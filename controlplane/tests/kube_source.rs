@@ -40,6 +40,7 @@ impl Running {
             xds_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             xds_tls: None,
             ca: Default::default(),
+            mesh: Default::default(),
             monitoring_addr: monitoring.parse().unwrap(),
             state_dir: state_dir.map(Path::to_path_buf),
             debounce: Duration::from_millis(20),

@@ -93,7 +93,7 @@ proptest! {
         let errors: Vec<_> = diags.iter().filter(|d| d.severity == Severity::Error).map(ToString::to_string).collect();
         prop_assert!(errors.is_empty(), "{errors:?}\n{y}");
         let (snapshot, _) = Snapshot::build(objects);
-        let r = translate_sidecar(&snapshot, "sidecar~127.0.7.250~client.ns~ns.svc.cluster.local").expect("translate");
+        let r = translate_sidecar(&snapshot, "sidecar~127.0.7.250~client.ns~ns.svc.cluster.local", Default::default()).expect("translate");
         for (type_url, list) in [(LISTENER_TYPE, &r.listeners), (ROUTE_TYPE, &r.routes), (CLUSTER_TYPE, &r.clusters), (ENDPOINT_TYPE, &r.endpoints)] {
             for res in list {
                 if let Err(e) = sluice_xds::codec::encode(type_url, &res.name, &res.body) {
@@ -194,7 +194,8 @@ fn edges_mesh(n: &[String], d: &[String], regex: &str, hash: usize) -> String {
 fn unencodable(y: &str) -> Option<String> {
     let (objects, _) = parse_documents("edges.yaml", y);
     let (snapshot, _) = Snapshot::build(objects);
-    let r = translate_sidecar(&snapshot, "sidecar~127.0.7.250~client.ns~ns.svc.cluster.local").expect("translate");
+    let r = translate_sidecar(&snapshot, "sidecar~127.0.7.250~client.ns~ns.svc.cluster.local", Default::default())
+        .expect("translate");
     let lists = [
         (LISTENER_TYPE, &r.listeners),
         (ROUTE_TYPE, &r.routes),

@@ -92,6 +92,7 @@ fn serve_options(tls: XdsTls, ca: CaOptions, monitoring: &str, state_dir: Option
         xds_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         xds_tls: Some(tls),
         ca,
+        mesh: Default::default(),
         monitoring_addr: monitoring.parse().unwrap(),
         state_dir,
         debounce: Duration::from_millis(20),

@@ -24,7 +24,8 @@ fn a_destination_without_a_weight_next_to_one_with_100_gets_nothing_on_either_ba
 
         // Envoy: only subset a's cluster is routed to.
         let envoy =
-            translate_sidecar(&snapshot, "sidecar~127.0.61.9~client.ns~ns.svc.cluster.local").expect("translate");
+            translate_sidecar(&snapshot, "sidecar~127.0.61.9~client.ns~ns.svc.cluster.local", Default::default())
+                .expect("translate");
         let config = serde_json::to_string(&(
             &envoy.routes.iter().map(|r| &r.body).collect::<Vec<_>>(),
             &envoy.listeners.iter().map(|r| &r.body).collect::<Vec<_>>(),
@@ -56,7 +57,7 @@ fn a_tcp_route_by_source_labels_is_per_proxy_in_envoy_and_fails_closed_in_the_ke
     let (objects, _) = parse_documents("mesh.yaml", &format!("{MESH}{vs}"));
     let (snapshot, _) = Snapshot::build(objects);
     let tcp_cluster = |node: &str| {
-        let r = translate_sidecar(&snapshot, node).expect("translate");
+        let r = translate_sidecar(&snapshot, node, Default::default()).expect("translate");
         let listener = r.listeners.iter().find(|l| l.name == "127.100.61.1_90").expect("the TCP listener");
         listener.body["filter_chains"][0]["filters"][0]["typed_config"]["cluster"].as_str().map(str::to_string)
     };
@@ -104,7 +105,7 @@ fn a_virtual_service_exported_to_some_namespaces_only_is_per_proxy_in_envoy_and_
         Snapshot::build(objects).0
     };
     let tcp_cluster = |snapshot: &Snapshot, node: &str| {
-        let r = translate_sidecar(snapshot, node).expect("translate");
+        let r = translate_sidecar(snapshot, node, Default::default()).expect("translate");
         let listener = r.listeners.iter().find(|l| l.name == "127.100.61.1_90").expect("the TCP listener");
         listener.body["filter_chains"][0]["filters"][0]["typed_config"]["cluster"].as_str().map(str::to_string)
     };
@@ -216,7 +217,8 @@ mod differential {
 
     /// Each subset's share (0..=1) of what the sidecar sends to `port`.
     fn envoy_shares(snapshot: &Snapshot, port: u32, tcp: bool) -> BTreeMap<String, f64> {
-        let r = translate_sidecar(snapshot, "sidecar~127.0.62.9~client.ns~ns.svc.cluster.local").expect("translate");
+        let r = translate_sidecar(snapshot, "sidecar~127.0.62.9~client.ns~ns.svc.cluster.local", Default::default())
+            .expect("translate");
         let action: Value = if tcp {
             let l = r.listeners.iter().find(|l| l.name == format!("127.100.62.1_{port}")).expect("listener");
             l.body["filter_chains"][0]["filters"][0]["typed_config"].clone()

@@ -140,7 +140,7 @@ fn view(s: &Snapshot) -> impl PartialEq + std::fmt::Debug {
         s.destination_rules.keys().cloned().collect::<Vec<_>>(),
         s.diagnostics(),
         translate_node(s, "node-1"),
-        translate_sidecar(s, CLIENT).expect("client node id"),
+        translate_sidecar(s, CLIENT, Default::default()).expect("client node id"),
     )
 }
 

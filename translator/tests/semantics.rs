@@ -2,7 +2,8 @@
 
 use serde_json::{Value, json};
 use sluice_translator::diagnostic::Severity;
-use sluice_translator::envoy::{ProxyResources, translate_sidecar};
+use sluice_translator::envoy::{Certificates, ProxyResources, translate_sidecar};
+use sluice_translator::model::mesh_config::MeshConfig;
 use sluice_translator::parse::parse_documents;
 use sluice_translator::snapshot::Snapshot;
 
@@ -59,11 +60,17 @@ const WEB: &str = "sidecar~127.0.5.9~web.shop~shop.svc.cluster.local";
 const CART_V1: &str = "sidecar~127.0.5.1~cart-v1.shop~shop.svc.cluster.local";
 
 fn translate(extra: &str, node: &str) -> ProxyResources {
+    translate_for(extra, node, MeshConfig::default(), Certificates::None)
+}
+
+/// As [`translate`], with mesh settings and for a proxy that may hold its certificate.
+fn translate_for(extra: &str, node: &str, mesh: MeshConfig, certificates: Certificates) -> ProxyResources {
     let (objects, diags) = parse_documents("mesh.yaml", &format!("{MESH}\n---\n{extra}"));
     let errors: Vec<_> = diags.iter().filter(|d| d.severity == Severity::Error).collect();
     assert!(errors.is_empty(), "{errors:#?}");
-    let (snapshot, _) = Snapshot::build(objects);
-    translate_sidecar(&snapshot, node).expect("translate")
+    let (mut snapshot, _) = Snapshot::build(objects);
+    snapshot.mesh = std::sync::Arc::new(mesh);
+    translate_sidecar(&snapshot, node, certificates).expect("translate")
 }
 
 fn find<'a>(list: &'a [sluice_translator::envoy::Resource], name: &str) -> &'a Value {
@@ -447,9 +454,10 @@ fn export_to_hides_services_from_other_namespaces() {
     );
     let (mut snapshot, _) = Snapshot::build(objects);
     std::sync::Arc::make_mut(snapshot.services.get_mut(CART).unwrap()).export_to = vec![".".into()];
-    let r = translate_sidecar(&snapshot, "sidecar~127.0.7.1~o.other~other.svc.cluster.local").unwrap();
+    let r =
+        translate_sidecar(&snapshot, "sidecar~127.0.7.1~o.other~other.svc.cluster.local", Default::default()).unwrap();
     assert!(!r.clusters.iter().any(|c| c.name.ends_with(CART)));
-    let r = translate_sidecar(&snapshot, WEB).unwrap();
+    let r = translate_sidecar(&snapshot, WEB, Default::default()).unwrap();
     assert!(r.clusters.iter().any(|c| c.name.ends_with(CART)));
 }
 
@@ -667,8 +675,115 @@ spec:
 fn unknown_proxies_are_clear_errors_or_warnings() {
     let (objects, _) = parse_documents("m.yaml", MESH);
     let (snapshot, _) = Snapshot::build(objects);
-    let err = translate_sidecar(&snapshot, "bogus").unwrap_err();
+    let err = translate_sidecar(&snapshot, "bogus", Default::default()).unwrap_err();
     assert!(err.to_string().contains("four"), "{err}");
-    let r = translate_sidecar(&snapshot, "sidecar~127.0.9.1~ghost.shop~shop.svc.cluster.local").unwrap();
+    let r = translate_sidecar(&snapshot, "sidecar~127.0.9.1~ghost.shop~shop.svc.cluster.local", Default::default())
+        .unwrap();
     assert!(r.diagnostics.iter().any(|d| d.to_string().contains("Pod/shop/ghost")));
+}
+
+/// The inbound chains of `port` (0: the catch-all) as (name, transport match, terminates TLS).
+fn chains_of(r: &ProxyResources, port: u64) -> Vec<(String, Option<String>, bool)> {
+    find(&r.listeners, "virtualInbound")["filter_chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["filter_chain_match"]["destination_port"].as_u64().unwrap_or(0) == port)
+        .map(|c| {
+            let transport = c["filter_chain_match"]["transport_protocol"].as_str().map(String::from);
+            (c["name"].as_str().unwrap().to_string(), transport, c.get("transport_socket").is_some())
+        })
+        .collect()
+}
+
+#[test]
+fn peer_authentication_layers_mesh_namespace_workload_and_port() {
+    let policies = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: mesh, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\n\
+        apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns, namespace: shop}\nspec: {mtls: {mode: UNSET}}\n---\n\
+        apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: cart, namespace: shop}\n\
+        spec: {selector: {matchLabels: {app: cart}}, mtls: {mode: DISABLE}, portLevelMtls: {9090: {mode: STRICT}}}\n";
+    let r = translate_for(policies, CART_V1, MeshConfig::default(), Certificates::Sds);
+    // The port-level STRICT beats the workload's DISABLE: TLS only, terminated.
+    assert_eq!(chains_of(&r, 9090), [("0.0.0.0_9090-mtls".to_string(), Some("tls".to_string()), true)]);
+    // The workload's DISABLE (over the mesh's STRICT; the namespace's UNSET inherits): plain text.
+    assert_eq!(chains_of(&r, 5432), [("0.0.0.0_5432".to_string(), None, false)]);
+    assert_eq!(chains_of(&r, 0), [("virtualInbound-catchall-tcp".to_string(), None, false)]);
+    // web: only the mesh's STRICT applies; undeclared ports are STRICT too.
+    let web = translate_for(policies, WEB, MeshConfig::default(), Certificates::Sds);
+    assert_eq!(chains_of(&web, 0), [("virtualInbound-catchall-tcp-mtls".to_string(), Some("tls".to_string()), true)]);
+    // Nothing set is PERMISSIVE: mTLS by Istio's ALPN, plain text, and a TCP port's own TLS passed on.
+    let open = translate_for("", CART_V1, MeshConfig::default(), Certificates::Sds);
+    let names: Vec<_> = chains_of(&open, 5432).into_iter().map(|c| (c.0, c.2)).collect();
+    assert_eq!(
+        names,
+        [("0.0.0.0_5432-mtls".into(), true), ("0.0.0.0_5432".into(), false), ("0.0.0.0_5432-tls".into(), false)]
+    );
+    assert_eq!(chains_of(&open, 9090).len(), 2, "an HTTP port has no TLS passthrough chain");
+}
+
+#[test]
+fn strict_without_a_certificate_refuses_and_says_so() {
+    let strict = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n";
+    let r = translate_for(strict, CART_V1, MeshConfig::default(), Certificates::None);
+    for port in [9090, 5432, 0] {
+        let chains = chains_of(&r, port);
+        assert_eq!(chains.len(), 1, "{chains:?}");
+        assert!(chains[0].0.ends_with("-refused"), "{chains:?}");
+    }
+    let vi = find(&r.listeners, "virtualInbound");
+    assert!(vi["filter_chains"].as_array().unwrap().iter().all(|c| {
+        let text = c["filters"].to_string();
+        !text.contains("InboundPassthroughCluster") && !text.contains("inbound|")
+    }));
+    let warned = r.diagnostics.iter().any(|d| {
+        d.object.as_ref().is_some_and(|o| o.kind == "PeerAuthentication" && o.name == "ns")
+            && d.path == "spec.mtls.mode"
+            && d.message.contains("refused")
+    });
+    assert!(warned, "{:#?}", r.diagnostics);
+}
+
+#[test]
+fn destination_rule_tls_modes_and_auto_mtls() {
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: cart, namespace: shop}\nspec:\n  host: cart\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, sni: cart.custom}\n    portLevelSettings:\n    - port: {number: 5432}\n      tls: {mode: DISABLE}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: stock, namespace: other}\nspec:\n  host: stock.other.svc.cluster.local\n  trafficPolicy:\n    tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem, caCertificates: /ca.pem, subjectAltNames: [stock.example]}\n";
+    let r = translate_for(dr, WEB, MeshConfig::default(), Certificates::Sds);
+    let cart = find(&r.clusters, "outbound|8080||cart.shop.svc.cluster.local");
+    let tls = &cart["transport_socket"]["typed_config"];
+    assert_eq!(tls["sni"], "cart.custom");
+    assert_eq!(tls["common_tls_context"]["tls_certificate_sds_secret_configs"][0]["name"], "default");
+    assert_eq!(
+        tls["common_tls_context"]["combined_validation_context"]["validation_context_sds_secret_config"]["name"],
+        "ROOTCA"
+    );
+    assert_eq!(tls["common_tls_context"]["tls_params"]["tls_maximum_protocol_version"], "TLSv1_3");
+    let db = find(&r.clusters, "outbound|5432||cart.shop.svc.cluster.local");
+    assert!(db.get("transport_socket").is_none() && db.get("transport_socket_matches").is_none(), "{db}");
+    let stock = &find(&r.clusters, "outbound|8080||stock.other.svc.cluster.local")["transport_socket"]["typed_config"]
+        ["common_tls_context"];
+    assert_eq!(stock["tls_certificates"][0]["certificate_chain"]["filename"], "/c.pem");
+    assert_eq!(stock["validation_context"]["trusted_ca"]["filename"], "/ca.pem");
+    assert_eq!(stock["validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["exact"], "stock.example");
+
+    // Without a certificate, ISTIO_MUTUAL cannot be made: no endpoints, and a warning.
+    let bare = translate_for(dr, WEB, MeshConfig::default(), Certificates::None);
+    let refused = find(&bare.clusters, "outbound|8080||cart.shop.svc.cluster.local");
+    assert_eq!(refused["type"], "STATIC");
+    assert_eq!(refused["load_assignment"]["endpoints"], json!([]));
+    assert!(bare.diagnostics.iter().any(|d| d.path == "spec.trafficPolicy.tls" && d.message.contains("ISTIO_MUTUAL")));
+
+    // No rule: auto mTLS with the service's identities, in the trust domain and its aliases.
+    let mesh = MeshConfig { trust_domain_aliases: vec!["old.example".into()], ..Default::default() };
+    let auto = translate_for("", CART_V1, mesh, Certificates::Sds);
+    let web = find(&auto.clusters, "outbound|8080||cart.shop.svc.cluster.local");
+    let matches = web["transport_socket_matches"].as_array().expect("auto mTLS");
+    assert_eq!(matches[0]["match"], json!({"tlsMode": "istio"}));
+    assert_eq!(matches[1]["match"], json!({}));
+    let socket = &matches[0]["transport_socket"]["typed_config"];
+    assert_eq!(socket["sni"], "outbound_.8080_._.cart.shop.svc.cluster.local");
+    let off = MeshConfig { enable_auto_mtls: false, ..Default::default() };
+    let plain = translate_for("", CART_V1, off, Certificates::Sds);
+    assert!(
+        find(&plain.clusters, "outbound|8080||cart.shop.svc.cluster.local").get("transport_socket_matches").is_none()
+    );
 }

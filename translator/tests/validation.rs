@@ -451,7 +451,6 @@ fn authorization_policy_rules() {
         "spec.portLevelMtls",
         "requires a workload selector",
     );
-    warned(&doc(SEC, "PeerAuthentication", "spec: {mtls: {mode: STRICT}}"), "spec.mtls.mode", "not enforced");
 }
 
 #[test]

@@ -4,10 +4,17 @@
 
 use std::path::PathBuf;
 
+pub use sluice_translator::envoy::Certificates;
+
 /// productpage's node id (no iptables; Sidecar binds real addresses).
 pub const PRODUCTPAGE: &str = "sidecar~127.0.1.10~productpage-v1.default~default.svc.cluster.local";
 /// reviews-v1's node id (iptables capture: virtual listeners).
 pub const REVIEWS_V1: &str = "sidecar~127.0.1.40~reviews-v1.default~default.svc.cluster.local";
+
+/// web's and api's node ids in `examples/mtls`.
+pub const WEB: &str = "sidecar~127.0.2.10~web-v1.secure~secure.svc.cluster.local";
+/// api's node id in `examples/mtls`.
+pub const API: &str = "sidecar~127.0.2.20~api-v1.secure~secure.svc.cluster.local";
 
 /// The node agent's node id.
 pub const AGENT: &str = "agent~node-1";
@@ -17,13 +24,20 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
-/// Golden cases: (name, config paths relative to the root, node id).
-pub fn cases() -> Vec<(String, Vec<PathBuf>, &'static str)> {
+/// Golden cases: (name, config paths relative to the root, node id, whether the proxy holds its
+/// certificate).
+pub fn cases() -> Vec<(String, Vec<PathBuf>, &'static str, Certificates)> {
     let base = root().join("examples/bookinfo");
+    let mtls = vec![root().join("examples/mtls")];
     let mut out = vec![
-        ("bookinfo-productpage".to_string(), vec![base.clone()], PRODUCTPAGE),
-        ("bookinfo-reviews-v1".to_string(), vec![base.clone()], REVIEWS_V1),
-        ("bookinfo-kernel".to_string(), vec![base.clone()], AGENT),
+        ("bookinfo-productpage".to_string(), vec![base.clone()], PRODUCTPAGE, Certificates::None),
+        ("bookinfo-reviews-v1".to_string(), vec![base.clone()], REVIEWS_V1, Certificates::None),
+        ("bookinfo-kernel".to_string(), vec![base.clone()], AGENT, Certificates::None),
+        // Proxies with their workload certificates (SDS), and one without, under STRICT.
+        ("mtls-web".to_string(), mtls.clone(), WEB, Certificates::Sds),
+        ("mtls-api".to_string(), mtls.clone(), API, Certificates::Sds),
+        ("mtls-api-without-sds".to_string(), mtls.clone(), API, Certificates::None),
+        ("mtls-kernel".to_string(), mtls, AGENT, Certificates::None),
     ];
     let variants = root().join("examples/bookinfo-variants");
     let mut names: Vec<String> = std::fs::read_dir(&variants)
@@ -33,10 +47,10 @@ pub fn cases() -> Vec<(String, Vec<PathBuf>, &'static str)> {
     names.sort();
     for v in names {
         let paths = vec![base.clone(), variants.join(&v)];
-        out.push((format!("{v}-productpage"), paths.clone(), PRODUCTPAGE));
-        out.push((format!("{v}-kernel"), paths.clone(), AGENT));
+        out.push((format!("{v}-productpage"), paths.clone(), PRODUCTPAGE, Certificates::None));
+        out.push((format!("{v}-kernel"), paths.clone(), AGENT, Certificates::None));
         if v.starts_with("allow") || v.starts_with("deny") {
-            out.push((format!("{v}-reviews-v1"), paths, REVIEWS_V1));
+            out.push((format!("{v}-reviews-v1"), paths, REVIEWS_V1, Certificates::None));
         }
     }
     out

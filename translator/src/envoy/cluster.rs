@@ -5,10 +5,12 @@ use serde_json::{Map, Value, json};
 
 use super::proxy::Proxy;
 use super::{Resource, address, ads_source, inbound_cluster_name, object, outbound_cluster_name, typed};
+use crate::diagnostic::ObjectRef;
 use crate::model::IstioObject;
 use crate::model::common::Protocol;
 use crate::model::destination_rule::{
-    ConnectionPoolSettings, DestinationRuleSpec, LoadBalancerSettings, OutlierDetection, SimpleLb, TrafficPolicy,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, DestinationRuleSpec, LoadBalancerSettings,
+    OutlierDetection, SimpleLb, TrafficPolicy,
 };
 use crate::snapshot::{
     MeshService, ROOT_NAMESPACE, ServicePort, ServiceResolution, exported_to, host_matches, resolve_host,
@@ -54,11 +56,16 @@ pub(super) struct Effective {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// Client TLS and the field path it was written at.
+    pub tls: Option<(ClientTlsSettings, String)>,
 }
 
 impl Effective {
-    /// Applies `policy` (and its matching port-level settings) over what is set so far.
-    fn apply(&mut self, policy: &TrafficPolicy, port: u32) {
+    /// Applies `policy` at `path` (and its matching port-level settings) over what is set so far.
+    fn apply(&mut self, policy: &TrafficPolicy, path: &str, port: u32) {
+        if let Some(tls) = &policy.tls {
+            self.tls = Some((tls.clone(), format!("{path}.tls")));
+        }
         if policy.load_balancer.is_some() {
             self.load_balancer = policy.load_balancer.clone();
         }
@@ -68,7 +75,12 @@ impl Effective {
         if policy.outlier_detection.is_some() {
             self.outlier_detection = policy.outlier_detection.clone();
         }
-        if let Some(p) = policy.port_level_settings.iter().find(|p| p.port.is_some_and(|n| n.number == port)) {
+        let at_port =
+            policy.port_level_settings.iter().enumerate().find(|(_, p)| p.port.is_some_and(|n| n.number == port));
+        if let Some((i, p)) = at_port {
+            if let Some(tls) = &p.tls {
+                self.tls = Some((tls.clone(), format!("{path}.portLevelSettings[{i}].tls")));
+            }
             if p.load_balancer.is_some() {
                 self.load_balancer = p.load_balancer.clone();
             }
@@ -86,12 +98,11 @@ impl Effective {
         let mut e = Effective::default();
         if let Some(dr) = dr {
             if let Some(tp) = &dr.traffic_policy {
-                e.apply(tp, port);
+                e.apply(tp, "spec.trafficPolicy", port);
             }
-            if let Some(tp) =
-                subset.and_then(|s| dr.subsets.iter().find(|x| x.name == s)).and_then(|s| s.traffic_policy.as_ref())
-            {
-                e.apply(tp, port);
+            let subset = subset.and_then(|s| dr.subsets.iter().enumerate().find(|(_, x)| x.name == s));
+            if let Some((i, tp)) = subset.and_then(|(i, s)| Some((i, s.traffic_policy.as_ref()?))) {
+                e.apply(tp, &format!("spec.subsets[{i}].trafficPolicy"), port);
             }
         }
         e
@@ -99,7 +110,7 @@ impl Effective {
 }
 
 /// All clusters of the proxy.
-pub(super) fn build(proxy: &Proxy<'_>) -> Vec<Resource> {
+pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
     let mut out = vec![
         Resource {
             name: "BlackHoleCluster".into(),
@@ -113,9 +124,9 @@ pub(super) fn build(proxy: &Proxy<'_>) -> Vec<Resource> {
     for service in proxy.visible_services() {
         let dr = destination_rule(proxy, service);
         for port in service.ports.iter().filter(|p| p.protocol != Protocol::Udp) {
-            out.push(outbound(service, port, None, dr.map(|d| &d.spec)));
+            out.push(outbound(proxy, service, port, None, dr));
             for subset in dr.iter().flat_map(|d| d.spec.subsets.iter()) {
-                out.push(outbound(service, port, Some(&subset.name), dr.map(|d| &d.spec)));
+                out.push(outbound(proxy, service, port, Some(&subset.name), dr));
             }
         }
     }
@@ -213,12 +224,82 @@ fn protocol_options(protocol: Protocol, pool: Option<&ConnectionPoolSettings>) -
     object([(HTTP_OPTIONS, typed(HTTP_OPTIONS, Value::Object(options)))])
 }
 
-fn outbound(
+/// How a cluster reaches its endpoints.
+enum UpstreamSecurity {
+    /// Plain text.
+    Plain,
+    /// Auto mTLS: this socket to endpoints that accept mesh mTLS, plain text to the others.
+    Auto(Value),
+    /// This TLS socket to every endpoint.
+    Tls(Value),
+    /// The TLS asked for cannot be made: the cluster has no endpoints (fail closed).
+    Refuse,
+}
+
+/// Istio's SNI for mesh mTLS: `outbound_.<port>_.<subset>_.<host>`.
+fn mesh_sni(port: u32, subset: Option<&str>, host: &str) -> String {
+    format!("outbound_.{port}_.{}_.{host}", subset.unwrap_or(""))
+}
+
+/// What `tls` (the DestinationRule's, if any) and auto mTLS ask of one cluster of this proxy.
+fn upstream_security(
+    proxy: &mut Proxy<'_>,
     service: &MeshService,
     port: &ServicePort,
     subset: Option<&str>,
-    dr: Option<&DestinationRuleSpec>,
+    tls: Option<&(ClientTlsSettings, String)>,
+    dr: Option<&IstioObject<DestinationRuleSpec>>,
+) -> UpstreamSecurity {
+    let mesh = &proxy.snapshot.mesh;
+    let identities = || super::tls::spiffe_ids(mesh, &service.namespace, &service.service_accounts());
+    let sni = mesh_sni(port.port, subset, &service.hostname);
+    let has_certificates = proxy.certificates == super::tls::Certificates::Sds;
+    let Some((tls, path)) = tls else {
+        let auto = mesh.enable_auto_mtls && !service.mesh_external && has_certificates;
+        return if auto {
+            UpstreamSecurity::Auto(super::tls::upstream_mesh(&sni, &identities(), port.protocol.is_http2()))
+        } else {
+            UpstreamSecurity::Plain
+        };
+    };
+    let refuse = |proxy: &mut Proxy<'_>, why: &str| {
+        if let Some(dr) = dr {
+            let reference = ObjectRef::new("DestinationRule", &dr.meta.namespace, &dr.meta.name);
+            proxy.warn(
+                reference,
+                path.clone(),
+                format!(
+                    "{why}: proxy {} refuses connections to {} port {}",
+                    proxy.node.pod, service.hostname, port.port
+                ),
+            );
+        }
+        UpstreamSecurity::Refuse
+    };
+    match tls.mode() {
+        ClientTlsMode::Disable => UpstreamSecurity::Plain,
+        ClientTlsMode::IstioMutual if !has_certificates => {
+            refuse(proxy, "ISTIO_MUTUAL needs the workload's certificate, and this proxy has no SDS (sds-grpc)")
+        }
+        ClientTlsMode::IstioMutual => {
+            let sans = if tls.subject_alt_names.is_empty() { identities() } else { tls.subject_alt_names.clone() };
+            let sni = tls.sni.clone().unwrap_or(sni);
+            UpstreamSecurity::Tls(super::tls::upstream_mesh(&sni, &sans, port.protocol.is_http2()))
+        }
+        // Validation has said that credentialName is not read yet.
+        ClientTlsMode::Simple | ClientTlsMode::Mutual if tls.credential_name.is_some() => UpstreamSecurity::Refuse,
+        mode => UpstreamSecurity::Tls(super::tls::upstream_files(tls, mode == ClientTlsMode::Mutual)),
+    }
+}
+
+fn outbound(
+    proxy: &mut Proxy<'_>,
+    service: &MeshService,
+    port: &ServicePort,
+    subset: Option<&str>,
+    dr_object: Option<&IstioObject<DestinationRuleSpec>>,
 ) -> Resource {
+    let dr = dr_object.map(|d| &d.spec);
     let name = outbound_cluster_name(port.port, subset.unwrap_or(""), &service.hostname);
     let policy = Effective::resolve(dr, subset, port.port);
     let mut c = Map::new();
@@ -247,7 +328,7 @@ fn outbound(
             let kind = if service.resolution == ServiceResolution::Dns { "STRICT_DNS" } else { "LOGICAL_DNS" };
             c.insert("type".into(), json!(kind));
             c.insert("dns_lookup_family".into(), json!("V4_ONLY"));
-            let mut cla = super::endpoint::load_assignment(&name, service, port, subset, dr);
+            let mut cla = super::endpoint::load_assignment(proxy.snapshot, &name, service, port, subset, dr);
             if kind == "LOGICAL_DNS" {
                 // LOGICAL_DNS clusters take exactly one endpoint.
                 if let Some(groups) = cla["endpoints"].as_array_mut() {
@@ -289,6 +370,35 @@ fn outbound(
         c.insert("outlier_detection".into(), outlier(o));
         if let Some(min) = o.min_health_percent {
             c.insert("common_lb_config".into(), json!({"healthy_panic_threshold": {"value": min as f64}}));
+        }
+    }
+    let tls = policy.tls.as_ref();
+    match upstream_security(proxy, service, port, subset, tls, dr_object) {
+        UpstreamSecurity::Plain => {}
+        // An original destination has no endpoint metadata to match on.
+        UpstreamSecurity::Auto(_) if original_dst => {}
+        UpstreamSecurity::Auto(socket) => {
+            let raw = json!({"name": "envoy.transport_sockets.raw_buffer", "typed_config": typed("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", json!({}))});
+            c.insert(
+                "transport_socket_matches".into(),
+                json!([
+                    {"name": "tlsMode-istio", "match": {"tlsMode": "istio"}, "transport_socket": socket},
+                    {"name": "tlsMode-disabled", "match": {}, "transport_socket": raw},
+                ]),
+            );
+        }
+        UpstreamSecurity::Tls(socket) => {
+            c.insert("transport_socket".into(), socket);
+        }
+        UpstreamSecurity::Refuse => {
+            for field in ["eds_cluster_config", "dns_lookup_family"] {
+                c.remove(field);
+            }
+            c.insert("type".into(), json!("STATIC"));
+            if original_dst {
+                c.insert("lb_policy".into(), json!("ROUND_ROBIN"));
+            }
+            c.insert("load_assignment".into(), json!({"cluster_name": name, "endpoints": []}));
         }
     }
     let mut meta = json!({"services": [{"host": service.hostname, "name": service.source.name, "namespace": service.namespace}], "default_original_port": port.port});

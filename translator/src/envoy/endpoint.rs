@@ -8,9 +8,10 @@ use serde_json::{Value, json};
 use super::cluster::destination_rule;
 use super::proxy::Proxy;
 use super::{Resource, address, object, outbound_cluster_name};
+use crate::model::authorization_policy::MtlsMode;
 use crate::model::common::{Protocol, labels_match};
 use crate::model::destination_rule::DestinationRuleSpec;
-use crate::snapshot::{MeshService, ServicePort, ServiceResolution};
+use crate::snapshot::{MeshService, ServicePort, ServiceResolution, Snapshot};
 
 /// Load assignments for every EDS cluster the proxy has, or with `hosts`, for those services'
 /// clusters only.
@@ -39,15 +40,18 @@ pub(super) fn build(proxy: &Proxy<'_>, hosts: Option<&BTreeSet<String>>) -> Vec<
                     continue;
                 }
                 let name = outbound_cluster_name(port.port, subset.unwrap_or(""), &service.hostname);
-                out.push(Resource { body: load_assignment(&name, service, port, subset, dr), name });
+                out.push(Resource { body: load_assignment(proxy.snapshot, &name, service, port, subset, dr), name });
             }
         }
     }
     out
 }
 
-/// The ClusterLoadAssignment of one cluster.
+/// The ClusterLoadAssignment of one cluster. An endpoint whose workload accepts mesh mTLS (and
+/// whose PeerAuthentication does not DISABLE it on that port) carries the metadata that auto mTLS
+/// matches, as istiod's endpoint builder writes it.
 pub(super) fn load_assignment(
+    snapshot: &Snapshot,
     name: &str,
     service: &MeshService,
     port: &ServicePort,
@@ -62,10 +66,16 @@ pub(super) fn load_assignment(
         if !e.ports.is_empty() && !e.ports.contains_key(&port.name) && service.resolution != ServiceResolution::Eds {
             continue;
         }
+        let endpoint_port = service.endpoint_port(port, e);
         let mut lb = object([
-            ("endpoint", object([("address", address(&e.address, service.endpoint_port(port, e)))])),
+            ("endpoint", object([("address", address(&e.address, endpoint_port))])),
             ("health_status", Value::from(if e.ready { "HEALTHY" } else { "UNHEALTHY" })),
         ]);
+        if e.accepts_mesh_tls()
+            && snapshot.workload_mtls(&service.namespace, Some(&e.labels)).port(endpoint_port).mode != MtlsMode::Disable
+        {
+            lb["metadata"] = json!({"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}});
+        }
         if let Some(w) = e.weight.filter(|w| *w > 0) {
             lb["load_balancing_weight"] = json!(w);
         }

@@ -9,11 +9,13 @@ use serde_json::{Value, json};
 use super::authorization::{self, Layer};
 use super::proxy::{InboundPort, Proxy};
 use super::route::http_ports;
+use super::tls::Certificates;
 use super::{Resource, ads_source, inbound_cluster_name, outbound_cluster_name, typed};
+use crate::model::authorization_policy::MtlsMode;
 use crate::model::common::Protocol;
 use crate::model::sidecar::OutboundMode;
 use crate::model::virtual_service::Client;
-use crate::snapshot::{MeshService, host_matches, resolve_host};
+use crate::snapshot::{MeshService, ModeFrom, host_matches, resolve_host};
 
 /// Port of `virtualOutbound`.
 pub const VIRTUAL_OUTBOUND_PORT: u32 = 15001;
@@ -133,27 +135,161 @@ fn outbound(proxy: &mut Proxy<'_>, routed: Option<&BTreeSet<String>>) -> Vec<Res
 pub(super) fn build_inbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
     let (mut out, names) = (Vec::new(), &mut BTreeSet::new());
     let inbound = proxy.inbound_ports();
+    let mtls = proxy.mtls();
     let mut chains = Vec::new();
     for p in &inbound {
-        let chain = inbound_chain(proxy, p);
+        let port = PortChains { port: p.port, protocol: p.protocol, mode: mtls.port(p.port).clone() };
+        let chains_of_port = port.chains(proxy, |proxy, _| inbound_filters(proxy, p));
         match &p.bind {
             Some(addr) => {
                 let name = format!("{addr}_{}", p.port);
-                push(&mut out, names, listener(&name, addr, p.port, true, "INBOUND", vec![chain]));
+                let mut l = listener(&name, addr, p.port, true, "INBOUND", strip_port(chains_of_port));
+                let filters = inspectors(proxy, false);
+                if !filters.is_empty() {
+                    l.body["listener_filters"] = json!(filters);
+                }
+                push(&mut out, names, l);
             }
-            None => chains.push(chain),
+            None => chains.extend(chains_of_port),
         }
     }
     if !proxy.interception_none {
-        chains.push(json!({
-            "name": "virtualInbound-catchall-tcp",
-            "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", json!({"stat_prefix": "InboundPassthroughCluster", "cluster": "InboundPassthroughCluster"}))}],
-        }));
+        // Ports the workload does not declare get the workload's own mode, as in istiod.
+        let catch_all = PortChains { port: 0, protocol: Protocol::Tcp, mode: mtls.workload.clone() };
+        let passthrough = |_: &mut Proxy<'_>, _| {
+            vec![
+                json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", json!({"stat_prefix": "InboundPassthroughCluster", "cluster": "InboundPassthroughCluster"}))}),
+            ]
+        };
+        chains.extend(catch_all.chains(proxy, passthrough));
         let mut l = listener("virtualInbound", "0.0.0.0", VIRTUAL_INBOUND_PORT, true, "INBOUND", chains);
-        l.body["listener_filters"] = json!([{"name": "envoy.filters.listener.original_dst", "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", json!({}))}]);
+        l.body["listener_filters"] = json!(inspectors(proxy, true));
         push(&mut out, names, l);
     }
     out
+}
+
+/// The listener filters of an inbound listener: the original destination on
+/// `virtualInbound`, and the TLS inspector when chains tell mTLS from plain text.
+fn inspectors(proxy: &Proxy<'_>, original_dst: bool) -> Vec<Value> {
+    let mut filters = Vec::new();
+    if original_dst {
+        filters.push(json!({"name": "envoy.filters.listener.original_dst", "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", json!({}))}));
+    }
+    if proxy.certificates == Certificates::Sds {
+        filters.push(json!({"name": "envoy.filters.listener.tls_inspector", "typed_config": typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", json!({}))}));
+    }
+    filters
+}
+
+/// A bound listener's chains match on nothing but the transport: it has one port.
+fn strip_port(mut chains: Vec<Value>) -> Vec<Value> {
+    for chain in &mut chains {
+        if let Some(m) = chain.get_mut("filter_chain_match").and_then(Value::as_object_mut) {
+            m.remove("destination_port");
+            if m.is_empty() {
+                chain.as_object_mut().expect("a chain is an object").remove("filter_chain_match");
+            }
+        }
+    }
+    chains
+}
+
+/// How a transport arrives on an inbound chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// Anything not matched otherwise (DISABLE, or a proxy without certificates).
+    Any,
+    /// Mesh mTLS from an Istio client (its ALPN): terminated here.
+    MeshTls,
+    /// Any TLS: terminated here as mesh mTLS (STRICT).
+    Tls,
+    /// Plain text only (PERMISSIVE beside mTLS).
+    Plain,
+    /// TLS that is not mesh mTLS (a client's own TLS): passed on as bytes (PERMISSIVE TCP).
+    ForeignTls,
+}
+
+/// One inbound port (0: the catch-all) and its mTLS mode.
+struct PortChains {
+    port: u32,
+    protocol: Protocol,
+    mode: ModeFrom,
+}
+
+impl PortChains {
+    /// The port's chains as istiod lays them out per mode (`filterchain_options.go`); `filters`
+    /// gives the network filters of a chain that terminates mTLS (true) or not.
+    fn chains(&self, proxy: &mut Proxy<'_>, filters: impl Fn(&mut Proxy<'_>, bool) -> Vec<Value>) -> Vec<Value> {
+        let http = self.protocol.is_http();
+        let transports: &[Transport] = match (self.mode.mode, proxy.certificates) {
+            (MtlsMode::Strict, Certificates::None) => {
+                let policy = self.mode.policy.clone().expect("STRICT is never the default");
+                let port = if self.port == 0 { "undeclared ports".to_string() } else { format!("port {}", self.port) };
+                proxy.warn(
+                    policy,
+                    "spec.mtls.mode".into(),
+                    format!(
+                        "STRICT on {port} of {}.{}, whose proxy has no workload certificate (no SDS): connections are refused",
+                        proxy.node.pod, proxy.node.namespace
+                    ),
+                );
+                let refuse = json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", json!({"stat_prefix": "BlackHoleCluster", "cluster": "BlackHoleCluster"}))});
+                return vec![self.chain("refused", Transport::Any, vec![refuse], None)];
+            }
+            (MtlsMode::Strict, Certificates::Sds) => &[Transport::Tls],
+            (MtlsMode::Permissive, Certificates::Sds) if http => &[Transport::MeshTls, Transport::Plain],
+            (MtlsMode::Permissive, Certificates::Sds) => &[Transport::MeshTls, Transport::Plain, Transport::ForeignTls],
+            _ => &[Transport::Any],
+        };
+        transports
+            .iter()
+            .map(|t| {
+                let terminates = matches!(t, Transport::MeshTls | Transport::Tls);
+                let socket = terminates.then(|| super::tls::downstream_mesh(&proxy.snapshot.mesh, http));
+                let suffix = match t {
+                    Transport::Any | Transport::Plain => "",
+                    Transport::MeshTls | Transport::Tls => "mtls",
+                    Transport::ForeignTls => "tls",
+                };
+                let chain_filters = filters(proxy, terminates);
+                self.chain(suffix, *t, chain_filters, socket)
+            })
+            .collect()
+    }
+
+    fn chain(&self, suffix: &str, transport: Transport, filters: Vec<Value>, socket: Option<Value>) -> Value {
+        let mut name =
+            if self.port == 0 { "virtualInbound-catchall-tcp".to_string() } else { format!("0.0.0.0_{}", self.port) };
+        if !suffix.is_empty() {
+            name = format!("{name}-{suffix}");
+        }
+        let mut m = serde_json::Map::new();
+        if self.port != 0 {
+            m.insert("destination_port".into(), json!(self.port));
+        }
+        match transport {
+            Transport::Any => {}
+            Transport::MeshTls => {
+                m.insert("transport_protocol".into(), json!("tls"));
+                m.insert("application_protocols".into(), json!(super::tls::MESH_ALPNS));
+            }
+            Transport::Tls | Transport::ForeignTls => {
+                m.insert("transport_protocol".into(), json!("tls"));
+            }
+            Transport::Plain => {
+                m.insert("transport_protocol".into(), json!("raw_buffer"));
+            }
+        }
+        let mut chain = json!({"name": name, "filters": filters});
+        if !m.is_empty() {
+            chain["filter_chain_match"] = Value::Object(m);
+        }
+        if let Some(socket) = socket {
+            chain["transport_socket"] = socket;
+        }
+        chain
+    }
 }
 
 fn listener(name: &str, addr: &str, port: u32, bind: bool, direction: &str, chains: Vec<Value>) -> Resource {
@@ -224,9 +360,12 @@ fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &
     json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", config)})
 }
 
-fn inbound_chain(proxy: &mut Proxy<'_>, p: &InboundPort) -> Value {
+/// The network filters of one inbound port's chain: RBAC, then the HTTP connection manager
+/// (which forwards the verified client certificate in `x-forwarded-client-cert`, as Istio's
+/// inbound does) or the tcp_proxy; the same whether the chain terminates mTLS or not.
+fn inbound_filters(proxy: &mut Proxy<'_>, p: &InboundPort) -> Vec<Value> {
     let cluster = inbound_cluster_name(p.port);
-    let filters = if p.protocol.is_http() {
+    if p.protocol.is_http() {
         let mut http = authorization::filters(proxy, Layer::Http);
         http.push(router());
         let route_config = json!({
@@ -238,15 +377,14 @@ fn inbound_chain(proxy: &mut Proxy<'_>, p: &InboundPort) -> Value {
             }]}],
             "validate_clusters": false,
         });
-        vec![hcm(&format!("inbound_0.0.0.0_{}", p.port), json!({"route_config": route_config}), http)]
+        let mut hcm = hcm(&format!("inbound_0.0.0.0_{}", p.port), json!({"route_config": route_config}), http);
+        let config = &mut hcm["typed_config"];
+        config["forward_client_cert_details"] = json!("APPEND_FORWARD");
+        config["set_current_client_cert_details"] = json!({"subject": true, "dns": true, "uri": true});
+        vec![hcm]
     } else {
         let mut tcp = authorization::filters(proxy, Layer::Tcp);
         tcp.push(json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", json!({"stat_prefix": cluster, "cluster": cluster}))}));
         tcp
-    };
-    let mut chain = json!({"name": format!("0.0.0.0_{}", p.port), "filters": filters});
-    if p.bind.is_none() {
-        chain["filter_chain_match"] = json!({"destination_port": p.port});
     }
-    chain
 }

@@ -10,11 +10,13 @@ mod endpoint;
 mod listener;
 mod proxy;
 mod route;
+mod tls;
 
 use serde_json::Value;
 
 pub use proxy::{NodeError, NodeId, Proxy};
 pub use route::{RouteTable, TableHost};
+pub use tls::{Certificates, ROOT_SECRET, SDS_CLUSTER, SDS_METADATA, WORKLOAD_SECRET};
 
 use crate::diagnostic::Diagnostic;
 use crate::snapshot::Snapshot;
@@ -85,6 +87,8 @@ pub struct ProxyClass {
     pub interception_none: bool,
     /// The Sidecar that applies (namespace, name).
     pub sidecar: Option<(String, String)>,
+    /// Whether it holds a workload certificate (its clusters originate mTLS).
+    pub certificates: Certificates,
 }
 
 /// One sidecar's translation, in its two halves: [`ProxyTranslation::outbound`] is shared by
@@ -100,6 +104,12 @@ impl<'a> ProxyTranslation<'a> {
         Ok(Self { proxy: Proxy::new(snapshot, NodeId::parse(node_id)?) })
     }
 
+    /// The same, for a proxy that does (or does not) hold its workload's certificate.
+    pub fn with_certificates(mut self, certificates: Certificates) -> Self {
+        self.proxy.certificates = certificates;
+        self
+    }
+
     /// The class of this proxy.
     pub fn class(&self) -> ProxyClass {
         let p = &self.proxy;
@@ -109,6 +119,7 @@ impl<'a> ProxyTranslation<'a> {
             labels: p.snapshot.outbound_labels(&p.labels),
             interception_none: p.interception_none,
             sidecar: p.sidecar.map(|s| (s.meta.namespace.clone(), s.meta.name.clone())),
+            certificates: p.certificates,
         }
     }
 
@@ -116,7 +127,7 @@ impl<'a> ProxyTranslation<'a> {
     /// [`ProxyTranslation::diagnostics`]).
     pub fn outbound(&mut self) -> ProxyResources {
         ProxyResources {
-            clusters: cluster::build(&self.proxy),
+            clusters: cluster::build(&mut self.proxy),
             endpoints: endpoint::build(&self.proxy, None),
             listeners: listener::build_outbound(&mut self.proxy),
             routes: route::build(&mut self.proxy),
@@ -125,8 +136,8 @@ impl<'a> ProxyTranslation<'a> {
     }
 
     /// The outbound clusters.
-    pub fn clusters(&self) -> Vec<Resource> {
-        cluster::build(&self.proxy)
+    pub fn clusters(&mut self) -> Vec<Resource> {
+        cluster::build(&mut self.proxy)
     }
 
     /// The load assignments of every outbound cluster.
@@ -187,8 +198,12 @@ impl<'a> ProxyTranslation<'a> {
 /// Translates `snapshot` for the sidecar proxy `node_id`
 /// (`sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`): both halves, a listener
 /// name taken by the outbound half winning over an inbound one.
-pub fn translate_sidecar(snapshot: &Snapshot, node_id: &str) -> Result<ProxyResources, NodeError> {
-    let mut t = ProxyTranslation::new(snapshot, node_id)?;
+pub fn translate_sidecar(
+    snapshot: &Snapshot,
+    node_id: &str,
+    certificates: Certificates,
+) -> Result<ProxyResources, NodeError> {
+    let mut t = ProxyTranslation::new(snapshot, node_id)?.with_certificates(certificates);
     let mut out = t.outbound();
     let inbound = t.inbound();
     out.clusters.extend(inbound.clusters);

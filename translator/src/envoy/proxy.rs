@@ -68,6 +68,8 @@ pub struct Proxy<'a> {
     pub sidecar: Option<&'a IstioObject<SidecarSpec>>,
     /// No iptables capture (`sidecar.istio.io/interceptionMode: NONE`): no virtual listeners.
     pub interception_none: bool,
+    /// Whether the proxy holds its workload's certificate (and so speaks mesh mTLS).
+    pub certificates: super::tls::Certificates,
     /// Warnings found while translating.
     pub diagnostics: Vec<Diagnostic>,
 }
@@ -115,7 +117,8 @@ impl<'a> Proxy<'a> {
             pick(&node.namespace).or_else(|| pick(ROOT_NAMESPACE).filter(|s| s.spec.workload_selector.is_none()));
         let interception_none =
             workload.and_then(|w| w.annotations.get("sidecar.istio.io/interceptionMode")).is_some_and(|m| m == "NONE");
-        Self { snapshot, node, workload, labels, sidecar, interception_none, diagnostics }
+        let certificates = super::tls::Certificates::None;
+        Self { snapshot, node, workload, labels, sidecar, interception_none, certificates, diagnostics }
     }
 
     /// The Sidecar's egress listeners (an implicit `*/*` one when there is no Sidecar).
@@ -178,6 +181,11 @@ impl<'a> Proxy<'a> {
     /// True when a listener with `capture` binds its own address.
     pub fn binds(&self, capture: Option<CaptureMode>) -> bool {
         capture == Some(CaptureMode::None) || (self.interception_none && capture != Some(CaptureMode::Iptables))
+    }
+
+    /// The mTLS modes of the proxy's own workload (what its inbound listeners enforce).
+    pub fn mtls(&self) -> crate::snapshot::WorkloadMtls {
+        self.snapshot.workload_mtls(&self.node.namespace, self.workload.map(|_| &self.labels))
     }
 
     /// Records a warning about `object`.

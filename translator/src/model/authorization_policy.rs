@@ -467,9 +467,4 @@ pub fn validate_peer_authentication(spec: &PeerAuthenticationSpec, findings: &mu
     for port in port_level.keys() {
         super::common::validate_port(&format!("spec.portLevelMtls.{port}"), *port, findings);
     }
-    let strict = spec.mtls.as_ref().and_then(|m| m.mode) == Some(MtlsMode::Strict)
-        || port_level.values().any(|m| m.mode == Some(MtlsMode::Strict));
-    if strict {
-        findings.warn("spec.mtls.mode", "sluice does not issue workload certificates yet; STRICT mTLS is not enforced");
-    }
 }

@@ -56,9 +56,9 @@ pub struct TrafficPolicy {
     /// Outlier detection.
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
-    /// Client TLS (parsed; not translated yet).
+    /// Client TLS to the destination.
     #[serde(default)]
-    pub tls: Option<serde_json::Value>,
+    pub tls: Option<ClientTlsSettings>,
     /// Per-port overrides.
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
@@ -80,9 +80,56 @@ pub struct PortTrafficPolicy {
     /// Outlier detection.
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
-    /// Client TLS (parsed; not translated yet).
+    /// Client TLS to the destination.
     #[serde(default)]
-    pub tls: Option<serde_json::Value>,
+    pub tls: Option<ClientTlsSettings>,
+}
+
+/// DestinationRule `tls`: how a client connects to the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTlsSettings {
+    /// The TLS mode.
+    #[serde(default)]
+    pub mode: Option<ClientTlsMode>,
+    /// Client certificate file (MUTUAL).
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    /// Client private key file (MUTUAL).
+    #[serde(default)]
+    pub private_key: Option<String>,
+    /// CA bundle file that verifies the server.
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    /// Certificate revocation list file.
+    #[serde(default)]
+    pub ca_crl: Option<String>,
+    /// A Secret with the client certificate, key and CA (not supported by sluice yet).
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    /// Names the server certificate must carry (URI or DNS SANs).
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    /// SNI sent in the handshake.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Do not verify the server certificate.
+    #[serde(default)]
+    pub insecure_skip_verify: Option<bool>,
+}
+
+/// DestinationRule TLS modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ClientTlsMode {
+    /// Plain text.
+    Disable,
+    /// TLS that verifies the server.
+    Simple,
+    /// TLS with a client certificate from files.
+    Mutual,
+    /// Mesh mTLS with the workload's own certificate.
+    IstioMutual,
 }
 
 /// Load balancer settings: `simple` or `consistentHash`.
@@ -367,8 +414,8 @@ fn validate_policy(path: &str, tp: &TrafficPolicy, findings: &mut Findings) {
         tp.outlier_detection.as_ref(),
         findings,
     );
-    if tp.tls.is_some() {
-        findings.warn(format!("{path}.tls"), "client TLS settings are not translated yet by sluice; they are ignored");
+    if let Some(tls) = &tp.tls {
+        validate_tls(&format!("{path}.tls"), tls, findings);
     }
     let mut seen = std::collections::BTreeSet::new();
     for (i, p) in tp.port_level_settings.iter().enumerate() {
@@ -389,6 +436,52 @@ fn validate_policy(path: &str, tp: &TrafficPolicy, findings: &mut Findings) {
             p.outlier_detection.as_ref(),
             findings,
         );
+        if let Some(tls) = &p.tls {
+            validate_tls(&format!("{pp}.tls"), tls, findings);
+        }
+    }
+}
+
+/// Istio's rules for `tls`, and what sluice cannot do yet.
+fn validate_tls(path: &str, tls: &ClientTlsSettings, findings: &mut Findings) {
+    let files = [
+        ("clientCertificate", &tls.client_certificate),
+        ("privateKey", &tls.private_key),
+        ("caCertificates", &tls.ca_certificates),
+        ("credentialName", &tls.credential_name),
+    ];
+    match tls.mode() {
+        ClientTlsMode::IstioMutual => {
+            for (field, value) in files {
+                if value.is_some() {
+                    findings.error(
+                        format!("{path}.{field}"),
+                        "ISTIO_MUTUAL uses the workload's own certificate: client certificates and CA files cannot be set",
+                    );
+                }
+            }
+        }
+        ClientTlsMode::Mutual if tls.credential_name.is_none() => {
+            for (field, value) in &files[..2] {
+                if value.is_none() {
+                    findings.error(format!("{path}.{field}"), "MUTUAL needs a client certificate and a private key");
+                }
+            }
+        }
+        _ => {}
+    }
+    if tls.credential_name.is_some() && matches!(tls.mode(), ClientTlsMode::Simple | ClientTlsMode::Mutual) {
+        findings.warn(
+            format!("{path}.credentialName"),
+            "sluice does not read TLS credentials from Secrets yet: connections to this destination are refused",
+        );
+    }
+}
+
+impl ClientTlsSettings {
+    /// The mode; unset is DISABLE, as the enum's zero value in Istio's API.
+    pub fn mode(&self) -> ClientTlsMode {
+        self.mode.unwrap_or(ClientTlsMode::Disable)
     }
 }
 

@@ -3,6 +3,7 @@
 //! here, as warnings (Istio's analyzers), never rejections — except duplicates.
 
 mod analysis;
+mod mtls;
 mod registry;
 mod small_set;
 mod update;
@@ -24,6 +25,7 @@ use crate::model::sidecar::SidecarSpec;
 use crate::model::virtual_service::{Client, HttpRoute, TcpRoute, VirtualServiceSpec};
 use crate::model::{IstioObject, Loaded};
 
+pub use self::mtls::{ModeFrom, WorkloadMtls};
 pub use self::update::{Change, ServiceChange, SnapshotDelta};
 
 /// The DNS suffix of Kubernetes service hosts.
@@ -77,7 +79,17 @@ pub struct Endpoint {
     pub service_account: Option<String>,
 }
 
+/// The workload label that says it holds a mesh certificate and accepts mTLS (Istio's sidecar
+/// injector sets it; sluice reads it as istiod does).
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
 impl Endpoint {
+    /// True when the workload behind it accepts Istio mTLS (label `security.istio.io/tlsMode:
+    /// istio`).
+    pub fn accepts_mesh_tls(&self) -> bool {
+        self.labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio")
+    }
+
     /// A ready endpoint at `address` that nothing more is known of.
     pub fn at(address: String) -> Self {
         Self {
@@ -127,6 +139,15 @@ impl MeshService {
             Some(IntOrString::Int(n)) if *n > 0 => *n as u32,
             _ => port.port,
         }
+    }
+
+    /// The service accounts of its endpoints, sorted, without repeats: the identities a client
+    /// accepts from the service's servers.
+    pub fn service_accounts(&self) -> Vec<&str> {
+        let mut accounts: Vec<&str> = self.endpoints.iter().filter_map(|e| e.service_account.as_deref()).collect();
+        accounts.sort_unstable();
+        accounts.dedup();
+        accounts
     }
 
     /// The port with this number.
@@ -232,6 +253,8 @@ pub struct Snapshot {
     pub authorization_policies: Objects<AuthorizationPolicySpec>,
     /// PeerAuthentications.
     pub peer_authentications: Objects<PeerAuthenticationSpec>,
+    /// The mesh-wide settings (trust domain, auto mTLS).
+    pub mesh: Arc<crate::model::mesh_config::MeshConfig>,
     /// VirtualServices by the (resolved) hosts they name.
     virtual_service_hosts: HostIndex,
     /// VirtualServices by the (resolved) hosts they route to.

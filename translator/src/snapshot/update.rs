@@ -101,6 +101,8 @@ fn same_but_endpoints(a: &MeshService, b: &MeshService) -> bool {
         && a.export_to == b.export_to
         && a.source == b.source
         && a.origin == b.origin
+        // Clients verify the servers' identities in the cluster, not in its endpoints.
+        && a.service_accounts() == b.service_accounts()
 }
 
 fn put<S>(map: &mut Objects<S>, r: &ObjectRef, object: &IstioObject<S>, adding: bool)
