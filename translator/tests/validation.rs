@@ -242,7 +242,23 @@ fn destination_rule_rules() {
         "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash",
         "exactly one",
     );
-    warned(&dr("  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}"), "spec.trafficPolicy.tls", "not translated");
+    rejected(
+        &dr("  trafficPolicy: {tls: {mode: ISTIO_MUTUAL, caCertificates: /ca.pem}}"),
+        "spec.trafficPolicy.tls.caCertificates",
+        "ISTIO_MUTUAL uses the workload's own certificate",
+    );
+    rejected(
+        &dr(
+            "  trafficPolicy: {portLevelSettings: [{port: {number: 80}, tls: {mode: MUTUAL, clientCertificate: /c.pem}}]}",
+        ),
+        "spec.trafficPolicy.portLevelSettings[0].tls.privateKey",
+        "needs a client certificate and a private key",
+    );
+    warned(
+        &dr("  trafficPolicy: {tls: {mode: SIMPLE, credentialName: cart-tls}}"),
+        "spec.trafficPolicy.tls.credentialName",
+        "connections to this destination are refused",
+    );
 }
 
 fn se(spec: &str) -> String {

@@ -139,7 +139,7 @@ pub(super) fn build_inbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
     let mut chains = Vec::new();
     for p in &inbound {
         let port = PortChains { port: p.port, protocol: p.protocol, mode: mtls.port(p.port).clone() };
-        let chains_of_port = port.chains(proxy, |proxy, _| inbound_filters(proxy, p));
+        let chains_of_port = port.chains(proxy, |proxy| inbound_filters(proxy, p));
         match &p.bind {
             Some(addr) => {
                 let name = format!("{addr}_{}", p.port);
@@ -156,7 +156,7 @@ pub(super) fn build_inbound(proxy: &mut Proxy<'_>) -> Vec<Resource> {
     if !proxy.interception_none {
         // Ports the workload does not declare get the workload's own mode, as in istiod.
         let catch_all = PortChains { port: 0, protocol: Protocol::Tcp, mode: mtls.workload.clone() };
-        let passthrough = |_: &mut Proxy<'_>, _| {
+        let passthrough = |_: &mut Proxy<'_>| {
             vec![
                 json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", json!({"stat_prefix": "InboundPassthroughCluster", "cluster": "InboundPassthroughCluster"}))}),
             ]
@@ -219,8 +219,8 @@ struct PortChains {
 
 impl PortChains {
     /// The port's chains as istiod lays them out per mode (`filterchain_options.go`); `filters`
-    /// gives the network filters of a chain that terminates mTLS (true) or not.
-    fn chains(&self, proxy: &mut Proxy<'_>, filters: impl Fn(&mut Proxy<'_>, bool) -> Vec<Value>) -> Vec<Value> {
+    /// gives a chain's network filters (the same whether it terminates mTLS or not).
+    fn chains(&self, proxy: &mut Proxy<'_>, filters: impl Fn(&mut Proxy<'_>) -> Vec<Value>) -> Vec<Value> {
         let http = self.protocol.is_http();
         let transports: &[Transport] = match (self.mode.mode, proxy.certificates) {
             (MtlsMode::Strict, Certificates::None) => {
@@ -252,7 +252,7 @@ impl PortChains {
                     Transport::MeshTls | Transport::Tls => "mtls",
                     Transport::ForeignTls => "tls",
                 };
-                let chain_filters = filters(proxy, terminates);
+                let chain_filters = filters(proxy);
                 self.chain(suffix, *t, chain_filters, socket)
             })
             .collect()
