@@ -317,7 +317,8 @@ impl MeshGenerator {
     /// Generates `node_id`'s config as a push would, for checking only: the first error.
     pub fn check(&self, node_id: &str, inbound: bool) -> Result<(), GenerateError> {
         let current = self.current.read().expect("generator lock").clone();
-        // With certificates the config has everything it has without, and the TLS sockets.
+        // Checked as a proxy with certificates: that config holds the TLS sockets; what a proxy
+        // without them gets instead (refused clusters and chains) has a fixed shape.
         self.sidecar(&current, node_id, Certificates::Sds, inbound).map(|_| ())
     }
 
