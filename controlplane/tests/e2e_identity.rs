@@ -1,26 +1,209 @@
 //! Workload identity end to end on the real kernel (root): `sluice serve` with its CA on the TLS
-//! port and a node token, `sluice agent` serving SDS, and two real Envoys started with
-//! `sluice run` as productpage and as reviews. Each Envoy asks the same SDS socket for `default`
-//! and gets its own workload's certificate — the agent knows the caller from its cgroup, not
-//! from anything it sends — and serves TLS with it: a client that trusts only the published root
-//! sees `spiffe://cluster.local/ns/default/sa/bookinfo-productpage` on one port and
-//! `…/sa/bookinfo-reviews` on the other.
+//! port and a node token, `sluice agent` serving SDS, and real Envoys started with `sluice run`.
+//!
+//! - Two Bookinfo Envoys (static bootstraps) ask the same SDS socket for `default` and each gets
+//!   its own workload's certificate — the agent knows the caller from its cgroup, not from
+//!   anything it sends.
+//! - `examples/mtls` with three ADS-fed sidecars (web, api, and batch in another namespace):
+//!   mesh mTLS on the wire, the caller's identity in `x-forwarded-client-cert`, STRICT /
+//!   PERMISSIVE / DISABLE and a port-level override, AuthorizationPolicy by principal and by
+//!   namespace, rotation under load, an agent killed and restarted, serve restarted.
 
 mod common;
 
-use std::path::Path;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use sluice_dataplane::sandbox::Sandbox;
 use sluice_identity::SpiffeId;
 use sluice_identity::service::certificate_identity;
-use sluice_testkit::{Proc, eventually, free_port, is_root};
+use sluice_testkit::{Proc, eventually, free_port, http_get, is_root, relocate};
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
-/// An Envoy whose one listener, on `port`, serves TLS with the SDS secret `default` from the
+/// `sluice serve` (CA on its TLS port, one node token) and `sluice agent` for node-1 serving SDS,
+/// in a sandbox cgroup of their own; both can be killed and started again on the same state.
+struct Node {
+    serve: Option<Proc>,
+    agent: Option<Proc>,
+    config: PathBuf,
+    xds: u16,
+    tls: u16,
+    monitoring: u16,
+    cert_ttl_s: Option<u64>,
+    sandbox: Sandbox,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Serves `config`; the agent asks for certificates of `cert_ttl_s` (the CA's default if None).
+    fn start(tag: &str, config: &Path, cert_ttl_s: Option<u64>) -> Node {
+        assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
+        let sandbox = Sandbox::new(tag).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let token = "node-1-e2e-0123456789abcdef";
+        std::fs::write(dir.path().join("tokens"), format!("node-1 {token}\n")).unwrap();
+        std::fs::write(dir.path().join("node-token"), token).unwrap();
+        let mut node = Node {
+            serve: None,
+            agent: None,
+            config: config.to_path_buf(),
+            xds: free_port(),
+            tls: free_port(),
+            monitoring: free_port(),
+            cert_ttl_s,
+            sandbox,
+            dir,
+        };
+        node.start_serve();
+        node.start_agent();
+        node
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+
+    /// The logs of serve, the agent and the named others, for failure messages.
+    fn logs(&self, others: &[&str]) -> String {
+        let mut out = String::new();
+        for name in ["serve.log", "agent.log"].iter().chain(others) {
+            out += &format!("\n--- {name}\n{}", self.log(name));
+        }
+        out
+    }
+
+    /// The mesh root as serve publishes it (a file, with no cluster).
+    fn root(&self) -> PathBuf {
+        self.path("state/root-cert.pem")
+    }
+
+    fn start_serve(&mut self) {
+        let serve = Proc::spawn(
+            "sluice serve",
+            Command::new(SLUICE)
+                .args(["serve", "--debounce-ms", "0", "--config"])
+                .arg(&self.config)
+                .args(["--xds-addr", &format!("127.0.0.1:{}", self.xds)])
+                .args(["--xds-tls-addr", &format!("127.0.0.1:{}", self.tls), "--tls-dns-name", "localhost"])
+                .args(["--monitoring-addr", &format!("127.0.0.1:{}", self.monitoring)])
+                .arg("--state-dir")
+                .arg(self.path("state"))
+                .arg("--node-tokens")
+                .arg(self.path("tokens"))
+                .env("RUST_LOG", "info"),
+            &self.path("serve.log"),
+        );
+        self.serve = Some(serve);
+        let monitoring = format!("127.0.0.1:{}", self.monitoring);
+        let ready = eventually(Duration::from_secs(30), || {
+            http_get(&monitoring, "x", "/ready", &[]).ok().filter(|(s, _)| *s == 200)
+        });
+        assert!(ready.is_some() && self.root().exists(), "serve is not ready:{}", self.logs(&[]));
+    }
+
+    fn start_agent(&mut self) {
+        let mut cmd = Command::new(SLUICE);
+        cmd.args(["agent", "--node", "node-1", "--xds-addr", &format!("127.0.0.1:{}", self.xds)])
+            .arg("--cgroup")
+            .arg(&self.sandbox.cgroup)
+            .arg("--pin-dir")
+            .arg(&self.sandbox.pin_dir)
+            .arg("--socket")
+            .arg(self.path("agent.sock"))
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .arg("--sds-socket")
+            .arg(self.path("sds.sock"))
+            .args(["--ca-addr", &format!("127.0.0.1:{}", self.tls), "--ca-name", "localhost"])
+            .arg("--ca-root")
+            .arg(self.root())
+            .arg("--node-token-file")
+            .arg(self.path("node-token"))
+            .env("RUST_LOG", "info");
+        if let Some(ttl) = self.cert_ttl_s {
+            cmd.args(["--workload-cert-ttl-s", &ttl.to_string()]);
+        }
+        // Appends: a restarted agent's log follows the first one's.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path("agent.log")).unwrap();
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("sluice agent");
+        self.agent = Some(Proc { child, name: "sluice agent".into() });
+        let sds = self.path("sds.sock");
+        let up = eventually(Duration::from_secs(30), || std::os::unix::net::UnixStream::connect(&sds).ok().map(|_| ()));
+        assert!(up.is_some(), "no SDS socket:{}", self.logs(&[]));
+    }
+
+    /// Starts `command` as `workload` (`<pod>.<ns>`) with `sluice run`, once the agent knows the
+    /// workload from the config; output into `<workload>.log`.
+    fn run(&self, workload: &str, command: &[&str]) -> Proc {
+        let socket = self.path("agent.sock");
+        let registered = eventually(Duration::from_secs(30), || {
+            let probe = Command::new(SLUICE)
+                .args(["run", "--workload", workload, "--agent-socket"])
+                .arg(&socket)
+                .args(["--", "true"])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .ok()?;
+            probe.success().then_some(())
+        });
+        assert!(registered.is_some(), "the agent never knew {workload}:{}", self.logs(&[]));
+        Proc::spawn(
+            workload,
+            Command::new(SLUICE)
+                .args(["run", "--workload", workload, "--agent-socket"])
+                .arg(&socket)
+                .arg("--")
+                .args(command),
+            &self.path(&format!("{workload}.log")),
+        )
+    }
+
+    /// An Envoy as `workload`, configured by `config` (a bootstrap).
+    fn envoy(&self, workload: &str, config: &Path) -> Proc {
+        let config = config.display().to_string();
+        let envoy = sluice_testkit::envoy_bin();
+        // Connections on a replaced filter chain (a PeerAuthentication changed) are drained in
+        // 1 s instead of Envoy's 600 (Istio's agent passes 45), so a test sees the new mode soon.
+        self.run(workload, &[&envoy, "-c", &config, "--use-dynamic-base-id", "-l", "warning", "--drain-time-s", "1"])
+    }
+}
+
+/// Connects to `addr` trusting only `root`; the TLS version and the server's certificate (DER,
+/// hex) as Python's ssl module (OpenSSL) sees them, or why the handshake failed.
+const TLS_PEER_PY: &str = r#"
+import socket, ssl, sys
+host, port = sys.argv[1].rsplit(":", 1)
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.check_hostname = False
+with socket.create_connection((host, int(port)), timeout=5) as raw:
+    with ctx.wrap_socket(raw) as s:
+        print(s.version(), s.getpeercert(binary_form=True).hex())
+"#;
+
+/// The TLS version and the SPIFFE identity `addr` presents to a client trusting only `root`.
+fn peer(addr: &str, root: &Path) -> Option<(String, SpiffeId)> {
+    let out = Command::new("python3").args(["-c", TLS_PEER_PY, addr]).arg(root).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (version, hex) = text.trim().split_once(' ')?;
+    let der: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    Some((version.to_string(), certificate_identity(&der)?))
+}
+
+/// A static bootstrap: one listener on `port` serving TLS with the SDS secret `default` from the
 /// agent's socket `sds`.
-fn bootstrap(workload: &str, port: u16, sds: &Path) -> String {
+fn tls_listener_bootstrap(workload: &str, port: u16, sds: &Path) -> String {
     let sds_config = serde_json::json!({
         "resource_api_version": "V3",
         "api_config_source": {"api_type": "GRPC", "transport_api_version": "V3",
@@ -51,106 +234,13 @@ fn bootstrap(workload: &str, port: u16, sds: &Path) -> String {
     .to_string()
 }
 
-/// Connects to `port` trusting only `root`; the TLS version and the server's certificate (DER,
-/// hex) as Python's ssl module (OpenSSL) sees them, or why the handshake failed.
-const TLS_PEER_PY: &str = r#"
-import socket, ssl, sys
-ctx = ssl.create_default_context(cafile=sys.argv[2])
-ctx.check_hostname = False
-with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as raw:
-    with ctx.wrap_socket(raw) as s:
-        print(s.version(), s.getpeercert(binary_form=True).hex())
-"#;
-
-fn peer(port: u16, root: &Path) -> Option<(String, SpiffeId)> {
-    let out = Command::new("python3").args(["-c", TLS_PEER_PY, &port.to_string()]).arg(root).output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (version, hex) = text.trim().split_once(' ')?;
-    let der: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-    Some((version.to_string(), certificate_identity(&der)?))
-}
-
-fn log(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
-}
-
 #[test]
 fn each_envoy_gets_its_own_workloads_certificate_from_the_agents_sds() {
-    assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
-    let sandbox = sluice_dataplane::sandbox::Sandbox::new("e2e-identity").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let token = "node-1-e2e-0123456789abcdef";
-    std::fs::write(d.join("tokens"), format!("node-1 {token}\n")).unwrap();
-    std::fs::write(d.join("node-token"), token).unwrap();
-    let (xds, tls) = (free_port(), free_port());
-    let state = d.join("state");
-    let _serve = Proc::spawn(
-        "sluice serve",
-        Command::new(SLUICE)
-            .args(["serve", "--debounce-ms", "0", "--config"])
-            .arg(common::root().join("examples/bookinfo"))
-            .args(["--xds-addr", &format!("127.0.0.1:{xds}"), "--xds-tls-addr", &format!("127.0.0.1:{tls}")])
-            .args(["--tls-dns-name", "localhost", "--monitoring-addr", &format!("127.0.0.1:{}", free_port())])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--node-tokens")
-            .arg(d.join("tokens")),
-        &d.join("serve.log"),
-    );
-    let root = state.join("root-cert.pem");
-    assert!(eventually(Duration::from_secs(30), || root.exists().then_some(())).is_some(), "{}", log(d, "serve.log"));
-    let (agent_socket, sds) = (d.join("agent.sock"), d.join("sds.sock"));
-    let _agent = Proc::spawn(
-        "sluice agent",
-        Command::new(SLUICE)
-            .args(["agent", "--node", "node-1", "--xds-addr", &format!("127.0.0.1:{xds}")])
-            .arg("--cgroup")
-            .arg(&sandbox.cgroup)
-            .arg("--pin-dir")
-            .arg(&sandbox.pin_dir)
-            .arg("--socket")
-            .arg(&agent_socket)
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-            .arg("--sds-socket")
-            .arg(&sds)
-            .args(["--ca-addr", &format!("127.0.0.1:{tls}"), "--ca-name", "localhost"])
-            .arg("--ca-root")
-            .arg(&root)
-            .arg("--node-token-file")
-            .arg(d.join("node-token")),
-        &d.join("agent.log"),
-    );
-    let sds_up = eventually(Duration::from_secs(30), || sds.exists().then_some(()));
-    assert!(sds_up.is_some(), "no SDS socket; agent log:\n{}", log(d, "agent.log"));
-
+    let node = Node::start("e2e-identity", &common::root().join("examples/bookinfo"), None);
     let start = |workload: &str, port: u16| -> Proc {
-        let config = d.join(format!("{workload}.json"));
-        std::fs::write(&config, bootstrap(workload, port, &sds)).unwrap();
-        // The agent must know the workload from the config before `sluice run` can register it.
-        let registered = eventually(Duration::from_secs(30), || {
-            let probe = Command::new(SLUICE)
-                .args(["run", "--workload", workload, "--agent-socket"])
-                .arg(&agent_socket)
-                .args(["--", "true"])
-                .stderr(std::process::Stdio::null())
-                .status()
-                .ok()?;
-            probe.success().then_some(())
-        });
-        assert!(registered.is_some(), "the agent never knew {workload}; agent log:\n{}", log(d, "agent.log"));
-        Proc::spawn(
-            workload,
-            Command::new(SLUICE)
-                .args(["run", "--workload", workload, "--agent-socket"])
-                .arg(&agent_socket)
-                .arg("--")
-                .arg(sluice_testkit::envoy_bin())
-                .arg("-c")
-                .arg(&config)
-                .args(["--use-dynamic-base-id", "-l", "warning"]),
-            &d.join(format!("{workload}.log")),
-        )
+        let config = node.path(&format!("{workload}.json"));
+        std::fs::write(&config, tls_listener_bootstrap(workload, port, &node.path("sds.sock"))).unwrap();
+        node.envoy(workload, &config)
     };
     let (pp_port, reviews_port) = (free_port(), free_port());
     let _productpage = start("productpage-v1.default", pp_port);
@@ -159,18 +249,299 @@ fn each_envoy_gets_its_own_workloads_certificate_from_the_agents_sds() {
         (pp_port, "productpage-v1.default", "bookinfo-productpage"),
         (reviews_port, "reviews-v1.default", "bookinfo-reviews"),
     ] {
-        let seen = eventually(Duration::from_secs(30), || peer(port, &root));
+        let seen = eventually(Duration::from_secs(30), || peer(&format!("127.0.0.1:{port}"), &node.root()));
         let Some((version, identity)) = seen else {
-            panic!(
-                "{workload}: no TLS with a mesh certificate on {port}\nenvoy log:\n{}\nagent log:\n{}\nserve log:\n{}",
-                log(d, &format!("{workload}.log")),
-                log(d, "agent.log"),
-                log(d, "serve.log")
-            );
+            panic!("{workload}: no TLS with a mesh certificate on {port}{}", node.logs(&[&format!("{workload}.log")]));
         };
         assert_eq!(identity, SpiffeId::new("cluster.local", "default", sa), "{workload} has its own identity");
         assert_eq!(version, "TLSv1.3", "{workload}");
     }
-    let agent_log = log(d, "agent.log");
+    let agent_log = node.log("agent.log");
     assert!(agent_log.contains("workload certificate issued"), "{agent_log}");
+}
+
+/// batch's node id in `examples/mtls` (namespace `other`).
+const BATCH: &str = "sidecar~127.0.2.40~batch-v1.other~other.svc.cluster.local";
+
+/// The host api's routes answer to from any namespace.
+const API_HOST: &str = "api.secure.svc.cluster.local:9090";
+
+/// One line to a TCP echo at `addr` and the line back.
+fn tcp_echo(addr: &str, line: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut back = String::new();
+    BufReader::new(s).read_line(&mut back)?;
+    Ok(back.trim_end().to_string())
+}
+
+/// The sum of an Envoy's counters whose names contain every one of `parts`.
+fn counter(admin: u16, parts: &[&str]) -> u64 {
+    let (_, body) = http_get(&format!("127.0.0.1:{admin}"), "x", "/stats", &[]).unwrap_or_default();
+    body.lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(name, _)| parts.iter().all(|p| name.contains(p)))
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// `body` as sent with `transfer-encoding: chunked` (Envoy's admin does), joined again.
+fn unchunk(body: &str) -> String {
+    let (mut out, mut rest) = (String::new(), body);
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out += &after[..n];
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The serial numbers of the certificates (not the CA's) an Envoy serves with now (admin `/certs`).
+fn serials(admin: u16) -> std::collections::BTreeSet<String> {
+    let (_, body) = http_get(&format!("127.0.0.1:{admin}"), "x", "/certs", &[]).unwrap_or_default();
+    let certs: serde_json::Value = serde_json::from_str(&unchunk(&body)).unwrap_or_default();
+    let contexts = certs["certificates"].as_array().cloned().unwrap_or_default();
+    contexts
+        .iter()
+        .flat_map(|c| c["cert_chain"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["serial_number"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `examples/mtls` served from a directory the test edits, its three sidecars and api's app.
+struct MtlsMesh {
+    envoys: Vec<Proc>,
+    _app: Proc,
+    /// Admin ports of web's, api's and batch's Envoys.
+    admin: [u16; 3],
+    node: Node,
+    cfg: tempfile::TempDir,
+}
+
+/// Where web's and api's Envoys are in [`MtlsMesh::admin`].
+const WEB_ENVOY: usize = 0;
+const API_ENVOY: usize = 1;
+
+impl MtlsMesh {
+    fn start() -> MtlsMesh {
+        let cfg = tempfile::tempdir().unwrap();
+        std::fs::write(cfg.path().join("mesh.yaml"), Self::mesh_text(false)).unwrap();
+        // A short TTL: certificates rotate every few seconds all through the test.
+        let node = Node::start("e2e-mtls", cfg.path(), Some(CERT_TTL_S));
+        let app = Proc::spawn(
+            "api app",
+            Command::new("python3").arg(common::root().join("examples/mtls/apps.py")).args([
+                "--http",
+                &(relocate("127.0.0.1") + ":19090"),
+                "--tcp",
+                &(relocate("127.0.0.1") + ":17000"),
+            ]),
+            &node.path("app.log"),
+        );
+        let mut admin = [0; 3];
+        let mut envoys = Vec::new();
+        for (i, (workload, id)) in
+            [("web-v1.secure", common::WEB), ("api-v1.secure", common::API), ("batch-v1.other", BATCH)]
+                .iter()
+                .enumerate()
+        {
+            admin[i] = free_port();
+            let out = Command::new(SLUICE)
+                .args(["bootstrap", "--proxy", &relocate(id), "--xds-addr", &format!("127.0.0.1:{}", node.xds)])
+                .args(["--admin-port", &admin[i].to_string(), "--sds-socket"])
+                .arg(node.path("sds.sock"))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let config = node.path(&format!("{workload}.json"));
+            std::fs::write(&config, &out.stdout).unwrap();
+            envoys.push(node.envoy(workload, &config));
+        }
+        MtlsMesh { envoys, _app: app, admin, node, cfg }
+    }
+
+    /// `examples/mtls` in this run's addresses; `disable` makes api's workload mode DISABLE with
+    /// port 7000 STRICT (a port-level override of the workload's mode).
+    fn mesh_text(disable: bool) -> String {
+        let text = std::fs::read_to_string(common::root().join("examples/mtls/mesh.yaml")).unwrap();
+        let text = if disable {
+            let base = "  portLevelMtls:\n    7000: {mode: PERMISSIVE}\n";
+            assert!(text.contains(base), "examples/mtls changed: update this test");
+            text.replace(base, "  mtls: {mode: DISABLE}\n  portLevelMtls:\n    7000: {mode: STRICT}\n")
+        } else {
+            text
+        };
+        relocate(&text)
+    }
+
+    /// Replaces `name` in the served directory (whole, by rename), or removes it.
+    fn write(&self, name: &str, text: Option<&str>) {
+        let path = self.cfg.path().join(name);
+        match text {
+            Some(t) => {
+                let tmp = self.node.path("edit.tmp");
+                std::fs::write(&tmp, t).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+            }
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.node.logs(&["web-v1.secure.log", "api-v1.secure.log", "batch-v1.other.log", "app.log"])
+    }
+
+    /// A GET from web's app (web's outbound listener) to api, or from batch's.
+    fn get(&self, from: &str, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(&relocate(from), API_HOST, path, &[])
+    }
+
+    /// Waits until `from`'s GET of `path` answers `status` ten times in a row; the last answer.
+    fn expect(&self, from: &str, path: &str, status: u16, what: &str) -> String {
+        let mut streak = 0;
+        let got = eventually(Duration::from_secs(30), || {
+            let answer = self.get(from, path).ok().filter(|(s, _)| *s == status);
+            streak = if answer.is_some() { streak + 1 } else { 0 };
+            answer.filter(|_| streak >= 10)
+        });
+        let Some((_, body)) = got else {
+            panic!("{what}: {from}{path} never answered {status} (last: {:?}){}", self.get(from, path), self.logs());
+        };
+        body
+    }
+}
+
+/// Workload certificates' TTL in the mTLS test: renewed about every 6 s.
+const CERT_TTL_S: u64 = 12;
+
+/// web's app calls api through web's sidecar here (the Sidecar's egress bind).
+const FROM_WEB: &str = "127.0.0.1:9090";
+/// batch's app calls api here.
+const FROM_BATCH: &str = "127.0.2.40:9090";
+/// api's sidecar, on api's pod IP.
+const API_HTTP: &str = "127.0.2.20:9090";
+
+#[test]
+fn sidecars_talk_mesh_mtls_and_policies_see_the_callers_identity() {
+    let mut mesh = MtlsMesh::start();
+    let root = mesh.node.root();
+
+    // web → api over mTLS: api's app sees web's identity, and api's sidecar says who it is.
+    let body = mesh.expect(FROM_WEB, "/", 200, "web calls api");
+    assert!(body.contains("URI=spiffe://cluster.local/ns/secure/sa/web"), "{body}");
+    assert!(body.contains("By=spiffe://cluster.local/ns/secure/sa/api"), "{body}");
+    assert!(
+        counter(mesh.admin[API_ENVOY], &["listener.", "_9090.ssl.versions.TLSv1.3"]) > 0,
+        "TLS 1.3 on api's inbound"
+    );
+    assert!(
+        counter(mesh.admin[WEB_ENVOY], &["cluster.outbound|9090||api.", "ssl.versions.TLSv1.3"]) > 0,
+        "and on web's side"
+    );
+    let (version, identity) =
+        peer(&relocate(API_HTTP), &root).expect("api's sidecar serves TLS with a mesh certificate");
+    assert_eq!((version.as_str(), identity), ("TLSv1.3", SpiffeId::new("cluster.local", "secure", "api")));
+
+    // STRICT (the namespace): plain text to api's HTTP port is cut off without an answer.
+    assert!(http_get(&relocate(API_HTTP), API_HOST, "/", &[]).is_err(), "STRICT answered plain text");
+
+    // PERMISSIVE (api's port 7000): plain text and mTLS both reach the app.
+    let api_tcp = relocate("127.0.2.20:7000");
+    assert_eq!(tcp_echo(&api_tcp, "plain").unwrap(), "api-v1 tcp: plain");
+    let handshakes = counter(mesh.admin[API_ENVOY], &["_7000.ssl.handshake"]);
+    let via_web = eventually(Duration::from_secs(10), || tcp_echo(&(relocate("127.0.0.1") + ":7000"), "mesh").ok());
+    assert_eq!(via_web.as_deref(), Some("api-v1 tcp: mesh"), "{}", mesh.logs());
+    assert!(counter(mesh.admin[API_ENVOY], &["_7000.ssl.handshake"]) > handshakes, "web's TCP came over TLS");
+
+    // ALLOW by principal: batch (namespace other) is refused, web is not.
+    mesh.expect(FROM_BATCH, "/", 403, "only web's principal is allowed");
+    // ALLOW by namespace: batch's namespace may call too.
+    let by_namespace = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: api-from-other, namespace: secure}\n\
+        spec:\n  selector: {matchLabels: {app: api}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {namespaces: [other]}\n";
+    mesh.write("by-namespace.yaml", Some(by_namespace));
+    let body = mesh.expect(FROM_BATCH, "/", 200, "namespace other allowed");
+    assert!(body.contains("URI=spiffe://cluster.local/ns/other/sa/batch"), "{body}");
+    // DENY by principal: web may no longer reach /admin; batch still may.
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: no-admin-for-web, namespace: secure}\n\
+        spec:\n  selector: {matchLabels: {app: api}}\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/secure/sa/web]}\n    to:\n    - operation: {paths: [/admin*]}\n";
+    mesh.write("deny.yaml", Some(deny));
+    mesh.expect(FROM_WEB, "/admin", 403, "DENY by principal");
+    assert_eq!(mesh.get(FROM_WEB, "/").unwrap().0, 200, "the DENY rule is for /admin only");
+    assert_eq!(mesh.get(FROM_BATCH, "/admin").unwrap().0, 200, "the DENY rule is for web only");
+    mesh.write("deny.yaml", None);
+    mesh.write("by-namespace.yaml", None);
+    mesh.expect(FROM_BATCH, "/", 403, "the namespace policy removed");
+
+    // DISABLE (api's workload mode) with port 7000 STRICT: HTTP is plain text only — web's
+    // sidecar sends it without TLS, so no principal, and the principal policy refuses it; a
+    // direct plain-text request gets the same answer; TLS is not spoken. Port 7000 turns mTLS only.
+    mesh.write("mesh.yaml", Some(&MtlsMesh::mesh_text(true)));
+    let body = mesh.expect(FROM_WEB, "/", 403, "DISABLE: web's request arrives without an identity");
+    assert!(body.contains("RBAC"), "{body}");
+    assert_eq!(http_get(&relocate(API_HTTP), API_HOST, "/", &[]).map(|r| r.0).ok(), Some(403), "plain text is served");
+    assert!(peer(&relocate(API_HTTP), &root).is_none(), "DISABLE still speaks TLS");
+    let plain_refused = eventually(Duration::from_secs(30), || tcp_echo(&api_tcp, "plain").is_err().then_some(()));
+    assert!(plain_refused.is_some(), "port 7000 STRICT still takes plain text{}", mesh.logs());
+    assert_eq!(tcp_echo(&(relocate("127.0.0.1") + ":7000"), "mesh").unwrap(), "api-v1 tcp: mesh");
+    mesh.write("mesh.yaml", Some(&MtlsMesh::mesh_text(false)));
+    mesh.expect(FROM_WEB, "/", 200, "STRICT again");
+
+    // Rotation under a steady request loop: api's serial changes twice, no request fails.
+    let mut seen = serials(mesh.admin[API_ENVOY]);
+    let (mut requests, mut failures) = (0, Vec::new());
+    let start = Instant::now();
+    while seen.len() < 3 && start.elapsed() < Duration::from_secs(CERT_TTL_S * 4) && requests < 2000 {
+        requests += 1;
+        match mesh.get(FROM_WEB, "/") {
+            Ok((200, _)) => {}
+            other => failures.push(format!("{other:?}")),
+        }
+        seen.extend(serials(mesh.admin[API_ENVOY]));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        seen.len() >= 3,
+        "api's certificate did not rotate twice in {:?}: {seen:?}{}",
+        start.elapsed(),
+        mesh.logs()
+    );
+    assert!(failures.is_empty(), "{} of {requests} requests failed across rotations: {failures:?}", failures.len());
+    eprintln!("rotation: {} serials of api in {:?}, {requests} requests, none failed", seen.len(), start.elapsed());
+
+    // kill -9 of the agent: the sidecars keep serving on the certificates they hold.
+    mesh.node.agent.as_mut().unwrap().kill();
+    let before = serials(mesh.admin[API_ENVOY]);
+    for i in 0..20 {
+        assert_eq!(mesh.get(FROM_WEB, "/").map(|r| r.0).ok(), Some(200), "request {i} with the agent gone");
+    }
+    // The restarted agent knows the running workloads again (their cgroups) and serves them:
+    // api gets a new certificate, and requests keep working past the old one's expiry.
+    mesh.node.start_agent();
+    let renewed = eventually(Duration::from_secs(CERT_TTL_S * 2), || {
+        serials(mesh.admin[API_ENVOY]).iter().any(|s| !before.contains(s)).then_some(())
+    });
+    assert!(renewed.is_some(), "the restarted agent served no new certificate{}", mesh.logs());
+    std::thread::sleep(Duration::from_secs(CERT_TTL_S / 2));
+    mesh.expect(FROM_WEB, "/", 200, "after the restarted agent's certificates");
+
+    // serve restarted on the same state dir: the same root, so certificates issued before still
+    // verify, and the agent gets new ones from the restarted CA.
+    let root_before = std::fs::read(&root).unwrap();
+    mesh.node.serve.as_mut().unwrap().kill();
+    mesh.node.start_serve();
+    assert_eq!(std::fs::read(&root).unwrap(), root_before, "serve made a new root on restart");
+    assert_eq!(mesh.get(FROM_WEB, "/").map(|r| r.0).ok(), Some(200), "certificates from before the restart");
+    let before = serials(mesh.admin[API_ENVOY]);
+    let renewed = eventually(Duration::from_secs(CERT_TTL_S * 2), || {
+        serials(mesh.admin[API_ENVOY]).iter().any(|s| !before.contains(s)).then_some(())
+    });
+    assert!(renewed.is_some(), "no certificate from the restarted CA{}", mesh.logs());
+    mesh.expect(FROM_WEB, "/", 200, "after serve's restart");
+    drop(std::mem::take(&mut mesh.envoys));
 }
