@@ -418,7 +418,9 @@ impl MtlsMesh {
 /// Workload certificates' TTL in the mTLS test: renewed about every 6 s.
 const CERT_TTL_S: u64 = 12;
 
-/// web's app calls api through web's sidecar here (the Sidecar's egress bind).
+/// web's app calls api through web's sidecar here (the Sidecar's egress bind), as written in
+/// examples/mtls: [`MtlsMesh::get`] moves it into this run's own 127.<n>.0.0/16 block, so the
+/// port is fixed by the config but never bound on 127.0.0.1.
 const FROM_WEB: &str = "127.0.0.1:9090";
 /// batch's app calls api here.
 const FROM_BATCH: &str = "127.0.2.40:9090";
