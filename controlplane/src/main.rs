@@ -215,6 +215,10 @@ struct AgentArgs {
     /// Workload certificate lifetime to ask for, in seconds (default: the CA's, 24 h).
     #[arg(long)]
     workload_cert_ttl_s: Option<u64>,
+    /// Load no eBPF programs: only make workload cgroups for `sluice run` and serve SDS (for
+    /// meshes that run only sidecars).
+    #[arg(long, requires = "sds_socket")]
+    sds_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -440,6 +444,11 @@ fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     trust_domain: args.trust_domain,
                     ttl: args.workload_cert_ttl_s.map(std::time::Duration::from_secs),
                 }),
+                programs: if args.sds_only {
+                    sluice_dataplane::agent::Programs::Skip
+                } else {
+                    sluice_dataplane::agent::Programs::Load
+                },
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(sluice_dataplane::agent::run(config))?;

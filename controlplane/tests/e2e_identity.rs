@@ -33,14 +33,18 @@ struct Node {
     xds: u16,
     tls: u16,
     monitoring: u16,
+    agent_metrics: u16,
     cert_ttl_s: Option<u64>,
+    /// The agent loads no eBPF programs (`--sds-only`).
+    sds_only: bool,
     sandbox: Sandbox,
     dir: tempfile::TempDir,
 }
 
 impl Node {
-    /// Serves `config`; the agent asks for certificates of `cert_ttl_s` (the CA's default if None).
-    fn start(tag: &str, config: &Path, cert_ttl_s: Option<u64>) -> Node {
+    /// Serves `config`; the agent asks for certificates of `cert_ttl_s` (the CA's default if None)
+    /// and, if `sds_only`, loads no programs.
+    fn start(tag: &str, config: &Path, cert_ttl_s: Option<u64>, sds_only: bool) -> Node {
         assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
         let sandbox = Sandbox::new(tag).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -54,7 +58,9 @@ impl Node {
             xds: free_port(),
             tls: free_port(),
             monitoring: free_port(),
+            agent_metrics: free_port(),
             cert_ttl_s,
+            sds_only,
             sandbox,
             dir,
         };
@@ -118,7 +124,7 @@ impl Node {
             .arg(&self.sandbox.pin_dir)
             .arg("--socket")
             .arg(self.path("agent.sock"))
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", self.agent_metrics)])
             .arg("--sds-socket")
             .arg(self.path("sds.sock"))
             .args(["--ca-addr", &format!("127.0.0.1:{}", self.tls), "--ca-name", "localhost"])
@@ -129,6 +135,9 @@ impl Node {
             .env("RUST_LOG", "info");
         if let Some(ttl) = self.cert_ttl_s {
             cmd.args(["--workload-cert-ttl-s", &ttl.to_string()]);
+        }
+        if self.sds_only {
+            cmd.arg("--sds-only");
         }
         // Appends: a restarted agent's log follows the first one's.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path("agent.log")).unwrap();
@@ -235,8 +244,15 @@ fn tls_listener_bootstrap(workload: &str, port: u16, sds: &Path) -> String {
 }
 
 #[test]
-fn each_envoy_gets_its_own_workloads_certificate_from_the_agents_sds() {
-    let node = Node::start("e2e-identity", &common::root().join("examples/bookinfo"), None);
+fn each_envoy_gets_its_own_workloads_certificate_from_an_sds_only_agent() {
+    let node = Node::start("e2e-identity", &common::root().join("examples/bookinfo"), None, true);
+    // SDS without eBPF: nothing loaded, nothing pinned, and /ready says so.
+    let agent = format!("127.0.0.1:{}", node.agent_metrics);
+    let ready =
+        eventually(Duration::from_secs(10), || http_get(&agent, "x", "/ready", &[]).ok().filter(|r| r.0 == 200));
+    let ready = ready.expect("the agent is ready").1;
+    assert!(ready.contains(r#""programs":"not_loaded""#), "{ready}");
+    assert!(!node.sandbox.pin_dir.exists(), "an SDS-only agent pins nothing");
     let start = |workload: &str, port: u16| -> Proc {
         let config = node.path(&format!("{workload}.json"));
         std::fs::write(&config, tls_listener_bootstrap(workload, port, &node.path("sds.sock"))).unwrap();
@@ -258,6 +274,8 @@ fn each_envoy_gets_its_own_workloads_certificate_from_the_agents_sds() {
     }
     let agent_log = node.log("agent.log");
     assert!(agent_log.contains("workload certificate issued"), "{agent_log}");
+    assert!(agent_log.contains("no eBPF programs loaded"), "{agent_log}");
+    assert!(!node.sandbox.pin_dir.exists(), "an SDS-only agent pins nothing");
 }
 
 /// batch's node id in `examples/mtls` (namespace `other`).
@@ -331,7 +349,7 @@ impl MtlsMesh {
         let cfg = tempfile::tempdir().unwrap();
         std::fs::write(cfg.path().join("mesh.yaml"), Self::mesh_text(false)).unwrap();
         // A short TTL: certificates rotate every few seconds all through the test.
-        let node = Node::start("e2e-mtls", cfg.path(), Some(CERT_TTL_S));
+        let node = Node::start("e2e-mtls", cfg.path(), Some(CERT_TTL_S), false);
         let app = Proc::spawn(
             "api app",
             Command::new("python3").arg(common::root().join("examples/mtls/apps.py")).args([

@@ -47,6 +47,19 @@ pub struct AgentConfig {
     pub node_proxy: Option<std::net::IpAddr>,
     /// Workload certificates over SDS. None: no SDS.
     pub sds: Option<SdsConfig>,
+    /// Whether the eBPF programs are loaded.
+    pub programs: Programs,
+}
+
+/// Whether the agent loads its eBPF programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Programs {
+    /// Attach (or adopt) the programs and keep their maps equal to the served config.
+    #[default]
+    Load,
+    /// Load nothing and pin nothing: the agent only makes workload cgroups and serves SDS, for
+    /// meshes that run only sidecars (or a kernel without cgroup BPF).
+    Skip,
 }
 
 /// How the agent gets and serves workload certificates.
@@ -98,12 +111,36 @@ struct Registered {
     since: Instant,
 }
 
-/// What the agent holds: the attached data plane, the resources last received, and the
-/// workload cgroups it created.
-pub struct AgentState {
+/// The attached programs and what the agent wrote into their maps.
+struct Kernel {
     dataplane: Dataplane,
     sync: MapSync,
     policy: PolicySync,
+}
+
+impl Kernel {
+    /// Attaches or adopts the programs and points node-mode traffic at `node_proxy`.
+    fn attach(config: &AgentConfig) -> Result<Self> {
+        ensure_bpffs()?;
+        let mut dataplane = Dataplane::attach(&config.pin_dir, &config.cgroup)?;
+        match config.node_proxy {
+            Some(ip) => dataplane
+                .maps
+                .node_proxy
+                .insert(0, crate::sync::addr(ip), 0)
+                .map_err(crate::map_error(maps::NODE_PROXY))?,
+            None => crate::deleted(dataplane.maps.node_proxy.remove(&0), maps::NODE_PROXY)?,
+        }
+        let sync = MapSync::adopt(&dataplane.maps)?;
+        let policy = PolicySync::adopt(&dataplane.maps)?;
+        Ok(Self { dataplane, sync, policy })
+    }
+}
+
+/// What the agent holds: the attached data plane (unless [`Programs::Skip`]), the resources
+/// last received, and the workload cgroups it created.
+pub struct AgentState {
+    kernel: Option<Kernel>,
     services: HeldSet<HeldService>,
     workloads: HeldSet<HeldWorkload>,
     /// Addresses of the workloads the responses since the last complete change touched.
@@ -118,27 +155,17 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    /// Attaches or adopts the data plane and finds the workload cgroups an earlier agent made.
+    /// Attaches or adopts the data plane (unless told to skip it) and finds the workload
+    /// cgroups an earlier agent made.
     pub fn start(config: &AgentConfig, metrics: Arc<AgentMetrics>) -> Result<Self> {
-        ensure_bpffs()?;
-        let dataplane = Dataplane::attach(&config.pin_dir, &config.cgroup)?;
-        let mut dataplane = dataplane;
-        match config.node_proxy {
-            Some(ip) => dataplane
-                .maps
-                .node_proxy
-                .insert(0, crate::sync::addr(ip), 0)
-                .map_err(crate::map_error(maps::NODE_PROXY))?,
-            None => crate::deleted(dataplane.maps.node_proxy.remove(&0), maps::NODE_PROXY)?,
-        }
-        let sync = MapSync::adopt(&dataplane.maps)?;
-        let policy = PolicySync::adopt(&dataplane.maps)?;
+        let kernel = match config.programs {
+            Programs::Load => Some(Kernel::attach(config)?),
+            Programs::Skip => None,
+        };
         let workload_root = config.cgroup.join(WORKLOADS_DIR);
         cgroup::create(&workload_root)?;
         let mut state = Self {
-            dataplane,
-            sync,
-            policy,
+            kernel,
             services: HeldSet::new(),
             workloads: HeldSet::new(),
             touched: BTreeSet::new(),
@@ -149,19 +176,29 @@ impl AgentState {
             metrics,
         };
         state.rescan()?;
-        tracing::info!(adopted = state.dataplane.adopted, workloads = state.registered.len(), "data plane ready");
+        match &state.kernel {
+            Some(k) => {
+                tracing::info!(adopted = k.dataplane.adopted, workloads = state.registered.len(), "data plane ready")
+            }
+            None => tracing::info!(workloads = state.registered.len(), "no eBPF programs loaded (SDS only)"),
+        }
         Ok(state)
     }
 
-    /// Where the programs are attached, for `/ready`.
-    pub fn attachment(&self) -> crate::metrics::Attachment {
-        let dp = &self.dataplane;
-        crate::metrics::Attachment {
+    /// Where the programs are attached (None: not loaded), for `/ready`.
+    pub fn attachment(&self) -> Option<crate::metrics::Attachment> {
+        let dp = &self.kernel.as_ref()?.dataplane;
+        Some(crate::metrics::Attachment {
             cgroup: dp.cgroup.display().to_string(),
             cgroup_id: dp.cgroup_id,
             pin_dir: dp.pin_dir.display().to_string(),
             adopted: dp.adopted,
-        }
+        })
+    }
+
+    /// The resource types to subscribe to: services are only for the maps.
+    pub fn types(&self) -> &'static [&'static str] {
+        if self.kernel.is_some() { &[SERVICE_TYPE, WORKLOAD_TYPE] } else { &[WORKLOAD_TYPE] }
     }
 
     /// Workload cgroups are named `<namespace>_<name>_<n>` (Kubernetes names have no `_`).
@@ -216,14 +253,16 @@ impl AgentState {
             WORKLOAD_TYPE => {
                 let (_, undo) = update::<KernelWorkload>(&mut self.workloads, response)?;
                 // A full rewrite (the first change, or after one failed) touches every address.
-                if !self.policy.rewrites_all() {
+                if let Some(kernel) = self.kernel.as_mut()
+                    && !kernel.policy.rewrites_all()
+                {
                     let before = undo.before.iter().filter_map(|(_, old)| old.as_ref());
                     let addrs = before.chain(undo.removed.iter().map(|(_, old)| old)).map(|w| w.value.addr);
                     let after = undo.before.iter().filter_map(|(n, _)| self.workloads.get(n)).map(|w| w.value.addr);
                     self.touched.extend(addrs.chain(after));
                     if self.touched.len() > 1024 && self.touched.len() > self.workloads.len() / 4 {
                         self.touched.clear();
-                        self.policy.rewrite_all();
+                        kernel.policy.rewrite_all();
                     }
                 }
                 // The policy sync walks every held workload: once per change, not per part.
@@ -264,13 +303,19 @@ impl AgentState {
         complete: bool,
     ) -> Result<ApplyStats> {
         let reconcile = complete && !self.received.contains(SERVICE_TYPE);
+        let Some(kernel) = self.kernel.as_mut() else {
+            if complete {
+                self.received.insert(SERVICE_TYPE.to_string());
+            }
+            return Ok(ApplyStats::default());
+        };
         let removed: Vec<ServiceKey> = if reconcile {
             let keep: BTreeSet<ServiceKey> = self.services.values().map(|s| s.key).collect();
-            self.sync.service_keys().filter(|k| !keep.contains(k)).collect()
+            kernel.sync.service_keys().filter(|k| !keep.contains(k)).collect()
         } else {
             undo.removed.iter().map(|(_, s)| s.key).collect()
         };
-        let stats = self.sync.apply_changes(&mut self.dataplane.maps, &services, &removed, Instant::now())?;
+        let stats = kernel.sync.apply_changes(&mut kernel.dataplane.maps, &services, &removed, Instant::now())?;
         // Only a reconcile that succeeded lets later responses be applied as deltas.
         if reconcile {
             self.received.insert(SERVICE_TYPE.to_string());
@@ -282,18 +327,18 @@ impl AgentState {
     /// registered cgroups (policy sets first: an entry must not point at a set not yet written).
     fn apply_workloads(&mut self) -> Result<()> {
         let touched = std::mem::take(&mut self.touched);
-        let workloads = self.workloads.iter();
-        self.policy.apply(&mut self.dataplane.maps, workloads, touched, Instant::now())?;
+        let Some(Kernel { dataplane, policy, .. }) = self.kernel.as_mut() else { return Ok(()) };
+        policy.apply(&mut dataplane.maps, self.workloads.iter(), touched, Instant::now())?;
         for (id, r) in &self.registered {
             let wanted = self.workloads.get(r.workload.as_str()).map(|w| w.value);
-            let current = self.dataplane.maps.workloads.get(id, 0).ok();
+            let current = dataplane.maps.workloads.get(id, 0).ok();
             match wanted {
                 Some(v) if current != Some(v) => {
-                    self.dataplane.maps.workloads.insert(id, v, 0).map_err(crate::map_error(maps::WORKLOADS))?
+                    dataplane.maps.workloads.insert(id, v, 0).map_err(crate::map_error(maps::WORKLOADS))?
                 }
                 // Gone from the config: its processes are no longer a mesh workload.
                 None if current.is_some() => {
-                    self.dataplane.maps.workloads.remove(id).map_err(crate::map_error(maps::WORKLOADS))?
+                    dataplane.maps.workloads.remove(id).map_err(crate::map_error(maps::WORKLOADS))?
                 }
                 _ => {}
             }
@@ -327,7 +372,9 @@ impl AgentState {
         self.next_seq += 1;
         cgroup::create(&path)?;
         let id = cgroup::cgroup_id(&path)?;
-        self.dataplane.maps.workloads.insert(id, w.value, 0).map_err(crate::map_error(maps::WORKLOADS))?;
+        if let Some(kernel) = self.kernel.as_mut() {
+            kernel.dataplane.maps.workloads.insert(id, w.value, 0).map_err(crate::map_error(maps::WORKLOADS))?;
+        }
         self.registered.insert(id, Registered { workload: key, path: path.clone(), since: Instant::now() });
         self.metrics.workloads.set(self.registered.len() as i64);
         Ok(path)
@@ -336,8 +383,10 @@ impl AgentState {
     /// Deletes what became unreferenced past the grace period, and the workload cgroups whose
     /// processes have all exited.
     pub fn housekeeping(&mut self) -> Result<()> {
-        self.sync.collect(&mut self.dataplane.maps, Instant::now())?;
-        self.policy.collect(&mut self.dataplane.maps, Instant::now())?;
+        if let Some(Kernel { dataplane, sync, policy }) = self.kernel.as_mut() {
+            sync.collect(&mut dataplane.maps, Instant::now())?;
+            policy.collect(&mut dataplane.maps, Instant::now())?;
+        }
         let empty: Vec<u64> = self
             .registered
             .iter()
@@ -346,7 +395,9 @@ impl AgentState {
             .collect();
         for id in empty {
             let r = self.registered.remove(&id).expect("listed");
-            crate::deleted(self.dataplane.maps.workloads.remove(&id), maps::WORKLOADS)?;
+            if let Some(kernel) = self.kernel.as_mut() {
+                crate::deleted(kernel.dataplane.maps.workloads.remove(&id), maps::WORKLOADS)?;
+            }
             cgroup::remove(&r.path)?;
             tracing::info!(workload = %r.workload, cgroup = %r.path.display(), "workload exited");
         }
@@ -363,7 +414,9 @@ fn populated(path: &Path) -> bool {
 /// Runs the agent until SIGINT or SIGTERM. The programs stay attached and pinned when it
 /// exits, so connections keep being balanced and the next agent adopts them.
 pub async fn run(config: AgentConfig) -> Result<()> {
-    crate::loader::object()?;
+    if config.programs == Programs::Load {
+        crate::loader::object()?;
+    }
     let metrics = Arc::new(AgentMetrics::default());
     // Every port and socket is bound before anything is pinned: a start that fails here leaves
     // nothing behind for the next agent to adopt.

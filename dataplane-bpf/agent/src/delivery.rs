@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use sluice_dataplane_api::{AGENT_NODE_PREFIX, SERVICE_TYPE, WORKLOAD_TYPE};
+use sluice_dataplane_api::AGENT_NODE_PREFIX;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -16,9 +16,6 @@ use crate::{DataplaneError, Result};
 
 /// Largest response the agent accepts, as the server's sending limit.
 const MAX_MESSAGE: usize = 256 * 1024 * 1024;
-
-/// The resource types an agent subscribes to, in the order it subscribes.
-pub const TYPES: [&str; 2] = [SERVICE_TYPE, WORKLOAD_TYPE];
 
 fn xds_err(what: &str) -> impl FnOnce(tonic::Status) -> DataplaneError + '_ {
     move |s| DataplaneError::Xds(format!("{what}: {}", s.message()))
@@ -34,7 +31,8 @@ pub async fn stream(addr: &str, node: &str, state: &Arc<Mutex<AgentState>>) -> R
         .max_decoding_message_size(MAX_MESSAGE);
     let (tx, rx) = mpsc::channel(16);
     let node = Node { id: format!("{AGENT_NODE_PREFIX}{node}"), ..Default::default() };
-    for type_url in TYPES {
+    let types = state.lock().expect("agent state").types();
+    for &type_url in types {
         let initial_resource_versions = state.lock().expect("agent state").versions(type_url);
         let request = DeltaDiscoveryRequest {
             node: Some(node.clone()),

@@ -37,11 +37,21 @@ pub struct Attachment {
     pub adopted: bool,
 }
 
+/// What `/ready` reports: where the programs are attached, or that none are loaded.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "programs", rename_all = "snake_case")]
+pub enum Readiness {
+    /// The programs are attached (or adopted) and checked.
+    Attached(Attachment),
+    /// The agent runs without eBPF programs (SDS and workload cgroups only).
+    NotLoaded,
+}
+
 /// All metrics of the agent.
 pub struct AgentMetrics {
     registry: Registry,
-    /// Set once the programs are attached (or adopted) and checked: until then `/ready` is 503.
-    ready: std::sync::OnceLock<Attachment>,
+    /// Set once the agent is started (its programs attached, if any): until then `/ready` is 503.
+    ready: std::sync::OnceLock<Readiness>,
     /// 1 while an xDS stream is open.
     pub connected: Gauge,
     /// Services held.
@@ -87,9 +97,9 @@ impl AgentMetrics {
         self.apply_time.observe(elapsed.as_secs_f64());
     }
 
-    /// Marks the agent ready, attached as `attachment` says.
-    pub fn set_ready(&self, attachment: Attachment) {
-        let _ = self.ready.set(attachment);
+    /// Marks the agent ready, attached as `attachment` says (None: no programs loaded).
+    pub fn set_ready(&self, attachment: Option<Attachment>) {
+        let _ = self.ready.set(attachment.map_or(Readiness::NotLoaded, Readiness::Attached));
     }
 
     /// The OpenMetrics text.
@@ -119,7 +129,7 @@ pub fn router(metrics: Arc<AgentMetrics>) -> Router {
             get(move || {
                 let answer = match ready.ready.get() {
                     Some(a) => (StatusCode::OK, axum::Json(serde_json::json!(a))).into_response(),
-                    None => (StatusCode::SERVICE_UNAVAILABLE, "attaching the programs\n").into_response(),
+                    None => (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response(),
                 };
                 async move { answer }
             }),

@@ -357,6 +357,7 @@ fn a_failed_start_leaves_nothing_to_adopt_and_ready_names_the_cgroup() {
         socket: socket.clone(),
         node_proxy: None,
         sds: None,
+        programs: sluice_dataplane::agent::Programs::Load,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let err = runtime.block_on(sluice_dataplane::agent::run(config.clone())).unwrap_err().to_string();
@@ -393,6 +394,7 @@ fn a_failed_start_leaves_nothing_to_adopt_and_ready_names_the_cgroup() {
     let _ = std::fs::remove_file(&socket);
     let (_, body) = ready.expect("the agent became ready");
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["programs"], "attached", "{ready}");
     assert_eq!(ready["cgroup"], sandbox.cgroup.display().to_string(), "{ready}");
     assert_eq!(ready["cgroup_id"], cgroup::cgroup_id(&sandbox.cgroup).unwrap(), "{ready}");
     assert_eq!(ready["adopted"], false, "{ready}");
