@@ -150,9 +150,90 @@ impl Authenticator for MeshAuthenticator {
     }
 }
 
+/// xDS on the TLS port, as istiod authorizes it: the caller is authenticated as for the CSR
+/// API (a client certificate of the mesh, or a node token), and may have only the config of
+/// node ids that are its own.
+pub struct XdsAuthorizer {
+    authenticator: Arc<MeshAuthenticator>,
+}
+
+impl XdsAuthorizer {
+    /// Callers authenticated by `authenticator`.
+    pub fn new(authenticator: Arc<MeshAuthenticator>) -> Self {
+        Self { authenticator }
+    }
+}
+
+impl sluice_xds::authorization::Authorizer for XdsAuthorizer {
+    fn authorize<'a>(
+        &'a self,
+        caller: &'a sluice_xds::authorization::StreamCaller,
+        node: &'a sluice_xds::server::NodeInfo,
+    ) -> BoxFuture<'a, Result<(), tonic::Status>> {
+        Box::pin(async move {
+            let credentials = Credentials::of(&caller.headers, &caller.extensions);
+            let who = sluice_identity::service::authenticate(&*self.authenticator, &credentials, "xDS stream").await?;
+            may_have(&who, &node.id, node.metadata.get(SERVICE_ACCOUNT_METADATA).map(String::as_str))
+                .map_err(tonic::Status::permission_denied)
+        })
+    }
+}
+
+/// The node metadata field istiod checks a workload identity's service account against.
+const SERVICE_ACCOUNT_METADATA: &str = "SERVICE_ACCOUNT";
+
+/// Whether `caller` may have the config of node `node_id` (whose metadata names
+/// `service_account`, if any). A workload: a sidecar or router of its namespace, and of its
+/// service account when the node says which (istiod's rule). A node agent: its own node's
+/// agent stream only.
+pub fn may_have(caller: &Caller, node_id: &str, service_account: Option<&str>) -> Result<(), String> {
+    let agent_of = node_id.strip_prefix(sluice_translator::dataplane::AGENT_NODE_PREFIX);
+    match (caller, agent_of) {
+        (Caller::NodeAgent(node), Some(of)) if of == node => Ok(()),
+        (Caller::NodeAgent(node), _) => Err(format!(
+            "the node agent of {node} may have only the config of {}{node}, not of {node_id}",
+            sluice_translator::dataplane::AGENT_NODE_PREFIX
+        )),
+        (Caller::Workload(id), Some(_)) => Err(format!("{id} may not have a node agent's config ({node_id})")),
+        (Caller::Workload(id), None) => {
+            let node = sluice_translator::envoy::NodeId::parse(node_id).map_err(|e| e.to_string())?;
+            if node.namespace != id.namespace {
+                return Err(format!(
+                    "{id} may not have the config of {node_id}: the proxy is in namespace {}, the identity in {}",
+                    node.namespace, id.namespace
+                ));
+            }
+            match service_account {
+                Some(sa) if !sa.is_empty() && sa != id.service_account => Err(format!(
+                    "{id} may not have the config of {node_id}: its metadata {SERVICE_ACCOUNT_METADATA} is {sa}"
+                )),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_caller_has_only_its_own_proxies_config() {
+        let web = Caller::Workload(SpiffeId::new("cluster.local", "secure", "web"));
+        let sidecar = "sidecar~127.0.2.10~web-v1.secure~secure.svc.cluster.local";
+        assert_eq!(may_have(&web, sidecar, None), Ok(()));
+        assert_eq!(may_have(&web, sidecar, Some("web")), Ok(()));
+        let other_sa = may_have(&web, sidecar, Some("api")).unwrap_err();
+        assert!(other_sa.contains("SERVICE_ACCOUNT is api"), "{other_sa}");
+        let other_ns = may_have(&web, "sidecar~127.0.2.40~batch-v1.other~other.svc.cluster.local", None).unwrap_err();
+        assert!(other_ns.contains("namespace other") && other_ns.contains("in secure"), "{other_ns}");
+        assert!(may_have(&web, "agent~node-1", None).unwrap_err().contains("node agent's config"));
+        assert!(may_have(&web, "nonsense", None).unwrap_err().contains("four"));
+        let agent = Caller::NodeAgent("node-1".into());
+        assert_eq!(may_have(&agent, "agent~node-1", None), Ok(()));
+        assert!(may_have(&agent, "agent~node-2", None).unwrap_err().contains("only the config of agent~node-1"));
+        assert!(may_have(&agent, sidecar, None).is_err());
+    }
 
     #[test]
     fn node_tokens_are_parsed_strictly_and_looked_up_by_token() {

@@ -30,6 +30,13 @@ fn short(type_url: &str) -> String {
     }
 }
 
+/// Why an xDS stream was refused: its gRPC status code (`unauthenticated`, `permission_denied`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The status code, in snake case.
+    pub code: String,
+}
+
 /// All metrics of the control plane.
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +49,7 @@ pub struct Metrics {
     rejected_objects: Gauge,
     generation_failures: Counter,
     stale_proxies: Gauge,
+    refused_streams: Family<CodeLabel, Counter>,
     /// When each config version was first seen (file event time).
     version_times: Mutex<BTreeMap<u64, Instant>>,
     /// When each proxy connected: a version older than its stream is not a push it converged on.
@@ -102,8 +110,15 @@ impl Metrics {
             "Proxies whose latest snapshot could not be generated: they are served a stale config",
             stale_proxies.clone(),
         );
+        let refused_streams = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "sluice_xds_refused_streams",
+            "xDS streams refused on the TLS port: caller not authenticated, or asking for another's node",
+            refused_streams.clone(),
+        );
         Self {
             registry,
+            refused_streams,
             connected,
             generation_failures,
             stale_proxies,
@@ -165,6 +180,15 @@ impl Observer for Metrics {
 
     fn stale(&self, streams: usize) {
         self.stale_proxies.set(i64::try_from(streams).unwrap_or(i64::MAX));
+    }
+
+    fn refused(&self, _node: &NodeInfo, status: &tonic::Status) {
+        let code = match status.code() {
+            tonic::Code::Unauthenticated => "unauthenticated",
+            tonic::Code::PermissionDenied => "permission_denied",
+            _ => "other",
+        };
+        self.refused_streams.get_or_create(&CodeLabel { code: code.into() }).inc();
     }
 
     fn nacked(&self, _node: &str, type_url: &str, _message: &str) {

@@ -314,14 +314,17 @@ pub async fn serve(
                 None => NodeTokens::default(),
             };
             let authenticator = Arc::new(MeshAuthenticator::new(tokens, generator.clone()));
+            let authorizer: Arc<dyn sluice_xds::authorization::Authorizer> =
+                Arc::new(crate::certificates::XdsAuthorizer::new(authenticator.clone()));
             let csr = CertificateService::new(ca, authenticator, &options.ca.trust_domain);
             let listener = tokio::net::TcpListener::bind(tls.addr)
                 .await
                 .with_context(|| format!("binding xDS TLS address {}", tls.addr))?;
-            tracing::info!(xds_tls = %listener.local_addr()?, mutual = tls.client_ca.is_some(), "listening (xDS and Istio's CSR API)");
+            tracing::info!(xds_tls = %listener.local_addr()?, mutual = tls.client_ca.is_some(),
+                "listening (xDS and Istio's CSR API; a caller has only the config of its own proxies)");
             let (xds, stop) = (xds.clone(), wait(stop_rx.clone()));
             let extra = tonic::service::Routes::new(csr);
-            Some(tokio::spawn(async move { xds.serve_tls(listener, config, extra, stop).await }))
+            Some(tokio::spawn(async move { xds.serve_tls(listener, config, extra, Some(authorizer), stop).await }))
         }
         None => None,
     };

@@ -1,13 +1,15 @@
 //! The TLS port (istiod's 15012): xDS over mutual TLS with a configured CA (a client with a
 //! certificate from it gets its config; one without, or with another CA's, is turned away), and
 //! by default a port whose certificate sluice's own CA issues, serving xDS and Istio's CSR API.
+//! On both, a caller has only the config of its own proxies (istiod's rule): a workload's
+//! identity must be of the proxy's namespace, a node agent's token of its node.
 
 use std::path::Path;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
@@ -34,9 +36,13 @@ fn ca(name: &str) -> Ca {
     Ca { pem, issuer: Issuer::new(params, key) }
 }
 
-/// A certificate and key signed by `ca`.
+/// A certificate and key signed by `ca` for `names` (DNS names, or SPIFFE URIs).
 fn leaf(ca: &Ca, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
-    let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let (uris, dns): (Vec<&str>, Vec<&str>) = names.iter().partition(|n| n.starts_with("spiffe://"));
+    let mut params = CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    for uri in uris {
+        params.subject_alt_names.push(rcgen::SanType::URI(uri.try_into().unwrap()));
+    }
     params.extended_key_usages = vec![usage];
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca.issuer).unwrap();
@@ -45,6 +51,24 @@ fn leaf(ca: &Ca, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, Str
 
 /// Asks for CDS over TLS as productpage's sidecar; the number of clusters it got, or why not.
 async fn clusters(addr: &str, ca: &str, identity: Option<&(String, String)>) -> Result<usize, String> {
+    discover(PRODUCTPAGE, CLUSTER_TYPE, addr, ca, identity, None).await
+}
+
+/// productpage's sidecar in Bookinfo.
+const PRODUCTPAGE: &str = "sidecar~127.0.1.10~productpage-v1.default~default.svc.cluster.local";
+
+const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+/// Asks for `type_url` over TLS as `node`, with a client certificate and a bearer token if
+/// given; the number of resources it got, or why not.
+async fn discover(
+    node: &str,
+    type_url: &str,
+    addr: &str,
+    ca: &str,
+    identity: Option<&(String, String)>,
+    token: Option<&str>,
+) -> Result<usize, String> {
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost");
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(cert, key));
@@ -58,23 +82,28 @@ async fn clusters(addr: &str, ca: &str, identity: Option<&(String, String)>) -> 
         .map_err(|e| format!("connect: {e:?}"))?;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(DiscoveryRequest {
-        node: Some(Node {
-            id: "sidecar~127.0.1.10~productpage-v1.default~default.svc.cluster.local".into(),
-            ..Default::default()
-        }),
-        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        node: Some(Node { id: node.into(), ..Default::default() }),
+        type_url: type_url.into(),
         ..Default::default()
     })
     .await
     .unwrap();
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let call = async {
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(token) = token {
+            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
         let mut stream = client
-            .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .stream_aggregated_resources(request)
             .await
-            .map_err(|e| format!("stream: {e}"))?
+            .map_err(|e| format!("stream: {:?}: {}", e.code(), e.message()))?
             .into_inner();
-        let response = stream.message().await.map_err(|e| format!("response: {e}"))?.ok_or("stream ended")?;
+        let response = stream
+            .message()
+            .await
+            .map_err(|e| format!("response: {:?}: {}", e.code(), e.message()))?
+            .ok_or("stream ended")?;
         let identifier = response.control_plane.map(|c| c.identifier);
         assert_eq!(identifier.as_deref(), Some("sluice-test"), "the configured server identifier");
         Ok(response.resources.len())
@@ -107,7 +136,14 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
     let dir = tempfile::tempdir().unwrap();
     let mesh_ca = ca("sluice test mesh CA");
     let (server_cert, server_key) = leaf(&mesh_ca, &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
-    let client = leaf(&mesh_ca, &["productpage.default"], ExtendedKeyUsagePurpose::ClientAuth);
+    let productpage = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
+    let client = leaf(&mesh_ca, &[productpage], ExtendedKeyUsagePurpose::ClientAuth);
+    let no_identity = leaf(&mesh_ca, &["productpage.default"], ExtendedKeyUsagePurpose::ClientAuth);
+    let elsewhere = leaf(
+        &mesh_ca,
+        &["spiffe://cluster.local/ns/other/sa/bookinfo-productpage"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
     let rogue = leaf(&ca("someone else's CA"), &["productpage.default"], ExtendedKeyUsagePurpose::ClientAuth);
     let write = |name: &str, pem: &str| {
         let path = dir.path().join(name);
@@ -143,6 +179,17 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
         assert!(anonymous.is_err(), "a client without a certificate is refused: {anonymous:?}");
         let stranger = clusters(&tls_addr, &mesh_ca.pem, Some(&rogue)).await;
         assert!(stranger.is_err(), "a certificate from another CA is refused: {stranger:?}");
+        // Of the CA but naming nobody: whose config it may have is unknown.
+        let nobody = clusters(&tls_addr, &mesh_ca.pem, Some(&no_identity)).await.unwrap_err();
+        assert!(nobody.contains("Unauthenticated"), "{nobody}");
+        // Another namespace's identity: not productpage's config.
+        let other = clusters(&tls_addr, &mesh_ca.pem, Some(&elsewhere)).await.unwrap_err();
+        assert!(other.contains("PermissionDenied") && other.contains("namespace default"), "{other}");
+        let refused = sluice_testkit::http_get(&monitoring, "x", "/metrics", &[]).unwrap().1;
+        for code in ["unauthenticated", "permission_denied"] {
+            let line = format!("sluice_xds_refused_streams_total{{code=\"{code}\"}} 1");
+            assert!(refused.contains(&line), "{line} in:\n{refused}");
+        }
     });
     let _ = stop.send(());
     runtime.block_on(server).unwrap().unwrap();
@@ -198,9 +245,26 @@ fn by_default_the_ca_issues_the_ports_certificate_and_signs_for_node_agents_and_
     let (runtime, stop, server) = start(options.clone());
     let root = std::fs::read_to_string(&root_file).expect("the root is published");
     let (leaf, key) = runtime.block_on(async {
-        // xDS over TLS, no client certificate: ztunnel and new workloads present none.
-        let got = clusters(&tls_addr, &root, None).await.expect("xDS without a client certificate");
-        assert!(got > 5, "{got}");
+        // xDS over TLS, no client certificate and no token: nobody's config.
+        let anonymous = clusters(&tls_addr, &root, None).await.unwrap_err();
+        assert!(anonymous.contains("Unauthenticated"), "{anonymous}");
+        // The node agent's token: its own agent stream, not a sidecar's.
+        let workloads = sluice_translator::dataplane::WORKLOAD_TYPE;
+        let agent = discover("agent~node-1", workloads, &tls_addr, &root, None, Some(token)).await;
+        assert!(agent.is_ok(), "the agent's stream is answered, not refused: {agent:?}");
+        // Delta streams pass the same check.
+        let mut ads = AggregatedDiscoveryServiceClient::new(tls_channel(&tls_addr, &root, None).await);
+        let request = DeltaDiscoveryRequest {
+            node: Some(Node { id: PRODUCTPAGE.into(), ..Default::default() }),
+            type_url: CLUSTER_TYPE.into(),
+            ..Default::default()
+        };
+        let delta =
+            async { ads.delta_aggregated_resources(tokio_stream::iter([request])).await?.into_inner().message().await };
+        let refused = tokio::time::timeout(Duration::from_secs(10), delta).await.expect("answered").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        let sidecar = discover(PRODUCTPAGE, CLUSTER_TYPE, &tls_addr, &root, None, Some(token)).await.unwrap_err();
+        assert!(sidecar.contains("PermissionDenied") && sidecar.contains("agent~node-1"), "{sidecar}");
         // The node agent asks for productpage's certificate (productpage has no node name, so it
         // is on every node).
         let (key, csr) = new_csr();
@@ -240,10 +304,13 @@ fn by_default_the_ca_issues_the_ports_certificate_and_signs_for_node_agents_and_
     runtime.block_on(async {
         let (_, csr) = new_csr();
         let renewal = tonic::Request::new(IstioCertificateRequest { csr, ..Default::default() });
-        let channel = tls_channel(&tls_addr, &root, Some(&(leaf, key))).await;
+        let channel = tls_channel(&tls_addr, &root, Some(&(leaf.clone(), key.clone()))).await;
         let chain = create_certificate(channel, renewal).await.expect("renewed by client certificate").cert_chain;
         let leaf_der = pem::parse(&chain[0]).unwrap().into_contents();
         assert_eq!(certificate_identity(&leaf_der), Some(productpage));
+        // xDS with the workload's certificate: productpage's own config.
+        let got = clusters(&tls_addr, &root, Some(&(leaf, key))).await.expect("xDS by the workload's certificate");
+        assert!(got > 5, "{got}");
     });
     let _ = stop.send(());
     runtime.block_on(server).unwrap().unwrap();

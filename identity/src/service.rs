@@ -91,15 +91,40 @@ pub fn certificate_identity(der: &[u8]) -> Option<SpiffeId> {
     first.parse().ok()
 }
 
-/// The credentials of a request: its bearer token, cluster id and verified client certificate.
-fn credentials<T>(request: &tonic::Request<T>) -> Credentials {
-    let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let bearer_token = header("authorization").and_then(|v| {
-        let (scheme, token) = v.split_once(' ')?;
-        (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim().to_string())
-    });
-    let peer_identity = request.peer_certs().and_then(|certs| certs.first().and_then(|c| certificate_identity(c)));
-    Credentials { bearer_token, cluster_id: header("clusterid"), peer_identity }
+impl Credentials {
+    /// The credentials of a request with `headers` and `extensions` (where tonic's TLS server
+    /// puts the client certificates it verified): its bearer token, cluster id and certificate.
+    pub fn of(headers: &http::HeaderMap, extensions: &http::Extensions) -> Self {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let bearer_token = header("authorization").and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim().to_string())
+        });
+        let certs = extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(TlsConnectInfo::peer_certs);
+        let peer_identity = certs.and_then(|certs| certs.first().and_then(|c| certificate_identity(c)));
+        Self { bearer_token, cluster_id: header("clusterid"), peer_identity }
+    }
+}
+
+/// Who presented `credentials`: the identity of a verified client certificate, else whom
+/// `authenticator` takes the bearer token for. `what` names the request in log lines.
+pub async fn authenticate(
+    authenticator: &dyn Authenticator,
+    credentials: &Credentials,
+    what: &str,
+) -> Result<Caller, Status> {
+    if let Some(id) = &credentials.peer_identity {
+        return Ok(Caller::Workload(id.clone()));
+    }
+    if credentials.bearer_token.is_none() {
+        tracing::warn!("{what} refused: no client certificate and no bearer token");
+        return Err(Status::unauthenticated("no client certificate and no bearer token"));
+    }
+    authenticator.authenticate(credentials).await.map_err(|e| {
+        tracing::warn!(reason = %e, "{what} refused: not authenticated");
+        Status::unauthenticated(e.0)
+    })
 }
 
 impl Inner {
@@ -107,9 +132,9 @@ impl Inner {
         &self,
         request: tonic::Request<IstioCertificateRequest>,
     ) -> Result<IstioCertificateResponse, Status> {
-        let credentials = credentials(&request);
+        let credentials = Credentials::of(request.metadata().as_ref(), request.extensions());
         let request = request.into_inner();
-        let caller = self.inner_authenticate(&credentials).await?;
+        let caller = authenticate(&*self.authenticator, &credentials, "certificate request").await?;
         let identity = match (request.impersonated(), &caller) {
             (None, Caller::Workload(id)) => id.clone(),
             (None, Caller::NodeAgent(node)) => {
@@ -160,20 +185,6 @@ impl Inner {
             }
             Err(e) => Err(self.refuse(&caller, Code::Internal, e.to_string())),
         }
-    }
-
-    async fn inner_authenticate(&self, credentials: &Credentials) -> Result<Caller, Status> {
-        if let Some(id) = &credentials.peer_identity {
-            return Ok(Caller::Workload(id.clone()));
-        }
-        if credentials.bearer_token.is_none() {
-            tracing::warn!("certificate request refused: no client certificate and no bearer token");
-            return Err(Status::unauthenticated("no client certificate and no bearer token"));
-        }
-        self.authenticator.authenticate(credentials).await.map_err(|e| {
-            tracing::warn!(reason = %e, "certificate request refused: not authenticated");
-            Status::unauthenticated(e.0)
-        })
     }
 
     fn refuse(&self, caller: &Caller, code: Code, reason: String) -> Status {

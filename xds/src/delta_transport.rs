@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::server::NamedService;
 
+use crate::authorization::Gate;
 use crate::delta::Delta;
 use crate::shared::Shared;
 use crate::stream::STREAM_BUFFER;
@@ -32,13 +33,20 @@ pub(crate) struct DeltaService<S> {
     shared: Arc<Shared>,
     path: &'static str,
     fixed_type: Option<&'static str>,
+    gate: Gate,
 }
 
 impl<S> DeltaService<S> {
     /// `inner` with its Delta method at `path` served here (for the type `fixed_type`, or any
-    /// type on ADS).
-    pub fn new(inner: S, shared: Arc<Shared>, path: &'static str, fixed_type: Option<&'static str>) -> Self {
-        Self { inner, shared, path, fixed_type }
+    /// type on ADS), its streams let through `gate`.
+    pub fn new(
+        inner: S,
+        shared: Arc<Shared>,
+        path: &'static str,
+        fixed_type: Option<&'static str>,
+        gate: Gate,
+    ) -> Self {
+        Self { inner, shared, path, fixed_type, gate }
     }
 }
 
@@ -72,6 +80,7 @@ where
         if request.uri().path() != self.path {
             return Box::pin(self.inner.call(request));
         }
+        let admission = self.gate.admission(request.headers(), request.extensions());
         let requests = tonic::codec::Streaming::<DeltaDiscoveryRequest>::new_request(
             tonic_prost::ProstCodec::<(), DeltaDiscoveryRequest>::raw_decoder(Default::default()),
             request.into_body(),
@@ -79,7 +88,14 @@ where
             Some(MAX_REQUEST),
         );
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(crate::stream::run(self.shared.clone(), requests, tx, self.fixed_type, Delta::default()));
+        tokio::spawn(crate::stream::run(
+            self.shared.clone(),
+            requests,
+            tx,
+            self.fixed_type,
+            admission,
+            Delta::default(),
+        ));
         Box::pin(async move { Ok(response(rx)) })
     }
 }

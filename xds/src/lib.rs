@@ -8,6 +8,7 @@
 //! - [`server`]: ADS (State-of-the-World and Delta) and the per-type services, ACK/NACK
 //!   bookkeeping ([`status`]), push on refresh.
 
+pub mod authorization;
 pub mod cache;
 pub mod codec;
 pub mod config_dump;

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::authorization::{Authorizer, Gate};
 use crate::cache::Snapshot;
 use crate::delta_transport::DeltaService;
 use crate::shared::Shared;
@@ -138,7 +139,7 @@ impl XdsServer {
         self.shared.shutdown.send_replace(true);
     }
 
-    /// The ADS gRPC service.
+    /// The ADS gRPC service, serving every caller.
     pub fn ads_service(
         &self,
     ) -> impl tonic::server::NamedService
@@ -150,10 +151,26 @@ impl XdsServer {
     > + Clone
     + Send
     + 'static {
-        let generated = AggregatedDiscoveryServiceServer::new(Ads { shared: self.shared.clone() })
+        self.ads_behind(Gate::default())
+    }
+
+    /// The ADS gRPC service, its streams let through `gate`.
+    fn ads_behind(
+        &self,
+        gate: Gate,
+    ) -> impl tonic::server::NamedService
+    + tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        let generated = AggregatedDiscoveryServiceServer::new(Ads { shared: self.shared.clone(), gate: gate.clone() })
             .max_decoding_message_size(16 * 1024 * 1024)
             .max_encoding_message_size(256 * 1024 * 1024);
-        DeltaService::new(generated, self.shared.clone(), ADS_DELTA_PATH, None)
+        DeltaService::new(generated, self.shared.clone(), ADS_DELTA_PATH, None, gate)
     }
 
     /// Serves ADS and the per-type services on `listener` until `shutdown` resolves, then closes
@@ -163,21 +180,24 @@ impl XdsServer {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
-        self.serve_with(tonic::transport::Server::builder(), listener, Default::default(), shutdown).await
+        self.serve_with(tonic::transport::Server::builder(), listener, Default::default(), Gate::default(), shutdown)
+            .await
     }
 
     /// As [`XdsServer::serve`], over TLS (mutual TLS when `tls` names a client CA), with the
     /// application's `extra` services beside xDS on the same port (istiod's 15012 also serves
-    /// the CSR API).
+    /// the CSR API); `authorizer` decides which caller may have which node's config (None:
+    /// any).
     pub async fn serve_tls(
         &self,
         listener: tokio::net::TcpListener,
         tls: tonic::transport::ServerTlsConfig,
         extra: tonic::service::Routes,
+        authorizer: Option<Arc<dyn Authorizer>>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
         let builder = tonic::transport::Server::builder().tls_config(tls)?;
-        self.serve_with(builder, listener, extra, shutdown).await
+        self.serve_with(builder, listener, extra, Gate(authorizer), shutdown).await
     }
 
     async fn serve_with(
@@ -185,6 +205,7 @@ impl XdsServer {
         builder: tonic::transport::Server,
         listener: tokio::net::TcpListener,
         extra: tonic::service::Routes,
+        gate: Gate,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
         let this = self.clone();
@@ -193,11 +214,11 @@ impl XdsServer {
             this.close_streams();
         };
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let typed = crate::typed::services(&self.shared);
+        let typed = crate::typed::services(&self.shared, &gate);
         builder
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_routes(extra)
-            .add_service(self.ads_service())
+            .add_service(self.ads_behind(gate))
             .add_service(typed.0)
             .add_service(typed.1)
             .add_service(typed.2)
@@ -231,6 +252,7 @@ pub const DELTA_CHUNK_BYTES: usize = 64 * 1024;
 /// The Aggregated Discovery Service.
 pub struct Ads {
     pub(crate) shared: Arc<Shared>,
+    gate: Gate,
 }
 
 #[tonic::async_trait]
@@ -243,7 +265,15 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(crate::stream::run(self.shared.clone(), request.into_inner(), tx, None, Sotw::default()));
+        let admission = self.gate.admission(request.metadata().as_ref(), request.extensions());
+        tokio::spawn(crate::stream::run(
+            self.shared.clone(),
+            request.into_inner(),
+            tx,
+            None,
+            admission,
+            Sotw::default(),
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -112,6 +112,8 @@ pub trait Observer: Send + Sync + 'static {
     fn generate_failed(&self, _node: &str, _error: &GenerateError) {}
     /// Number of streams whose latest regeneration failed, after each refresh.
     fn stale(&self, _streams: usize) {}
+    /// A stream for `node` was refused by the listener's authorizer with `status`.
+    fn refused(&self, _node: &NodeInfo, _status: &tonic::Status) {}
 }
 
 /// An observer that does nothing.

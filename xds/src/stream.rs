@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use crate::authorization::Admission;
 use crate::cache::Snapshot;
 use crate::shared::{NodeInfo, Shared};
 use crate::status::{Nack, ProxyStatus};
@@ -172,6 +173,7 @@ pub(crate) async fn run<P: Protocol>(
     mut requests: Streaming<P::Request>,
     tx: mpsc::Sender<Result<P::Response, Status>>,
     fixed_type: Option<&'static str>,
+    admission: Option<Admission>,
     mut protocol: P,
 ) {
     let first = match requests.message().await {
@@ -182,6 +184,14 @@ pub(crate) async fn run<P: Protocol>(
         let _ = tx.send(Err(Status::invalid_argument("the first request must carry node.id"))).await;
         return;
     };
+    if let Some(admission) = admission
+        && let Err(status) = admission.check(&node).await
+    {
+        tracing::warn!(node = %node.id, code = ?status.code(), reason = status.message(), "xDS stream refused");
+        shared.observer.refused(&node, &status);
+        let _ = tx.send(Err(status)).await;
+        return;
+    }
     let (_registration, mut snapshots, status) = match shared.register(node.clone(), P::NAME) {
         Ok(r) => r,
         Err(e) => {

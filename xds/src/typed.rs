@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::authorization::Gate;
 use crate::delta_transport::DeltaService;
 use crate::shared::Shared;
 use crate::sotw::Sotw;
@@ -30,6 +31,7 @@ use crate::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 /// One single-type service.
 pub struct Typed {
     shared: Arc<Shared>,
+    gate: Gate,
 }
 
 macro_rules! single_type_service {
@@ -44,11 +46,13 @@ macro_rules! single_type_service {
                 request: Request<Streaming<DiscoveryRequest>>,
             ) -> Result<Response<Self::$stream_ty>, Status> {
                 let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+                let admission = self.gate.admission(request.metadata().as_ref(), request.extensions());
                 tokio::spawn(crate::stream::run(
                     self.shared.clone(),
                     request.into_inner(),
                     tx,
                     Some($type_url),
+                    admission,
                     Sotw::default(),
                 ));
                 Ok(Response::new(ReceiverStream::new(rx)))
@@ -115,9 +119,9 @@ type Services = (
 );
 
 /// CDS, EDS, LDS and RDS services sharing the server's state (their Delta methods served by
-/// [`DeltaService`]).
-pub(crate) fn services(shared: &Arc<Shared>) -> Services {
-    let t = || Typed { shared: shared.clone() };
+/// [`DeltaService`]), their streams let through `gate`.
+pub(crate) fn services(shared: &Arc<Shared>, gate: &Gate) -> Services {
+    let t = || Typed { shared: shared.clone(), gate: gate.clone() };
     let s = || shared.clone();
     (
         DeltaService::new(
@@ -125,24 +129,28 @@ pub(crate) fn services(shared: &Arc<Shared>) -> Services {
             s(),
             "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
             Some(CLUSTER),
+            gate.clone(),
         ),
         DeltaService::new(
             EndpointDiscoveryServiceServer::new(t()),
             s(),
             "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints",
             Some(ENDPOINT),
+            gate.clone(),
         ),
         DeltaService::new(
             ListenerDiscoveryServiceServer::new(t()),
             s(),
             "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners",
             Some(LISTENER),
+            gate.clone(),
         ),
         DeltaService::new(
             RouteDiscoveryServiceServer::new(t()),
             s(),
             "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes",
             Some(ROUTE),
+            gate.clone(),
         ),
     )
 }
