@@ -611,6 +611,67 @@ spec:
 }
 
 #[test]
+fn principals_of_the_mesh_match_in_its_trust_domain_and_every_alias() {
+    let policy = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/shop/sa/web, old.example/ns/shop/sa/legacy, partner.example/ns/x/sa/y, "*"]
+    - source: {serviceAccounts: [shop/batch]}
+    when: [{key: source.principal, values: [new.example/ns/shop/sa/cron]}]
+"#;
+    let mesh = MeshConfig {
+        trust_domain: "new.example".into(),
+        trust_domain_aliases: vec!["old.example".into()],
+        ..Default::default()
+    };
+    let r = translate_for(policy, CART_V1, mesh, Certificates::None);
+    let filters = rbac_filters(&r, 9090);
+    let p = &filters[0]["typed_config"]["rules"]["policies"]["ns[shop]-policy[allow-web]-rule[0]"];
+    // principals[from].ids[field]: the `when` condition is the last field of each `from`.
+    let matched = |from: usize, i: usize| -> Vec<Value> {
+        p["principals"][from]["and_ids"]["ids"][i]["or_ids"]["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id["authenticated"]["principal_name"].clone())
+            .collect()
+    };
+    let exact = |v: &str| json!({"exact": v});
+    // cluster.local and an alias stand for the mesh's own; another trust domain and `*` stay.
+    assert_eq!(
+        matched(0, 0),
+        vec![
+            exact("spiffe://new.example/ns/shop/sa/web"),
+            exact("spiffe://old.example/ns/shop/sa/web"),
+            exact("spiffe://new.example/ns/shop/sa/legacy"),
+            exact("spiffe://old.example/ns/shop/sa/legacy"),
+            exact("spiffe://partner.example/ns/x/sa/y"),
+            json!({"safe_regex": {"regex": ".+"}}),
+        ]
+    );
+    assert_eq!(
+        matched(1, 0),
+        vec![exact("spiffe://new.example/ns/shop/sa/batch"), exact("spiffe://old.example/ns/shop/sa/batch")]
+    );
+    assert_eq!(
+        matched(0, 1),
+        vec![exact("spiffe://new.example/ns/shop/sa/cron"), exact("spiffe://old.example/ns/shop/sa/cron")]
+    );
+    // With Istio's defaults (cluster.local, no aliases) a principal is matched as written.
+    let r = translate(policy, CART_V1);
+    let filters = rbac_filters(&r, 9090);
+    let p = &filters[0]["typed_config"]["rules"]["policies"]["ns[shop]-policy[allow-web]-rule[0]"];
+    let first = &p["principals"][0]["and_ids"]["ids"][0]["or_ids"]["ids"];
+    assert_eq!(first.as_array().unwrap().len(), 4, "{first}");
+    assert_eq!(first[0]["authenticated"]["principal_name"], exact("spiffe://cluster.local/ns/shop/sa/web"));
+}
+
+#[test]
 fn allow_without_rules_denies_everything() {
     let r = translate(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: nothing, namespace: shop}\nspec: {selector: {matchLabels: {app: cart}}}\n",

@@ -13,6 +13,7 @@ use super::typed;
 use crate::diagnostic::ObjectRef;
 use crate::model::IstioObject;
 use crate::model::authorization_policy::{Action, AuthorizationPolicySpec, Condition, Operation, Rule, Source};
+use crate::model::mesh_config::MeshConfig;
 use crate::snapshot::DOMAIN_SUFFIX;
 
 /// Whether the filter sits in an HTTP or a TCP filter chain.
@@ -81,6 +82,7 @@ fn rule_policy(
         proxy.warn(reference.clone(), format!("spec.rules[{index}]"), format!("HTTP-only fields ({fields}) on a TCP port are ignored: this DENY rule matches without them (fail closed)"));
     }
     let tcp = layer == Layer::Tcp;
+    let mesh = proxy.snapshot.mesh.clone();
     let mut permissions = Vec::new();
     let when_perms: Vec<Value> = rule.when.iter().filter_map(|c| condition_permission(c, tcp)).collect();
     if rule.to.is_empty() {
@@ -92,12 +94,12 @@ fn rule_policy(
         permissions.push(and_or_any("and_rules", "rules", parts));
     }
     let mut principals = Vec::new();
-    let when_ids: Vec<Value> = rule.when.iter().filter_map(|c| condition_principal(c, tcp, ns)).collect();
+    let when_ids: Vec<Value> = rule.when.iter().filter_map(|c| condition_principal(c, tcp, ns, &mesh)).collect();
     if rule.from.is_empty() {
         principals.push(and_or_any("and_ids", "ids", when_ids.clone()));
     }
     for f in &rule.from {
-        let mut parts = f.source.as_ref().map(|s| source(s, tcp, ns)).unwrap_or_default();
+        let mut parts = f.source.as_ref().map(|s| source(s, tcp, ns, &mesh)).unwrap_or_default();
         parts.extend(when_ids.clone());
         principals.push(and_or_any("and_ids", "ids", parts));
     }
@@ -159,8 +161,41 @@ fn header_id(name: &str, v: &str) -> Value {
     }
 }
 
+/// Principals as istiod migrates trust domains: one written in the mesh's trust domain, an alias
+/// or `cluster.local` (which stands for the mesh's own) is the same identity in the trust domain
+/// and every alias; one in another trust domain, with a `*` one, or not of the
+/// `<td>/ns/<ns>/sa/<sa>` form is kept as written.
+fn with_trust_domains(mesh: &MeshConfig, principals: &[String]) -> Vec<String> {
+    let domains: Vec<&str> = std::iter::once(mesh.trust_domain.as_str())
+        .chain(mesh.trust_domain_aliases.iter().map(String::as_str))
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for principal in principals {
+        let parts: Vec<&str> = principal.split('/').collect();
+        let td = parts[0];
+        let ours = domains.contains(&td) || td == DOMAIN_SUFFIX;
+        if parts.len() != 5 || td == "*" || !ours {
+            out.push(principal.clone());
+            continue;
+        }
+        for domain in &domains {
+            let replaced = format!("{domain}/{}", parts[1..].join("/"));
+            if !out.contains(&replaced) {
+                out.push(replaced);
+            }
+        }
+    }
+    out
+}
+
+/// `<ns>/<sa>` (or `<sa>`, in the policy's namespace `ns`) as a principal of the mesh.
+fn service_account_principal(v: &str, ns: &str) -> String {
+    let (sa_ns, name) = v.split_once('/').unwrap_or((ns, v));
+    format!("{DOMAIN_SUFFIX}/ns/{sa_ns}/sa/{name}")
+}
+
 /// Principal fields of a source, one `or_ids` each.
-fn source(s: &Source, tcp: bool, ns: &str) -> Vec<Value> {
+fn source(s: &Source, tcp: bool, ns: &str, mesh: &MeshConfig) -> Vec<Value> {
     let mut out = Vec::new();
     let mut field = |values: &[String], negated: bool, f: &dyn Fn(&str) -> Value| {
         if values.is_empty() {
@@ -170,14 +205,15 @@ fn source(s: &Source, tcp: bool, ns: &str) -> Vec<Value> {
         out.push(if negated { negate("not_id", or) } else { or });
     };
     let principal = |v: &str| principal_name(string_match(v, "spiffe://", false));
-    field(&s.principals, false, &principal);
-    field(&s.not_principals, true, &principal);
-    let sa = |v: &str| {
-        let (sa_ns, name) = v.split_once('/').unwrap_or((ns, v));
-        principal_name(json!({"exact": format!("spiffe://{DOMAIN_SUFFIX}/ns/{sa_ns}/sa/{name}")}))
+    field(&with_trust_domains(mesh, &s.principals), false, &principal);
+    field(&with_trust_domains(mesh, &s.not_principals), true, &principal);
+    let accounts = |list: &[String]| {
+        let principals: Vec<String> = list.iter().map(|v| service_account_principal(v, ns)).collect();
+        with_trust_domains(mesh, &principals)
     };
-    field(&s.service_accounts, false, &sa);
-    field(&s.not_service_accounts, true, &sa);
+    let exact = |v: &str| principal_name(json!({"exact": format!("spiffe://{v}")}));
+    field(&accounts(&s.service_accounts), false, &exact);
+    field(&accounts(&s.not_service_accounts), true, &exact);
     if !tcp {
         let rp = |v: &str| request_auth("request.auth.principal", v);
         field(&s.request_principals, false, &rp);
@@ -258,17 +294,25 @@ fn condition_permission(c: &Condition, _tcp: bool) -> Option<Value> {
     })
 }
 
-fn condition_principal(c: &Condition, tcp: bool, ns: &str) -> Option<Value> {
+fn condition_principal(c: &Condition, tcp: bool, ns: &str, mesh: &MeshConfig) -> Option<Value> {
     let (or, list, not) = ("or_ids", "ids", "not_id");
     let key = c.key.as_str();
+    // Identities in the mesh's trust domain stand for the same in its aliases (see
+    // [`with_trust_domains`]).
+    let migrated = |to_principal: &dyn Fn(&str) -> String| Condition {
+        values: with_trust_domains(mesh, &c.values.iter().map(|v| to_principal(v)).collect::<Vec<_>>()),
+        not_values: with_trust_domains(mesh, &c.not_values.iter().map(|v| to_principal(v)).collect::<Vec<_>>()),
+        ..c.clone()
+    };
     Some(match key {
         "source.ip" => values_or(c, or, list, not, &|v| json!({"direct_remote_ip": cidr(v)})),
         "remote.ip" => values_or(c, or, list, not, &|v| json!({"remote_ip": cidr(v)})),
         "source.namespace" => values_or(c, or, list, not, &namespace_id),
-        "source.principal" => values_or(c, or, list, not, &|v| principal_name(string_match(v, "spiffe://", false))),
-        "source.serviceAccount" => values_or(c, or, list, not, &|v| {
-            let (sa_ns, name) = v.split_once('/').unwrap_or((ns, v));
-            principal_name(json!({"exact": format!("spiffe://{DOMAIN_SUFFIX}/ns/{sa_ns}/sa/{name}")}))
+        "source.principal" => values_or(&migrated(&|v| v.to_string()), or, list, not, &|v| {
+            principal_name(string_match(v, "spiffe://", false))
+        }),
+        "source.serviceAccount" => values_or(&migrated(&|v| service_account_principal(v, ns)), or, list, not, &|v| {
+            principal_name(json!({"exact": format!("spiffe://{v}")}))
         }),
         _ if tcp => return None,
         _ if key.starts_with("request.headers[") => {
