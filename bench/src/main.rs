@@ -2,6 +2,7 @@
 //! the kernel (they use their own cgroup, pins and network namespace and remove them after).
 
 mod agent;
+mod ca;
 mod convergence;
 mod datapath;
 mod maps;
@@ -38,6 +39,22 @@ enum Bench {
         bytes: usize,
         /// Runs per input.
         #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// The CA: certificates signed per second, and one node agent rotating many workload
+    /// certificates over Istio's CSR API.
+    Ca {
+        /// CSRs signed per run (in process).
+        #[arg(long, default_value_t = 2000)]
+        signs: usize,
+        /// Workload certificates the agent gets per run.
+        #[arg(long, default_value_t = 1000)]
+        workloads: usize,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Runs.
+        #[arg(long, default_value_t = 3)]
         runs: usize,
     },
     /// (internal) one size of `translate`.
@@ -131,6 +148,10 @@ fn main() -> anyhow::Result<()> {
         Bench::Parse { bytes, runs } => {
             println!("machine: {}\n", stats::machine());
             parse::run(bytes, runs)
+        }
+        Bench::Ca { signs, workloads, concurrency, runs } => {
+            println!("machine: {}\n", stats::machine());
+            ca::run(signs, workloads, concurrency, runs)
         }
         Bench::Maps { services, endpoints, runs } => {
             println!("machine: {}\n", stats::machine());
