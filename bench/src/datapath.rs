@@ -2,7 +2,9 @@
 //! loopback only): an HTTP/1.1 echo backend and a load client sending 1 KiB requests at a fixed
 //! rate, new connection per request or one persistent connection, over
 //! (a) direct to the backend; (b) a service VIP on the sluice kernel path; (c) an iptables DNAT
-//! rule (the kube-proxy way); (d) a sidecar pair, two real Envoys configured by sluice.
+//! rule (the kube-proxy way); (d) a sidecar pair, two real Envoys configured by sluice; (d′) the
+//! same with mesh mTLS between them (STRICT), certificates from sluice's CA through an SDS-only
+//! node agent, as Istio's published figures are.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -23,6 +25,7 @@ const BACKEND: &str = "127.0.5.1:9000";
 const KERNEL_VIP: &str = "127.100.5.1:9000";
 const DNAT_VIP: &str = "127.100.5.2:9000";
 const SIDECAR_OUTBOUND: &str = "127.0.0.1:9000";
+const MTLS_OUTBOUND: &str = "127.0.0.1:9001";
 const PAYLOAD: usize = 1024;
 
 /// Serves HTTP/1.1 echo on `addr` forever: the response body is the request body.
@@ -232,6 +235,65 @@ spec:
     bind: 127.0.0.1
     captureMode: NONE
     hosts: ["./*"]
+---
+# (d′): echo-tls behind a STRICT sidecar that holds its certificate (tlsMode istio), and its
+# client's sidecar on 127.0.0.1:9001.
+apiVersion: v1
+kind: Service
+metadata: {name: echo-tls, namespace: bench}
+spec:
+  clusterIP: 127.100.5.4
+  selector: {app: echo-tls}
+  ports: [{name: http, port: 9001}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo-tls-1, namespace: bench, labels: {kubernetes.io/service-name: echo-tls}}
+addressType: IPv4
+ports: [{name: http, port: 9001}]
+endpoints:
+- {addresses: [127.0.5.11], targetRef: {kind: Pod, name: echo-tls-1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-tls-1, namespace: bench, labels: {app: echo-tls, security.istio.io/tlsMode: istio}}
+spec: {serviceAccountName: echo, containers: [{name: c}]}
+status: {podIP: 127.0.5.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-tls, namespace: bench, labels: {app: client-tls, security.istio.io/tlsMode: istio}}
+spec: {serviceAccountName: client, containers: [{name: c}]}
+status: {podIP: 127.0.5.21}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: echo-tls, namespace: bench}
+spec:
+  selector: {matchLabels: {app: echo-tls}}
+  mtls: {mode: STRICT}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: echo-tls, namespace: bench}
+spec:
+  workloadSelector: {labels: {app: echo-tls}}
+  ingress:
+  - port: {number: 9001, protocol: HTTP, name: http}
+    bind: 127.0.5.11
+    captureMode: NONE
+    defaultEndpoint: 127.0.5.1:9000
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: client-tls, namespace: bench}
+spec:
+  workloadSelector: {labels: {app: client-tls}}
+  egress:
+  - port: {number: 9001, protocol: HTTP, name: http}
+    bind: 127.0.0.1
+    captureMode: NONE
+    hosts: ["./*"]
 "#;
 
 /// Waits until `addr` accepts connections inside the namespace.
@@ -326,10 +388,15 @@ pub fn run(count: usize, rate: u32, runs: usize) -> anyhow::Result<()> {
         BACKEND,
     ]);
 
-    // (d) the sidecar pair, configured by sluice serving in the namespace.
+    // (d) the sidecar pair, configured by sluice serving in the namespace, which also runs the
+    // CA on its TLS port for (d′) (the ports are the namespace's own).
     std::fs::write(dir.join("config/mesh.yaml"), SIDECAR_MESH)?;
     let sluice = sluice_exe().display().to_string();
     let config = dir.join("config").display().to_string();
+    let token = format!("node-1-{:016x}", std::process::id() as u64 * 0x9e37_79b9);
+    std::fs::write(dir.join("tokens"), format!("node-1 {token}\n"))?;
+    std::fs::write(dir.join("node-token"), &token)?;
+    let path = |name: &str| dir.join(name).display().to_string();
     let _serve = in_ns(
         "sluice serve",
         &[
@@ -341,39 +408,103 @@ pub fn run(count: usize, rate: u32, runs: usize) -> anyhow::Result<()> {
             "127.0.0.1:15010",
             "--monitoring-addr",
             "127.0.0.1:15014",
+            "--xds-tls-addr",
+            "127.0.0.1:15012",
+            "--tls-dns-name",
+            "localhost",
+            "--state-dir",
+            &path("state"),
+            "--node-tokens",
+            &path("tokens"),
         ],
         "serve.log",
     );
     wait_listening(&ns.0, "127.0.0.1:15010")?;
+    wait_listening(&ns.0, "127.0.0.1:15012")?;
+    // (d′)'s node agent: SDS only, its workload cgroups under ours. `nsenter --net` keeps the
+    // host's mounts (`ip netns exec` remounts /sys, hiding the cgroup2 mount it needs).
+    let netns = format!("--net=/run/netns/{}", ns.0);
+    let agent_cgroup = sandbox.cgroup.join("sds-agent");
+    let _agent = Proc::spawn(
+        "sluice agent",
+        Command::new("nsenter").arg(&netns).args([&sluice, "agent", "--sds-only", "--node", "node-1"]).args([
+            "--cgroup",
+            &agent_cgroup.display().to_string(),
+            "--socket",
+            &path("agent.sock"),
+            "--metrics-addr",
+            "127.0.0.1:15020",
+            "--sds-socket",
+            &path("sds.sock"),
+            "--ca-addr",
+            "127.0.0.1:15012",
+            "--ca-name",
+            "localhost",
+            "--ca-root",
+            &path("state/root-cert.pem"),
+            "--node-token-file",
+            &path("node-token"),
+        ]),
+        &dir.join("agent.log"),
+    );
     let mut envoys = Vec::new();
-    for (who, node, admin) in [
-        ("client", "sidecar~127.0.5.20~client.bench~bench.svc.cluster.local", "19000"),
-        ("server", "sidecar~127.0.5.10~echo-1.bench~bench.svc.cluster.local", "19001"),
+    for (who, node, admin, sds) in [
+        ("client", "sidecar~127.0.5.20~client.bench~bench.svc.cluster.local", "19000", false),
+        ("server", "sidecar~127.0.5.10~echo-1.bench~bench.svc.cluster.local", "19001", false),
+        ("client-tls", "sidecar~127.0.5.21~client-tls.bench~bench.svc.cluster.local", "19002", true),
+        ("server-tls", "sidecar~127.0.5.11~echo-tls-1.bench~bench.svc.cluster.local", "19003", true),
     ] {
-        let out = Command::new(&sluice).args(["bootstrap", "--proxy", node, "--admin-port", admin]).output()?;
+        let mut bootstrap = Command::new(&sluice);
+        bootstrap.args(["bootstrap", "--proxy", node, "--admin-port", admin]);
+        if sds {
+            bootstrap.args(["--sds-socket", &path("sds.sock")]);
+        }
+        let out = bootstrap.output()?;
         anyhow::ensure!(out.status.success(), "bootstrap: {}", String::from_utf8_lossy(&out.stderr));
         let file = dir.join(format!("{who}.json"));
         std::fs::write(&file, out.stdout)?;
         let envoy = envoy_bin();
         let file = file.display().to_string();
-        envoys.push(in_ns(
-            who,
-            &[&envoy, "-c", &file, "--use-dynamic-base-id", "--log-level", "error", "--concurrency", "1"],
-            &format!("envoy-{who}.log"),
-        ));
+        let envoy_args = [&envoy, "-c", &file, "--use-dynamic-base-id", "--log-level", "error", "--concurrency", "1"];
+        if !sds {
+            envoys.push(in_ns(who, &envoy_args, &format!("envoy-{who}.log")));
+            continue;
+        }
+        // As its pod's workload: `sluice run` (once the agent knows the pod) puts it in the
+        // workload's cgroup, whose identity SDS serves it.
+        let pod = node.split('~').nth(2).expect("pod.ns");
+        let run = |tail: &[&str]| {
+            let mut c = Command::new(&sluice);
+            c.args(["run", "--workload", pod, "--agent-socket", &path("agent.sock"), "--"]).args(tail);
+            c
+        };
+        let known = (0..300).any(|_| {
+            let ok = run(&["true"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+            if !ok {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ok
+        });
+        anyhow::ensure!(known, "the agent never knew {pod} (see {})", dir.join("agent.log").display());
+        let mut command = run(&["nsenter", &netns]);
+        command.args(envoy_args);
+        envoys.push(Proc::spawn(who, &mut command, &dir.join(format!("envoy-{who}.log"))));
     }
     wait_listening(&ns.0, "127.0.5.10:9000")?;
     wait_listening(&ns.0, SIDECAR_OUTBOUND)?;
+    wait_listening(&ns.0, "127.0.5.11:9001")?;
+    wait_listening(&ns.0, MTLS_OUTBOUND)?;
 
     // Per-program run counts and run time (kernel.bpf_stats_enabled), to see what the kernel path
     // costs per call; restored afterwards.
     let stats_before = std::fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".into());
     std::fs::write(BPF_STATS, "1")?;
-    let paths: [(&str, &str, Option<&Path>, &str); 4] = [
+    let paths: [(&str, &str, Option<&Path>, &str); 5] = [
         ("(a) direct", BACKEND, None, "echo"),
         ("(b) sluice kernel VIP", KERNEL_VIP, Some(client_cgroup.as_path()), "echo"),
         ("(c) iptables DNAT", DNAT_VIP, None, "echo"),
         ("(d) sidecar pair (2 Envoys)", SIDECAR_OUTBOUND, None, "echo:9000"),
+        ("(d′) sidecar pair with mTLS", MTLS_OUTBOUND, None, "echo-tls:9001"),
     ];
     for persistent in [false, true] {
         // results[path][run]
@@ -414,6 +545,22 @@ pub fn run(count: usize, rate: u32, runs: usize) -> anyhow::Result<()> {
     }
     print_program_stats();
     std::fs::write(BPF_STATS, stats_before.trim())?;
+    // (d′) was mTLS: the client sidecar's cluster to echo-tls made TLS connections upstream
+    // (pooled: a few handshakes carry every request), and the server's listener accepted them.
+    let stat = |admin: &str, filter: &str| -> anyhow::Result<u64> {
+        let url = format!("http://127.0.0.1:{admin}/stats?filter={filter}");
+        let out = Command::new("ip").args(["netns", "exec", &ns.0, "curl", "-s", &url]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(text.lines().filter_map(|l| l.rsplit_once(": ")?.1.trim().parse::<u64>().ok()).sum())
+    };
+    let upstream = stat("19002", "echo-tls.*ssl.handshake")?;
+    let requests = stat("19002", "echo-tls.*upstream_rq_total")?;
+    let accepted = stat("19003", "^listener.*ssl.handshake")?;
+    println!(
+        "\n(d′): the client sidecar sent {requests} requests to echo-tls over {upstream} TLS connections; \
+         the server sidecar's listener completed {accepted} TLS handshakes"
+    );
+    anyhow::ensure!(upstream > 0 && accepted > 0 && requests > 0, "(d′) ran without mTLS");
     drop(envoys);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
