@@ -20,8 +20,6 @@ use crate::generator::MeshGenerator;
 pub struct CaOptions {
     /// Istio's plug-in layout (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`).
     pub ca_dir: Option<PathBuf>,
-    /// The mesh's trust domain.
-    pub trust_domain: String,
     /// Node tokens: lines of `<node name> <token>`.
     pub node_tokens: Option<PathBuf>,
     /// DNS names of the control plane's serving certificate.
@@ -34,7 +32,6 @@ impl Default for CaOptions {
     fn default() -> Self {
         Self {
             ca_dir: None,
-            trust_domain: sluice_identity::DEFAULT_TRUST_DOMAIN.to_string(),
             node_tokens: None,
             serving_names: DEFAULT_SERVING_NAMES.iter().map(|n| n.to_string()).collect(),
             policy: LeafPolicy::default(),
@@ -49,22 +46,27 @@ pub const DEFAULT_SERVING_NAMES: [&str; 3] = ["istiod.istio-system.svc", "sluice
 /// How long the control plane's serving certificate lives; a new one is issued at every start.
 pub const SERVING_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Opens the CA `options` describe; the self-signed root lives in `<state_dir>/ca`.
-pub fn open_ca(options: &CaOptions, state_dir: Option<&Path>) -> anyhow::Result<CertificateAuthority> {
+/// Opens the CA `options` describe, for the mesh's `trust_domain`; the self-signed root lives in
+/// `<state_dir>/ca`.
+pub fn open_ca(
+    options: &CaOptions,
+    trust_domain: &str,
+    state_dir: Option<&Path>,
+) -> anyhow::Result<CertificateAuthority> {
     let ca = match (&options.ca_dir, state_dir) {
         (Some(dir), _) => CertificateAuthority::plug_in(dir)
             .with_context(|| format!("loading the plug-in CA from {}", dir.display()))?,
-        (None, Some(state)) => CertificateAuthority::self_signed(&state.join("ca"), &options.trust_domain)
+        (None, Some(state)) => CertificateAuthority::self_signed(&state.join("ca"), trust_domain)
             .context("opening the self-signed CA in the state directory")?,
         (None, None) => {
             tracing::warn!(
                 "no --state-dir and no --ca-dir: the CA's root lives in memory only, so certificates it issues \
                  stop verifying when sluice restarts"
             );
-            CertificateAuthority::ephemeral(&options.trust_domain).context("creating an in-memory CA")?
+            CertificateAuthority::ephemeral(trust_domain).context("creating an in-memory CA")?
         }
     };
-    tracing::info!(source = ?ca.source(), trust_domain = %options.trust_domain, "certificate authority ready");
+    tracing::info!(source = ?ca.source(), %trust_domain, "certificate authority ready");
     Ok(ca.with_policy(options.policy))
 }
 

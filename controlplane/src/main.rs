@@ -309,7 +309,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let defaults = sluice_controlplane::certificates::CaOptions::default();
             let ca = sluice_controlplane::certificates::CaOptions {
                 ca_dir,
-                trust_domain: mesh.trust_domain.clone(),
                 node_tokens,
                 serving_names: if tls_dns_names.is_empty() { defaults.serving_names } else { tls_dns_names },
                 policy: sluice_identity::LeafPolicy {

@@ -301,7 +301,7 @@ pub async fn serve(
     };
     let xds_tls_task = match &options.xds_tls {
         Some(tls) => {
-            let ca = Arc::new(open_ca(&options.ca, options.state_dir.as_deref())?);
+            let ca = Arc::new(open_ca(&options.ca, &options.mesh.trust_domain, options.state_dir.as_deref())?);
             if let Some(state) = &options.state_dir {
                 // The trust bundle, for workloads and operators without a cluster (in Kubernetes
                 // the ConfigMap istio-ca-root-cert holds it).
@@ -316,7 +316,7 @@ pub async fn serve(
             let authenticator = Arc::new(MeshAuthenticator::new(tokens, generator.clone()));
             let authorizer: Arc<dyn sluice_xds::authorization::Authorizer> =
                 Arc::new(crate::certificates::XdsAuthorizer::new(authenticator.clone()));
-            let csr = CertificateService::new(ca, authenticator, &options.ca.trust_domain);
+            let csr = CertificateService::new(ca, authenticator, &options.mesh.trust_domain);
             let listener = tokio::net::TcpListener::bind(tls.addr)
                 .await
                 .with_context(|| format!("binding xDS TLS address {}", tls.addr))?;
