@@ -215,7 +215,7 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: u
             task.abort();
         }
         drop(channels);
-        // Past sluice's 5 s look at the stream count.
+        // Past two of sluice's looks (every 5 s) at how many streams closed: it trims after the second.
         std::thread::sleep(Duration::from_secs(12));
         status_kb(pid, "VmRSS").unwrap_or(0)
     });

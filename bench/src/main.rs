@@ -40,6 +40,9 @@ enum Bench {
         /// Runs per input.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Only the inputs whose name contains this (for a profiler's run).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// The CA: certificates signed per second, and one node agent rotating many workload
     /// certificates over Istio's CSR API.
@@ -145,9 +148,9 @@ fn main() -> anyhow::Result<()> {
             translate::run(&services, runs)
         }
         Bench::TranslateOne { services, runs } => translate::one(services, runs),
-        Bench::Parse { bytes, runs } => {
+        Bench::Parse { bytes, runs, only } => {
             println!("machine: {}\n", stats::machine());
-            parse::run(bytes, runs)
+            parse::run(bytes, runs, only.as_deref())
         }
         Bench::Ca { signs, workloads, concurrency, runs } => {
             println!("machine: {}\n", stats::machine());

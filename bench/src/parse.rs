@@ -45,11 +45,11 @@ fn inputs(bytes: usize) -> Vec<(&'static str, String)> {
 }
 
 /// Prints the table.
-pub fn run(bytes: usize, runs: usize) -> anyhow::Result<()> {
+pub fn run(bytes: usize, runs: usize, only: Option<&str>) -> anyhow::Result<()> {
     println!("Parse: `parse_documents` on inputs of about {bytes} bytes, {runs} runs each; ms min / median / max.\n");
     println!("| input | bytes | objects | errors | parse ms | first error |");
     println!("|---|---|---|---|---|---|");
-    for (name, text) in inputs(bytes) {
+    for (name, text) in inputs(bytes).into_iter().filter(|(name, _)| only.is_none_or(|o| name.contains(o))) {
         let mut times = Vec::new();
         let mut last = (0, Vec::new());
         for _ in 0..runs {

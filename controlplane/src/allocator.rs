@@ -36,3 +36,41 @@ pub fn trim() {
 /// [`trim`] where the allocator is not glibc's: nothing to do.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn trim() {}
+
+/// When to [`trim`], from a look now and then at how many streams have closed. Streams close
+/// over a while and what they held is freed after them: a trim at the first look that saw
+/// fewer streams came too early, and a look every few seconds missed a crowd that came and
+/// went between two looks (2000 silent streams open for 3 s: RSS stayed at 113 MB after they
+/// closed; `malloc_trim` a few seconds later took it to 48 MB). So the trim comes at the first
+/// look after streams closed that saw none close since the look before.
+#[derive(Debug, Default)]
+pub struct TrimAfterStreams {
+    previous: u64,
+    trimmed: u64,
+}
+
+impl TrimAfterStreams {
+    /// Takes the count of streams closed so far; true when it is time to trim.
+    pub fn look(&mut self, closed: u64) -> bool {
+        let settled = closed > self.trimmed && closed == self.previous;
+        self.previous = closed;
+        if settled {
+            self.trimmed = closed;
+        }
+        settled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrimAfterStreams;
+
+    #[test]
+    fn trims_once_streams_have_closed_and_no_more_are_closing() {
+        let mut watch = TrimAfterStreams::default();
+        let looks = [0, 0, 2000, 2000, 2000, 2100, 2500, 2500, 2501, 2501, 2501];
+        let trims: Vec<usize> = looks.iter().enumerate().filter(|(_, n)| watch.look(**n)).map(|(i, _)| i).collect();
+        // 2000 closed between looks 1 and 2 (settled at 3); 500 more by look 6 (settled at 7); one at 8.
+        assert_eq!(trims, [3, 7, 9]);
+    }
+}

@@ -106,7 +106,7 @@ pub struct ServeOptions {
 /// How often the config roots are checked for having been deleted, recreated or replaced.
 const ROOT_RECHECK: Duration = Duration::from_secs(1);
 
-/// How often serve looks whether streams went away, to give their memory back.
+/// How often serve looks whether streams closed, to give their memory back.
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The notify watches on the config roots. Each root is watched (recursively, if a directory)
@@ -336,17 +336,15 @@ pub async fn serve(
         let (xds, mut stop) = (xds.clone(), stop_rx.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(TRIM_INTERVAL);
-            let mut most = 0;
+            let mut watch = crate::allocator::TrimAfterStreams::default();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = stop.wait_for(|stop| *stop) => return,
                 }
-                let now = xds.connected();
-                if now < most {
+                if watch.look(xds.closed()) {
                     tokio::task::spawn_blocking(crate::allocator::trim);
                 }
-                most = now;
             }
         })
     };

@@ -8,6 +8,9 @@ use serde_json::Value;
 use crate::diagnostic::{Diagnostic, Findings, ObjectRef, Severity};
 use crate::model::{self, IstioObject, Kind, Loaded, Meta, Object};
 
+mod no_positional;
+use no_positional::NoPositional;
+
 /// The deepest nesting of collections a document may have. Kubernetes objects, Istio's
 /// included, nest a few dozen levels at most; a hostile document of thousands would take the
 /// parser seconds, so it is refused before parsing.
@@ -183,22 +186,24 @@ fn prescan(document: &str) -> Result<(), String> {
         if depth == 0 && line.trim_start().starts_with("- ") {
             values += 1;
         }
-        let mut quote: Option<char> = None;
-        let mut previous = ' ';
-        for c in line.chars() {
+        // Bytes, not chars: every byte looked for is ASCII, which no byte of a longer UTF-8
+        // character can be.
+        let mut quote: Option<u8> = None;
+        let mut previous = b' ';
+        for c in line.bytes() {
             match (quote, c) {
                 (Some(q), c) if c == q => quote = None,
                 (Some(_), _) => {}
-                (None, '\'' | '"') => quote = Some(c),
-                (None, '#') if previous.is_whitespace() => break,
-                (None, '[' | '{') => {
+                (None, b'\'' | b'"') => quote = Some(c),
+                (None, b'#') if matches!(previous, b' ' | b'\t') => break,
+                (None, b'[' | b'{') => {
                     depth += 1;
                     if depth > MAX_DEPTH {
                         return Err(format!("collections nest more than {MAX_DEPTH} deep (at line {})", n + 1));
                     }
                 }
-                (None, ']' | '}') => depth = depth.saturating_sub(1),
-                (None, ',') if depth > 0 => values += 1,
+                (None, b']' | b'}') => depth = depth.saturating_sub(1),
+                (None, b',') if depth > 0 => values += 1,
                 _ => {}
             }
             previous = c;
@@ -268,10 +273,14 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         let mut out = serde_json::Map::new();
         while let Some(key) = map.next_key::<String>()? {
             let Strict(value) = map.next_value()?;
-            if out.contains_key(&key) {
-                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            match out.entry(key) {
+                serde_json::map::Entry::Occupied(e) => {
+                    return Err(serde::de::Error::custom(format!("duplicate key {:?}", e.key())));
+                }
+                serde_json::map::Entry::Vacant(e) => {
+                    e.insert(value);
+                }
             }
-            out.insert(key, value);
         }
         Ok(Value::Object(out))
     }
@@ -312,8 +321,10 @@ impl Parsed<'_> {
         };
         let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
         let kind = map.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
-        let name = value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
-        let namespace = value.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string();
+        // `get`, not `pointer`: a pointer is parsed (and its segments unescaped) on every call.
+        let metadata = |field: &str| map.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str);
+        let name = metadata("name").unwrap_or_default().to_string();
+        let namespace = metadata("namespace").unwrap_or_default().to_string();
         if kind.is_empty() || api_version.is_empty() {
             let r = (!name.is_empty()).then(|| ObjectRef::new(&kind, &namespace, &name));
             return self.error(r, where_, "apiVersion and kind are required".into());
@@ -388,29 +399,9 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
     }
 }
 
-/// Where `input` has a sequence for what the typed object holds as a mapping: serde's derived
-/// structs also read a sequence (positionally), so `workloadSelector: []` would pass as a
-/// selector of no labels, selecting every workload. Kubernetes refuses it; so does sluice.
-fn sequence_for_mapping(input: &Value, typed: &Value, path: &str) -> Option<String> {
-    let at = |key: &str| if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
-    match (input, typed) {
-        (Value::Array(_), Value::Object(_)) => Some(path.to_string()),
-        (Value::Object(i), Value::Object(t)) => {
-            i.iter().find_map(|(k, v)| t.get(k).and_then(|tv| sequence_for_mapping(v, tv, &at(k))))
-        }
-        (Value::Array(i), Value::Array(t)) => {
-            i.iter().zip(t).enumerate().find_map(|(n, (a, b))| sequence_for_mapping(a, b, &format!("{path}[{n}]")))
-        }
-        _ => None,
-    }
-}
-
-/// Deserializes `value` (rooted at field `prefix`) recording unknown fields in `ignored`.
-fn decode<T: DeserializeOwned + serde::Serialize>(
-    value: &Value,
-    prefix: &str,
-    ignored: &mut Vec<String>,
-) -> Result<T, DecodeError> {
+/// Deserializes `value` (rooted at field `prefix`) recording unknown fields in `ignored`; a
+/// sequence where a struct is read is refused ([`no_positional`]).
+fn decode<T: DeserializeOwned>(value: &Value, prefix: &str, ignored: &mut Vec<String>) -> Result<T, DecodeError> {
     let join = |p: String| match (prefix.is_empty(), p.as_str()) {
         (true, _) => p,
         (false, "" | ".") => prefix.to_string(),
@@ -418,20 +409,21 @@ fn decode<T: DeserializeOwned + serde::Serialize>(
     };
     let mut unknown = Vec::new();
     let mut record = |path: serde_ignored::Path<'_>| unknown.push(field_path(&path));
-    let de = serde_ignored::Deserializer::new(value, &mut record);
-    let result: Result<T, DecodeError> =
-        serde_path_to_error::deserialize(de).map_err(|e| (join(e.path().to_string()), e.into_inner().to_string()));
-    ignored.extend(unknown.into_iter().map(join));
-    let typed = result?;
-    if let Ok(back) = serde_json::to_value(&typed)
-        && let Some(path) = sequence_for_mapping(value, &back, "")
-    {
-        return Err((join(path), "expected a mapping, found a sequence".into()));
+    match T::deserialize(serde_ignored::Deserializer::new(NoPositional(value), &mut record)) {
+        Ok(typed) => {
+            ignored.extend(unknown.into_iter().map(join));
+            Ok(typed)
+        }
+        // Tracking the path of every value costs a quarter of the decoding; only a failure
+        // needs it, so the failed value is decoded again to find where it failed.
+        Err(first) => match serde_path_to_error::deserialize::<_, T>(NoPositional(value)) {
+            Err(e) => Err((join(e.path().to_string()), e.into_inner().to_string())),
+            Ok(_) => Err((join(String::new()), first.to_string())),
+        },
     }
-    Ok(typed)
 }
 
-fn decode_istio<S: DeserializeOwned + serde::Serialize>(
+fn decode_istio<S: DeserializeOwned>(
     value: &Value,
     origin: &str,
     ignored: &mut Vec<String>,

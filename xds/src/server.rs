@@ -46,6 +46,7 @@ impl XdsServer {
                 delta_chunk_bytes: DELTA_CHUNK_BYTES,
                 identifier: DEFAULT_IDENTIFIER.to_string(),
                 next_stream: AtomicU64::new(1),
+                closed: AtomicU64::new(0),
                 shutdown,
             }),
         }
@@ -132,6 +133,11 @@ impl XdsServer {
     /// Number of open streams.
     pub fn connected(&self) -> usize {
         self.shared.streams.lock().expect("streams lock").len()
+    }
+
+    /// Number of streams that have ended since the server started.
+    pub fn closed(&self) -> u64 {
+        self.shared.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Ends every stream (they return UNAVAILABLE) so a graceful transport shutdown completes.

@@ -140,6 +140,8 @@ pub(crate) struct Shared {
     /// `control_plane.identifier` of every response.
     pub identifier: String,
     pub next_stream: AtomicU64,
+    /// Streams that have ended since the server started.
+    pub closed: AtomicU64,
     pub shutdown: watch::Sender<bool>,
 }
 
@@ -152,6 +154,7 @@ pub(crate) struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let removed = self.shared.streams.lock().expect("streams lock").remove(&self.id);
+        self.shared.closed.fetch_add(1, Ordering::Relaxed);
         if let Some(entry) = removed {
             self.shared.observer.disconnected(&entry.node);
         }
