@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod allocator;
 pub mod bootstrap;
+pub mod ca_secret;
 pub mod certificates;
 pub mod crds;
 pub mod file_source;

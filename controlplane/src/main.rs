@@ -55,8 +55,9 @@ enum Command {
         /// Watch only this namespace (Kubernetes source).
         #[arg(long)]
         namespace: Option<String>,
-        /// Namespace of the leader-election Lease (default: $POD_NAMESPACE in a pod, else the
-        /// kubeconfig context's namespace, else `default`).
+        /// The control plane's own namespace, where its leader-election Lease and its CA Secret
+        /// `istio-ca-secret` live (default: $POD_NAMESPACE in a pod, else the kubeconfig
+        /// context's namespace, else `default`).
         #[arg(long)]
         lease_namespace: Option<String>,
         /// This replica's identity in the Lease (default: $POD_NAME, else the host name).
@@ -81,7 +82,8 @@ enum Command {
         #[arg(long = "tls-dns-name")]
         tls_dns_names: Vec<String>,
         /// Istio's plug-in CA directory (ca-cert.pem, ca-key.pem, cert-chain.pem,
-        /// root-cert.pem); default: a self-signed root kept in --state-dir/ca.
+        /// root-cert.pem); default: a self-signed root kept in Secret istio-ca-secret with
+        /// --kube, else in --state-dir/ca.
         #[arg(long)]
         ca_dir: Option<PathBuf>,
         /// Istio's MeshConfig YAML (trustDomain, trustDomainAliases, enableAutoMtls; Istio's
@@ -322,15 +324,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let identifier = format!("sluice-{identity}");
             let kube = if kube || kubeconfig.is_some() {
                 let client = runtime.block_on(kube_client(kubeconfig.as_deref()))?;
+                let own_namespace = sluice_controlplane::lease::lease_namespace(lease_namespace, &client);
                 let lease = (!no_status).then(|| {
-                    let namespace = sluice_controlplane::lease::lease_namespace(lease_namespace, &client);
-                    tracing::info!(namespace = %namespace, "leader election Lease sluice-leader");
-                    sluice_controlplane::lease::LeaseConfig::new(&namespace, &identity)
+                    tracing::info!(namespace = %own_namespace, "leader election Lease sluice-leader");
+                    sluice_controlplane::lease::LeaseConfig::new(&own_namespace, &identity)
                 });
                 Some(sluice_controlplane::serve::KubeServe {
                     client,
                     watch: sluice_controlplane::kube_source::WatchOptions { namespace },
                     lease,
+                    own_namespace,
                 })
             } else {
                 None

@@ -33,6 +33,8 @@ pub struct KubeServe {
     pub watch: crate::kube_source::WatchOptions,
     /// Leader election for status writes; without it, status is not written.
     pub lease: Option<crate::lease::LeaseConfig>,
+    /// The control plane's own namespace: where the CA Secret `istio-ca-secret` lives.
+    pub own_namespace: String,
 }
 
 /// xDS over TLS (istiod's 15012): the server's certificate chain and key, and with a client CA,
@@ -301,7 +303,17 @@ pub async fn serve(
     };
     let xds_tls_task = match &options.xds_tls {
         Some(tls) => {
-            let ca = Arc::new(open_ca(&options.ca, &options.mesh.trust_domain, options.state_dir.as_deref())?);
+            let trust_domain = &options.mesh.trust_domain;
+            let ca = match &options.kube {
+                // In Kubernetes the root is kept where every replica finds it, as istiod keeps it.
+                Some(kube) if options.ca.ca_dir.is_none() => {
+                    crate::ca_secret::open(kube.client.clone(), &kube.own_namespace, trust_domain)
+                        .await?
+                        .with_policy(options.ca.policy)
+                }
+                _ => open_ca(&options.ca, trust_domain, options.state_dir.as_deref())?,
+            };
+            let ca = Arc::new(ca);
             if let Some(state) = &options.state_dir {
                 // The trust bundle, for workloads and operators without a cluster (in Kubernetes
                 // the ConfigMap istio-ca-root-cert holds it).

@@ -65,7 +65,12 @@ fn grants(objects: &[Value]) -> BTreeSet<(String, String, String)> {
                             let status = resource.ends_with("/status") && matches!(verb.as_str(), "patch" | "update");
                             let lease = resource == "leases"
                                 && (verb == "create" || strings(&rule["resourceNames"]) == ["sluice-leader"]);
-                            assert!(status || lease, "{verb} on {group}/{resource} is more than sluice needs");
+                            // The CA's root Secret, made by the first replica.
+                            let ca_root = resource == "secrets" && verb == "create";
+                            assert!(
+                                status || lease || ca_root,
+                                "{verb} on {group}/{resource} is more than sluice needs"
+                            );
                         }
                         out.insert((group.clone(), resource.clone(), verb));
                     }
@@ -108,6 +113,8 @@ fn default_rendering_has_what_the_control_plane_and_agent_need() {
     ] {
         assert!(kinds.contains(kind), "{kind} missing: {kinds:?}");
     }
+    // 15012 is off by default, so is the CA and its Secret rights.
+    assert!(!objects.iter().any(|o| o["metadata"]["name"] == "sluice-ca"), "no CA role without 15012");
 
     let deployment = one(&objects, "Deployment", "sluice");
     assert_eq!(deployment["spec"]["replicas"], 1);
@@ -208,8 +215,14 @@ fn custom_values_are_honoured() {
         cluster["rules"].as_array().unwrap().iter().flat_map(|r| strings(&r["resources"])).collect();
     assert_eq!(cluster_resources, ["namespaces"]);
     let grants = grants(&objects);
-    assert!(grants.iter().all(|g| matches!(g.2.as_str(), "get" | "list" | "watch")), "{grants:?}");
+    let writes: Vec<_> = grants.iter().filter(|g| !matches!(g.2.as_str(), "get" | "list" | "watch")).collect();
+    assert_eq!(writes, [&("".to_string(), "secrets".to_string(), "create".to_string())], "only the CA's root");
     assert!(!objects.iter().any(|o| o["metadata"]["name"] == "sluice-leader"), "no Lease role without status");
+    // With 15012 on, the CA keeps its root in Secret istio-ca-secret of the release namespace.
+    let ca = one(&objects, "Role", "sluice-ca");
+    let read = ca["rules"].as_array().unwrap().iter().find(|r| strings(&r["verbs"]) == ["get"]).unwrap();
+    assert_eq!(strings(&read["resourceNames"]), ["istio-ca-secret"]);
+    assert_eq!(one(&objects, "RoleBinding", "sluice-ca")["roleRef"]["name"], "sluice-ca");
 
     let agent = one(&objects, "DaemonSet", "sluice-agent");
     let a = container(agent);

@@ -36,7 +36,7 @@ impl Running {
         let monitoring = format!("127.0.0.1:{}", free_port());
         let options = ServeOptions {
             config: Vec::new(),
-            kube: Some(KubeServe { client, watch: Default::default(), lease }),
+            kube: Some(KubeServe { client, watch: Default::default(), lease, own_namespace: "sluice-system".into() }),
             xds_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             xds_tls: None,
             ca: Default::default(),

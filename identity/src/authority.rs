@@ -74,6 +74,14 @@ pub enum CaError {
         /// The policy's maximum.
         max: Duration,
     },
+    /// A root kept by the caller ([`CertificateAuthority::from_stored_root`]) is unusable.
+    #[error("{place}: {reason}")]
+    BadStored {
+        /// Where it is kept, and which part is wrong.
+        place: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Signing failed (should not happen with a usable key).
     #[error("cannot sign: {0}")]
     Signing(String),
@@ -86,6 +94,8 @@ pub enum CaSource {
     SelfSigned(PathBuf),
     /// Istio's plug-in layout in this directory.
     PlugIn(PathBuf),
+    /// A root sluice made, kept by the caller where this names (a Kubernetes Secret).
+    Stored(String),
     /// A root in memory only.
     Ephemeral,
 }
@@ -217,6 +227,25 @@ impl CertificateAuthority {
         }
         let (root, key) = (read(&cert_path)?, load_key(&key_path)?);
         Self::rooted(&cert_path, root, key, CaSource::SelfSigned(dir.to_path_buf()))
+    }
+
+    /// A new self-signed root for a caller that keeps it itself: its certificate and key, PEM.
+    pub fn new_root_pem(trust_domain: &str) -> Result<(String, String), CaError> {
+        let (key, root) = Self::new_root(trust_domain)?;
+        Ok((root, key.serialize_pem()))
+    }
+
+    /// The self-signed root `cert_pem` with its key `key_pem`, kept by the caller at `place`
+    /// (named in errors, with the part that is wrong).
+    pub fn from_stored_root(place: &str, cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let part = |i: usize| format!("{place}, {}", PLUGIN_FILES[i]);
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| CaError::BadStored { place: part(1), reason: format!("not a usable private key: {e}") })?;
+        let source = CaSource::Stored(place.to_string());
+        Self::rooted(Path::new(place), cert_pem.to_string(), key, source).map_err(|e| match e {
+            CaError::BadFile { reason, .. } => CaError::BadStored { place: part(0), reason },
+            other => other,
+        })
     }
 
     /// A self-signed root that lives in memory only: every start makes a new one, so what it

@@ -414,8 +414,8 @@ fn decode<T: DeserializeOwned>(value: &Value, prefix: &str, ignored: &mut Vec<St
             ignored.extend(unknown.into_iter().map(join));
             Ok(typed)
         }
-        // Tracking the path of every value costs a quarter of the decoding; only a failure
-        // needs it, so the failed value is decoded again to find where it failed.
+        // Only a failure needs the path to where it failed: the value is decoded again,
+        // tracking it, rather than tracking the path of every value of every document.
         Err(first) => match serde_path_to_error::deserialize::<_, T>(NoPositional(value)) {
             Err(e) => Err((join(e.path().to_string()), e.into_inner().to_string())),
             Ok(_) => Err((join(String::new()), first.to_string())),
