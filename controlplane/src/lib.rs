@@ -13,6 +13,7 @@ pub mod kube_source;
 pub mod lease;
 pub mod metrics;
 pub mod monitoring;
+pub mod root_cert;
 pub mod serve;
 pub mod status;
 pub mod store;

@@ -301,6 +301,8 @@ pub async fn serve(
         let stop = wait(stop_rx.clone());
         tokio::spawn(async move { xds.serve(xds_listener, stop).await })
     };
+    // The CA's root, for the istio-ca-root-cert ConfigMaps (with Kubernetes and a CA).
+    let mut root_pem = None;
     let xds_tls_task = match &options.xds_tls {
         Some(tls) => {
             let trust_domain = &options.mesh.trust_domain;
@@ -313,6 +315,7 @@ pub async fn serve(
                 }
                 _ => open_ca(&options.ca, trust_domain, options.state_dir.as_deref())?,
             };
+            root_pem = Some(ca.root_pem().to_string());
             let ca = Arc::new(ca);
             if let Some(state) = &options.state_dir {
                 // The trust bundle, for workloads and operators without a cluster (in Kubernetes
@@ -386,6 +389,7 @@ pub async fn serve(
     if let (Some(kube), Some(cache)) = (&options.kube, &kube_cache) {
         kube_tasks =
             crate::kube_source::spawn(kube.client.clone(), kube.watch.clone(), cache.clone(), events_tx.clone());
+        let mut leader = None;
         if let Some(lease) = &kube.lease {
             let (leader_tx, leader_rx) = watch::channel(false);
             let api = kube::Api::namespaced(kube.client.clone(), &lease.namespace);
@@ -394,8 +398,13 @@ pub async fn serve(
                 kube.client.clone(),
                 cache.clone(),
                 findings_rx,
-                leader_rx,
+                leader_rx.clone(),
             )));
+            leader = Some(leader_rx);
+        }
+        if let Some(root) = root_pem {
+            let only = kube.watch.namespace.clone();
+            kube_tasks.push(tokio::spawn(crate::root_cert::run(kube.client.clone(), root, only, leader)));
         }
     }
     let state_dir = options.state_dir.clone().map(|d| d.canonicalize().unwrap_or(d));

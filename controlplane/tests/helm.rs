@@ -65,10 +65,13 @@ fn grants(objects: &[Value]) -> BTreeSet<(String, String, String)> {
                             let status = resource.ends_with("/status") && matches!(verb.as_str(), "patch" | "update");
                             let lease = resource == "leases"
                                 && (verb == "create" || strings(&rule["resourceNames"]) == ["sluice-leader"]);
-                            // The CA's root Secret, made by the first replica.
+                            // The CA's root Secret, made by the first replica; the trust bundle's
+                            // ConfigMaps, replaced by name only.
                             let ca_root = resource == "secrets" && verb == "create";
+                            let bundle = resource == "configmaps"
+                                && (verb == "create" || strings(&rule["resourceNames"]) == ["istio-ca-root-cert"]);
                             assert!(
-                                status || lease || ca_root,
+                                status || lease || ca_root || bundle,
                                 "{verb} on {group}/{resource} is more than sluice needs"
                             );
                         }
@@ -216,13 +219,21 @@ fn custom_values_are_honoured() {
     assert_eq!(cluster_resources, ["namespaces"]);
     let grants = grants(&objects);
     let writes: Vec<_> = grants.iter().filter(|g| !matches!(g.2.as_str(), "get" | "list" | "watch")).collect();
-    assert_eq!(writes, [&("".to_string(), "secrets".to_string(), "create".to_string())], "only the CA's root");
+    let grant = |resource: &str, verb: &str| ("".to_string(), resource.to_string(), verb.to_string());
+    let want = [grant("configmaps", "create"), grant("configmaps", "update"), grant("secrets", "create")];
+    assert_eq!(writes, want.iter().collect::<Vec<_>>(), "only the CA's root and its trust bundle");
     assert!(!objects.iter().any(|o| o["metadata"]["name"] == "sluice-leader"), "no Lease role without status");
     // With 15012 on, the CA keeps its root in Secret istio-ca-secret of the release namespace.
     let ca = one(&objects, "Role", "sluice-ca");
     let read = ca["rules"].as_array().unwrap().iter().find(|r| strings(&r["verbs"]) == ["get"]).unwrap();
     assert_eq!(strings(&read["resourceNames"]), ["istio-ca-secret"]);
     assert_eq!(one(&objects, "RoleBinding", "sluice-ca")["roleRef"]["name"], "sluice-ca");
+    // The trust bundle in the one watched namespace: a Role there, reads limited to its name.
+    let bundle = one(&objects, "Role", "sluice-ca-root");
+    assert_eq!(bundle["metadata"]["namespace"], "bookinfo");
+    let by_name = bundle["rules"].as_array().unwrap().iter().find(|r| r["resourceNames"].is_array()).unwrap();
+    assert_eq!(strings(&by_name["verbs"]), ["get", "list", "watch", "update"]);
+    assert_eq!(one(&objects, "RoleBinding", "sluice-ca-root")["roleRef"]["kind"], "Role");
 
     let agent = one(&objects, "DaemonSet", "sluice-agent");
     let a = container(agent);

@@ -1,6 +1,9 @@
-//! The self-signed root in Kubernetes (Secret `istio-ca-secret`), against the in-memory API
-//! server: the first start makes it, later starts sign under it, a broken one is refused naming
-//! the Secret and the key, and `serve --kube` presents a serving certificate that chains to it.
+//! The CA in Kubernetes, against the in-memory API server. Its self-signed root (Secret
+//! `istio-ca-secret`): the first start makes it, later starts sign under it, a broken one is
+//! refused naming the Secret and the key, and `serve --kube` presents a serving certificate that
+//! chains to it. The trust bundle (ConfigMap `istio-ca-root-cert`): written by the leader in
+//! every namespace but the ignored and terminating ones, and written again when edited, deleted
+//! or a namespace comes.
 
 // Shared with kube_source.rs, which uses all of it; this file uses a part.
 #[allow(dead_code)]
@@ -13,6 +16,7 @@ use http::Method;
 use k8s_openapi::ByteString;
 use serde_json::json;
 use sluice_controlplane::ca_secret::{CA_SECRET, open};
+use sluice_controlplane::root_cert::{ROOT_CERT_CONFIG_MAP, ROOT_CERT_KEY};
 use sluice_controlplane::serve::{KubeServe, ServeOptions, XdsTls, serve};
 use sluice_identity::CertificateAuthority;
 use sluice_testkit::{eventually, free_port};
@@ -117,4 +121,60 @@ fn serve_in_kubernetes_signs_its_serving_certificate_under_the_secret() {
     });
     let _ = stop.send(());
     rt.block_on(server).unwrap().unwrap();
+}
+
+fn namespace(name: &str, phase: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}, "status": {"phase": phase}})
+}
+
+/// The root in `namespace`'s ConfigMap, if there is one (and its label, which must be there).
+fn published(fake: &FakeApiServer, namespace: &str) -> Option<String> {
+    let cm = fake.get("configmaps", namespace, ROOT_CERT_CONFIG_MAP)?;
+    assert_eq!(cm["metadata"]["labels"]["istio.io/config"], "true", "{cm:#}");
+    cm["data"][ROOT_CERT_KEY].as_str().map(String::from)
+}
+
+#[test]
+fn the_leader_publishes_the_root_in_every_namespace_and_keeps_it_there() {
+    let fake = FakeApiServer::new();
+    for (name, phase) in
+        [("default", "Active"), ("bookinfo", "Active"), ("kube-public", "Active"), ("dying", "Terminating")]
+    {
+        fake.put("namespaces", namespace(name, phase));
+    }
+    let rt = runtime();
+    let client = rt.block_on(async { fake.client() });
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+    let root = "-----BEGIN CERTIFICATE-----\nROOT\n-----END CERTIFICATE-----\n";
+    let task = rt.spawn(sluice_controlplane::root_cert::run(client, root.into(), None, Some(leader_rx)));
+    let until = |what: &str, f: &dyn Fn() -> bool| {
+        assert!(eventually(Duration::from_secs(10), || f().then_some(())).is_some(), "{what}");
+    };
+    // Both watches listed: a replica that does not lead writes nothing.
+    until("the namespaces and ConfigMaps are listed", &|| {
+        let lists = fake.requests().iter().filter(|r| r.method == Method::GET && !r.query.contains("watch")).count();
+        lists >= 2
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!fake.requests().iter().any(|r| r.method != Method::GET), "a follower writes nothing");
+
+    leader_tx.send_replace(true);
+    until("the leader publishes the root", &|| published(&fake, "default").is_some_and(|r| r == root));
+    until("in bookinfo too", &|| published(&fake, "bookinfo").is_some_and(|r| r == root));
+    assert!(published(&fake, "kube-public").is_none(), "an ignored namespace is left alone");
+    assert!(published(&fake, "dying").is_none(), "a terminating namespace is left alone");
+
+    // Edited: written again, with what else it held kept.
+    let mut edited = fake.get("configmaps", "default", ROOT_CERT_CONFIG_MAP).unwrap();
+    edited["data"][ROOT_CERT_KEY] = "tampered".into();
+    edited["data"]["extra"] = "kept".into();
+    fake.put("configmaps", edited);
+    until("an edited ConfigMap gets the root back", &|| published(&fake, "default").is_some_and(|r| r == root));
+    assert_eq!(fake.get("configmaps", "default", ROOT_CERT_CONFIG_MAP).unwrap()["data"]["extra"], "kept");
+    // Deleted: made again. A new namespace: gets one.
+    fake.delete("configmaps", "bookinfo", ROOT_CERT_CONFIG_MAP);
+    until("a deleted ConfigMap is made again", &|| published(&fake, "bookinfo").is_some_and(|r| r == root));
+    fake.put("namespaces", namespace("late", "Active"));
+    until("a new namespace gets the root", &|| published(&fake, "late").is_some_and(|r| r == root));
+    task.abort();
 }
