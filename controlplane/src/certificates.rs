@@ -115,17 +115,28 @@ impl NodeTokens {
     }
 }
 
-/// Authenticates CSR callers with node tokens, and lets a node agent impersonate the service
-/// accounts of the workloads on its node in the config being served.
+/// Authenticates CSR (and TLS xDS) callers by node token, or in Kubernetes by a service-account
+/// token the API server reviews; lets a node agent impersonate the service accounts of the
+/// workloads on its node in the config being served.
 pub struct MeshAuthenticator {
     tokens: NodeTokens,
     generator: Arc<MeshGenerator>,
+    /// The API server that reviews service-account tokens, and the trust domain of the
+    /// identities they prove.
+    reviewer: Option<(kube::Client, String)>,
 }
 
 impl MeshAuthenticator {
     /// Callers authenticated by `tokens`, impersonation decided on `generator`'s config.
     pub fn new(tokens: NodeTokens, generator: Arc<MeshGenerator>) -> Self {
-        Self { tokens, generator }
+        Self { tokens, generator, reviewer: None }
+    }
+
+    /// This authenticator also taking Kubernetes service-account tokens (audience `istio-ca`)
+    /// that `client`'s API server reviews, as identities of `trust_domain`.
+    pub fn with_token_review(mut self, client: kube::Client, trust_domain: &str) -> Self {
+        self.reviewer = Some((client, trust_domain.to_string()));
+        self
     }
 }
 
@@ -133,11 +144,14 @@ impl Authenticator for MeshAuthenticator {
     fn authenticate<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, Result<Caller, AuthError>> {
         Box::pin(async move {
             let token = credentials.bearer_token.as_deref().unwrap_or_default();
-            match self.tokens.node(token) {
-                Some(node) => Ok(Caller::NodeAgent(node.to_string())),
-                // Kubernetes service-account tokens (TokenReview) are not checked yet: refused.
-                None => Err(AuthError("the bearer token is no node's token".into())),
+            if let Some(node) = self.tokens.node(token) {
+                return Ok(Caller::NodeAgent(node.to_string()));
             }
+            let Some((client, trust_domain)) = &self.reviewer else {
+                return Err(AuthError("the bearer token is no node's token".into()));
+            };
+            let (namespace, service_account) = crate::token_review::review(client, token).await.map_err(AuthError)?;
+            Ok(Caller::Workload(SpiffeId::new(trust_domain, &namespace, &service_account)))
         })
     }
 

@@ -17,6 +17,7 @@ pub mod root_cert;
 pub mod serve;
 pub mod status;
 pub mod store;
+pub mod token_review;
 
 use std::path::PathBuf;
 

@@ -328,7 +328,11 @@ pub async fn serve(
                 Some(path) => NodeTokens::load(path)?,
                 None => NodeTokens::default(),
             };
-            let authenticator = Arc::new(MeshAuthenticator::new(tokens, generator.clone()));
+            let mut authenticator = MeshAuthenticator::new(tokens, generator.clone());
+            if let Some(kube) = &options.kube {
+                authenticator = authenticator.with_token_review(kube.client.clone(), trust_domain);
+            }
+            let authenticator = Arc::new(authenticator);
             let authorizer: Arc<dyn sluice_xds::authorization::Authorizer> =
                 Arc::new(crate::certificates::XdsAuthorizer::new(authenticator.clone()));
             let csr = CertificateService::new(ca, authenticator, &options.mesh.trust_domain);

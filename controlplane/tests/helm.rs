@@ -68,10 +68,11 @@ fn grants(objects: &[Value]) -> BTreeSet<(String, String, String)> {
                             // The CA's root Secret, made by the first replica; the trust bundle's
                             // ConfigMaps, replaced by name only.
                             let ca_root = resource == "secrets" && verb == "create";
+                            let review = resource == "tokenreviews" && verb == "create";
                             let bundle = resource == "configmaps"
                                 && (verb == "create" || strings(&rule["resourceNames"]) == ["istio-ca-root-cert"]);
                             assert!(
-                                status || lease || ca_root || bundle,
+                                status || lease || ca_root || bundle || review,
                                 "{verb} on {group}/{resource} is more than sluice needs"
                             );
                         }
@@ -216,12 +217,13 @@ fn custom_values_are_honoured() {
     let cluster = one(&objects, "ClusterRole", "sluice");
     let cluster_resources: Vec<String> =
         cluster["rules"].as_array().unwrap().iter().flat_map(|r| strings(&r["resources"])).collect();
-    assert_eq!(cluster_resources, ["namespaces"]);
+    assert_eq!(cluster_resources, ["namespaces", "tokenreviews"], "with 15012, token reviews for the CA");
     let grants = grants(&objects);
     let writes: Vec<_> = grants.iter().filter(|g| !matches!(g.2.as_str(), "get" | "list" | "watch")).collect();
     let grant = |resource: &str, verb: &str| ("".to_string(), resource.to_string(), verb.to_string());
-    let want = [grant("configmaps", "create"), grant("configmaps", "update"), grant("secrets", "create")];
-    assert_eq!(writes, want.iter().collect::<Vec<_>>(), "only the CA's root and its trust bundle");
+    let review = ("authentication.k8s.io".to_string(), "tokenreviews".to_string(), "create".to_string());
+    let want = [grant("configmaps", "create"), grant("configmaps", "update"), grant("secrets", "create"), review];
+    assert_eq!(writes, want.iter().collect::<Vec<_>>(), "only the CA's root, its trust bundle and token reviews");
     assert!(!objects.iter().any(|o| o["metadata"]["name"] == "sluice-leader"), "no Lease role without status");
     // With 15012 on, the CA keeps its root in Secret istio-ca-secret of the release namespace.
     let ca = one(&objects, "Role", "sluice-ca");

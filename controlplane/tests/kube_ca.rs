@@ -5,7 +5,7 @@
 //! every namespace but the ignored and terminating ones, and written again when edited, deleted
 //! or a namespace comes.
 
-// Shared with kube_source.rs, which uses all of it; this file uses a part.
+// Shared by the tests that talk to an API server; each uses a part of it.
 #[allow(dead_code)]
 mod fake_apiserver;
 

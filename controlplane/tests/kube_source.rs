@@ -3,6 +3,8 @@
 //! (the state directory is served), Istio's CRDs absent (whole groups, or one CRD of a served
 //! group), status written only by the Lease holder, and from outside a cluster.
 
+// Shared by the tests that talk to an API server; each uses a part of it.
+#[allow(dead_code)]
 mod fake_apiserver;
 
 use std::path::Path;

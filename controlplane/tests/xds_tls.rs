@@ -2,7 +2,13 @@
 //! certificate from it gets its config; one without, or with another CA's, is turned away), and
 //! by default a port whose certificate sluice's own CA issues, serving xDS and Istio's CSR API.
 //! On both, a caller has only the config of its own proxies (istiod's rule): a workload's
-//! identity must be of the proxy's namespace, a node agent's token of its node.
+//! identity must be of the proxy's namespace, a node agent's token of its node. In Kubernetes
+//! a pod's service-account token (audience `istio-ca`, reviewed by the API server) proves its
+//! identity too.
+
+// Shared by the tests that talk to an API server; each uses a part of it.
+#[allow(dead_code)]
+mod fake_apiserver;
 
 use std::path::Path;
 use std::time::Duration;
@@ -312,6 +318,69 @@ fn by_default_the_ca_issues_the_ports_certificate_and_signs_for_node_agents_and_
         let got = clusters(&tls_addr, &root, Some(&(leaf, key))).await.expect("xDS by the workload's certificate");
         assert!(got > 5, "{got}");
     });
+    let _ = stop.send(());
+    runtime.block_on(server).unwrap().unwrap();
+}
+
+#[test]
+fn in_kubernetes_a_pods_token_gets_its_service_accounts_certificate_and_its_proxys_config() {
+    let fake = fake_apiserver::FakeApiServer::new();
+    // A projected token for the CA, and the legacy kind (for the API server only).
+    fake.add_token("productpage-projected-token", "default", "bookinfo-productpage", &["istio-ca"]);
+    fake.add_token("productpage-legacy-token", "default", "bookinfo-productpage", &["https://kubernetes.default.svc"]);
+    let state = tempfile::tempdir().unwrap();
+    let tls_addr = format!("127.0.0.1:{}", free_port());
+    let monitoring = format!("127.0.0.1:{}", free_port());
+    let tls = XdsTls { addr: tls_addr.parse().unwrap(), identity: None, client_ca: None };
+    let mut options = serve_options(tls, CaOptions::default(), &monitoring, Some(state.path().join("state")));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = runtime.block_on(async { fake.client() });
+    options.kube = Some(sluice_controlplane::serve::KubeServe {
+        client,
+        watch: Default::default(),
+        lease: None,
+        own_namespace: "default".into(),
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(serve(options, async move {
+        let _ = stopped.await;
+    }));
+    let loaded = sluice_testkit::eventually(Duration::from_secs(60), || {
+        sluice_testkit::http_get(&monitoring, "x", "/ready", &[]).ok().filter(|(code, _)| *code == 200)
+    });
+    assert!(loaded.is_some(), "the config never loaded");
+    let root = std::fs::read_to_string(state.path().join("state/root-cert.pem")).unwrap();
+    let csr_with = |token: &str| {
+        let (_, csr) = new_csr();
+        let mut request = tonic::Request::new(IstioCertificateRequest { csr, ..Default::default() });
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    runtime.block_on(async {
+        let chain =
+            create_certificate(tls_channel(&tls_addr, &root, None).await, csr_with("productpage-projected-token"))
+                .await
+                .expect("a pod's projected token is taken")
+                .cert_chain;
+        let leaf = pem::parse(&chain[0]).unwrap().into_contents();
+        let productpage = SpiffeId::new("cluster.local", "default", "bookinfo-productpage");
+        assert_eq!(certificate_identity(&leaf), Some(productpage));
+        for token in ["productpage-legacy-token", "no-such-token"] {
+            let refused = create_certificate(tls_channel(&tls_addr, &root, None).await, csr_with(token)).await;
+            let refused = refused.expect_err(token);
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{token}: {refused:?}");
+            assert!(refused.message().contains("the token is not valid"), "{token}: {}", refused.message());
+        }
+        // xDS with the token: its own proxy's config, not another namespace's.
+        let token = Some("productpage-projected-token");
+        let own = discover(PRODUCTPAGE, CLUSTER_TYPE, &tls_addr, &root, None, token).await;
+        assert!(own.expect("productpage's sidecar by its token") > 5);
+        let other = "sidecar~127.0.2.40~batch-v1.other~other.svc.cluster.local";
+        let refused = discover(other, CLUSTER_TYPE, &tls_addr, &root, None, token).await.unwrap_err();
+        assert!(refused.contains("PermissionDenied"), "{refused}");
+    });
+    let reviews = fake.requests().iter().filter(|r| r.path.ends_with("/tokenreviews")).count();
+    assert!(reviews >= 4, "every token went to the API server: {reviews}");
     let _ = stop.send(());
     runtime.block_on(server).unwrap().unwrap();
 }

@@ -50,6 +50,8 @@ struct State {
     /// Istio resources (plurals) whose CRD is not installed: discovery leaves them out and a
     /// list or watch of them is 404, as on a real API server.
     missing: std::collections::BTreeSet<String>,
+    /// Service-account tokens TokenReview knows: token → (username, the token's audiences).
+    tokens: BTreeMap<String, (String, Vec<String>)>,
 }
 
 /// The fake API server. Clone freely: clones share state.
@@ -162,6 +164,42 @@ impl FakeApiServer {
             }
         });
         kube::Client::new(service, "default")
+    }
+
+    /// A token of service account `namespace`/`name` for `audiences`, as TokenReview will know it.
+    pub fn add_token(&self, token: &str, namespace: &str, name: &str, audiences: &[&str]) {
+        let username = format!("system:serviceaccount:{namespace}:{name}");
+        let audiences = audiences.iter().map(|a| a.to_string()).collect();
+        self.state.lock().unwrap().tokens.insert(token.into(), (username, audiences));
+    }
+
+    /// A TokenReview's answer, as the API server gives it (created, never stored): the token's
+    /// user when it is known and for one of the audiences asked for (when any are).
+    fn review(&self, s: &State, mut review: Value) -> Response<Body> {
+        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        let asked: Vec<String> = serde_json::from_value(review["spec"]["audiences"].clone()).unwrap_or_default();
+        review["status"] = match s.tokens.get(token) {
+            None => {
+                json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+            }
+            Some((username, audiences)) => {
+                let both: Vec<&String> = if asked.is_empty() {
+                    audiences.iter().collect()
+                } else {
+                    asked.iter().filter(|a| audiences.contains(a)).collect()
+                };
+                if both.is_empty() {
+                    json!({"authenticated": false,
+                           "error": format!("[invalid bearer token, token audiences {audiences:?} is invalid for the target audiences {asked:?}]")})
+                } else {
+                    let namespace = username.split(':').nth(2).unwrap_or_default();
+                    json!({"authenticated": true, "audiences": both,
+                           "user": {"username": username, "uid": "6d1a7f0e-uid",
+                                    "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}"), "system:authenticated"]}})
+                }
+            }
+        };
+        respond(StatusCode::CREATED, &review)
     }
 
     /// Stops serving an API group (its CRDs are not installed).
@@ -297,6 +335,9 @@ impl FakeApiServer {
         if s.missing.contains(&resource) {
             // What a real API server answers for a resource whose CRD is not installed.
             return Some(status(404, "NotFound", "the server could not find the requested resource"));
+        }
+        if resource == "tokenreviews" && method == Method::POST {
+            return Some(self.review(&s, body));
         }
         let ns = namespace.clone().unwrap_or_default();
         Some(match (method, name) {
