@@ -22,6 +22,9 @@ pub struct CaOptions {
     pub ca_dir: Option<PathBuf>,
     /// Node tokens: lines of `<node name> <token>`.
     pub node_tokens: Option<PathBuf>,
+    /// With Kubernetes: the service accounts (namespace, name) of node agents, whose reviewed
+    /// tokens act for their pods' nodes.
+    pub node_accounts: Vec<(String, String)>,
     /// DNS names of the control plane's serving certificate.
     pub serving_names: Vec<String>,
     /// Leaf lifetimes.
@@ -33,6 +36,7 @@ impl Default for CaOptions {
         Self {
             ca_dir: None,
             node_tokens: None,
+            node_accounts: Vec::new(),
             serving_names: DEFAULT_SERVING_NAMES.iter().map(|n| n.to_string()).collect(),
             policy: LeafPolicy::default(),
         }
@@ -124,12 +128,15 @@ pub struct MeshAuthenticator {
     /// The API server that reviews service-account tokens, and the trust domain of the
     /// identities they prove.
     reviewer: Option<(kube::Client, String)>,
+    /// Service accounts (namespace, name) whose tokens are node agents' (istiod's
+    /// `CA_TRUSTED_NODE_ACCOUNTS`, ztunnel's there): such a caller acts for its pod's node.
+    node_accounts: std::collections::BTreeSet<(String, String)>,
 }
 
 impl MeshAuthenticator {
     /// Callers authenticated by `tokens`, impersonation decided on `generator`'s config.
     pub fn new(tokens: NodeTokens, generator: Arc<MeshGenerator>) -> Self {
-        Self { tokens, generator, reviewer: None }
+        Self { tokens, generator, reviewer: None, node_accounts: Default::default() }
     }
 
     /// This authenticator also taking Kubernetes service-account tokens (audience `istio-ca`)
@@ -137,6 +144,33 @@ impl MeshAuthenticator {
     pub fn with_token_review(mut self, client: kube::Client, trust_domain: &str) -> Self {
         self.reviewer = Some((client, trust_domain.to_string()));
         self
+    }
+
+    /// This authenticator taking the reviewed tokens of `accounts` (namespace, service
+    /// account) for the node agents of their pods' nodes.
+    pub fn with_node_accounts(mut self, accounts: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.node_accounts.extend(accounts);
+        self
+    }
+
+    /// The node of a node agent's reviewed token: the API server's word, else the node the
+    /// served config has its pod on.
+    fn agent_node(&self, reviewed: &crate::token_review::Reviewed) -> Result<String, AuthError> {
+        let account = format!("{}/{}", reviewed.namespace, reviewed.service_account);
+        if let Some(node) = &reviewed.node {
+            return Ok(node.clone());
+        }
+        let pod = reviewed.pod.as_deref().ok_or_else(|| {
+            AuthError(format!("the token of node agent account {account} is bound to no pod, so to no node"))
+        })?;
+        let current = self.generator.current();
+        let workload = current.snapshot.workloads.values().find(|w| w.namespace == reviewed.namespace && w.name == pod);
+        workload.and_then(|w| w.node.clone()).ok_or_else(|| {
+            AuthError(format!(
+                "the pod {}/{pod} of node agent account {account} is on no known node",
+                reviewed.namespace
+            ))
+        })
     }
 }
 
@@ -150,8 +184,12 @@ impl Authenticator for MeshAuthenticator {
             let Some((client, trust_domain)) = &self.reviewer else {
                 return Err(AuthError("the bearer token is no node's token".into()));
             };
-            let (namespace, service_account) = crate::token_review::review(client, token).await.map_err(AuthError)?;
-            Ok(Caller::Workload(SpiffeId::new(trust_domain, &namespace, &service_account)))
+            let reviewed = crate::token_review::review(client, token).await.map_err(AuthError)?;
+            let account = (reviewed.namespace.clone(), reviewed.service_account.clone());
+            if self.node_accounts.contains(&account) {
+                return self.agent_node(&reviewed).map(Caller::NodeAgent);
+            }
+            Ok(Caller::Workload(SpiffeId::new(trust_domain, &reviewed.namespace, &reviewed.service_account)))
         })
     }
 

@@ -93,6 +93,10 @@ enum Command {
         /// Node agents' tokens for the CSR API: lines of `<node name> <token>`.
         #[arg(long)]
         node_tokens: Option<PathBuf>,
+        /// With --kube: a node agents' service account, `<namespace>/<name>` (repeatable; as
+        /// istiod's CA_TRUSTED_NODE_ACCOUNTS): its pod-bound tokens act for the pod's node.
+        #[arg(long = "trusted-node-account", value_parser = node_account)]
+        trusted_node_accounts: Vec<(String, String)>,
         /// Workload certificate lifetime when a request does not say, in seconds (istiod: 24 h).
         #[arg(long, default_value_t = 24 * 3600)]
         default_cert_ttl_s: u64,
@@ -289,6 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ca_dir,
             mesh_config,
             node_tokens,
+            trusted_node_accounts,
             default_cert_ttl_s,
             max_cert_ttl_s,
             tls_client_ca,
@@ -312,6 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ca = sluice_controlplane::certificates::CaOptions {
                 ca_dir,
                 node_tokens,
+                node_accounts: trusted_node_accounts,
                 serving_names: if tls_dns_names.is_empty() { defaults.serving_names } else { tls_dns_names },
                 policy: sluice_identity::LeafPolicy {
                     default_ttl: std::time::Duration::from_secs(default_cert_ttl_s),
@@ -472,6 +478,14 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
         None => kube::Config::infer().await.context("finding a Kubernetes config (kubeconfig or in-cluster)")?,
     };
     kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// `<namespace>/<service account>`.
+fn node_account(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => Ok((ns.into(), sa.into())),
+        _ => Err(format!("{s:?} is not <namespace>/<service account>")),
+    }
 }
 
 fn host_name() -> String {

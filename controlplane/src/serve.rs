@@ -330,7 +330,9 @@ pub async fn serve(
             };
             let mut authenticator = MeshAuthenticator::new(tokens, generator.clone());
             if let Some(kube) = &options.kube {
-                authenticator = authenticator.with_token_review(kube.client.clone(), trust_domain);
+                authenticator = authenticator
+                    .with_token_review(kube.client.clone(), trust_domain)
+                    .with_node_accounts(options.ca.node_accounts.iter().cloned());
             }
             let authenticator = Arc::new(authenticator);
             let authorizer: Arc<dyn sluice_xds::authorization::Authorizer> =

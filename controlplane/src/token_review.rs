@@ -2,6 +2,8 @@
 //! audience `istio-ca` (a pod's projected token, as Istio's injector mounts it); the caller is
 //! the service account the API server names. Tokens without that audience (the legacy,
 //! unbound ones) are refused: istiod takes them only with its third-party-token check off.
+//! A pod-bound token also says the pod and, on Kubernetes 1.30 and later, the node it runs on:
+//! what makes a node agent's own token enough for it to act for its node.
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
@@ -9,8 +11,21 @@ use kube::api::{Api, PostParams};
 /// The audience a CSR caller's token must be for.
 pub const AUDIENCE: &str = "istio-ca";
 
-/// The (namespace, service account) that `token` belongs to, or why not.
-pub async fn review(client: &kube::Client, token: &str) -> Result<(String, String), String> {
+/// Who a reviewed token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reviewed {
+    /// The service account's namespace.
+    pub namespace: String,
+    /// The service account.
+    pub service_account: String,
+    /// The pod the token is bound to, if it is.
+    pub pod: Option<String>,
+    /// The node of that pod, if the API server says (`authentication.kubernetes.io/node-name`).
+    pub node: Option<String>,
+}
+
+/// Who `token` belongs to, or why it is not taken.
+pub async fn review(client: &kube::Client, token: &str) -> Result<Reviewed, String> {
     let review = TokenReview {
         spec: TokenReviewSpec { token: token.to_string(), audiences: Some(vec![AUDIENCE.to_string()]) },
         ..Default::default()
@@ -23,8 +38,8 @@ pub async fn review(client: &kube::Client, token: &str) -> Result<(String, Strin
     service_account(&reviewed.status.unwrap_or_default())
 }
 
-/// The service account a review's `status` authenticated, or why it did not.
-pub fn service_account(status: &TokenReviewStatus) -> Result<(String, String), String> {
+/// Who a review's `status` authenticated, or why it did not.
+pub fn service_account(status: &TokenReviewStatus) -> Result<Reviewed, String> {
     if let Some(error) = status.error.as_deref().filter(|e| !e.is_empty()) {
         return Err(format!("the token is not valid: {error}"));
     }
@@ -40,7 +55,16 @@ pub fn service_account(status: &TokenReviewStatus) -> Result<(String, String), S
     let username = user.username.as_deref().unwrap_or_default();
     match username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':')) {
         Some((ns, sa)) if in_group && !ns.is_empty() && !sa.is_empty() && !sa.contains(':') => {
-            Ok((ns.to_string(), sa.to_string()))
+            let extra = |key: &str| {
+                let values = user.extra.as_ref().and_then(|e| e.get(&format!("authentication.kubernetes.io/{key}")));
+                values.and_then(|v| v.first()).filter(|v| !v.is_empty()).cloned()
+            };
+            Ok(Reviewed {
+                namespace: ns.to_string(),
+                service_account: sa.to_string(),
+                pod: extra("pod-name"),
+                node: extra("node-name"),
+            })
         }
         _ => Err(format!("the token is not a service account's ({username:?})")),
     }
@@ -68,7 +92,20 @@ mod tests {
     fn only_a_service_account_token_for_the_ca_is_taken() {
         let sa = ["system:serviceaccounts", "system:authenticated"];
         let ok = status("system:serviceaccount:default:bookinfo-productpage", &sa, &[AUDIENCE]);
-        assert_eq!(service_account(&ok), Ok(("default".into(), "bookinfo-productpage".into())));
+        let reviewed = service_account(&ok).unwrap();
+        assert_eq!(
+            (reviewed.namespace.as_str(), reviewed.service_account.as_str()),
+            ("default", "bookinfo-productpage")
+        );
+        assert_eq!((reviewed.pod, reviewed.node), (None, None));
+        let mut bound = ok.clone();
+        bound.user.as_mut().unwrap().extra = Some(
+            [("pod-name", "agent-x7"), ("node-name", "node-1")]
+                .map(|(k, v)| (format!("authentication.kubernetes.io/{k}"), vec![v.to_string()]))
+                .into(),
+        );
+        let reviewed = service_account(&bound).unwrap();
+        assert_eq!((reviewed.pod.as_deref(), reviewed.node.as_deref()), (Some("agent-x7"), Some("node-1")));
         let other_audience = status("system:serviceaccount:default:web", &sa, &["https://kubernetes.default.svc"]);
         assert!(service_account(&other_audience).unwrap_err().contains("audience istio-ca"));
         let a_person = status("alice@example.com", &["system:authenticated"], &[AUDIENCE]);

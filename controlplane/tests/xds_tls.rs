@@ -323,7 +323,7 @@ fn by_default_the_ca_issues_the_ports_certificate_and_signs_for_node_agents_and_
 }
 
 #[test]
-fn in_kubernetes_a_pods_token_gets_its_service_accounts_certificate_and_its_proxys_config() {
+fn in_kubernetes_a_pods_token_gets_its_own_certificate_and_config_and_an_agents_token_acts_for_its_node() {
     let fake = fake_apiserver::FakeApiServer::new();
     // A projected token for the CA, and the legacy kind (for the API server only).
     fake.add_token("productpage-projected-token", "default", "bookinfo-productpage", &["istio-ca"]);
@@ -332,7 +332,13 @@ fn in_kubernetes_a_pods_token_gets_its_service_accounts_certificate_and_its_prox
     let tls_addr = format!("127.0.0.1:{}", free_port());
     let monitoring = format!("127.0.0.1:{}", free_port());
     let tls = XdsTls { addr: tls_addr.parse().unwrap(), identity: None, client_ca: None };
-    let mut options = serve_options(tls, CaOptions::default(), &monitoring, Some(state.path().join("state")));
+    // The node agents' DaemonSet account: its pod-bound token acts for the pod's node.
+    fake.add_token("agent-token", "sluice-system", "sluice-agent", &["istio-ca"]);
+    fake.bind_token("agent-token", "sluice-agent-x7", Some("node-1"));
+    fake.add_token("unbound-agent-token", "sluice-system", "sluice-agent", &["istio-ca"]);
+    let node_accounts = vec![("sluice-system".to_string(), "sluice-agent".to_string())];
+    let ca = CaOptions { node_accounts, ..CaOptions::default() };
+    let mut options = serve_options(tls, ca, &monitoring, Some(state.path().join("state")));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let client = runtime.block_on(async { fake.client() });
     options.kube = Some(sluice_controlplane::serve::KubeServe {
@@ -378,6 +384,29 @@ fn in_kubernetes_a_pods_token_gets_its_service_accounts_certificate_and_its_prox
         let other = "sidecar~127.0.2.40~batch-v1.other~other.svc.cluster.local";
         let refused = discover(other, CLUSTER_TYPE, &tls_addr, &root, None, token).await.unwrap_err();
         assert!(refused.contains("PermissionDenied"), "{refused}");
+
+        // The node agent's token: certificates for the workloads of its node, its own stream.
+        let (_, csr) = new_csr();
+        let for_productpage = IstioCertificateRequest { csr, ..Default::default() }
+            .impersonating("spiffe://cluster.local/ns/default/sa/bookinfo-productpage");
+        let mut request = tonic::Request::new(for_productpage);
+        request.metadata_mut().insert("authorization", "Bearer agent-token".parse().unwrap());
+        let chain =
+            create_certificate(tls_channel(&tls_addr, &root, None).await, request).await.expect("impersonation");
+        let leaf = pem::parse(&chain.cert_chain[0]).unwrap().into_contents();
+        assert_eq!(
+            certificate_identity(&leaf),
+            Some(SpiffeId::new("cluster.local", "default", "bookinfo-productpage"))
+        );
+        let workloads = sluice_translator::dataplane::WORKLOAD_TYPE;
+        let own = discover("agent~node-1", workloads, &tls_addr, &root, None, Some("agent-token")).await;
+        assert!(own.is_ok(), "node-1's agent stream: {own:?}");
+        let other = discover("agent~node-2", workloads, &tls_addr, &root, None, Some("agent-token")).await;
+        assert!(other.unwrap_err().contains("PermissionDenied"));
+        // Its account's token bound to no pod names no node: refused.
+        let unbound = discover("agent~node-1", workloads, &tls_addr, &root, None, Some("unbound-agent-token")).await;
+        let unbound = unbound.unwrap_err();
+        assert!(unbound.contains("Unauthenticated") && unbound.contains("bound to no pod"), "{unbound}");
     });
     let reviews = fake.requests().iter().filter(|r| r.path.ends_with("/tokenreviews")).count();
     assert!(reviews >= 4, "every token went to the API server: {reviews}");

@@ -35,6 +35,9 @@ pub enum IssueError {
     /// No key could be made.
     #[error("cannot make a key: {0}")]
     Key(String),
+    /// The token to present could not be read or sent.
+    #[error("cannot present the token: {0}")]
+    Token(String),
 }
 
 /// A workload's key and the chain the CA signed for it.
@@ -141,13 +144,35 @@ pub fn backoff(attempt: u32) -> Duration {
 #[derive(Clone)]
 pub struct CertificateClient {
     channel: tonic::transport::Channel,
-    token: String,
+    token: Token,
+}
+
+/// The bearer token a [`CertificateClient`] presents.
+#[derive(Clone)]
+enum Token {
+    Fixed(String),
+    /// Read again for every request: a Kubernetes projected token is rotated in place.
+    File(std::path::PathBuf),
 }
 
 impl CertificateClient {
     /// A client of the CA at `channel` presenting the node token `token`.
     pub fn new(channel: tonic::transport::Channel, token: &str) -> Self {
-        Self { channel, token: token.to_string() }
+        Self { channel, token: Token::Fixed(token.to_string()) }
+    }
+
+    /// A client of the CA at `channel` presenting the token in `path` as it is at each request.
+    pub fn with_token_file(channel: tonic::transport::Channel, path: &std::path::Path) -> Self {
+        Self { channel, token: Token::File(path.to_path_buf()) }
+    }
+
+    fn token(&self) -> Result<String, IssueError> {
+        match &self.token {
+            Token::Fixed(token) => Ok(token.clone()),
+            Token::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| IssueError::Token(format!("reading {}: {e}", path.display()))),
+        }
     }
 
     /// A new key for `identity`, signed by the CA, valid for `ttl` (None: the CA's default).
@@ -164,9 +189,9 @@ impl CertificateClient {
         }
         .impersonating(&identity.to_string());
         let mut request = tonic::Request::new(body);
-        let bearer = format!("Bearer {}", self.token)
+        let bearer = format!("Bearer {}", self.token()?)
             .parse()
-            .map_err(|_| IssueError::Key("the node token is not a valid header value".into()))?;
+            .map_err(|_| IssueError::Token("the token is not a valid header value".into()))?;
         request.metadata_mut().insert("authorization", bearer);
         let response = create_certificate(self.channel.clone(), request)
             .await

@@ -194,3 +194,21 @@ async fn a_node_agent_gets_a_checked_certificate_for_a_key_made_on_the_node() {
     assert!(unsigned.to_string().contains("not signed by the next"), "{unsigned}");
     assert!(IssuedCertificate::from_response(&reviews, &key, for_reviews).is_ok());
 }
+
+#[tokio::test]
+async fn a_token_file_is_read_again_for_each_request() {
+    use sluice_identity::workload::{CertificateClient, IssueError};
+    let server = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "expired\n").unwrap();
+    let client = CertificateClient::with_token_file(server.channel.clone(), &path);
+    let refused = client.issue(&productpage(), None).await.unwrap_err();
+    assert!(matches!(&refused, IssueError::Refused { status, .. } if status.code() == Code::Unauthenticated));
+    // The kubelet rotates a projected token in place: the next request presents the new one.
+    std::fs::write(&path, "node-1\n").unwrap();
+    assert_eq!(client.issue(&productpage(), None).await.expect("the new token").identity, productpage());
+    std::fs::remove_file(&path).unwrap();
+    let gone = client.issue(&productpage(), None).await.unwrap_err();
+    assert!(matches!(&gone, IssueError::Token(reason) if reason.contains("reading")), "{gone}");
+}

@@ -50,8 +50,9 @@ struct State {
     /// Istio resources (plurals) whose CRD is not installed: discovery leaves them out and a
     /// list or watch of them is 404, as on a real API server.
     missing: std::collections::BTreeSet<String>,
-    /// Service-account tokens TokenReview knows: token → (username, the token's audiences).
-    tokens: BTreeMap<String, (String, Vec<String>)>,
+    /// Service-account tokens TokenReview knows: token → (username, the token's audiences,
+    /// the user's extra: the pod and node a bound token names).
+    tokens: BTreeMap<String, (String, Vec<String>, BTreeMap<String, Vec<String>>)>,
 }
 
 /// The fake API server. Clone freely: clones share state.
@@ -170,7 +171,18 @@ impl FakeApiServer {
     pub fn add_token(&self, token: &str, namespace: &str, name: &str, audiences: &[&str]) {
         let username = format!("system:serviceaccount:{namespace}:{name}");
         let audiences = audiences.iter().map(|a| a.to_string()).collect();
-        self.state.lock().unwrap().tokens.insert(token.into(), (username, audiences));
+        self.state.lock().unwrap().tokens.insert(token.into(), (username, audiences, BTreeMap::new()));
+    }
+
+    /// Binds `token` to pod `pod` on `node`, as a projected token is (Kubernetes 1.30+ says
+    /// the node).
+    pub fn bind_token(&self, token: &str, pod: &str, node: Option<&str>) {
+        let mut s = self.state.lock().unwrap();
+        let extra = &mut s.tokens.get_mut(token).expect("a known token").2;
+        extra.insert("authentication.kubernetes.io/pod-name".into(), vec![pod.into()]);
+        if let Some(node) = node {
+            extra.insert("authentication.kubernetes.io/node-name".into(), vec![node.into()]);
+        }
     }
 
     /// A TokenReview's answer, as the API server gives it (created, never stored): the token's
@@ -182,7 +194,7 @@ impl FakeApiServer {
             None => {
                 json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
             }
-            Some((username, audiences)) => {
+            Some((username, audiences, extra)) => {
                 let both: Vec<&String> = if asked.is_empty() {
                     audiences.iter().collect()
                 } else {
@@ -194,7 +206,7 @@ impl FakeApiServer {
                 } else {
                     let namespace = username.split(':').nth(2).unwrap_or_default();
                     json!({"authenticated": true, "audiences": both,
-                           "user": {"username": username, "uid": "6d1a7f0e-uid",
+                           "user": {"username": username, "uid": "6d1a7f0e-uid", "extra": extra,
                                     "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}"), "system:authenticated"]}})
                 }
             }

@@ -73,7 +73,8 @@ pub struct SdsConfig {
     pub ca_root: PathBuf,
     /// The name the CA's serving certificate carries.
     pub ca_name: String,
-    /// The file holding this node's token.
+    /// The file holding this node's token (a node token, or in Kubernetes the agent's projected
+    /// service-account token), read again for each request.
     pub token_file: PathBuf,
     /// The mesh's trust domain.
     pub trust_domain: String,
@@ -501,7 +502,8 @@ struct PreparedSds {
 /// Prepares SDS on `config.socket`, with certificates from the CA at `config.ca_addr`.
 fn prepare_sds(config: &SdsConfig) -> Result<PreparedSds> {
     let read = |path: &Path| std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())));
-    let token = read(&config.token_file)?.trim().to_string();
+    // Read now so a missing token stops the start; sent as it is at each request.
+    read(&config.token_file)?;
     let root = read(&config.ca_root)?;
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(root))
@@ -511,7 +513,7 @@ fn prepare_sds(config: &SdsConfig) -> Result<PreparedSds> {
         .map_err(|e| crate::DataplaneError::Invalid(format!("CA address {}: {e}", config.ca_addr)))?
         // Connected when first needed: a CA that is down delays certificates, not the agent.
         .connect_lazy();
-    let client = sluice_identity::workload::CertificateClient::new(channel, &token);
+    let client = sluice_identity::workload::CertificateClient::with_token_file(channel, &config.token_file);
     let mount = cgroup::cgroup2_mount()?;
     if let Some(dir) = config.socket.parent() {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
