@@ -50,9 +50,16 @@ struct State {
     /// Istio resources (plurals) whose CRD is not installed: discovery leaves them out and a
     /// list or watch of them is 404, as on a real API server.
     missing: std::collections::BTreeSet<String>,
-    /// Service-account tokens TokenReview knows: token → (username, the token's audiences,
-    /// the user's extra: the pod and node a bound token names).
-    tokens: BTreeMap<String, (String, Vec<String>, BTreeMap<String, Vec<String>>)>,
+    /// Service-account tokens TokenReview knows.
+    tokens: BTreeMap<String, KnownToken>,
+}
+
+/// A service-account token as TokenReview knows it.
+struct KnownToken {
+    username: String,
+    audiences: Vec<String>,
+    /// The user's extra: the pod and node a bound token names.
+    extra: BTreeMap<String, Vec<String>>,
 }
 
 /// The fake API server. Clone freely: clones share state.
@@ -171,14 +178,15 @@ impl FakeApiServer {
     pub fn add_token(&self, token: &str, namespace: &str, name: &str, audiences: &[&str]) {
         let username = format!("system:serviceaccount:{namespace}:{name}");
         let audiences = audiences.iter().map(|a| a.to_string()).collect();
-        self.state.lock().unwrap().tokens.insert(token.into(), (username, audiences, BTreeMap::new()));
+        let known = KnownToken { username, audiences, extra: BTreeMap::new() };
+        self.state.lock().unwrap().tokens.insert(token.into(), known);
     }
 
     /// Binds `token` to pod `pod` on `node`, as a projected token is (Kubernetes 1.30+ says
     /// the node).
     pub fn bind_token(&self, token: &str, pod: &str, node: Option<&str>) {
         let mut s = self.state.lock().unwrap();
-        let extra = &mut s.tokens.get_mut(token).expect("a known token").2;
+        let extra = &mut s.tokens.get_mut(token).expect("a known token").extra;
         extra.insert("authentication.kubernetes.io/pod-name".into(), vec![pod.into()]);
         if let Some(node) = node {
             extra.insert("authentication.kubernetes.io/node-name".into(), vec![node.into()]);
@@ -194,7 +202,7 @@ impl FakeApiServer {
             None => {
                 json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
             }
-            Some((username, audiences, extra)) => {
+            Some(KnownToken { username, audiences, extra }) => {
                 let both: Vec<&String> = if asked.is_empty() {
                     audiences.iter().collect()
                 } else {
