@@ -409,8 +409,16 @@ pub async fn serve(
             leader = Some(leader_rx);
         }
         if let Some(root) = root_pem {
-            let only = kube.watch.namespace.clone();
-            kube_tasks.push(tokio::spawn(crate::root_cert::run(kube.client.clone(), root, only, leader)));
+            // Watching one namespace: the bundle goes there, and to the control plane's own,
+            // where the node agents mount it.
+            let mut scopes = vec![kube.watch.namespace.clone()];
+            if kube.watch.namespace.as_ref().is_some_and(|only| *only != kube.own_namespace) {
+                scopes.push(Some(kube.own_namespace.clone()));
+            }
+            for only in scopes {
+                let (client, root, leader) = (kube.client.clone(), root.clone(), leader.clone());
+                kube_tasks.push(tokio::spawn(crate::root_cert::run(client, root, only, leader)));
+            }
         }
     }
     let state_dir = options.state_dir.clone().map(|d| d.canonicalize().unwrap_or(d));

@@ -117,8 +117,10 @@ fn default_rendering_has_what_the_control_plane_and_agent_need() {
     ] {
         assert!(kinds.contains(kind), "{kind} missing: {kinds:?}");
     }
-    // 15012 is off by default, so is the CA and its Secret rights.
-    assert!(!objects.iter().any(|o| o["metadata"]["name"] == "sluice-ca"), "no CA role without 15012");
+    // 15012 by default, with the CA's own serving certificate: its root Secret, the trust
+    // bundle everywhere, token reviews.
+    assert_eq!(one(&objects, "Role", "sluice-ca")["metadata"]["namespace"], "sluice-system");
+    assert_eq!(one(&objects, "ClusterRoleBinding", "sluice-ca-root")["roleRef"]["kind"], "ClusterRole");
 
     let deployment = one(&objects, "Deployment", "sluice");
     assert_eq!(deployment["spec"]["replicas"], 1);
@@ -126,10 +128,16 @@ fn default_rendering_has_what_the_control_plane_and_agent_need() {
     assert_eq!(c["image"], "ghcr.io/sluice-mesh/sluice:0.1.0");
     let args = strings(&c["args"]);
     assert_eq!(&args[..2], ["serve", "--kube"]);
-    assert!(
-        args.contains(&"--xds-addr=0.0.0.0:15010".to_string())
-            && args.contains(&"--monitoring-addr=0.0.0.0:15014".to_string())
-    );
+    for want in [
+        "--xds-addr=0.0.0.0:15010",
+        "--monitoring-addr=0.0.0.0:15014",
+        "--xds-tls-addr=0.0.0.0:15012",
+        "--tls-dns-name=sluice.sluice-system.svc",
+        "--trusted-node-account=sluice-system/sluice-agent",
+    ] {
+        assert!(args.contains(&want.to_string()), "{want} missing from {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--tls-cert")), "the CA issues the serving certificate: {args:?}");
     let ports: Vec<(String, u64)> = c["ports"]
         .as_array()
         .unwrap()
@@ -160,7 +168,23 @@ fn default_rendering_has_what_the_control_plane_and_agent_need() {
     assert!(pod["tolerations"].as_array().unwrap().iter().any(|t| t["operator"] == "Exists"), "runs on every node");
     let a = container(agent);
     assert_eq!(a["securityContext"]["privileged"], true);
-    assert!(strings(&a["args"]).contains(&"--xds-addr=sluice.sluice-system.svc:15010".to_string()));
+    let agent_args = strings(&a["args"]);
+    for want in [
+        "--xds-addr=sluice.sluice-system.svc:15010",
+        "--sds-socket=/run/sluice/sds/socket",
+        "--ca-addr=https://sluice.sluice-system.svc:15012",
+        "--ca-name=sluice.sluice-system.svc",
+        "--ca-root=/etc/sluice/ca/root-cert.pem",
+        "--node-token-file=/var/run/secrets/tokens/istio-token",
+    ] {
+        assert!(agent_args.contains(&want.to_string()), "{want} missing from {agent_args:?}");
+    }
+    // Its CA credential: its own projected token for istio-ca; the root from the published bundle.
+    let volume = |name: &str| pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap().clone();
+    let token = &volume("istio-token")["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!((token["audience"].as_str(), token["path"].as_str()), (Some("istio-ca"), Some("istio-token")));
+    assert_eq!(volume("ca-root")["configMap"]["name"], "istio-ca-root-cert");
+    assert_eq!(volume("sds")["hostPath"]["path"], "/run/sluice/sds", "the SDS socket's directory, for pods");
     let host_paths: BTreeSet<(String, String)> = pod["volumes"]
         .as_array()
         .unwrap()
@@ -183,7 +207,9 @@ fn default_rendering_has_what_the_control_plane_and_agent_need() {
             assert!(grants.contains(&(kind.group().into(), format!("{}/status", kind.plural()), "patch".into())));
         }
     }
-    let readable: BTreeSet<String> = grants.iter().filter(|g| g.2 == "list").map(|g| g.1.clone()).collect();
+    // ConfigMaps only by the trust bundle's name (checked in `grants`).
+    let readable: BTreeSet<String> =
+        grants.iter().filter(|g| g.2 == "list" && g.1 != "configmaps").map(|g| g.1.clone()).collect();
     let watched: BTreeSet<String> = Kind::ALL.iter().map(|k| k.plural()).collect();
     assert_eq!(readable, watched, "read access is exactly what the source watches");
     let binding = one(&objects, "ClusterRoleBinding", "sluice");
@@ -230,21 +256,44 @@ fn custom_values_are_honoured() {
     let read = ca["rules"].as_array().unwrap().iter().find(|r| strings(&r["verbs"]) == ["get"]).unwrap();
     assert_eq!(strings(&read["resourceNames"]), ["istio-ca-secret"]);
     assert_eq!(one(&objects, "RoleBinding", "sluice-ca")["roleRef"]["name"], "sluice-ca");
-    // The trust bundle in the one watched namespace: a Role there, reads limited to its name.
-    let bundle = one(&objects, "Role", "sluice-ca-root");
-    assert_eq!(bundle["metadata"]["namespace"], "bookinfo");
-    let by_name = bundle["rules"].as_array().unwrap().iter().find(|r| r["resourceNames"].is_array()).unwrap();
-    assert_eq!(strings(&by_name["verbs"]), ["get", "list", "watch", "update"]);
+    // The trust bundle in the one watched namespace and in the agents': Roles there, reads
+    // limited to its name.
+    let bundles: Vec<&Value> =
+        objects.iter().filter(|o| o["kind"] == "Role" && o["metadata"]["name"] == "sluice-ca-root").collect();
+    let namespaces: Vec<&str> = bundles.iter().map(|b| b["metadata"]["namespace"].as_str().unwrap()).collect();
+    assert_eq!(namespaces, ["bookinfo", "sluice-system"]);
+    for bundle in bundles {
+        let by_name = bundle["rules"].as_array().unwrap().iter().find(|r| r["resourceNames"].is_array()).unwrap();
+        assert_eq!(strings(&by_name["verbs"]), ["get", "list", "watch", "update"]);
+    }
     assert_eq!(one(&objects, "RoleBinding", "sluice-ca-root")["roleRef"]["kind"], "Role");
 
     let agent = one(&objects, "DaemonSet", "sluice-agent");
     let a = container(agent);
     assert!(strings(&a["args"]).contains(&"--node-proxy=127.0.0.9".to_string()));
+    // A port that requires client certificates would turn away the agent's token: no SDS.
+    assert!(!strings(&a["args"]).iter().any(|arg| arg.starts_with("--sds-socket")));
     assert!(strings(&a["args"]).contains(&"--pin-dir=/sys/fs/bpf/mesh".to_string()));
     let pod = &agent["spec"]["template"]["spec"];
     assert!(pod["volumes"].as_array().unwrap().iter().any(|v| v["hostPath"]["path"] == "/sys/fs/cgroup/unified"));
     assert!(pod.get("tolerations").is_none());
     assert_eq!(pod["nodeSelector"]["sluice.io/agent"], "true");
+}
+
+#[test]
+fn without_15012_there_is_no_ca_and_no_sds() {
+    let objects = render(&["--set", "controlPlane.xdsTls.enabled=false"]);
+    for name in ["sluice-ca", "sluice-ca-root"] {
+        assert!(!objects.iter().any(|o| o["metadata"]["name"] == name), "{name} without 15012");
+    }
+    let args = strings(&container(one(&objects, "Deployment", "sluice"))["args"]);
+    assert!(!args.iter().any(|a| a.contains("15012") || a.starts_with("--trusted-node-account")), "{args:?}");
+    let agent = one(&objects, "DaemonSet", "sluice-agent");
+    assert!(!strings(&container(agent)["args"]).iter().any(|a| a.starts_with("--sds-socket")));
+    let cluster = one(&objects, "ClusterRole", "sluice");
+    let resources: Vec<String> =
+        cluster["rules"].as_array().unwrap().iter().flat_map(|r| strings(&r["resources"])).collect();
+    assert!(!resources.contains(&"tokenreviews".to_string()), "{resources:?}");
 }
 
 #[test]

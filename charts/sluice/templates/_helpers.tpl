@@ -50,3 +50,14 @@ app.kubernetes.io/component: {{ .component }}
   verbs: [patch, update]
 {{- end }}
 {{- end -}}
+
+{{/* The trust bundle's rules: ConfigMap istio-ca-root-cert, read and replaced by name. */}}
+{{- define "sluice.bundleRules" -}}
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [configmaps]
+  resourceNames: [istio-ca-root-cert]
+  verbs: [get, list, watch, update]
+{{- end }}
