@@ -3,7 +3,8 @@
 //!
 //! - Two Bookinfo Envoys (static bootstraps) ask the same SDS socket for `default` and each gets
 //!   its own workload's certificate — the agent knows the caller from its cgroup, not from
-//!   anything it sends.
+//!   anything it sends; a third in a Pod's cgroup (named by its UID, as the kubelet names them)
+//!   gets the Pod's.
 //! - `examples/mtls` with three ADS-fed sidecars (web, api, and batch in another namespace):
 //!   mesh mTLS on the wire, the caller's identity in `x-forwarded-client-cert`, STRICT /
 //!   PERMISSIVE / DISABLE and a port-level override, AuthorizationPolicy by principal and by
@@ -243,9 +244,33 @@ fn tls_listener_bootstrap(workload: &str, port: u16, sds: &Path) -> String {
     .to_string()
 }
 
+/// A Pod of node-1 that no `sluice run` starts: the agent knows its processes by the UID the
+/// kubelet names its cgroup with.
+const POD_UID: &str = "0f5c8a4e-3b1d-4c2e-9a7f-6d5e4c3b2a10";
+
+const UID_POD: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: uid-test
+  namespace: default
+  uid: 0f5c8a4e-3b1d-4c2e-9a7f-6d5e4c3b2a10
+  labels: {app: uid-test}
+spec:
+  nodeName: node-1
+  serviceAccountName: bookinfo-ratings
+  containers: [{name: app, image: example}]
+status:
+  podIP: 127.0.1.99
+";
+
 #[test]
 fn each_envoy_gets_its_own_workloads_certificate_from_an_sds_only_agent() {
-    let node = Node::start("e2e-identity", &common::root().join("examples/bookinfo"), None, true);
+    // Bookinfo, and a Pod with a UID.
+    let config = tempfile::tempdir().unwrap();
+    let copied = Command::new("cp").arg("-r").arg(common::root().join("examples/bookinfo")).arg(config.path()).status();
+    assert!(copied.unwrap().success());
+    std::fs::write(config.path().join("bookinfo/uid-pod.yaml"), UID_POD).unwrap();
+    let node = Node::start("e2e-identity", &config.path().join("bookinfo"), None, true);
     // SDS without eBPF: nothing loaded, nothing pinned, and /ready says so.
     let agent = format!("127.0.0.1:{}", node.agent_metrics);
     let ready =
@@ -272,6 +297,25 @@ fn each_envoy_gets_its_own_workloads_certificate_from_an_sds_only_agent() {
         assert_eq!(identity, SpiffeId::new("cluster.local", "default", sa), "{workload} has its own identity");
         assert_eq!(version, "TLSv1.3", "{workload}");
     }
+    // A process in a container cgroup of the Pod, as the kubelet (cgroupfs driver) makes them:
+    // it gets the Pod's identity, with no `sluice run`.
+    let container = node.sandbox.cgroup.join(format!("kubepods/burstable/pod{POD_UID}/ctr-1"));
+    std::fs::create_dir_all(&container).unwrap();
+    let pod_port = free_port();
+    let pod_config = node.path("uid-test.json");
+    std::fs::write(&pod_config, tls_listener_bootstrap("uid-test.default", pod_port, &node.path("sds.sock"))).unwrap();
+    let into_pod = format!(
+        "echo $$ > {} && exec {} -c {} --use-dynamic-base-id -l warning",
+        container.join("cgroup.procs").display(),
+        sluice_testkit::envoy_bin(),
+        pod_config.display()
+    );
+    let _pod = Proc::spawn("uid-test", Command::new("sh").args(["-c", &into_pod]), &node.path("uid-test.log"));
+    let seen = eventually(Duration::from_secs(30), || peer(&format!("127.0.0.1:{pod_port}"), &node.root()));
+    let Some((_, identity)) = seen else {
+        panic!("the Pod's Envoy has no certificate{}", node.logs(&["uid-test.log"]))
+    };
+    assert_eq!(identity, SpiffeId::new("cluster.local", "default", "bookinfo-ratings"), "the Pod's service account");
     let agent_log = node.log("agent.log");
     assert!(agent_log.contains("workload certificate issued"), "{agent_log}");
     assert!(agent_log.contains("no eBPF programs loaded"), "{agent_log}");

@@ -95,15 +95,34 @@ impl crate::sds::Resolver for AgentResolver {
         let cgroup = crate::sds::cgroup_of(pid).map_err(|e| format!("its cgroup cannot be read: {e}"))?;
         let mut path = crate::sds::under_mount(&self.mount, &cgroup);
         while path.starts_with(&self.mount) && path != self.mount {
-            if let Ok(id) = cgroup::cgroup_id(&path)
-                && let Some((namespace, sa)) = self.state.lock().expect("agent state").workload_of_cgroup(id)
-            {
+            let state = self.state.lock().expect("agent state");
+            // A cgroup `sluice run` made, or a Pod's (the kubelet names them by the Pod's UID).
+            let registered = cgroup::cgroup_id(&path).ok().and_then(|id| state.workload_of_cgroup(id));
+            let pod = || path.file_name().and_then(|n| pod_uid_of_cgroup(&n.to_string_lossy()));
+            if let Some((namespace, sa)) = registered.or_else(|| pod().and_then(|uid| state.workload_of_pod(&uid))) {
                 return Ok(sluice_identity::SpiffeId::new(&self.trust_domain, &namespace, &sa));
             }
+            drop(state);
             path.pop();
         }
-        Err(format!("cgroup {} is no registered workload's (start it with sluice run)", cgroup.display()))
+        Err(format!(
+            "cgroup {} is no registered workload's (start it with sluice run) and no Pod's of this node",
+            cgroup.display()
+        ))
     }
+}
+
+/// The Pod UID in a cgroup directory's name, as the kubelet names them: `pod<uid>` (cgroupfs
+/// driver) or `kubepods-<qos>-pod<uid with _ for ->.slice` (systemd driver).
+pub fn pod_uid_of_cgroup(name: &str) -> Option<String> {
+    let uid = match name.strip_suffix(".slice") {
+        Some(unit) => unit.rsplit_once("-pod")?.1.replace('_', "-"),
+        None => name.strip_prefix("pod")?.to_string(),
+    };
+    // A UID: 8-4-4-4-12 hex digits.
+    let groups: Vec<&str> = uid.split('-').collect();
+    let shape = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+    (shape && groups.iter().all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))).then_some(uid)
 }
 
 struct Registered {
@@ -348,6 +367,14 @@ impl AgentState {
     }
 
     /// The namespace and service account of the workload registered at cgroup `id`.
+    /// The (namespace, service account) of the Pod of this node whose UID is `uid`.
+    pub fn workload_of_pod(&self, uid: &str) -> Option<(String, String)> {
+        self.workloads.iter().find(|(_, w)| w.local && w.pod_uid.as_deref() == Some(uid)).and_then(|(key, w)| {
+            let (namespace, _) = key.split_once('/')?;
+            Some((namespace.to_string(), w.service_account.to_string()))
+        })
+    }
+
     pub fn workload_of_cgroup(&self, id: u64) -> Option<(String, String)> {
         let registered = self.registered.get(&id)?;
         let (namespace, _) = registered.workload.split_once('/')?;
@@ -573,5 +600,24 @@ async fn serve_socket(listener: UnixListener, state: Arc<Mutex<AgentState>>) {
             text.push('\n');
             let _ = write.write_all(text.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pod_uid_of_cgroup;
+
+    #[test]
+    fn a_pods_uid_is_read_from_the_kubelets_cgroup_names() {
+        let uid = "0f5c8a4e-3b1d-4c2e-9a7f-6d5e4c3b2a10";
+        assert_eq!(pod_uid_of_cgroup(&format!("pod{uid}")).as_deref(), Some(uid), "cgroupfs driver");
+        let systemd = format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_"));
+        assert_eq!(pod_uid_of_cgroup(&systemd).as_deref(), Some(uid), "systemd driver");
+        assert_eq!(pod_uid_of_cgroup(&format!("kubepods-pod{}.slice", uid.replace('-', "_"))).as_deref(), Some(uid));
+        for other in ["kubepods", "burstable", "podman-1234.scope", "pod", "podnot-a-uid", "kubepods-burstable.slice"] {
+            assert_eq!(pod_uid_of_cgroup(other), None, "{other}");
+        }
+        // A container's own cgroup under the pod's is not the pod's: its parent is looked at next.
+        assert_eq!(pod_uid_of_cgroup("cri-containerd-4f1e2d.scope"), None);
     }
 }

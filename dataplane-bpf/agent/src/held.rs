@@ -64,6 +64,8 @@ pub struct HeldWorkload {
     pub local: bool,
     /// Its service account: with its namespace, the identity its certificate carries.
     pub service_account: SmolStr,
+    /// A Pod's UID, which names its containers' cgroups.
+    pub pod_uid: Option<SmolStr>,
 }
 
 /// The held form of a resource type's messages.
@@ -87,7 +89,8 @@ impl Hold for KernelWorkload {
         let value = workload_value(self);
         let authorization = self.authorization.clone().filter(|_| value.policy != 0).map(Box::new);
         let service_account = SmolStr::new(&self.service_account);
-        Ok(HeldWorkload { version, value, authorization, local: self.local, service_account })
+        let pod_uid = self.pod_uid.as_deref().map(SmolStr::new);
+        Ok(HeldWorkload { version, value, authorization, local: self.local, service_account, pod_uid })
     }
 }
 

@@ -179,6 +179,11 @@ pub struct KernelWorkload {
     /// AuthorizationPolicy selects it (or its sidecar or node proxy enforces policy).
     #[prost(message, optional, tag = "7")]
     pub authorization: Option<KernelAuthorization>,
+    /// A Pod's UID: its containers' cgroups are named by it, which is how the agent tells
+    /// which pod a process asking for a certificate belongs to.
+    #[prost(string, optional, tag = "8")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 impl KernelWorkload {

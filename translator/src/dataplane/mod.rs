@@ -68,6 +68,7 @@ pub fn kernel_workload(
         mode: mode as i32,
         local: w.node.as_deref().is_none_or(|n| n == node),
         authorization: authorization.flatten(),
+        pod_uid: w.pod_uid.clone(),
     }
 }
 

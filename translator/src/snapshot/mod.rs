@@ -228,6 +228,8 @@ pub struct Workload {
     pub named_ports: BTreeMap<String, u32>,
     /// The node it runs on (`spec.nodeName`), when known.
     pub node: Option<String>,
+    /// A Pod's UID (`metadata.uid`): the node agent finds a pod's processes by it.
+    pub pod_uid: Option<String>,
 }
 /// Accepted Istio objects of one kind, by reference (namespace/name order within the kind).
 pub type Objects<S> = OrdMap<ObjectRef, Arc<IstioObject<S>>>;

@@ -132,6 +132,7 @@ pub(super) fn workload_of(object: &Object) -> Option<Workload> {
                 locality,
                 named_ports,
                 node: spec.and_then(|s| s.node_name.clone()),
+                pod_uid: p.metadata.uid.clone().filter(|u| !u.is_empty()),
             })
         }
         Object::WorkloadEntry(w) => {
@@ -147,6 +148,7 @@ pub(super) fn workload_of(object: &Object) -> Option<Workload> {
                 locality: w.spec.locality.clone(),
                 named_ports: w.spec.ports.clone(),
                 node: None,
+                pod_uid: None,
             })
         }
         _ => None,
