@@ -202,6 +202,24 @@ fn mutual_tls_admits_only_clients_of_the_configured_ca() {
 }
 
 /// A CSR for a new key: the key (PEM) and the request (PEM).
+/// Serves `options` on `runtime` until the sender is used or dropped; returns once the config
+/// is loaded (`/ready` on `monitoring`).
+fn serve_loaded(
+    runtime: &tokio::runtime::Runtime,
+    options: ServeOptions,
+    monitoring: &str,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(serve(options, async move {
+        let _ = stopped.await;
+    }));
+    let loaded = sluice_testkit::eventually(Duration::from_secs(60), || {
+        sluice_testkit::http_get(monitoring, "x", "/ready", &[]).ok().filter(|(code, _)| *code == 200)
+    });
+    assert!(loaded.is_some(), "the config never loaded");
+    (stop, server)
+}
+
 fn new_csr() -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let csr = CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap();
@@ -235,14 +253,7 @@ fn by_default_the_ca_issues_the_ports_certificate_and_signs_for_node_agents_and_
     let options = serve_options(tls, ca, &monitoring, Some(state.path().join("state")));
     let start = |options: ServeOptions| {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = runtime.spawn(serve(options, async move {
-            let _ = stopped.await;
-        }));
-        let loaded = sluice_testkit::eventually(Duration::from_secs(60), || {
-            sluice_testkit::http_get(&monitoring, "x", "/ready", &[]).ok().filter(|(code, _)| *code == 200)
-        });
-        assert!(loaded.is_some(), "the config never loaded");
+        let (stop, server) = serve_loaded(&runtime, options, &monitoring);
         (runtime, stop, server)
     };
     let root_file = state.path().join("state/root-cert.pem");
@@ -347,14 +358,7 @@ fn in_kubernetes_a_pods_token_gets_its_own_certificate_and_config_and_an_agents_
         lease: None,
         own_namespace: "default".into(),
     });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = runtime.spawn(serve(options, async move {
-        let _ = stopped.await;
-    }));
-    let loaded = sluice_testkit::eventually(Duration::from_secs(60), || {
-        sluice_testkit::http_get(&monitoring, "x", "/ready", &[]).ok().filter(|(code, _)| *code == 200)
-    });
-    assert!(loaded.is_some(), "the config never loaded");
+    let (stop, server) = serve_loaded(&runtime, options, &monitoring);
     let root = std::fs::read_to_string(state.path().join("state/root-cert.pem")).unwrap();
     let csr_with = |token: &str| {
         let (_, csr) = new_csr();
