@@ -25,7 +25,7 @@ pub async fn open(client: kube::Client, namespace: &str, trust_domain: &str) -> 
     let place = format!("Secret {namespace}/{CA_SECRET}");
     // Twice at most: a create that lost the race to another replica reads the winner's.
     for _ in 0..2 {
-        if let Some(secret) = api.get_opt(CA_SECRET).await.with_context(|| format!("reading {place}"))? {
+        if let Some(secret) = get_waiting(&api, &place).await? {
             let ca = load(&place, &secret)?;
             tracing::info!(secret = %place, "certificate authority: the root kept in the Secret");
             return Ok(ca);
@@ -51,6 +51,27 @@ pub async fn open(client: kube::Client, namespace: &str, trust_domain: &str) -> 
         }
     }
     anyhow::bail!("{place} was being created by another replica and could not be read afterwards")
+}
+
+/// How long a start waits for an API server it cannot reach before it gives up.
+const UNREACHABLE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The Secret, if there is one; an API server that cannot be reached (a control plane started
+/// before it, or during its restart) is asked again for [`UNREACHABLE_FOR`]. An answer that
+/// refuses (no permission, say) is an error at once.
+async fn get_waiting(api: &Api<Secret>, place: &str) -> anyhow::Result<Option<Secret>> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(250);
+    loop {
+        match api.get_opt(CA_SECRET).await {
+            Err(e) if !matches!(e, kube::Error::Api(_)) && started.elapsed() < UNREACHABLE_FOR => {
+                tracing::warn!(secret = %place, error = %e, "the API server is not reachable; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(8));
+            }
+            other => return other.with_context(|| format!("reading {place}")),
+        }
+    }
 }
 
 /// The CA in `secret`; an error names the Secret and the key.

@@ -1,7 +1,7 @@
 //! The CA in Kubernetes, against the in-memory API server. Its self-signed root (Secret
 //! `istio-ca-secret`): the first start makes it, later starts sign under it, a broken one is
 //! refused naming the Secret and the key, and `serve --kube` presents a serving certificate that
-//! chains to it. The trust bundle (ConfigMap `istio-ca-root-cert`): written by the leader in
+//! chains to it, and a start waits for an API server it cannot reach yet. The trust bundle (ConfigMap `istio-ca-root-cert`): written by the leader in
 //! every namespace but the ignored and terminating ones, and written again when edited, deleted
 //! or a namespace comes.
 
@@ -50,6 +50,20 @@ fn the_first_start_makes_the_secret_and_later_starts_sign_under_it() {
     assert_eq!(again.root_pem(), first.root_pem(), "a later start (or another replica) keeps the root");
     let creates = fake.requests().iter().filter(|r| r.method == Method::POST && r.path.ends_with("/secrets")).count();
     assert_eq!(creates, 1, "the second start only read the Secret");
+}
+
+#[test]
+fn a_start_waits_for_an_api_server_it_cannot_reach_yet() {
+    let fake = FakeApiServer::new();
+    fake.set_down(true);
+    let rt = runtime();
+    let client = rt.block_on(async { fake.client() });
+    let opening = rt.spawn(open(client, NAMESPACE, "cluster.local"));
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!opening.is_finished(), "still asking");
+    fake.set_down(false);
+    let ca = rt.block_on(opening).unwrap().expect("opened once the API server answers");
+    assert_eq!(secret_data(&fake, "ca-cert.pem"), ca.root_pem());
 }
 
 #[test]
