@@ -1,9 +1,9 @@
 //! The CA in Kubernetes, against the in-memory API server. Its self-signed root (Secret
 //! `istio-ca-secret`): the first start makes it, later starts sign under it, a broken one is
-//! refused naming the Secret and the key, and `serve --kube` presents a serving certificate that
-//! chains to it, and a start waits for an API server it cannot reach yet. The trust bundle (ConfigMap `istio-ca-root-cert`): written by the leader in
-//! every namespace but the ignored and terminating ones, and written again when edited, deleted
-//! or a namespace comes.
+//! refused naming the Secret and the key, a start waits for an API server it cannot reach yet,
+//! and `serve --kube` presents a serving certificate that chains to it. The trust bundle
+//! (ConfigMap `istio-ca-root-cert`): written by the leader in every namespace but the ignored
+//! and terminating ones, and written again when edited, deleted or a namespace comes.
 
 // Shared by the tests that talk to an API server; each uses a part of it.
 #[allow(dead_code)]
