@@ -98,6 +98,8 @@ pub async fn run(client: kube::Client, root: String, only: Option<String>, leade
     let (mut ns_synced, mut cm_synced) = (false, false);
     let mut leader = leader;
     let mut retry = tokio::time::interval(RETRY);
+    // Namespaces whose write failed: tried again at the next retry tick, not at every event.
+    let mut failed = BTreeSet::new();
     let ours = |cm: &ConfigMap| cm.metadata.name.as_deref() == Some(ROOT_CERT_CONFIG_MAP);
     loop {
         tokio::select! {
@@ -139,13 +141,14 @@ pub async fn run(client: kube::Client, root: String, only: Option<String>, leade
                 // The Lease task ended (serve is stopping): nothing more to lead.
                 if changed.is_err() { return }
             }
-            _ = retry.tick() => {}
+            _ = retry.tick() => failed.clear(),
         }
         let leads = leader.as_mut().is_none_or(|l| *l.borrow_and_update());
         if !(leads && ns_synced && cm_synced) {
             continue;
         }
-        for (ns, write) in writes(&live, &held, &root) {
+        let due: Vec<_> = writes(&live, &held, &root).into_iter().filter(|(ns, _)| !failed.contains(ns)).collect();
+        for (ns, write) in due {
             let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
             let result = match write {
                 Write::Create => api.create(&PostParams::default(), &with_root(&ns, None, &root)).await,
@@ -161,7 +164,10 @@ pub async fn run(client: kube::Client, root: String, only: Option<String>, leade
                 }
                 // Made or changed by someone else meanwhile: its watch event brings it back here.
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(e) => tracing::warn!(namespace = %ns, error = %e, "writing ConfigMap istio-ca-root-cert failed"),
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, error = %e, "writing ConfigMap istio-ca-root-cert failed; will try again");
+                    failed.insert(ns);
+                }
             }
         }
     }
