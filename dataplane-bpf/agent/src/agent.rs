@@ -93,23 +93,42 @@ pub struct AgentResolver {
 impl crate::sds::Resolver for AgentResolver {
     fn identity_of(&self, pid: i32) -> std::result::Result<sluice_identity::SpiffeId, String> {
         let cgroup = crate::sds::cgroup_of(pid).map_err(|e| format!("its cgroup cannot be read: {e}"))?;
-        let mut path = crate::sds::under_mount(&self.mount, &cgroup);
-        while path.starts_with(&self.mount) && path != self.mount {
-            let state = self.state.lock().expect("agent state");
-            // A cgroup `sluice run` made, or a Pod's (the kubelet names them by the Pod's UID).
-            let registered = cgroup::cgroup_id(&path).ok().and_then(|id| state.workload_of_cgroup(id));
-            let pod = || path.file_name().and_then(|n| pod_uid_of_cgroup(&n.to_string_lossy()));
-            if let Some((namespace, sa)) = registered.or_else(|| pod().and_then(|uid| state.workload_of_pod(&uid))) {
-                return Ok(sluice_identity::SpiffeId::new(&self.trust_domain, &namespace, &sa));
+        let path = crate::sds::under_mount(&self.mount, &cgroup);
+        let state = self.state.lock().expect("agent state");
+        let identity =
+            |(namespace, sa): (String, String)| sluice_identity::SpiffeId::new(&self.trust_domain, &namespace, &sa);
+        let mut at = path.clone();
+        while at.starts_with(&self.mount) && at != self.mount {
+            if let Some(found) = cgroup::cgroup_id(&at).ok().and_then(|id| state.workload_of_cgroup(id)) {
+                return Ok(identity(found));
             }
-            drop(state);
-            path.pop();
+            at.pop();
+        }
+        let pod = path.strip_prefix(&self.mount).ok().and_then(pod_uid_of_path);
+        if let Some(found) = pod.and_then(|uid| state.workload_of_pod(&uid)) {
+            return Ok(identity(found));
         }
         Err(format!(
             "cgroup {} is no registered workload's (start it with sluice run) and no Pod's of this node",
             cgroup.display()
         ))
     }
+}
+
+/// The UID of the Pod whose cgroup `path` (below the cgroup2 mount) is in: the outermost
+/// `pod<uid>` below a `kubepods` cgroup, as the kubelet lays them out. Only the outermost: a
+/// process may make cgroups below its own (a delegated subtree), never above, so a `pod<uid>`
+/// further in proves nothing.
+pub fn pod_uid_of_path(path: &Path) -> Option<String> {
+    let mut under_kubepods = false;
+    for component in path.components() {
+        let name = component.as_os_str().to_string_lossy();
+        if under_kubepods && let Some(uid) = pod_uid_of_cgroup(&name) {
+            return Some(uid);
+        }
+        under_kubepods |= name.starts_with("kubepods");
+    }
+    None
 }
 
 /// The Pod UID in a cgroup directory's name, as the kubelet names them: `pod<uid>` (cgroupfs
@@ -366,7 +385,6 @@ impl AgentState {
         Ok(())
     }
 
-    /// The namespace and service account of the workload registered at cgroup `id`.
     /// The (namespace, service account) of the Pod of this node whose UID is `uid`.
     pub fn workload_of_pod(&self, uid: &str) -> Option<(String, String)> {
         self.workloads.iter().find(|(_, w)| w.local && w.pod_uid.as_deref() == Some(uid)).and_then(|(key, w)| {
@@ -375,6 +393,7 @@ impl AgentState {
         })
     }
 
+    /// The namespace and service account of the workload registered at cgroup `id`.
     pub fn workload_of_cgroup(&self, id: u64) -> Option<(String, String)> {
         let registered = self.registered.get(&id)?;
         let (namespace, _) = registered.workload.split_once('/')?;
@@ -605,7 +624,25 @@ async fn serve_socket(listener: UnixListener, state: Arc<Mutex<AgentState>>) {
 
 #[cfg(test)]
 mod tests {
-    use super::pod_uid_of_cgroup;
+    use super::{pod_uid_of_cgroup, pod_uid_of_path};
+    use std::path::Path;
+
+    #[test]
+    fn a_pod_is_the_outermost_pod_cgroup_below_kubepods() {
+        let (a, b) = ("0f5c8a4e-3b1d-4c2e-9a7f-6d5e4c3b2a10", "11111111-2222-3333-4444-555555555555");
+        let cgroupfs = format!("kubepods/burstable/pod{a}/4f1e2d");
+        assert_eq!(pod_uid_of_path(Path::new(&cgroupfs)).as_deref(), Some(a));
+        let systemd = format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-4f.scope",
+            a.replace('-', "_")
+        );
+        assert_eq!(pod_uid_of_path(Path::new(&systemd)).as_deref(), Some(a));
+        // A container that made a cgroup named like another Pod's below its own is still its Pod's.
+        let nested = format!("kubepods/burstable/pod{a}/4f1e2d/pod{b}");
+        assert_eq!(pod_uid_of_path(Path::new(&nested)).as_deref(), Some(a));
+        // Not under kubepods: no Pod.
+        assert_eq!(pod_uid_of_path(Path::new(&format!("system.slice/pod{b}"))), None);
+    }
 
     #[test]
     fn a_pods_uid_is_read_from_the_kubelets_cgroup_names() {
