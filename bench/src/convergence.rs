@@ -5,6 +5,8 @@
 //! changes) and (ii) an endpoint-only change, and sluice's RSS and CPU seconds per push. With
 //! `--silent M`, M more clients subscribe the same way once the others are synced and never
 //! answer a response (hostile or stuck proxies): the times are still the answering clients'.
+//! With `--tls`, every client uses the TLS port with a client certificate of the mesh (one
+//! identity of namespace `bench`, signed by sluice's own CA), as sidecars on 15012 do.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -113,8 +115,29 @@ fn versions(acks: &Acks, type_url: &'static str) -> Vec<u64> {
     acks.lock().expect("acks").iter().map(|c| c.get(type_url).map_or(0, |(v, _)| *v)).collect()
 }
 
+/// The TLS client config of a mesh client: the root sluice serve published in `state`, and a
+/// certificate its CA (`state/ca`) signs for a service account of namespace `bench`.
+fn mesh_client_tls(state: &Path) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    let ca = sluice_identity::CertificateAuthority::self_signed(&state.join("ca"), "cluster.local")?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?;
+    let identity = sluice_identity::SpiffeId::new("cluster.local", "bench", "bench-client");
+    let chain = ca.sign(&csr, &identity, None)?.concat();
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca.root_pem()))
+        .identity(tonic::transport::Identity::from_pem(chain, key.serialize_pem()))
+        .domain_name("localhost"))
+}
+
 /// One (N, S) point: `pushes` full pushes and as many endpoint-only changes.
-fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: usize) -> anyhow::Result<String> {
+fn point(
+    sluice: &Path,
+    clients: usize,
+    services: usize,
+    pushes: usize,
+    quiet: usize,
+    tls: bool,
+) -> anyhow::Result<String> {
     let dir = std::env::temp_dir().join(format!("sluice-conv-{}-{clients}-{services}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("config"))?;
@@ -124,26 +147,40 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: u
     }
     std::fs::write(dir.join("config/mesh.yaml"), rest)?;
     std::fs::write(dir.join("config/svc-0.yaml"), service_yaml(0, 2, 80))?;
-    let port = free_port();
-    let serve = Proc::spawn(
-        "sluice serve",
-        Command::new(sluice)
-            .args(["serve", "--debounce-ms", "0", "--config"])
-            .arg(dir.join("config"))
-            .arg("--xds-addr")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--monitoring-addr")
-            .arg(format!("127.0.0.1:{}", free_port())),
-        &dir.join("serve.log"),
-    );
+    let (port, tls_port) = (free_port(), free_port());
+    let mut command = Command::new(sluice);
+    command
+        .args(["serve", "--debounce-ms", "0", "--config"])
+        .arg(dir.join("config"))
+        .arg("--xds-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--monitoring-addr")
+        .arg(format!("127.0.0.1:{}", free_port()));
+    if tls {
+        command.args(["--xds-tls-addr", &format!("127.0.0.1:{tls_port}"), "--tls-dns-name", "localhost"]);
+        command.arg("--state-dir").arg(dir.join("state"));
+    }
+    let serve = Proc::spawn("sluice serve", &mut command, &dir.join("serve.log"));
     let pid = serve.child.id();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let acks: Acks = Arc::new(Mutex::new(vec![HashMap::new(); clients]));
     let started = Instant::now();
+    let client_tls = if tls {
+        let root = dir.join("state/root-cert.pem");
+        let published = sluice_testkit::eventually(Duration::from_secs(30), || root.exists().then_some(()));
+        anyhow::ensure!(published.is_some(), "sluice serve published no root in {}", root.display());
+        Some(mesh_client_tls(&dir.join("state"))?)
+    } else {
+        None
+    };
     let channels: Vec<tonic::transport::Channel> = runtime.block_on(async {
         let mut out = Vec::new();
         for _ in 0..(clients.div_ceil(STREAMS_PER_CONNECTION) + quiet.div_ceil(STREAMS_PER_CONNECTION)) {
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?;
+            let endpoint = match &client_tls {
+                Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{tls_port}"))?
+                    .tls_config(tls.clone())?,
+                None => tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?,
+            };
             let mut tries = 0;
             let channel = loop {
                 match endpoint.connect().await {
@@ -242,9 +279,17 @@ fn point(sluice: &Path, clients: usize, services: usize, pushes: usize, quiet: u
 }
 
 /// Sweeps N × S.
-pub fn run(sluice: &Path, clients: &[usize], services: &[usize], pushes: usize, quiet: usize) -> anyhow::Result<()> {
+pub fn run(
+    sluice: &Path,
+    clients: &[usize],
+    services: &[usize],
+    pushes: usize,
+    quiet: usize,
+    tls: bool,
+) -> anyhow::Result<()> {
+    let port = if tls { "the TLS port with a mesh client certificate" } else { "plaintext xDS" };
     println!(
-        "Convergence: Delta ADS clients in the benchmark process, sluice serve in its own; {pushes} pushes per point."
+        "Convergence: Delta ADS clients in the benchmark process over {port}, sluice serve in its own; {pushes} pushes per point."
     );
     println!(
         "Times in ms from the file write until the client ACKed, over clients (p50, p99), min / median / max over pushes.\n"
@@ -255,7 +300,7 @@ pub fn run(sluice: &Path, clients: &[usize], services: &[usize], pushes: usize, 
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in services {
         for n in clients {
-            println!("{}", point(sluice, *n, *s, pushes, quiet)?);
+            println!("{}", point(sluice, *n, *s, pushes, quiet, tls)?);
         }
     }
     Ok(())

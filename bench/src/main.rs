@@ -118,6 +118,10 @@ enum Bench {
         /// Clients that subscribe and never answer, added once the others are synced.
         #[arg(long, default_value_t = 0)]
         silent: usize,
+        /// The clients use the TLS port (istiod's 15012) with a mesh client certificate from
+        /// sluice's own CA, as sidecars do, instead of plaintext 15010.
+        #[arg(long)]
+        tls: bool,
     },
     /// (internal) the data path's echo backend.
     #[command(hide = true)]
@@ -168,10 +172,10 @@ fn main() -> anyhow::Result<()> {
             println!("machine: {}", stats::machine());
             datapath::run(count, rate, runs)
         }
-        Bench::Convergence { clients, services, pushes, silent } => {
+        Bench::Convergence { clients, services, pushes, silent, tls } => {
             println!("machine: {}\n", stats::machine());
             let sluice = std::env::current_exe()?.with_file_name("sluice");
-            convergence::run(&sluice, &clients, &services, pushes, silent)
+            convergence::run(&sluice, &clients, &services, pushes, silent, tls)
         }
         Bench::Echo { addr } => datapath::echo(&addr),
         Bench::Client { target, host, persistent, count, rate } => {
