@@ -74,6 +74,14 @@ pub fn open_ca(
     Ok(ca.with_policy(options.policy))
 }
 
+/// True when `dir` holds any file of Istio's plug-in layout. An optional Secret `cacerts`
+/// mounted there holds none when the Secret does not exist: istiod then self-signs, and so
+/// does sluice with `--ca-dir-if-present`. Any of them present means a plug-in CA, which must
+/// then be complete.
+pub fn plug_in_present(dir: &Path) -> bool {
+    sluice_identity::authority::PLUGIN_FILES.iter().any(|f| dir.join(f).exists())
+}
+
 /// Node agents' tokens, kept as digests.
 #[derive(Debug, Default, Clone)]
 pub struct NodeTokens {
@@ -287,6 +295,15 @@ mod tests {
         assert_eq!(may_have(&agent, "agent~node-1", None), Ok(()));
         assert!(may_have(&agent, "agent~node-2", None).unwrap_err().contains("only the config of agent~node-1"));
         assert!(may_have(&agent, sidecar, None).is_err());
+    }
+
+    #[test]
+    fn a_plug_in_directory_is_present_when_any_of_its_files_is() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!plug_in_present(dir.path()), "an empty mount of a Secret that does not exist");
+        std::fs::write(dir.path().join("ca-cert.pem"), "x").unwrap();
+        assert!(plug_in_present(dir.path()), "half a plug-in CA is one (and refused as incomplete)");
+        assert!(!plug_in_present(&dir.path().join("absent")));
     }
 
     #[test]

@@ -86,6 +86,10 @@ enum Command {
         /// --kube, else in --state-dir/ca.
         #[arg(long)]
         ca_dir: Option<PathBuf>,
+        /// Use --ca-dir only if it holds any plug-in file (an optional Secret `cacerts` mounted
+        /// there), else the self-signed root, as istiod does with /etc/cacerts.
+        #[arg(long, requires = "ca_dir")]
+        ca_dir_if_present: bool,
         /// Istio's MeshConfig YAML (trustDomain, trustDomainAliases, enableAutoMtls; Istio's
         /// defaults when absent).
         #[arg(long)]
@@ -291,6 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_key,
             tls_dns_names,
             ca_dir,
+            ca_dir_if_present,
             mesh_config,
             node_tokens,
             trusted_node_accounts,
@@ -314,6 +319,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let mesh = read_mesh_config(mesh_config.as_deref())?;
             let defaults = sluice_controlplane::certificates::CaOptions::default();
+            let ca_dir = ca_dir.filter(|dir| {
+                let present = !ca_dir_if_present || sluice_controlplane::certificates::plug_in_present(dir);
+                if !present {
+                    tracing::info!(dir = %dir.display(), "no plug-in CA files: the CA self-signs its root");
+                }
+                present
+            });
             let ca = sluice_controlplane::certificates::CaOptions {
                 ca_dir,
                 node_tokens,

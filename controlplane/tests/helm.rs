@@ -134,10 +134,17 @@ fn default_rendering_has_what_the_control_plane_and_agent_need() {
         "--xds-tls-addr=0.0.0.0:15012",
         "--tls-dns-name=sluice.sluice-system.svc",
         "--trusted-node-account=sluice-system/sluice-agent",
+        "--ca-dir=/etc/cacerts",
+        "--ca-dir-if-present",
     ] {
         assert!(args.contains(&want.to_string()), "{want} missing from {args:?}");
     }
     assert!(!args.iter().any(|a| a.starts_with("--tls-cert")), "the CA issues the serving certificate: {args:?}");
+    // Istio's plug-in CA when Secret cacerts exists (an optional mount), else the self-signed root.
+    let cacerts =
+        deployment["spec"]["template"]["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "cacerts");
+    let cacerts = &cacerts.expect("the cacerts volume")["secret"];
+    assert_eq!((cacerts["secretName"].as_str(), cacerts["optional"].as_bool()), (Some("cacerts"), Some(true)));
     let ports: Vec<(String, u64)> = c["ports"]
         .as_array()
         .unwrap()
