@@ -343,6 +343,46 @@ fn authorization_at_connect_and_for_sources_off_the_node() {
     assert!(allowed == 20 && denied > 5, "{d}");
 }
 
+/// reviews requires mTLS: the kernel path, which has none, must not reach it in plaintext.
+const REVIEWS_STRICT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: reviews-strict, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  mtls: {mode: STRICT}
+"#;
+
+#[test]
+fn a_kernel_client_of_a_strict_workload_gets_eperm_and_a_warning_names_both() {
+    assert!(is_root(), "this test loads eBPF programs and creates cgroups: run it as root (CI does)");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sandbox = Sandbox::new("strict");
+    let files = [("reviews.yaml", variant("reviews-80-20")), ("strict.yaml", REVIEWS_STRICT.to_string())];
+    // reviews-v1, -v2 and -v3 each get the STRICT rule.
+    let _mesh = KernelMesh::start(&sandbox, &files, "policy sets (3)");
+    let refused = lines(&run_client(&sandbox, "productpage-v1.default", 5, 0).output().unwrap());
+    assert!(
+        refused.len() == 5 && refused.iter().all(|l| l == "error 1"),
+        "plaintext to a STRICT workload gets EPERM: {refused:?}"
+    );
+    let translated = Command::new(SLUICE)
+        .args(["translate", "--proxy", "agent~node-1", "--config"])
+        .arg(common::root().join("examples/bookinfo"))
+        .arg("--config")
+        .arg(sandbox.dir.path().join("routes"))
+        .output()
+        .unwrap();
+    let warnings = String::from_utf8_lossy(&translated.stderr);
+    assert!(
+        warnings.contains("PeerAuthentication/default/reviews-strict")
+            && warnings.contains("default/reviews-v1 requires mTLS on every port")
+            && warnings.contains("default/productpage-v1")
+            && warnings.contains("EPERM"),
+        "{warnings}"
+    );
+}
+
 /// (allowed, denied) from the dump's totals line.
 fn totals(dump: &str) -> (u64, u64) {
     let line = dump.lines().find_map(|l| l.strip_prefix("authorization totals: ")).expect("totals line");

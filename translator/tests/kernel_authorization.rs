@@ -99,3 +99,51 @@ fn no_policy_means_nothing_to_enforce() {
     assert!(node.workloads[0].authorization.is_none());
     assert!(node.workloads[0].local, "a pod without nodeName belongs to every node");
 }
+
+/// shop/api-1's authorization with `peer_authentications` (YAML documents), its own mode
+/// `mode` (a `sluice.io/dataplane` value), and a kernel-mode caller in the mesh.
+fn translate_mtls(peer_authentications: &str, mode: &str) -> (Option<KernelAuthorization>, Vec<String>) {
+    let pod = POD.replace("labels: {app: api}", &format!("labels: {{app: api, sluice.io/dataplane: {mode}}}"));
+    let caller = POD.replace("api-1", "web-1").replace("app: api", "app: web").replace("127.0.6.1", "127.0.6.2");
+    let (objects, diags) = parse_documents("test.yaml", &format!("{pod}---\n{caller}---\n{peer_authentications}"));
+    assert!(diags.iter().all(|d| d.severity != Severity::Error), "{diags:#?}");
+    let (snapshot, _) = Snapshot::build(objects);
+    let (node, diagnostics) = translate_node(&snapshot, "n");
+    let api = node.workloads.into_iter().find(|w| w.name == "api-1").expect("api-1");
+    (api.authorization, diagnostics.iter().map(|d| d.to_string()).collect())
+}
+
+#[test]
+fn strict_mtls_ports_refuse_the_kernel_paths_plaintext_on_exactly_those_ports() {
+    let pa = |spec: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: pa, namespace: shop}}\nspec: {spec}\n"
+        )
+    };
+    // A sidecar workload STRICT but on 8080: kernel callers are refused on every other port.
+    let (auth, warnings) = translate_mtls(
+        &pa("{selector: {matchLabels: {app: api}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: PERMISSIVE}}}"),
+        "sidecar",
+    );
+    let auth = auth.expect("a set holding the STRICT rule");
+    assert!(!auth.default_deny);
+    let rule = &auth.rules[0];
+    assert!(rule.deny && rule.ports.is_empty() && rule.not_ports == [8080] && rule.principals.is_empty(), "{rule:?}");
+    assert_eq!(rule.policy, "shop/pa");
+    let warning = warnings.iter().find(|w| w.contains("requires mTLS")).expect("a warning");
+    assert!(
+        warning.contains("shop/api-1 requires mTLS on every port but [8080]") && warning.contains("shop/web-1"),
+        "{warning}"
+    );
+    // PERMISSIVE but STRICT on 9090: refused there only.
+    let (auth, _) =
+        translate_mtls(&pa("{selector: {matchLabels: {app: api}}, portLevelMtls: {9090: {mode: STRICT}}}"), "sidecar");
+    let rule = &auth.unwrap().rules[0];
+    assert!(rule.deny && rule.ports == [9090] && rule.not_ports.is_empty(), "{rule:?}");
+    // Nothing STRICT: nothing to enforce for a sidecar workload.
+    assert_eq!(translate_mtls(&pa("{mtls: {mode: PERMISSIVE}}"), "sidecar").0, None);
+    // A kernel-mode workload STRICT: the rule comes first, before its policies' rules.
+    let (auth, warnings) = translate_mtls(&pa("{mtls: {mode: STRICT}}"), "kernel");
+    assert!(auth.unwrap().rules[0].deny);
+    assert!(warnings.iter().any(|w| w.contains("drops connections from off the node")), "{warnings:?}");
+}

@@ -32,7 +32,9 @@ pub fn stable_id(text: &str) -> u32 {
 
 /// The policy set id of a workload the kernel protects, else 0.
 pub fn policy_set(w: &KernelWorkload) -> u32 {
-    if w.mode() != Mode::Kernel || w.authorization.is_none() {
+    // A sidecar- or node-mode workload's set holds only the STRICT mTLS rule, which kernel
+    // callers meet at connect(); its own traffic the kernel does not check.
+    if w.authorization.is_none() {
         return 0;
     }
     stable_id(&format!("policy/{}/{}", w.namespace, w.name)).max(1)

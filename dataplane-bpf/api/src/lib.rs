@@ -213,7 +213,8 @@ pub struct KernelAuthorization {
 /// One L4 rule: matches when every non-empty list matches and no `not_` list does.
 #[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
 pub struct KernelRule {
-    /// `<namespace>/<name>` of the AuthorizationPolicy.
+    /// `<namespace>/<name>` of the AuthorizationPolicy (of the PeerAuthentication, for the
+    /// rule that refuses plaintext on STRICT mTLS ports).
     #[prost(string, tag = "1")]
     pub policy: String,
     /// Index of the rule in `spec.rules`.

@@ -46,6 +46,77 @@ impl Reporter<'_> {
     }
 }
 
+/// The rule that refuses the kernel path's plaintext on `w`'s STRICT mTLS ports: a DENY of
+/// every caller there (kernel- and node-mode callers get EPERM at connect(); a kernel-mode
+/// `w` also drops such connections from off the node, which nothing would decrypt). None
+/// when no port of `w` is STRICT. Warns once per workload, naming it, the PeerAuthentication
+/// and the kernel-path workloads of the mesh that are refused.
+pub fn strict_mtls_rule(
+    snapshot: &Snapshot,
+    w: &crate::snapshot::Workload,
+    mode: sluice_dataplane_api::Mode,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<KernelRule> {
+    use crate::model::authorization_policy::MtlsMode;
+    let mtls = snapshot.workload_mtls(&w.namespace, Some(&w.labels));
+    let strict = |m: &crate::snapshot::ModeFrom| m.mode == MtlsMode::Strict;
+    // All ports but the non-STRICT overrides, or only the STRICT overrides.
+    let (ports, not_ports): (Vec<u32>, Vec<u32>) = if strict(&mtls.workload) {
+        (Vec::new(), mtls.ports.iter().filter(|(_, m)| !strict(m)).map(|(p, _)| *p).collect())
+    } else {
+        (mtls.ports.iter().filter(|(_, m)| strict(m)).map(|(p, _)| *p).collect(), Vec::new())
+    };
+    if !strict(&mtls.workload) && ports.is_empty() {
+        return None;
+    }
+    let decided = if strict(&mtls.workload) { &mtls.workload } else { mtls.ports.values().find(|m| strict(m))? };
+    let policy = decided.policy.clone()?;
+    let on = match (ports.is_empty(), not_ports.is_empty()) {
+        (true, true) => "every port".to_string(),
+        (true, false) => format!("every port but {not_ports:?}"),
+        _ => format!("ports {ports:?}"),
+    };
+    let callers: Vec<String> = snapshot
+        .workloads
+        .values()
+        .filter(|c| super::mode(snapshot, &c.namespace, &c.labels) != sluice_dataplane_api::Mode::Sidecar)
+        .filter(|c| (c.namespace.as_str(), c.name.as_str()) != (w.namespace.as_str(), w.name.as_str()))
+        .map(|c| format!("{}/{}", c.namespace, c.name))
+        .collect();
+    if !callers.is_empty() {
+        let shown: Vec<&str> = callers.iter().take(5).map(String::as_str).collect();
+        let more = callers.len().saturating_sub(shown.len());
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        let target = if mode == sluice_dataplane_api::Mode::Kernel {
+            "; as a kernel-mode workload it also drops connections from off the node there, which it cannot decrypt"
+        } else {
+            ""
+        };
+        diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            origin: snapshot.peer_authentications.get(&policy).map(|p| p.origin.clone()).unwrap_or_default(),
+            object: Some(policy.clone()),
+            path: "spec.mtls".into(),
+            code: None,
+            message: format!(
+                "{}/{} requires mTLS on {on}: connections to it there from kernel- or node-mode workloads ({}{more}) \
+                 are refused with EPERM, as the kernel path has no mTLS (give them a sidecar){target}",
+                w.namespace,
+                w.name,
+                shown.join(", ")
+            ),
+        });
+    }
+    Some(KernelRule {
+        policy: format!("{}/{}", policy.namespace, policy.name),
+        rule: 0,
+        deny: true,
+        ports,
+        not_ports,
+        ..Default::default()
+    })
+}
+
 /// The authorization of a kernel-mode workload, or None when no policy selects it.
 pub fn workload_authorization(
     snapshot: &Snapshot,

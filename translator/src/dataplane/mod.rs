@@ -57,9 +57,18 @@ pub fn kernel_workload(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> KernelWorkload {
     let mode = mode(snapshot, &w.namespace, &w.labels);
-    let authorization = (mode == Mode::Kernel).then(|| {
-        authorization::workload_authorization(snapshot, &w.namespace, &w.labels, w.ip.as_deref(), diagnostics)
-    });
+    let mut authorization = match mode {
+        Mode::Kernel => {
+            authorization::workload_authorization(snapshot, &w.namespace, &w.labels, w.ip.as_deref(), diagnostics)
+        }
+        Mode::Sidecar | Mode::Node => None,
+    };
+    // The kernel path has no mTLS (until HBONE): its callers' plaintext to a STRICT port would
+    // fail at the TLS layer, or, at a kernel-mode workload, be taken against its policy.
+    if let Some(deny) = authorization::strict_mtls_rule(snapshot, w, mode, diagnostics) {
+        let auth = authorization.get_or_insert_with(Default::default);
+        auth.rules.insert(0, deny);
+    }
     KernelWorkload {
         namespace: w.namespace.clone(),
         name: w.name.clone(),
@@ -67,7 +76,7 @@ pub fn kernel_workload(
         service_account: w.service_account.clone(),
         mode: mode as i32,
         local: w.node.as_deref().is_none_or(|n| n == node),
-        authorization: authorization.flatten(),
+        authorization,
         pod_uid: w.pod_uid.clone(),
     }
 }
