@@ -296,14 +296,7 @@ fn authorization_at_connect_and_for_sources_off_the_node() {
     eprintln!("5 denied connects (including the interpreter's start): {:?}", started.elapsed());
     let d = dump(&sandbox.kernel.pin_dir).unwrap();
     assert_eq!(totals(&d), (20, 5), "{d}");
-    let validate = Command::new(SLUICE)
-        .args(["translate", "--proxy", "agent~node-1", "--config"])
-        .arg(common::root().join("examples/bookinfo"))
-        .arg("--config")
-        .arg(sandbox.dir.path().join("routes"))
-        .output()
-        .unwrap();
-    let warnings = String::from_utf8_lossy(&validate.stderr);
+    let warnings = agent_warnings(&sandbox);
     assert!(
         warnings.contains("AuthorizationPolicy/default/reviews-from-productpage")
             && warnings.contains("spec.rules[1]")
@@ -343,6 +336,18 @@ fn authorization_at_connect_and_for_sources_off_the_node() {
     assert!(allowed == 20 && denied > 5, "{d}");
 }
 
+/// What `sluice translate` warns for node-1's agent on Bookinfo and the sandbox's routes.
+fn agent_warnings(sandbox: &Sandbox) -> String {
+    let translated = Command::new(SLUICE)
+        .args(["translate", "--proxy", "agent~node-1", "--config"])
+        .arg(common::root().join("examples/bookinfo"))
+        .arg("--config")
+        .arg(sandbox.dir.path().join("routes"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&translated.stderr).into_owned()
+}
+
 /// reviews requires mTLS: the kernel path, which has none, must not reach it in plaintext.
 const REVIEWS_STRICT: &str = r#"
 apiVersion: security.istio.io/v1
@@ -366,14 +371,7 @@ fn a_kernel_client_of_a_strict_workload_gets_eperm_and_a_warning_names_both() {
         refused.len() == 5 && refused.iter().all(|l| l == "error 1"),
         "plaintext to a STRICT workload gets EPERM: {refused:?}"
     );
-    let translated = Command::new(SLUICE)
-        .args(["translate", "--proxy", "agent~node-1", "--config"])
-        .arg(common::root().join("examples/bookinfo"))
-        .arg("--config")
-        .arg(sandbox.dir.path().join("routes"))
-        .output()
-        .unwrap();
-    let warnings = String::from_utf8_lossy(&translated.stderr);
+    let warnings = agent_warnings(&sandbox);
     assert!(
         warnings.contains("PeerAuthentication/default/reviews-strict")
             && warnings.contains("default/reviews-v1 requires mTLS on every port")

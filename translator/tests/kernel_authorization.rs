@@ -19,7 +19,12 @@ fn translate(action: &str, rules: &str) -> (Option<KernelAuthorization>, Vec<Str
     let policy = format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: {action}\n  rules: {rules}\n"
     );
-    let (objects, diags) = parse_documents("test.yaml", &format!("{POD}---\n{policy}"));
+    api_authorization(&format!("{POD}---\n{policy}"))
+}
+
+/// The authorization of shop/api-1 in the mesh of `documents`, and the warnings.
+fn api_authorization(documents: &str) -> (Option<KernelAuthorization>, Vec<String>) {
+    let (objects, diags) = parse_documents("test.yaml", documents);
     assert!(diags.iter().all(|d| d.severity != Severity::Error), "{diags:#?}");
     let (snapshot, _) = Snapshot::build(objects);
     let (node, diagnostics) = translate_node(&snapshot, "n");
@@ -105,12 +110,7 @@ fn no_policy_means_nothing_to_enforce() {
 fn translate_mtls(peer_authentications: &str, mode: &str) -> (Option<KernelAuthorization>, Vec<String>) {
     let pod = POD.replace("labels: {app: api}", &format!("labels: {{app: api, sluice.io/dataplane: {mode}}}"));
     let caller = POD.replace("api-1", "web-1").replace("app: api", "app: web").replace("127.0.6.1", "127.0.6.2");
-    let (objects, diags) = parse_documents("test.yaml", &format!("{pod}---\n{caller}---\n{peer_authentications}"));
-    assert!(diags.iter().all(|d| d.severity != Severity::Error), "{diags:#?}");
-    let (snapshot, _) = Snapshot::build(objects);
-    let (node, diagnostics) = translate_node(&snapshot, "n");
-    let api = node.workloads.into_iter().find(|w| w.name == "api-1").expect("api-1");
-    (api.authorization, diagnostics.iter().map(|d| d.to_string()).collect())
+    api_authorization(&format!("{pod}---\n{caller}---\n{peer_authentications}"))
 }
 
 #[test]
