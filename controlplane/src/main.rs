@@ -94,6 +94,10 @@ enum Command {
         /// defaults when absent).
         #[arg(long)]
         mesh_config: Option<PathBuf>,
+        /// Istio's defaults when the --mesh-config file does not exist (an optional mount of
+        /// ConfigMap `istio`, key `mesh`, as istiod reads it), instead of an error.
+        #[arg(long, requires = "mesh_config")]
+        mesh_config_if_present: bool,
         /// Node agents' tokens for the CSR API: lines of `<node name> <token>`.
         #[arg(long)]
         node_tokens: Option<PathBuf>,
@@ -297,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ca_dir,
             ca_dir_if_present,
             mesh_config,
+            mesh_config_if_present,
             node_tokens,
             trusted_node_accounts,
             default_cert_ttl_s,
@@ -317,6 +322,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 default_cert_ttl_s <= max_cert_ttl_s,
                 "--default-cert-ttl-s {default_cert_ttl_s} is longer than --max-cert-ttl-s {max_cert_ttl_s}"
             );
+            let mesh_config = mesh_config.filter(|file| {
+                let present = !mesh_config_if_present || file.exists();
+                if !present {
+                    tracing::info!(file = %file.display(), "no MeshConfig file: Istio's defaults");
+                }
+                present
+            });
             let mesh = read_mesh_config(mesh_config.as_deref())?;
             let defaults = sluice_controlplane::certificates::CaOptions::default();
             let ca_dir = ca_dir.filter(|dir| {

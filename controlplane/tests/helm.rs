@@ -136,6 +136,8 @@ fn default_rendering_has_what_the_control_plane_and_agent_need() {
         "--trusted-node-account=sluice-system/sluice-agent",
         "--ca-dir=/etc/cacerts",
         "--ca-dir-if-present",
+        "--mesh-config=/etc/istio/config/mesh",
+        "--mesh-config-if-present",
     ] {
         assert!(args.contains(&want.to_string()), "{want} missing from {args:?}");
     }
@@ -145,6 +147,11 @@ fn default_rendering_has_what_the_control_plane_and_agent_need() {
         deployment["spec"]["template"]["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "cacerts");
     let cacerts = &cacerts.expect("the cacerts volume")["secret"];
     assert_eq!((cacerts["secretName"].as_str(), cacerts["optional"].as_bool()), (Some("cacerts"), Some(true)));
+    // MeshConfig from ConfigMap istio when there is one; the chart makes none by default.
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let mesh = &volumes.iter().find(|v| v["name"] == "mesh-config").expect("the mesh-config volume")["configMap"];
+    assert_eq!((mesh["name"].as_str(), mesh["optional"].as_bool()), (Some("istio"), Some(true)));
+    assert!(!objects.iter().any(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "istio"));
     let ports: Vec<(String, u64)> = c["ports"]
         .as_array()
         .unwrap()
@@ -278,6 +285,12 @@ fn custom_values_are_honoured() {
     let agent = one(&objects, "DaemonSet", "sluice-agent");
     let a = container(agent);
     assert!(strings(&a["args"]).contains(&"--node-proxy=127.0.0.9".to_string()));
+    // meshConfig becomes ConfigMap istio, as Istio's chart makes it.
+    let mesh = one(&objects, "ConfigMap", "istio");
+    assert_eq!(mesh["metadata"]["namespace"], "sluice-system");
+    let mesh: serde_json::Value = serde_yaml_ng::from_str(mesh["data"]["mesh"].as_str().unwrap()).unwrap();
+    assert_eq!(mesh["trustDomain"], "corp.example");
+    assert_eq!(mesh["trustDomainAliases"][0], "cluster.local");
     // A port that requires client certificates would turn away the agent's token: no SDS.
     assert!(!strings(&a["args"]).iter().any(|arg| arg.starts_with("--sds-socket")));
     assert!(strings(&a["args"]).contains(&"--pin-dir=/sys/fs/bpf/mesh".to_string()));
@@ -317,4 +330,13 @@ fn the_chart_installs_sluices_crds() {
     for (chart, want) in from_chart.iter().zip(&generated) {
         assert_eq!(*chart, want, "{}", want["metadata"]["name"]);
     }
+}
+
+#[test]
+fn the_meshs_trust_domain_reaches_the_control_plane_and_the_agents() {
+    let objects = render(&["--set", "meshConfig.trustDomain=corp.example"]);
+    let mesh = one(&objects, "ConfigMap", "istio");
+    assert!(mesh["data"]["mesh"].as_str().unwrap().contains("trustDomain: corp.example"), "{mesh}");
+    let agent = strings(&container(one(&objects, "DaemonSet", "sluice-agent"))["args"]);
+    assert!(agent.contains(&"--trust-domain=corp.example".to_string()), "the SPIFFE ids the agent asks for: {agent:?}");
 }
