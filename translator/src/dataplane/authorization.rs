@@ -55,6 +55,7 @@ pub fn strict_mtls_rule(
     snapshot: &Snapshot,
     w: &crate::snapshot::Workload,
     mode: sluice_dataplane_api::Mode,
+    clients: &KernelClients<'_>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<KernelRule> {
     use crate::model::authorization_policy::MtlsMode;
@@ -76,16 +77,9 @@ pub fn strict_mtls_rule(
         (true, false) => format!("every port but {not_ports:?}"),
         _ => format!("ports {ports:?}"),
     };
-    let callers: Vec<String> = snapshot
-        .workloads
-        .values()
-        .filter(|c| super::mode(snapshot, &c.namespace, &c.labels) != sluice_dataplane_api::Mode::Sidecar)
-        .filter(|c| (c.namespace.as_str(), c.name.as_str()) != (w.namespace.as_str(), w.name.as_str()))
-        .map(|c| format!("{}/{}", c.namespace, c.name))
-        .collect();
-    if !callers.is_empty() {
-        let shown: Vec<&str> = callers.iter().take(5).map(String::as_str).collect();
-        let more = callers.len().saturating_sub(shown.len());
+    let (shown, others) = clients.other_than(w, mode != sluice_dataplane_api::Mode::Sidecar);
+    if others > 0 {
+        let more = others - shown.len();
         let more = if more > 0 { format!(" and {more} more") } else { String::new() };
         let target = if mode == sluice_dataplane_api::Mode::Kernel {
             "; as a kernel-mode workload it also drops connections from off the node there, which it cannot decrypt"
@@ -115,6 +109,41 @@ pub fn strict_mtls_rule(
         not_ports,
         ..Default::default()
     })
+}
+
+/// The workloads on the kernel path (kernel- or node-mode), which a STRICT workload's warning
+/// names: found once per translation, and only if some workload is STRICT (a scan of the mesh
+/// per STRICT workload made an all-STRICT mesh quadratic).
+pub struct KernelClients<'a> {
+    snapshot: &'a Snapshot,
+    /// The first six by name (five besides any one workload), and how many there are.
+    found: std::cell::OnceCell<(Vec<String>, usize)>,
+}
+
+impl<'a> KernelClients<'a> {
+    /// The kernel-path workloads of `snapshot`, not looked up yet.
+    pub fn new(snapshot: &'a Snapshot) -> Self {
+        Self { snapshot, found: std::cell::OnceCell::new() }
+    }
+
+    /// Up to five of them besides `w` (which is one of them if `w_on_kernel_path`), and how many
+    /// there are besides `w`.
+    fn other_than(&self, w: &crate::snapshot::Workload, w_on_kernel_path: bool) -> (Vec<&str>, usize) {
+        let (first, count) = self.found.get_or_init(|| {
+            let snapshot = self.snapshot;
+            let mut on_path = snapshot
+                .workloads
+                .values()
+                .filter(|c| super::mode(snapshot, &c.namespace, &c.labels) != sluice_dataplane_api::Mode::Sidecar)
+                .map(|c| format!("{}/{}", c.namespace, c.name));
+            let first: Vec<String> = on_path.by_ref().take(6).collect();
+            let count = first.len() + on_path.count();
+            (first, count)
+        });
+        let me = format!("{}/{}", w.namespace, w.name);
+        let shown = first.iter().filter(|n| **n != me).take(5).map(String::as_str).collect();
+        (shown, count - usize::from(w_on_kernel_path))
+    }
 }
 
 /// The authorization of a kernel-mode workload, or None when no policy selects it.

@@ -54,6 +54,7 @@ pub fn kernel_workload(
     snapshot: &Snapshot,
     w: &Workload,
     node: &str,
+    clients: &authorization::KernelClients<'_>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> KernelWorkload {
     let mode = mode(snapshot, &w.namespace, &w.labels);
@@ -65,7 +66,7 @@ pub fn kernel_workload(
     };
     // The kernel path has no mTLS (until HBONE): its callers' plaintext to a STRICT port would
     // fail at the TLS layer, or, at a kernel-mode workload, be taken against its policy.
-    if let Some(deny) = authorization::strict_mtls_rule(snapshot, w, mode, diagnostics) {
+    if let Some(deny) = authorization::strict_mtls_rule(snapshot, w, mode, clients, diagnostics) {
         let auth = authorization.get_or_insert_with(Default::default);
         auth.rules.insert(0, deny);
     }
@@ -103,7 +104,9 @@ pub fn translate_node(snapshot: &Snapshot, node: &str) -> (NodeDataplane, Vec<Di
     }
     services.sort_by(|a, b| (&a.vip, a.port, &a.protocol).cmp(&(&b.vip, b.port, &b.protocol)));
     services.dedup_by(|a, b| (&a.vip, a.port, &a.protocol) == (&b.vip, b.port, &b.protocol));
-    let workloads = snapshot.workloads.values().map(|w| kernel_workload(snapshot, w, node, &mut diagnostics)).collect();
+    let clients = authorization::KernelClients::new(snapshot);
+    let workloads =
+        snapshot.workloads.values().map(|w| kernel_workload(snapshot, w, node, &clients, &mut diagnostics)).collect();
     diagnostics.sort();
     diagnostics.dedup();
     (NodeDataplane { services, workloads }, diagnostics)

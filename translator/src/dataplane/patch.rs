@@ -105,9 +105,10 @@ pub fn patch(
         }
     }
     out.removed_services = gone.difference(&named).cloned().collect();
+    let clients = super::authorization::KernelClients::new(snapshot);
     for key in &delta.workloads {
         match snapshot.workloads.get(key) {
-            Some(w) => out.workloads.push(kernel_workload(snapshot, w, node, &mut diagnostics)),
+            Some(w) => out.workloads.push(kernel_workload(snapshot, w, node, &clients, &mut diagnostics)),
             None => out.removed_workloads.push(KernelWorkload::name_of(&key.0, &key.1)),
         }
     }
