@@ -172,7 +172,7 @@ impl MeshAuthenticator {
             AuthError(format!("the token of node agent account {account} is bound to no pod, so to no node"))
         })?;
         let current = self.generator.current();
-        let workload = current.snapshot.workloads.values().find(|w| w.namespace == reviewed.namespace && w.name == pod);
+        let workload = current.snapshot.workloads.get(&(reviewed.namespace.clone(), pod.to_string()));
         workload.and_then(|w| w.node.clone()).ok_or_else(|| {
             AuthError(format!(
                 "the pod {}/{pod} of node agent account {account} is on no known node",
