@@ -320,7 +320,8 @@ impl ConfigStore {
         (changes, previous)
     }
 
-    /// What a group contributes after a read: a rejected object keeps its last good form, and
+    /// What a group contributes after a read: a rejected object keeps its last good form (else
+    /// its stand-in, if it has one, applies), and
     /// when a document could not be parsed at all (so which object it held is unknown), every
     /// object of the group that the read lacks keeps its last good form — the read's good
     /// documents still apply.
@@ -338,7 +339,9 @@ impl ConfigStore {
         let unparsed = errors().any(|d| d.object.is_none());
         let rejected: BTreeSet<&ObjectRef> = errors().filter_map(|d| d.object.as_ref()).collect();
         for (r, old) in previous {
-            if (unparsed || rejected.contains(&r)) && !group.objects.contains_key(&r) {
+            // A stand-in for the rejected object (see `Loaded::stand_in`) gives way to a real one.
+            let lacking = group.objects.get(&r).is_none_or(|new| new.stand_in && !old.stand_in);
+            if (unparsed || rejected.contains(&r)) && lacking {
                 tracing::warn!(object = %r, "keeping the last good version of a rejected object");
                 group.objects.insert(r, old);
             }
@@ -447,6 +450,34 @@ mod tests {
         // A complete read of the files without f.yaml: it was deleted while sluice was down.
         assert!(s.apply(read("g.yaml", ""), &[Source::Files]).unwrap().is_some());
         assert_eq!(s.len(), 0);
+    }
+
+    #[test]
+    fn a_rejected_authorization_policy_keeps_its_last_good_form_else_denies_through_its_stand_in() {
+        let policy = |principal: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\n\
+                 spec: {{selector: {{matchLabels: {{app: a}}}}, rules: [{{from: [{{source: {{principals: [\"{principal}\"]}}}}]}}]}}\n"
+            )
+        };
+        let served = |s: &ConfigStore| {
+            let snapshot = s.snapshot();
+            let p = snapshot.authorization_policies.values().next().expect("a policy is served").clone();
+            (p.spec.action, p.spec.rules.len(), p.spec.rules[0].from.len())
+        };
+        use sluice_translator::model::authorization_policy::Action;
+        let mut s = ConfigStore::open(None).unwrap();
+        s.apply(read("p.yaml", &policy("cluster.local/ns/shop/sa/web")), &[]).unwrap();
+        assert_eq!(served(&s), (None, 1, 1));
+        s.apply(read("p.yaml", &policy("a*b*c")), &[]).unwrap();
+        assert_eq!(served(&s), (None, 1, 1), "the last good version, not the stand-in");
+        assert_eq!(s.rejected(), 1);
+        let mut s = ConfigStore::open(None).unwrap();
+        s.apply(read("p.yaml", &policy("a*b*c")), &[]).unwrap();
+        assert_eq!(served(&s), (Some(Action::Deny), 1, 0), "no last good version: the stand-in denies everything");
+        s.apply(read("p.yaml", &policy("cluster.local/ns/shop/sa/web")), &[]).unwrap();
+        assert_eq!(served(&s), (None, 1, 1), "fixed: the policy itself");
+        assert_eq!(s.rejected(), 0);
     }
 
     #[test]

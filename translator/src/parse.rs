@@ -358,7 +358,13 @@ impl Parsed<'_> {
         let mut ignored = Vec::new();
         let object = match decode_object(&resolved, &value, self.origin, &mut ignored) {
             Ok(o) => o,
-            Err((path, message)) => return self.error(Some(reference), &path, message),
+            Err((path, message)) => {
+                self.error(Some(reference.clone()), &path, message);
+                if resolved == Kind::AuthorizationPolicy {
+                    self.stand_in(&lenient_policy(&value, self.origin), reference, &value);
+                }
+                return;
+            }
         };
         let mut findings = Findings::default();
         for path in ignored {
@@ -372,10 +378,57 @@ impl Parsed<'_> {
         crate::validation::validate_object(&object, &mut findings);
         let failed = findings.has_errors();
         self.diagnostics.extend(findings.into_diagnostics(self.origin, &reference));
-        if !failed {
-            self.objects.push(Loaded::new(object, reference, self.origin.to_string(), &value));
+        match object {
+            _ if !failed => self.objects.push(Loaded::new(object, reference, self.origin.to_string(), &value)),
+            Object::AuthorizationPolicy(policy) => self.stand_in(&policy, reference, &value),
+            _ => {}
         }
     }
+
+    /// Puts the fail-closed stand-in of a rejected AuthorizationPolicy in its place, and says so.
+    fn stand_in(
+        &mut self,
+        policy: &IstioObject<model::authorization_policy::AuthorizationPolicySpec>,
+        reference: ObjectRef,
+        value: &Value,
+    ) {
+        let Some(stand_in) = model::authorization_policy::rejected_stand_in(policy) else { return };
+        let scope = match &stand_in.spec.selector {
+            Some(s) if !s.match_labels.is_empty() => "the workloads it selects deny",
+            _ if policy.meta.namespace == crate::snapshot::ROOT_NAMESPACE => "every workload of the mesh denies",
+            _ => "every workload of its namespace denies",
+        };
+        self.diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            origin: self.origin.to_string(),
+            object: Some(reference.clone()),
+            path: String::new(),
+            code: None,
+            message: format!(
+                "the policy is rejected, so {scope} every request (fail closed) until it is fixed; \
+                 its last good version, if sluice has one, applies instead"
+            ),
+        });
+        let mut loaded =
+            Loaded::new(Object::AuthorizationPolicy(Box::new(stand_in)), reference, self.origin.to_string(), value);
+        loaded.stand_in = true;
+        self.objects.push(loaded);
+    }
+}
+
+/// As much of an AuthorizationPolicy that failed to decode as tells whom it was for: its
+/// metadata, selector and action, each read on its own; what cannot be read is left out (so a
+/// selector that cannot be read makes the policy namespace-wide).
+fn lenient_policy(value: &Value, origin: &str) -> IstioObject<model::authorization_policy::AuthorizationPolicySpec> {
+    let field = |path: &[&str]| path.iter().try_fold(value, |v, key| v.get(*key)).cloned().unwrap_or(Value::Null);
+    let meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
+        serde_json::from_value(field(&["metadata"])).unwrap_or_default();
+    let spec = model::authorization_policy::AuthorizationPolicySpec {
+        selector: serde_json::from_value(field(&["spec", "selector"])).unwrap_or(None),
+        action: serde_json::from_value(field(&["spec", "action"])).unwrap_or(None),
+        ..Default::default()
+    };
+    IstioObject { meta: Meta::from_object_meta(&meta, true), spec, origin: origin.to_string() }
 }
 
 /// RFC 1123 subdomain: what Kubernetes requires of most object names.

@@ -13,7 +13,10 @@ pub fn validate_object(object: &Object, findings: &mut Findings) {
         Object::ServiceEntry(o) => service_entry::validate(&o.spec, findings),
         Object::WorkloadEntry(o) => service_entry::validate_workload_entry(&o.spec, findings),
         Object::Sidecar(o) => sidecar::validate(&o.spec, findings),
-        Object::AuthorizationPolicy(o) => authorization_policy::validate(&o.spec, findings),
+        Object::AuthorizationPolicy(o) => {
+            authorization_policy::validate(&o.spec, findings);
+            validate_dry_run(o, findings);
+        }
         Object::PeerAuthentication(o) => authorization_policy::validate_peer_authentication(&o.spec, findings),
         Object::Service(s) => validate_service(s, findings),
         Object::EndpointSlice(s) => validate_endpoint_slice(s, findings),
@@ -33,6 +36,25 @@ pub fn validate_object(object: &Object, findings: &mut Findings) {
             format!("metadata.labels.{}", crate::DATAPLANE_LABEL),
             format!("{mode:?} is not a data-plane mode (sidecar, node, kernel)"),
         );
+    }
+}
+
+/// Istio's rule for `istio.io/dry-run`: a Go boolean, on ALLOW and DENY policies only.
+fn validate_dry_run(
+    o: &crate::model::IstioObject<authorization_policy::AuthorizationPolicySpec>,
+    findings: &mut Findings,
+) {
+    use authorization_policy::{Action, DRY_RUN_ANNOTATION};
+    let Some(value) = o.meta.annotations.get(DRY_RUN_ANNOTATION) else { return };
+    let path = format!("metadata.annotations.{DRY_RUN_ANNOTATION}");
+    match o.spec.action.unwrap_or(Action::Allow) {
+        Action::Allow | Action::Deny => {
+            if authorization_policy::dry_run(&o.meta).is_err() {
+                findings.error(path, format!("{value:?} is not a boolean"));
+            }
+        }
+        other => findings
+            .error(path, format!("dry-run is only supported on ALLOW and DENY policies, not {}", other.as_str())),
     }
 }
 

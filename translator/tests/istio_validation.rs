@@ -77,7 +77,21 @@ fn documents(file: &str) -> Vec<(Option<String>, String)> {
 fn read(file: &str, index: usize, doc: &str) -> Vec<Diagnostic> {
     let (objects, diagnostics) = parse_documents(&format!("{file}#{index}"), doc);
     let errors: Vec<Diagnostic> = diagnostics.into_iter().filter(|d| d.severity == Severity::Error).collect();
-    assert!(errors.is_empty() || objects.is_empty(), "{file}#{index}: rejected and accepted: {errors:?}");
+    // A rejected object is not accepted; a rejected AuthorizationPolicy leaves its fail-closed
+    // stand-in (a DENY of everything) in its place.
+    assert!(
+        errors.is_empty() || objects.iter().all(|o| o.stand_in),
+        "{file}#{index}: rejected and accepted: {errors:?}"
+    );
+    for o in &objects {
+        if o.stand_in {
+            let sluice_translator::model::Object::AuthorizationPolicy(p) = &o.object else {
+                panic!("{file}#{index}: a stand-in for a {}", o.reference.kind)
+            };
+            assert_eq!(p.spec.action, Some(sluice_translator::model::authorization_policy::Action::Deny));
+            assert_eq!(p.spec.rules, vec![Default::default()], "{file}#{index}: a stand-in denies everything");
+        }
+    }
     errors
 }
 

@@ -11,9 +11,11 @@ fn doc(api: &str, kind: &str, body: &str) -> String {
     format!("apiVersion: {api}\nkind: {kind}\nmetadata: {{name: x, namespace: ns}}\n{body}\n")
 }
 
+/// The objects accepted (a rejected AuthorizationPolicy's fail-closed stand-in is not one) and
+/// the diagnostics.
 fn diagnostics(text: &str) -> (usize, Vec<Diagnostic>) {
     let (objects, diags) = parse_documents("case.yaml", text);
-    (objects.len(), diags)
+    (objects.iter().filter(|o| !o.stand_in).count(), diags)
 }
 
 /// Asserts the document is rejected with a diagnostic at `path` containing `reason`.
@@ -461,7 +463,15 @@ fn authorization_policy_rules() {
         "spec.rules[0].to[0].operation.methods[0]",
         "not a standard",
     );
-    warned(&ap("spec: {action: AUDIT, rules: [{}]}"), "spec.action", "not enforced");
+    let dry_run = |value: &str, action: &str| {
+        format!(
+            "apiVersion: {SEC}\nkind: AuthorizationPolicy\nmetadata: {{name: x, namespace: ns, annotations: \
+             {{istio.io/dry-run: \"{value}\"}}}}\nspec: {{action: {action}, rules: [{{}}]}}\n"
+        )
+    };
+    rejected(&dry_run("maybe", "DENY"), "metadata.annotations.istio.io/dry-run", "\"maybe\" is not a boolean");
+    rejected(&dry_run("true", "AUDIT"), "metadata.annotations.istio.io/dry-run", "only supported on ALLOW and DENY");
+    assert_eq!(diagnostics(&dry_run("True", "ALLOW")).1, vec![], "Go's booleans");
     rejected(
         &doc(SEC, "PeerAuthentication", "spec: {portLevelMtls: {80: {mode: STRICT}}}"),
         "spec.portLevelMtls",
@@ -630,4 +640,37 @@ fn yaml_is_read_strictly_and_per_document() {
     // Brackets in quotes and comments are not nesting.
     let quoted = dr(&format!("  exportTo: [\"{}\"] # {}", "[".repeat(500), "{".repeat(500)));
     assert!(diagnostics(&quoted).1.iter().all(|d| !d.message.contains("nest")), "{:?}", diagnostics(&quoted).1);
+}
+
+#[test]
+fn a_rejected_authorization_policy_leaves_a_fail_closed_stand_in() {
+    use sluice_translator::model::Object;
+    use sluice_translator::model::authorization_policy::Action;
+    let stand_in = |text: &str| {
+        let (objects, diags) = parse_documents("case.yaml", text);
+        let warning = diags.iter().find(|d| d.severity == Severity::Warning && d.message.contains("fail closed"));
+        let policy = objects.iter().find(|o| o.stand_in).map(|o| match &o.object {
+            Object::AuthorizationPolicy(p) => (p.spec.clone(), o.reference.to_string()),
+            other => panic!("a stand-in for {other:?}"),
+        });
+        (policy, warning.map(ToString::to_string))
+    };
+    // Invalid (a wildcard inside a value): DENY everything on the workloads it selected.
+    let (policy, warning) = stand_in(&ap(
+        "spec: {selector: {matchLabels: {app: a}}, rules: [{from: [{source: {principals: [\"a*b*c\"]}}]}]}",
+    ));
+    let (spec, reference) = policy.expect("a stand-in");
+    assert_eq!(reference, "AuthorizationPolicy/ns/x");
+    assert_eq!((spec.action, spec.rules.len()), (Some(Action::Deny), 1));
+    assert!(spec.rules[0].from.is_empty() && spec.rules[0].to.is_empty() && spec.rules[0].when.is_empty());
+    assert_eq!(spec.selector.unwrap().match_labels["app"], "a");
+    assert!(warning.unwrap().contains("the workloads it selects deny every request"));
+    // Not even decodable: the selector, read on its own, still says whom it was for.
+    let (policy, _) = stand_in(&ap("spec: {selector: {matchLabels: {app: b}}, rules: 5}"));
+    assert_eq!(policy.expect("a stand-in").0.selector.unwrap().match_labels["app"], "b");
+    // No selector: the whole namespace.
+    let (_, warning) = stand_in(&ap("spec: {rules: [{when: [{key: nonsense, values: [a]}]}]}"));
+    assert!(warning.unwrap().contains("every workload of its namespace denies every request"));
+    // AUDIT enforces nothing, so a rejected one stands in for nothing.
+    assert_eq!(stand_in(&ap("spec: {action: AUDIT, rules: [{when: [{key: nonsense, values: [a]}]}]}")), (None, None));
 }

@@ -10,7 +10,10 @@ use ipnet::IpNet;
 use super::{KernelAuthorization, KernelRule};
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::IstioObject;
-use crate::model::authorization_policy::{Action, AuthorizationPolicySpec, Condition, Operation, Rule, Source};
+use crate::model::authorization_policy::{
+    Action, AuthorizationPolicySpec, Condition, Operation, Rule, Source, dry_run,
+};
+use crate::model::mesh_config::MeshConfig;
 use crate::snapshot::Snapshot;
 
 /// Reports for one policy rule.
@@ -154,32 +157,66 @@ pub fn workload_authorization(
     ip: Option<&str>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<KernelAuthorization> {
-    let policies = snapshot.authorization_policies_for(namespace, Some(labels));
-    if policies.is_empty() {
+    let mut enforced = Vec::new();
+    for p in snapshot.authorization_policies_for(namespace, Some(labels)) {
+        let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
+        let warn = |diagnostics: &mut Vec<Diagnostic>, path: &str, message: &str| {
+            diagnostics.push(Diagnostic {
+                severity: Severity::Warning,
+                origin: p.origin.clone(),
+                object: Some(reference.clone()),
+                path: path.into(),
+                code: None,
+                message: message.into(),
+            })
+        };
+        match p.spec.action.unwrap_or(Action::Allow) {
+            // Dry runs enforce nothing; the kernel keeps no shadow rules to count them.
+            _ if dry_run(&p.meta) == Ok(true) => {}
+            Action::Audit => warn(
+                diagnostics,
+                "spec.action",
+                "AUDIT is not logged by the kernel path (a sidecar or the node proxy logs it); the policy changes \
+                 nothing there",
+            ),
+            Action::Custom => {
+                warn(
+                    diagnostics,
+                    "spec.action",
+                    "CUSTOM (external authorization) is not evaluated by the kernel path: the connections its \
+                     rules match are refused (fail closed)",
+                );
+                enforced.push((p, true));
+            }
+            action => enforced.push((p, action == Action::Deny)),
+        }
+    }
+    if enforced.is_empty() {
         return None;
     }
     let mut out = KernelAuthorization::default();
-    for action in [Action::Deny, Action::Allow] {
-        for p in policies.iter().filter(|p| p.spec.action.unwrap_or(Action::Allow) == action) {
-            out.default_deny |= action == Action::Allow;
-            for (index, rule) in p.spec.rules.iter().enumerate() {
-                let mut reporter = Reporter { policy: p, index, deny: action == Action::Deny, diagnostics };
-                out.rules.extend(rule_clauses(rule, &mut reporter, ip));
-            }
+    // DENY (and CUSTOM) rules first, as the kernel evaluates them in order.
+    enforced.sort_by_key(|(_, deny)| !deny);
+    for (p, deny) in enforced {
+        out.default_deny |= !deny;
+        for (index, rule) in p.spec.rules.iter().enumerate() {
+            let mut reporter = Reporter { policy: p, index, deny, diagnostics };
+            out.rules.extend(rule_clauses(rule, &mut reporter, ip, &snapshot.mesh));
         }
     }
     Some(out)
 }
 
 /// A rule as kernel rules: one per (source, operation) pair, each with the `when` conditions.
-fn rule_clauses(rule: &Rule, r: &mut Reporter<'_>, ip: Option<&str>) -> Vec<KernelRule> {
+fn rule_clauses(rule: &Rule, r: &mut Reporter<'_>, ip: Option<&str>, mesh: &MeshConfig) -> Vec<KernelRule> {
     let mut l7 = rule.http_only_fields();
+    // What only a proxy sees: the TLS server name and Envoy filters' metadata.
     l7.extend(
         rule.when
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.key == "connection.sni")
-            .map(|(j, _)| format!("when[{j}].key=connection.sni")),
+            .filter(|(_, c)| c.key == "connection.sni" || c.key.starts_with("experimental.envoy.filters."))
+            .map(|(j, c)| format!("when[{j}].key={}", c.key)),
     );
     if !l7.is_empty() {
         let what = format!("{} ({})", if l7.len() == 1 { "the attribute" } else { "the attributes" }, l7.join(", "));
@@ -207,13 +244,13 @@ fn rule_clauses(rule: &Rule, r: &mut Reporter<'_>, ip: Option<&str>) -> Vec<Kern
             let mut clause = base.clone();
             let mut matches_something = true;
             if let Some(s) = source {
-                matches_something &= apply_source(&mut clause, s, &format!(".from[{j}].source"), r);
+                matches_something &= apply_source(&mut clause, s, &format!(".from[{j}].source"), r, mesh);
             }
             if let Some(o) = operation {
                 matches_something &= apply_operation(&mut clause, o);
             }
             for (w, c) in rule.when.iter().enumerate() {
-                matches_something &= apply_condition(&mut clause, c, &format!(".when[{w}]"), r, ip);
+                matches_something &= apply_condition(&mut clause, c, &format!(".when[{w}]"), r, ip, mesh);
             }
             if matches_something {
                 out.push(clause);
@@ -344,9 +381,22 @@ fn and_blocks(into: &mut Vec<String>, values: Vec<String>, field: &str, r: &mut 
     }
 }
 
-fn apply_source(clause: &mut KernelRule, s: &Source, path: &str, r: &mut Reporter<'_>) -> bool {
+/// Whether a peer of the kernel path passes `trustDomains`/`notTrustDomains`: every such peer is
+/// a workload of this mesh, so its trust domain is the mesh's.
+fn in_trust_domains(values: &[String], not_values: &[String], mesh: &MeshConfig) -> bool {
+    let ours = |v: &String| {
+        let td = mesh.trust_domain.as_str();
+        v == "*"
+            || v == td
+            || v.strip_suffix('*').is_some_and(|p| td.starts_with(p))
+            || v.strip_prefix('*').is_some_and(|s| td.ends_with(s))
+    };
+    (values.is_empty() || values.iter().any(ours)) && !not_values.iter().any(ours)
+}
+
+fn apply_source(clause: &mut KernelRule, s: &Source, path: &str, r: &mut Reporter<'_>, mesh: &MeshConfig) -> bool {
     let ns = r.policy.meta.namespace.clone();
-    let mut ok = true;
+    let mut ok = in_trust_domains(&s.trust_domains, &s.not_trust_domains, mesh);
     let (p, possible) = convert(&s.principals, &principal, &format!("{path}.principals"), false, r);
     ok &= possible && and_list(&mut clause.principals, p);
     let (p, _) = convert(&s.not_principals, &principal, &format!("{path}.notPrincipals"), true, r);
@@ -381,7 +431,14 @@ fn apply_operation(clause: &mut KernelRule, o: &Operation) -> bool {
     and_ports(&mut clause.ports, ports(&o.ports))
 }
 
-fn apply_condition(clause: &mut KernelRule, c: &Condition, path: &str, r: &mut Reporter<'_>, ip: Option<&str>) -> bool {
+fn apply_condition(
+    clause: &mut KernelRule,
+    c: &Condition,
+    path: &str,
+    r: &mut Reporter<'_>,
+    ip: Option<&str>,
+    mesh: &MeshConfig,
+) -> bool {
     let ns = r.policy.meta.namespace.clone();
     let field = |suffix: &str| format!("{path}.{suffix}");
     match c.key.as_str() {
@@ -417,7 +474,8 @@ fn apply_condition(clause: &mut KernelRule, c: &Condition, path: &str, r: &mut R
             };
             (c.values.is_empty() || contains(&c.values)) && !contains(&c.not_values)
         }
-        // connection.sni and request.* were handled as L7 attributes before.
+        "source.trustDomain" => in_trust_domains(&c.values, &c.not_values, mesh),
+        // connection.sni, experimental.* and request.* were handled as L7 attributes before.
         _ => true,
     }
 }

@@ -1,10 +1,14 @@
-//! AuthorizationPolicy → Envoy RBAC filters, with Istio's policy names
-//! (`ns[<ns>]-policy[<name>]-rule[<i>]`), its DENY-before-ALLOW order, and its rule shape:
-//! one `and_rules`/`and_ids` per `to`/`from` entry, one `or_rules`/`or_ids` per field.
+//! AuthorizationPolicy → Envoy RBAC filters, as istiod builds them: AUDIT as a `LOG` filter
+//! first (so requests denied later are logged too), then DENY, then ALLOW; Istio's policy names
+//! (`ns[<ns>]-policy[<name>]-rule[<i>]`); dry-run policies (`istio.io/dry-run`) as
+//! `shadow_rules` with Istio's stat prefixes; one `and_rules`/`and_ids` per `to`/`from` entry,
+//! one `or_rules`/`or_ids` per field.
 //!
-//! Request principals are matched on the `istio_authn` filter metadata, as Istio writes them;
-//! sluice runs no JWT filter, so that metadata is never set: an ALLOW on requestPrincipals never
-//! matches and a DENY on notRequestPrincipals always does — both fail closed.
+//! What sluice cannot evaluate yet fails closed, with a warning naming the policy and field:
+//! JWT attributes (RequestAuthentication is not read yet) and HTTP attributes on a TCP port —
+//! an ALLOW rule with them never matches, a DENY or AUDIT rule matches without them, as
+//! istiod does — and CUSTOM, whose rules deny what they match (Istio's answer to a CUSTOM
+//! policy whose provider it cannot use).
 
 use serde_json::{Map, Value, json};
 
@@ -12,7 +16,9 @@ use super::proxy::Proxy;
 use super::typed;
 use crate::diagnostic::ObjectRef;
 use crate::model::IstioObject;
-use crate::model::authorization_policy::{Action, AuthorizationPolicySpec, Condition, Operation, Rule, Source};
+use crate::model::authorization_policy::{
+    Action, AuthorizationPolicySpec, Condition, Operation, Rule, Source, dry_run, path_template,
+};
 use crate::model::mesh_config::MeshConfig;
 use crate::snapshot::DOMAIN_SUFFIX;
 
@@ -25,82 +31,170 @@ pub(super) enum Layer {
     Tcp,
 }
 
-/// The ALLOW and DENY policies that select this proxy's workload, in name order.
+/// One RBAC filter of the chain: its Envoy action, the policy actions it holds, and the stat
+/// prefix of its dry-run rules.
+struct Stage {
+    envoy_action: &'static str,
+    actions: &'static [Action],
+    shadow_stat_prefix: Option<&'static str>,
+}
+
+/// The filters in chain order (Istio's builder order).
+const STAGES: [Stage; 3] = [
+    Stage { envoy_action: "LOG", actions: &[Action::Audit], shadow_stat_prefix: None },
+    Stage {
+        envoy_action: "DENY",
+        actions: &[Action::Custom, Action::Deny],
+        shadow_stat_prefix: Some("istio_dry_run_deny_"),
+    },
+    Stage { envoy_action: "ALLOW", actions: &[Action::Allow], shadow_stat_prefix: Some("istio_dry_run_allow_") },
+];
+
+fn action_of(p: &IstioObject<AuthorizationPolicySpec>) -> Action {
+    p.spec.action.unwrap_or(Action::Allow)
+}
+
+/// The policies that select this proxy's workload, in name order.
 fn policies<'a>(proxy: &Proxy<'a>) -> Vec<&'a IstioObject<AuthorizationPolicySpec>> {
     proxy.snapshot.authorization_policies_for(&proxy.node.namespace, proxy.workload.map(|_| &proxy.labels))
 }
 
-/// The RBAC filters (DENY first, then ALLOW) for an inbound chain at `layer`.
+/// Istio's policy that never matches: what a policy without rules contributes.
+fn match_never() -> Value {
+    json!({"permissions": [{"not_rule": {"any": true}}], "principals": [{"not_id": {"any": true}}]})
+}
+
+/// The name of rule `index` of `p` in the RBAC config: Istio's, and for CUSTOM the name Istio
+/// gives the deny rules of a CUSTOM policy it cannot hand to a provider.
+fn rule_name(p: &IstioObject<AuthorizationPolicySpec>, index: usize) -> String {
+    let name = format!("ns[{}]-policy[{}]-rule[{index}]", p.meta.namespace, p.meta.name);
+    if action_of(p) == Action::Custom { format!("istio-ext-authz-{name}-deny-due-to-bad-CUSTOM-action") } else { name }
+}
+
+/// The RBAC filters (AUDIT, DENY, ALLOW, each only if some policy has that action) for an
+/// inbound chain at `layer`.
 pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
     let selected = policies(proxy);
     let mut out = Vec::new();
-    for action in [Action::Deny, Action::Allow] {
-        let of_action: Vec<_> = selected.iter().filter(|p| p.spec.action.unwrap_or(Action::Allow) == action).collect();
-        if of_action.is_empty() {
-            continue;
-        }
-        let mut named = Map::new();
-        for p in of_action {
+    for stage in &STAGES {
+        // Enforced and dry-run policies, each present once some policy of the stage is.
+        let mut enforced: Option<Map<String, Value>> = None;
+        let mut shadow: Option<Map<String, Value>> = None;
+        for p in selected.iter().filter(|p| stage.actions.contains(&action_of(p))) {
+            let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
+            if action_of(p) == Action::Custom {
+                proxy.warn(
+                    reference.clone(),
+                    "spec.action".into(),
+                    "CUSTOM (external authorization) is not translated yet: the requests its rules match are \
+                     denied (fail closed)"
+                        .into(),
+                );
+            }
+            let into = if dry_run(&p.meta) == Ok(true) { &mut shadow } else { &mut enforced }.get_or_insert_default();
+            if p.spec.rules.is_empty() {
+                into.insert(rule_name(p, 0), match_never());
+            }
             for (i, rule) in p.spec.rules.iter().enumerate() {
-                let name = format!("ns[{}]-policy[{}]-rule[{i}]", p.meta.namespace, p.meta.name);
-                let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
-                if let Some(policy) = rule_policy(proxy, &reference, i, rule, action, layer, &p.meta.namespace) {
-                    named.insert(name, policy);
+                let narrow = action_of(p) == Action::Allow;
+                if let Some(policy) = rule_policy(proxy, &reference, i, rule, narrow, layer, &p.meta.namespace) {
+                    into.insert(rule_name(p, i), policy);
                 }
             }
         }
-        let action_name = if action == Action::Deny { "DENY" } else { "ALLOW" };
-        let rules = json!({"action": action_name, "policies": named});
+        let mut config = Map::new();
+        if let Some(policies) = enforced {
+            config.insert("rules".into(), json!({"action": stage.envoy_action, "policies": policies}));
+        }
+        if let Some(policies) = shadow {
+            config.insert("shadow_rules".into(), json!({"action": stage.envoy_action, "policies": policies}));
+            if let Some(prefix) = stage.shadow_stat_prefix {
+                config.insert("shadow_rules_stat_prefix".into(), json!(prefix));
+            }
+        }
+        if config.is_empty() {
+            continue;
+        }
         out.push(match layer {
-            Layer::Http => json!({"name": "envoy.filters.http.rbac", "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", json!({"rules": rules}))}),
-            Layer::Tcp => json!({"name": "envoy.filters.network.rbac", "typed_config": typed("envoy.extensions.filters.network.rbac.v3.RBAC", json!({"rules": rules, "stat_prefix": "tcp."}))}),
+            Layer::Http => {
+                json!({"name": "envoy.filters.http.rbac", "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", Value::Object(config))})
+            }
+            Layer::Tcp => {
+                config.insert("stat_prefix".into(), json!("tcp."));
+                json!({"name": "envoy.filters.network.rbac", "typed_config": typed("envoy.extensions.filters.network.rbac.v3.RBAC", Value::Object(config))})
+            }
         });
     }
     out
 }
 
+/// One rule as an RBAC policy, or None when it cannot match here. `narrow` is true for ALLOW:
+/// a rule with attributes that cannot be evaluated then never matches; otherwise (DENY, AUDIT,
+/// CUSTOM) it matches without them.
 fn rule_policy(
     proxy: &mut Proxy<'_>,
     reference: &ObjectRef,
     index: usize,
     rule: &Rule,
-    action: Action,
+    narrow: bool,
     layer: Layer,
     ns: &str,
 ) -> Option<Value> {
-    let http_only = rule.http_only_fields();
-    if layer == Layer::Tcp && !http_only.is_empty() {
-        let fields = http_only.join(", ");
-        if action == Action::Allow {
-            proxy.warn(
-                reference.clone(),
-                format!("spec.rules[{index}]"),
-                format!("HTTP-only fields ({fields}) on a TCP port: this ALLOW rule never matches there (fail closed)"),
-            );
+    let tcp = layer == Layer::Tcp;
+    let (unsupported, why) = if tcp {
+        (rule.http_only_fields(), "HTTP-only fields on a TCP port")
+    } else {
+        (rule.jwt_fields(), "JWT attributes, which sluice does not verify yet (RequestAuthentication is not read)")
+    };
+    if !unsupported.is_empty() {
+        let fields = unsupported.join(", ");
+        let effect = if narrow {
+            "this ALLOW rule never matches here (fail closed)"
+        } else {
+            "this rule matches without them here (fail closed)"
+        };
+        proxy.warn(reference.clone(), format!("spec.rules[{index}]"), format!("{why} ({fields}): {effect}"));
+        if narrow {
             return None;
         }
-        proxy.warn(reference.clone(), format!("spec.rules[{index}]"), format!("HTTP-only fields ({fields}) on a TCP port are ignored: this DENY rule matches without them (fail closed)"));
     }
-    let tcp = layer == Layer::Tcp;
     let mesh = proxy.snapshot.mesh.clone();
+    let mut when_permissions = Vec::new();
+    let mut when_principals = Vec::new();
+    for (j, c) in rule.when.iter().enumerate() {
+        match condition(c, tcp, ns, &mesh) {
+            Some(Matcher::Permission(p)) => when_permissions.push(p),
+            Some(Matcher::Principal(p)) => when_principals.push(p),
+            None if unsupported.contains(&format!("when[{j}].key={}", c.key)) => {}
+            None => {
+                // Validation lets no such key through; if one ever comes, it fails closed too.
+                proxy.warn(
+                    reference.clone(),
+                    format!("spec.rules[{index}].when[{j}].key"),
+                    format!("{:?} is not an attribute sluice can evaluate (fail closed)", c.key),
+                );
+                if narrow {
+                    return None;
+                }
+            }
+        }
+    }
     let mut permissions = Vec::new();
-    let when_perms: Vec<Value> = rule.when.iter().filter_map(|c| condition_permission(c, tcp)).collect();
     if rule.to.is_empty() {
-        permissions.push(and_or_any("and_rules", "rules", when_perms.clone()));
+        permissions.push(and_or_any("and_rules", "rules", when_permissions.clone()));
     }
     for t in &rule.to {
         let mut parts = t.operation.as_ref().map(|o| operation(o, tcp)).unwrap_or_default();
-        parts.extend(when_perms.clone());
+        parts.extend(when_permissions.clone());
         permissions.push(and_or_any("and_rules", "rules", parts));
     }
     let mut principals = Vec::new();
-    let when_ids: Vec<Value> = rule.when.iter().filter_map(|c| condition_principal(c, tcp, ns, &mesh)).collect();
     if rule.from.is_empty() {
-        principals.push(and_or_any("and_ids", "ids", when_ids.clone()));
+        principals.push(and_or_any("and_ids", "ids", when_principals.clone()));
     }
     for f in &rule.from {
-        let mut parts = f.source.as_ref().map(|s| source(s, tcp, ns, &mesh)).unwrap_or_default();
-        parts.extend(when_ids.clone());
+        let mut parts = f.source.as_ref().map(|s| source(s, ns, &mesh)).unwrap_or_default();
+        parts.extend(when_principals.clone());
         principals.push(and_or_any("and_ids", "ids", parts));
     }
     Some(json!({"permissions": permissions, "principals": principals}))
@@ -119,14 +213,35 @@ fn negate(not: &str, v: Value) -> Value {
     json!({not: v})
 }
 
-/// Istio's wildcard string rule: `*` (present), `x*` (prefix), `*x` (suffix), else exact.
+/// `v` with RE2's special characters escaped, and each `*` as `wildcard`.
+fn regex_of(v: &str, wildcard: &str) -> String {
+    let mut out = String::new();
+    for c in v.chars() {
+        match c {
+            '*' => out.push_str(wildcard),
+            '\\' | '.' | '+' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$' => {
+                out.push('\\');
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Istio's wildcard string rule: `*` (present, as `.+`), `x*` (prefix), `*x` (suffix), else
+/// exact; `prefix` is prepended to what is matched, so a suffix with one becomes a regex.
 fn string_match(v: &str, prefix: &str, ignore_case: bool) -> Value {
     let mut m = if v == "*" {
         json!({"safe_regex": {"regex": ".+"}})
     } else if let Some(p) = v.strip_suffix('*') {
         json!({"prefix": format!("{prefix}{p}")})
     } else if let Some(s) = v.strip_prefix('*') {
-        json!({"suffix": s})
+        if prefix.is_empty() {
+            json!({"suffix": s})
+        } else {
+            json!({"safe_regex": {"regex": format!("{}.*{}", regex_of(prefix, ".*"), regex_of(s, "\\*"))}})
+        }
     } else {
         json!({"exact": format!("{prefix}{v}")})
     };
@@ -134,6 +249,16 @@ fn string_match(v: &str, prefix: &str, ignore_case: bool) -> Value {
         m["ignore_case"] = json!(true);
     }
     m
+}
+
+/// Istio's header rule: `*` is presence (an empty prefix or suffix is not allowed, and
+/// `ignore_case` does not go with a regex), else the wildcard string rule.
+fn header_match(name: &str, v: &str, ignore_case: bool) -> Value {
+    if v == "*" {
+        json!({"header": {"name": name, "present_match": true}})
+    } else {
+        json!({"header": {"name": name, "string_match": string_match(v, "", ignore_case)}})
+    }
 }
 
 fn cidr(v: &str) -> Value {
@@ -145,20 +270,29 @@ fn principal_name(m: Value) -> Value {
     json!({"authenticated": {"principal_name": m}})
 }
 
+fn regex_principal(regex: String) -> Value {
+    principal_name(json!({"safe_regex": {"regex": regex}}))
+}
+
+/// A namespace (`*` anywhere in it matches any run of characters, as in Istio).
 fn namespace_id(ns: &str) -> Value {
-    principal_name(json!({"safe_regex": {"regex": format!(".*/ns/{ns}/.*")}}))
+    regex_principal(format!(".*/ns/{}/.*", regex_of(ns, ".*")))
 }
 
-fn request_auth(key: &str, v: &str) -> Value {
-    json!({"metadata": {"filter": "istio_authn", "path": [{"key": key}], "value": {"string_match": string_match(v, "", false)}}})
-}
-
-fn header_id(name: &str, v: &str) -> Value {
-    if v == "*" {
-        json!({"header": {"name": name, "present_match": true}})
-    } else {
-        json!({"header": {"name": name, "string_match": string_match(v, "", false)}})
+/// A trust domain: the peer's SPIFFE id is in it (`*` matches within the trust domain).
+fn trust_domain_id(td: &str) -> Value {
+    match td {
+        "*" => regex_principal("spiffe://[^/]+/.*".into()),
+        _ if td.contains('*') => regex_principal(format!("spiffe://{}/.*", regex_of(td, "[^/]*"))),
+        _ => principal_name(json!({"prefix": format!("spiffe://{td}/")})),
     }
+}
+
+/// A service account (`<ns>/<sa>`, or `<sa>` in the policy's namespace `ns`) as Istio matches
+/// it: in any trust domain, with any path segments between the namespace and the account.
+fn service_account_id(v: &str, ns: &str) -> Value {
+    let (sa_ns, name) = v.split_once('/').unwrap_or((ns, v));
+    regex_principal(format!("spiffe://.+/ns/{}/(.+/|)sa/{}(/.+)?", regex_of(sa_ns, "\\*"), regex_of(name, "\\*")))
 }
 
 /// Principals as istiod migrates trust domains: one written in the mesh's trust domain, an alias
@@ -188,14 +322,13 @@ fn with_trust_domains(mesh: &MeshConfig, principals: &[String]) -> Vec<String> {
     out
 }
 
-/// `<ns>/<sa>` (or `<sa>`, in the policy's namespace `ns`) as a principal of the mesh.
-fn service_account_principal(v: &str, ns: &str) -> String {
-    let (sa_ns, name) = v.split_once('/').unwrap_or((ns, v));
-    format!("{DOMAIN_SUFFIX}/ns/{sa_ns}/sa/{name}")
+fn source_principal(v: &str) -> Value {
+    principal_name(string_match(v, "spiffe://", false))
 }
 
-/// Principal fields of a source, one `or_ids` each.
-fn source(s: &Source, tcp: bool, ns: &str, mesh: &MeshConfig) -> Vec<Value> {
+/// Principal fields of a source, one `or_ids` each (request principals are left to
+/// [`rule_policy`]'s JWT rule).
+fn source(s: &Source, ns: &str, mesh: &MeshConfig) -> Vec<Value> {
     let mut out = Vec::new();
     let mut field = |values: &[String], negated: bool, f: &dyn Fn(&str) -> Value| {
         if values.is_empty() {
@@ -204,23 +337,15 @@ fn source(s: &Source, tcp: bool, ns: &str, mesh: &MeshConfig) -> Vec<Value> {
         let or = or_of("or_ids", "ids", values.iter().map(|v| f(v)).collect());
         out.push(if negated { negate("not_id", or) } else { or });
     };
-    let principal = |v: &str| principal_name(string_match(v, "spiffe://", false));
-    field(&with_trust_domains(mesh, &s.principals), false, &principal);
-    field(&with_trust_domains(mesh, &s.not_principals), true, &principal);
-    let accounts = |list: &[String]| {
-        let principals: Vec<String> = list.iter().map(|v| service_account_principal(v, ns)).collect();
-        with_trust_domains(mesh, &principals)
-    };
-    let exact = |v: &str| principal_name(json!({"exact": format!("spiffe://{v}")}));
-    field(&accounts(&s.service_accounts), false, &exact);
-    field(&accounts(&s.not_service_accounts), true, &exact);
-    if !tcp {
-        let rp = |v: &str| request_auth("request.auth.principal", v);
-        field(&s.request_principals, false, &rp);
-        field(&s.not_request_principals, true, &rp);
-    }
+    field(&with_trust_domains(mesh, &s.principals), false, &source_principal);
+    field(&with_trust_domains(mesh, &s.not_principals), true, &source_principal);
+    let account = |v: &str| service_account_id(v, ns);
+    field(&s.service_accounts, false, &account);
+    field(&s.not_service_accounts, true, &account);
     field(&s.namespaces, false, &namespace_id);
     field(&s.not_namespaces, true, &namespace_id);
+    field(&s.trust_domains, false, &trust_domain_id);
+    field(&s.not_trust_domains, true, &trust_domain_id);
     field(&s.remote_ip_blocks, false, &|v| json!({"remote_ip": cidr(v)}));
     field(&s.not_remote_ip_blocks, true, &|v| json!({"remote_ip": cidr(v)}));
     field(&s.ip_blocks, false, &|v| json!({"direct_remote_ip": cidr(v)}));
@@ -239,13 +364,13 @@ fn operation(o: &Operation, tcp: bool) -> Vec<Value> {
         out.push(if negated { negate("not_rule", or) } else { or });
     };
     if !tcp {
-        let host = |v: &str| json!({"header": {"name": ":authority", "string_match": string_match(v, "", true)}});
+        let host = |v: &str| header_match(":authority", v, true);
         field(&o.hosts, false, &host);
         field(&o.not_hosts, true, &host);
-        let method = |v: &str| json!({"header": {"name": ":method", "string_match": {"exact": v}}});
+        let method = |v: &str| header_match(":method", v, false);
         field(&o.methods, false, &method);
         field(&o.not_methods, true, &method);
-        let path = |v: &str| match crate::model::authorization_policy::path_template(v) {
+        let path = |v: &str| match path_template(v) {
             Some(Ok(template)) => json!({"uri_template": {
                 "name": "uri-template",
                 "typed_config": {
@@ -264,7 +389,15 @@ fn operation(o: &Operation, tcp: bool) -> Vec<Value> {
     out
 }
 
-fn values_or(c: &Condition, or: &str, list: &str, not: &str, f: &dyn Fn(&str) -> Value) -> Value {
+/// A `when` condition: a permission (about the destination) or a principal (about the source).
+enum Matcher {
+    Permission(Value),
+    Principal(Value),
+}
+
+fn values_or(c: &Condition, principal: bool, f: &dyn Fn(&str) -> Value) -> Value {
+    let (or, list, not, and) =
+        if principal { ("or_ids", "ids", "not_id", "and_ids") } else { ("or_rules", "rules", "not_rule", "and_rules") };
     let mut parts = Vec::new();
     if !c.values.is_empty() {
         parts.push(or_of(or, list, c.values.iter().map(|v| f(v)).collect()));
@@ -272,54 +405,55 @@ fn values_or(c: &Condition, or: &str, list: &str, not: &str, f: &dyn Fn(&str) ->
     if !c.not_values.is_empty() {
         parts.push(negate(not, or_of(or, list, c.not_values.iter().map(|v| f(v)).collect())));
     }
-    if parts.len() == 1 {
-        parts.remove(0)
-    } else {
-        let and = if or == "or_rules" { "and_rules" } else { "and_ids" };
-        json!({and: {list: parts}})
-    }
+    if parts.len() == 1 { parts.remove(0) } else { json!({and: {list: parts}}) }
 }
 
-fn condition_permission(c: &Condition, _tcp: bool) -> Option<Value> {
-    let (or, list, not) = ("or_rules", "rules", "not_rule");
-    Some(match c.key.as_str() {
-        "destination.ip" => values_or(c, or, list, not, &|v| json!({"destination_ip": cidr(v)})),
-        "destination.port" => {
-            values_or(c, or, list, not, &|v| json!({"destination_port": v.parse::<u32>().unwrap_or(0)}))
-        }
-        "connection.sni" => {
-            values_or(c, or, list, not, &|v| json!({"requested_server_name": string_match(v, "", false)}))
-        }
-        _ => return None,
-    })
+/// `experimental.envoy.filters.<filter>[<key>]` against the filter's dynamic metadata, as
+/// Istio reads it: a value `[v]` is an element of a list there, any other a string.
+fn envoy_filter_metadata(key: &str, v: &str) -> Value {
+    let inner = key.trim_start_matches("experimental.").trim_end_matches(']');
+    let (filter, path) = inner.split_once('[').unwrap_or((inner, ""));
+    let value = match v.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
+        Some(element) => json!({"list_match": {"one_of": {"string_match": string_match(element, "", false)}}}),
+        None => json!({"string_match": string_match(v, "", false)}),
+    };
+    json!({"metadata": {"filter": filter, "path": [{"key": path}], "value": value}})
 }
 
-fn condition_principal(c: &Condition, tcp: bool, ns: &str, mesh: &MeshConfig) -> Option<Value> {
-    let (or, list, not) = ("or_ids", "ids", "not_id");
+/// The matcher of a `when` condition, or None for one that cannot be evaluated here (JWT
+/// attributes; HTTP attributes on TCP; a key validation would have refused).
+fn condition(c: &Condition, tcp: bool, ns: &str, mesh: &MeshConfig) -> Option<Matcher> {
     let key = c.key.as_str();
     // Identities in the mesh's trust domain stand for the same in its aliases (see
     // [`with_trust_domains`]).
-    let migrated = |to_principal: &dyn Fn(&str) -> String| Condition {
-        values: with_trust_domains(mesh, &c.values.iter().map(|v| to_principal(v)).collect::<Vec<_>>()),
-        not_values: with_trust_domains(mesh, &c.not_values.iter().map(|v| to_principal(v)).collect::<Vec<_>>()),
+    let migrated = Condition {
+        values: with_trust_domains(mesh, &c.values),
+        not_values: with_trust_domains(mesh, &c.not_values),
         ..c.clone()
     };
     Some(match key {
-        "source.ip" => values_or(c, or, list, not, &|v| json!({"direct_remote_ip": cidr(v)})),
-        "remote.ip" => values_or(c, or, list, not, &|v| json!({"remote_ip": cidr(v)})),
-        "source.namespace" => values_or(c, or, list, not, &namespace_id),
-        "source.principal" => values_or(&migrated(&|v| v.to_string()), or, list, not, &|v| {
-            principal_name(string_match(v, "spiffe://", false))
-        }),
-        "source.serviceAccount" => values_or(&migrated(&|v| service_account_principal(v, ns)), or, list, not, &|v| {
-            principal_name(json!({"exact": format!("spiffe://{v}")}))
-        }),
-        _ if tcp => return None,
-        _ if key.starts_with("request.headers[") => {
-            let name = &key["request.headers[".len()..key.len() - 1];
-            values_or(c, or, list, not, &|v| header_id(name, v))
+        "destination.ip" => Matcher::Permission(values_or(c, false, &|v| json!({"destination_ip": cidr(v)}))),
+        "destination.port" => Matcher::Permission(values_or(
+            c,
+            false,
+            &|v| json!({"destination_port": v.parse::<u32>().expect("validated port")}),
+        )),
+        "connection.sni" => {
+            Matcher::Permission(values_or(c, false, &|v| json!({"requested_server_name": string_match(v, "", false)})))
         }
-        _ if key.starts_with("request.auth.") => values_or(c, or, list, not, &|v| request_auth(key, v)),
+        _ if key.starts_with("experimental.envoy.filters.") && key.contains('[') && key.ends_with(']') => {
+            Matcher::Permission(values_or(c, false, &|v| envoy_filter_metadata(key, v)))
+        }
+        "source.ip" => Matcher::Principal(values_or(c, true, &|v| json!({"direct_remote_ip": cidr(v)}))),
+        "remote.ip" => Matcher::Principal(values_or(c, true, &|v| json!({"remote_ip": cidr(v)}))),
+        "source.namespace" => Matcher::Principal(values_or(c, true, &namespace_id)),
+        "source.principal" => Matcher::Principal(values_or(&migrated, true, &source_principal)),
+        "source.serviceAccount" => Matcher::Principal(values_or(c, true, &|v| service_account_id(v, ns))),
+        "source.trustDomain" => Matcher::Principal(values_or(c, true, &trust_domain_id)),
+        _ if key.starts_with("request.headers[") && key.ends_with(']') && !tcp => {
+            let name = &key["request.headers[".len()..key.len() - 1];
+            Matcher::Principal(values_or(c, true, &|v| header_match(name, v, false)))
+        }
         _ => return None,
     })
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::IstioObject;
 use super::common::LabelSelector;
 use super::virtual_service::HTTP_METHODS;
 use crate::diagnostic::Findings;
@@ -45,6 +46,18 @@ pub enum Action {
     Audit,
     /// Delegate to an external authorizer.
     Custom,
+}
+
+impl Action {
+    /// The name Istio's API spells it with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+            Action::Custom => "CUSTOM",
+        }
+    }
 }
 
 /// One rule: `from` AND `to` AND `when`.
@@ -120,6 +133,12 @@ pub struct Source {
     /// Excluded service accounts.
     #[serde(default)]
     pub not_service_accounts: Vec<String>,
+    /// Peer trust domains (of the peer certificate's SPIFFE id).
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    /// Excluded peer trust domains.
+    #[serde(default)]
+    pub not_trust_domains: Vec<String>,
 }
 
 /// Request operation; fields ANDed, values ORed.
@@ -167,7 +186,6 @@ pub struct Condition {
     pub not_values: Vec<String>,
 }
 
-/// The `when` keys Istio accepts.
 impl Rule {
     /// HTTP-only fields of the rule, by their path under the rule (`to[0].operation.paths`):
     /// on a TCP port (or in the kernel) an ALLOW rule with any of them never matches and a DENY
@@ -207,6 +225,60 @@ impl Rule {
         }
         out
     }
+
+    /// The fields that need a verified JWT (`requestPrincipals`, `request.auth.*`), by their
+    /// path under the rule: sluice does not verify JWTs yet, so on every port an ALLOW rule with
+    /// any of them never matches and a DENY rule matches without them (fail closed).
+    pub fn jwt_fields(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (j, f) in self.from.iter().enumerate() {
+            if let Some(s) = &f.source {
+                if !s.request_principals.is_empty() {
+                    out.push(format!("from[{j}].source.requestPrincipals"));
+                }
+                if !s.not_request_principals.is_empty() {
+                    out.push(format!("from[{j}].source.notRequestPrincipals"));
+                }
+            }
+        }
+        for (j, c) in self.when.iter().enumerate() {
+            if c.key.starts_with("request.auth.") {
+                out.push(format!("when[{j}].key={}", c.key));
+            }
+        }
+        out
+    }
+}
+
+/// The annotation that makes a policy a dry run: evaluated and counted, never enforced.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// Whether the policy is a dry run (`istio.io/dry-run`, a Go boolean as Istio parses it), or
+/// the annotation's value when it is not a boolean (Istio then enforces the policy).
+pub fn dry_run(meta: &super::Meta) -> Result<bool, String> {
+    match meta.annotations.get(DRY_RUN_ANNOTATION).map(String::as_str) {
+        None | Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+        Some(other) => Err(other.to_string()),
+    }
+}
+
+/// What stands in for a policy sluice rejected, so that the workloads it selects fail closed
+/// instead of losing it: a DENY of every request, with the policy's name, selector and
+/// namespace. None for AUDIT and dry-run policies, which enforce nothing.
+pub fn rejected_stand_in(
+    policy: &IstioObject<AuthorizationPolicySpec>,
+) -> Option<IstioObject<AuthorizationPolicySpec>> {
+    if policy.spec.action == Some(Action::Audit) || dry_run(&policy.meta) == Ok(true) {
+        return None;
+    }
+    let spec = AuthorizationPolicySpec {
+        selector: policy.spec.selector.clone(),
+        action: Some(Action::Deny),
+        rules: vec![Rule::default()],
+        ..Default::default()
+    };
+    Some(IstioObject { meta: policy.meta.clone(), spec, origin: policy.origin.clone() })
 }
 
 const CONDITION_KEYS: &[&str] = &[
@@ -215,6 +287,7 @@ const CONDITION_KEYS: &[&str] = &[
     "source.namespace",
     "source.principal",
     "source.serviceAccount",
+    "source.trustDomain",
     "request.auth.principal",
     "request.auth.audiences",
     "request.auth.presenter",
@@ -246,12 +319,12 @@ pub fn validate(spec: &AuthorizationPolicySpec, findings: &mut Findings) {
             } else {
                 findings.warn(
                     "spec.action",
-                    "CUSTOM (external authorization) is not translated yet by sluice; the policy is ignored",
+                    "CUSTOM (external authorization) is not translated yet by sluice: the requests its rules match \
+                     are denied (fail closed), as Istio does for a CUSTOM policy whose provider it cannot use",
                 );
             }
         }
         _ if spec.provider.is_some() => findings.error("spec.provider", "provider is only allowed with action CUSTOM"),
-        Action::Audit => findings.warn("spec.action", "AUDIT policies are not enforced; sluice ignores them"),
         _ => {}
     }
     for (i, rule) in spec.rules.iter().enumerate() {
@@ -305,6 +378,8 @@ fn validate_source(path: &str, s: &Source, findings: &mut Findings) {
         &s.not_remote_ip_blocks,
         &s.service_accounts,
         &s.not_service_accounts,
+        &s.trust_domains,
+        &s.not_trust_domains,
     ];
     if lists.iter().all(|l| l.is_empty()) {
         findings.error(path, "a source must set at least one field");
@@ -335,6 +410,8 @@ fn validate_source(path: &str, s: &Source, findings: &mut Findings) {
         ("notPrincipals", &s.not_principals),
         ("namespaces", &s.namespaces),
         ("notNamespaces", &s.not_namespaces),
+        ("trustDomains", &s.trust_domains),
+        ("notTrustDomains", &s.not_trust_domains),
     ] {
         for (i, v) in list.iter().enumerate() {
             validate_wildcard(&format!("{path}.{field}[{i}]"), v, findings);

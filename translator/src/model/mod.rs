@@ -212,6 +212,10 @@ pub struct Loaded {
     pub raw: Box<str>,
     /// A hash of `raw`, computed once: what a store compares to find changes.
     pub fingerprint: u64,
+    /// True when `object` is not the document but what stands in for it because it was rejected
+    /// (see [`authorization_policy::rejected_stand_in`]): a last good version of the object, if
+    /// one is known, is served instead.
+    pub stand_in: bool,
 }
 
 impl Loaded {
@@ -223,7 +227,7 @@ impl Loaded {
         let raw: Box<str> = serde_json::to_string(raw).expect("a JSON value serializes").into();
         let mut h = std::hash::DefaultHasher::new();
         raw.hash(&mut h);
-        Self { object, reference, origin, raw, fingerprint: h.finish() }
+        Self { object, reference, origin, raw, fingerprint: h.finish(), stand_in: false }
     }
 
     /// True when `other` is this object again: the same document from the same place.

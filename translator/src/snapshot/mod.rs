@@ -17,7 +17,7 @@ use small_set::SmallSet;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
-use crate::model::authorization_policy::{Action, AuthorizationPolicySpec, PeerAuthenticationSpec};
+use crate::model::authorization_policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 use crate::model::common::{Protocol, labels_match};
 use crate::model::destination_rule::DestinationRuleSpec;
 use crate::model::service_entry::{Location, Resolution, ServiceEntrySpec, WorkloadEntrySpec};
@@ -457,8 +457,8 @@ impl Snapshot {
 }
 
 impl Snapshot {
-    /// The ALLOW and DENY policies that apply to a workload in `namespace` with `labels`, in name
-    /// order: the root namespace's and the workload namespace's, selector-less or selecting it.
+    /// The policies (of every action) that apply to a workload in `namespace` with `labels`, in
+    /// name order: the root namespace's and the workload namespace's, selector-less or selecting it.
     /// `labels` is None for a proxy whose workload is unknown (only selector-less ones apply).
     pub fn authorization_policies_for(
         &self,
@@ -473,7 +473,6 @@ impl Snapshot {
                 Some(s) if !s.match_labels.is_empty() => labels.is_some_and(|l| labels_match(&s.match_labels, l)),
                 _ => true,
             })
-            .filter(|p| matches!(p.spec.action.unwrap_or(Action::Allow), Action::Allow | Action::Deny))
             .collect()
     }
 }
