@@ -295,27 +295,59 @@ fn service_account_id(v: &str, ns: &str) -> Value {
     regex_principal(format!("spiffe://.+/ns/{}/(.+/|)sa/{}(/.+)?", regex_of(sa_ns, "\\*"), regex_of(name, "\\*")))
 }
 
-/// Principals as istiod migrates trust domains: one written in the mesh's trust domain, an alias
-/// or `cluster.local` (which stands for the mesh's own) is the same identity in the trust domain
-/// and every alias; one in another trust domain, with a `*` one, or not of the
-/// `<td>/ns/<ns>/sa/<sa>` form is kept as written.
+/// The mesh's trust domain and its aliases: identities in any of them are the same.
+fn trust_domains(mesh: &MeshConfig) -> Vec<&str> {
+    std::iter::once(mesh.trust_domain.as_str()).chain(mesh.trust_domain_aliases.iter().map(String::as_str)).collect()
+}
+
+/// Whether trust domain `td` of a principal (maybe `*x` or `x*`) names `domain`.
+fn wildcard_names(td: &str, domain: &str) -> bool {
+    td == domain
+        || td.strip_prefix('*').is_some_and(|s| domain.ends_with(s))
+        || td.strip_suffix('*').is_some_and(|p| domain.starts_with(p))
+}
+
+/// Principals as istiod migrates trust domains: one of the `<td>/ns/<ns>/sa/<sa>` form whose
+/// trust domain names the mesh's, an alias, or is `cluster.local` (which stands for the mesh's
+/// own) is the same identity in the trust domain and every alias — a wildcard trust domain
+/// stays as written for the domains it already names. Any other principal (another trust
+/// domain, a `*` one, another form) is kept as written.
 fn with_trust_domains(mesh: &MeshConfig, principals: &[String]) -> Vec<String> {
-    let domains: Vec<&str> = std::iter::once(mesh.trust_domain.as_str())
-        .chain(mesh.trust_domain_aliases.iter().map(String::as_str))
-        .collect();
+    let domains = trust_domains(mesh);
     let mut out: Vec<String> = Vec::new();
     for principal in principals {
         let parts: Vec<&str> = principal.split('/').collect();
         let td = parts[0];
-        let ours = domains.contains(&td) || td == DOMAIN_SUFFIX;
+        let ours = td == DOMAIN_SUFFIX || domains.iter().any(|d| wildcard_names(td, d));
         if parts.len() != 5 || td == "*" || !ours {
             out.push(principal.clone());
             continue;
         }
         for domain in &domains {
-            let replaced = format!("{domain}/{}", parts[1..].join("/"));
+            let named = td.starts_with('*') && wildcard_names(td, domain);
+            let replaced = if named { principal.clone() } else { format!("{domain}/{}", parts[1..].join("/")) };
             if !out.contains(&replaced) {
                 out.push(replaced);
+            }
+        }
+    }
+    out
+}
+
+/// `trustDomains` values as istiod expands them: the mesh's trust domain or an alias stands for
+/// all of them.
+fn with_aliases(mesh: &MeshConfig, values: &[String]) -> Vec<String> {
+    let domains = trust_domains(mesh);
+    let mut out: Vec<String> = Vec::new();
+    for v in values {
+        let expanded: Vec<String> = if domains.contains(&v.as_str()) {
+            domains.iter().map(|d| d.to_string()).collect()
+        } else {
+            vec![v.clone()]
+        };
+        for e in expanded {
+            if !out.contains(&e) {
+                out.push(e);
             }
         }
     }
@@ -344,8 +376,8 @@ fn source(s: &Source, ns: &str, mesh: &MeshConfig) -> Vec<Value> {
     field(&s.not_service_accounts, true, &account);
     field(&s.namespaces, false, &namespace_id);
     field(&s.not_namespaces, true, &namespace_id);
-    field(&s.trust_domains, false, &trust_domain_id);
-    field(&s.not_trust_domains, true, &trust_domain_id);
+    field(&with_aliases(mesh, &s.trust_domains), false, &trust_domain_id);
+    field(&with_aliases(mesh, &s.not_trust_domains), true, &trust_domain_id);
     field(&s.remote_ip_blocks, false, &|v| json!({"remote_ip": cidr(v)}));
     field(&s.not_remote_ip_blocks, true, &|v| json!({"remote_ip": cidr(v)}));
     field(&s.ip_blocks, false, &|v| json!({"direct_remote_ip": cidr(v)}));
@@ -449,7 +481,14 @@ fn condition(c: &Condition, tcp: bool, ns: &str, mesh: &MeshConfig) -> Option<Ma
         "source.namespace" => Matcher::Principal(values_or(c, true, &namespace_id)),
         "source.principal" => Matcher::Principal(values_or(&migrated, true, &source_principal)),
         "source.serviceAccount" => Matcher::Principal(values_or(c, true, &|v| service_account_id(v, ns))),
-        "source.trustDomain" => Matcher::Principal(values_or(c, true, &trust_domain_id)),
+        "source.trustDomain" => {
+            let expanded = Condition {
+                values: with_aliases(mesh, &c.values),
+                not_values: with_aliases(mesh, &c.not_values),
+                ..c.clone()
+            };
+            Matcher::Principal(values_or(&expanded, true, &trust_domain_id))
+        }
         _ if key.starts_with("request.headers[") && key.ends_with(']') && !tcp => {
             let name = &key["request.headers[".len()..key.len() - 1];
             Matcher::Principal(values_or(c, true, &|v| header_match(name, v, false)))

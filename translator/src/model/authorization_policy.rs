@@ -460,7 +460,7 @@ const MATCH_ONE: &str = "{*}";
 const MATCH_ANY: &str = "{**}";
 
 /// For a path with template operators (`/a/{*}/b`, `/{**}/x`), Envoy's URI template
-/// (`/a/*/b`, `/**/x`), or why Istio refuses it: `{**}` at most once with no operator after
+/// (`/a/*/b`, `/**/x`, rooted at `/`), or why Istio refuses it: `{**}` at most once with no operator after
 /// it, no other braces, and every other segment a literal of RFC 3986 path characters. None
 /// for a path without operators.
 pub fn path_template(path: &str) -> Option<Result<String, String>> {
@@ -482,7 +482,9 @@ pub fn path_template(path: &str) -> Option<Result<String, String>> {
             _ => {}
         }
     }
-    Some(Ok(path.replace(MATCH_ANY, "**").replace(MATCH_ONE, "*")))
+    // Envoy's templates start at the root; `{**}/x` means the same as `/{**}/x`.
+    let rooted = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+    Some(Ok(rooted.replace(MATCH_ANY, "**").replace(MATCH_ONE, "*")))
 }
 
 /// Istio allows `*` only as a whole value, a prefix or a suffix.
