@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sluice_testkit::{Backend, Proc, envoy_bin, eventually, free_port, http_get, relocate};
+use sluice_testkit::{Backend, Proc, envoy_bin, eventually, free_port, http_get, http_request, relocate};
 
 /// Bookinfo's listeners use the example's addresses (moved into this run's 127.<n>/16 block, so
 /// parallel runs do not collide): one mesh at a time in this binary.
@@ -33,6 +33,7 @@ struct Mesh {
     envoy: Proc,
     xds_port: u16,
     monitoring_port: u16,
+    admin_port: u16,
     _backends: Vec<Backend>,
 }
 
@@ -118,7 +119,8 @@ impl Mesh {
             Command::new(envoy_bin()).arg("-c").arg(&bootstrap).args(["--use-dynamic-base-id", "--log-level", "warn"]),
             &dir.path().join("envoy.log"),
         );
-        let mesh = Mesh { dir, sluice: Some(sluice), envoy, xds_port, monitoring_port, _backends: backends };
+        let mesh =
+            Mesh { dir, sluice: Some(sluice), envoy, xds_port, monitoring_port, admin_port, _backends: backends };
         let up = eventually(Duration::from_secs(30), || {
             http_get(&outbound(), "details:9080", "/", &[]).ok().filter(|(s, _)| *s == 200)
         });
@@ -144,6 +146,17 @@ impl Mesh {
         let (status, body) = http_get(&outbound(), "reviews:9080", "/", headers).expect("request");
         assert_eq!(status, 200, "{body}");
         body
+    }
+
+    /// Envoy's counters whose names contain `filter`, by name.
+    fn envoy_stats(&self, filter: &str) -> std::collections::BTreeMap<String, u64> {
+        let (_, text) =
+            http_get(&format!("127.0.0.1:{}", self.admin_port), "x", &format!("/stats?filter={filter}"), &[])
+                .expect("Envoy admin");
+        text.lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+            .collect()
     }
 
     fn monitoring(&self, path: &str) -> String {
@@ -325,4 +338,42 @@ fn objects_that_cannot_be_encoded_are_rejected_and_later_changes_still_apply() {
     assert!(denied.is_some(), "the DENY rule written after the bad objects never reached Envoy\n{}", mesh.logs());
     let (code, body) = http_get(&format!("127.0.0.1:{}", mesh.monitoring_port), "x", "/healthz", &[]).unwrap();
     assert_eq!((code, body.as_str()), (200, "ok\n"), "no proxy is served a stale config");
+}
+
+/// Istio's authorization actions on a live Envoy: a DENY by method wildcards, CUSTOM failing
+/// closed (no ext_authz yet), AUDIT logging without enforcing, a dry run counting without
+/// enforcing — each seen in the responses and in Envoy's RBAC counters.
+#[test]
+fn istio_authorization_actions_on_a_live_envoy() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mesh = Mesh::start(false, "istio-authz");
+    let status =
+        |method: &str, path: &str| http_request(&inbound(), method, "productpage:9080", path, &[]).expect("request").0;
+    let denied = eventually(Duration::from_secs(10), || (status("DELETE", "/x") == 403).then_some(()));
+    assert!(denied.is_some(), "the DENY on DEL* never applied");
+    assert_eq!(status("PATCH", "/x"), 403, "*TCH is a suffix");
+    assert_eq!(status("GET", "/x"), 200);
+    assert_eq!(status("GET", "/ext/check"), 403, "CUSTOM without a usable provider denies what it matches");
+    assert_eq!(status("GET", "/extra"), 200);
+
+    let prefix = "http.inbound_0.0.0.0_9080.rbac.";
+    let counter = |name: &str| mesh.envoy_stats("rbac").get(&format!("{prefix}{name}")).copied().unwrap_or(0);
+    let shadow_denied = counter("istio_dry_run_deny_.shadow_denied");
+    assert_eq!(status("GET", "/audit/x"), 200, "AUDIT does not enforce");
+    let audited = eventually(Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(mesh.dir.path().join("envoy.log")).unwrap_or_default();
+        log.lines().find(|l| l.contains("sluice-audit GET productpage:9080 /audit/x 200")).map(str::to_string)
+    });
+    assert!(audited.is_some(), "no audit log line: {}", mesh.logs());
+    assert_eq!(status("GET", "/dry"), 200, "a dry run does not enforce");
+    assert_eq!(
+        counter("istio_dry_run_deny_.shadow_denied"),
+        shadow_denied + 1,
+        "the dry run counts what it would deny: {:?}",
+        mesh.envoy_stats("rbac")
+    );
+    assert_eq!(status("GET", "/x"), 200);
+    assert_eq!(counter("istio_dry_run_deny_.shadow_denied"), shadow_denied + 1, "and only that");
+    let log = std::fs::read_to_string(mesh.dir.path().join("envoy.log")).unwrap_or_default();
+    assert_eq!(log.matches("sluice-audit").count(), 1, "only what AUDIT's rules match is logged: {log}");
 }

@@ -206,11 +206,22 @@ fn serve_conn(conn: TcpStream, name: &str) {
     }
 }
 
-/// One HTTP/1.1 request on a new connection: (status, body).
+/// One HTTP/1.1 GET on a new connection: (status, body).
 pub fn http_get(addr: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", host, path, headers)
+}
+
+/// One HTTP/1.1 request (without a body) on a new connection: (status, body).
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
     for (k, v) in headers {
         req += &format!("{k}: {v}\r\n");
     }

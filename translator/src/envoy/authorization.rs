@@ -128,6 +128,35 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
     out
 }
 
+/// The access log of the requests (or connections) an AUDIT policy marks, or None when no
+/// enforced AUDIT policy selects this proxy's workload. Envoy's RBAC `LOG` action only sets the
+/// `envoy.common` `access_log_hint`; this log, on the proxy's stdout, is where it shows.
+pub(super) fn audit_log(proxy: &Proxy<'_>, layer: Layer) -> Option<Value> {
+    let audited = policies(proxy).iter().any(|p| action_of(p) == Action::Audit && dry_run(&p.meta) != Ok(true));
+    if !audited {
+        return None;
+    }
+    let format = match layer {
+        Layer::Http => {
+            "[%START_TIME%] sluice-audit %REQ(:METHOD)% %REQ(:AUTHORITY)% %REQ(:PATH)% %RESPONSE_CODE% \
+             peer=%DOWNSTREAM_PEER_URI_SAN% from=%DOWNSTREAM_REMOTE_ADDRESS%\n"
+        }
+        Layer::Tcp => {
+            "[%START_TIME%] sluice-audit %DOWNSTREAM_LOCAL_ADDRESS% peer=%DOWNSTREAM_PEER_URI_SAN% \
+             from=%DOWNSTREAM_REMOTE_ADDRESS%\n"
+        }
+    };
+    Some(json!({
+        "name": "envoy.access_loggers.stdout",
+        "filter": {"metadata_filter": {"matcher": {
+            "filter": "envoy.common", "path": [{"key": "access_log_hint"}], "value": {"bool_match": true},
+        }}},
+        "typed_config": typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", json!({
+            "log_format": {"text_format_source": {"inline_string": format}},
+        })),
+    }))
+}
+
 /// One rule as an RBAC policy, or None when it cannot match here. `narrow` is true for ALLOW:
 /// a rule with attributes that cannot be evaluated then never matches; otherwise (DENY, AUDIT,
 /// CUSTOM) it matches without them.

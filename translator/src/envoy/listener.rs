@@ -362,7 +362,8 @@ fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &
 
 /// The network filters of one inbound port's chain: RBAC, then the HTTP connection manager
 /// (which forwards the verified client certificate in `x-forwarded-client-cert`, as Istio's
-/// inbound does) or the tcp_proxy; the same whether the chain terminates mTLS or not.
+/// inbound does) or the tcp_proxy, with the audit log when an AUDIT policy applies; the same
+/// whether the chain terminates mTLS or not.
 fn inbound_filters(proxy: &mut Proxy<'_>, p: &InboundPort) -> Vec<Value> {
     let cluster = inbound_cluster_name(p.port);
     if p.protocol.is_http() {
@@ -381,10 +382,17 @@ fn inbound_filters(proxy: &mut Proxy<'_>, p: &InboundPort) -> Vec<Value> {
         let config = &mut hcm["typed_config"];
         config["forward_client_cert_details"] = json!("APPEND_FORWARD");
         config["set_current_client_cert_details"] = json!({"subject": true, "dns": true, "uri": true});
+        if let Some(log) = authorization::audit_log(proxy, Layer::Http) {
+            config["access_log"] = json!([log]);
+        }
         vec![hcm]
     } else {
         let mut tcp = authorization::filters(proxy, Layer::Tcp);
-        tcp.push(json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", json!({"stat_prefix": cluster, "cluster": cluster}))}));
+        let mut config = json!({"stat_prefix": cluster, "cluster": cluster});
+        if let Some(log) = authorization::audit_log(proxy, Layer::Tcp) {
+            config["access_log"] = json!([log]);
+        }
+        tcp.push(json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", config)}));
         tcp
     }
 }
