@@ -147,3 +147,40 @@ fn strict_mtls_ports_refuse_the_kernel_paths_plaintext_on_exactly_those_ports() 
     assert!(auth.unwrap().rules[0].deny);
     assert!(warnings.iter().any(|w| w.contains("drops connections from off the node")), "{warnings:?}");
 }
+
+#[test]
+fn custom_fails_closed_audit_and_dry_runs_enforce_nothing() {
+    // CUSTOM: what its rules match is refused, as a DENY would (no ext_authz in the kernel).
+    let custom = format!(
+        "{POD}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: shop}}\n\
+         spec: {{selector: {{matchLabels: {{app: api}}}}, action: CUSTOM, provider: {{name: x}}, rules: [{{to: [{{operation: {{ports: [\"8080\"]}}}}]}}]}}\n"
+    );
+    let (a, warnings) = api_authorization(&custom);
+    let a = a.expect("enforced");
+    assert!(!a.default_deny && a.rules.len() == 1 && a.rules[0].deny && a.rules[0].ports == [8080], "{a:?}");
+    assert!(warnings.iter().any(|w| w.contains("CUSTOM") && w.contains("refused (fail closed)")), "{warnings:?}");
+    // AUDIT: nothing enforced, and said.
+    let (a, warnings) = translate("AUDIT", "[{to: [{operation: {ports: [\"8080\"]}}]}]");
+    assert!(a.is_none(), "{a:?}");
+    assert!(warnings.iter().any(|w| w.contains("AUDIT is not logged by the kernel path")), "{warnings:?}");
+    // A dry-run ALLOW does not turn on default deny.
+    let dry = format!(
+        "{POD}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: d, namespace: shop, annotations: {{istio.io/dry-run: \"true\"}}}}\n\
+         spec: {{selector: {{matchLabels: {{app: api}}}}, rules: [{{to: [{{operation: {{ports: [\"8080\"]}}}}]}}]}}\n"
+    );
+    assert!(api_authorization(&dry).0.is_none());
+}
+
+#[test]
+fn trust_domains_are_decided_against_the_meshs() {
+    // Every kernel-path peer is a workload of this mesh (cluster.local).
+    let (a, _) = translate("ALLOW", "[{from: [{source: {trustDomains: [cluster.local]}}]}]");
+    assert_eq!(a.unwrap().rules.len(), 1, "our trust domain: the rule holds");
+    let (a, _) = translate("ALLOW", "[{from: [{source: {trustDomains: [partner.example]}}]}]");
+    let a = a.unwrap();
+    assert!(a.default_deny && a.rules.is_empty(), "another trust domain: nobody on the kernel path: {a:?}");
+    let (a, _) = translate("DENY", "[{from: [{source: {notTrustDomains: [\"cluster.*\"]}}]}]");
+    assert!(a.unwrap().rules.is_empty(), "a DENY of other trust domains matches no kernel-path peer");
+    let (a, _) = translate("DENY", "[{when: [{key: source.trustDomain, values: [\"*.local\"]}]}]");
+    assert_eq!(a.unwrap().rules.len(), 1);
+}
