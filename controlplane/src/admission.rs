@@ -96,6 +96,9 @@ fn inbound_touched(snapshot: &Snapshot, delta: &SnapshotDelta, changes: &[Change
             Object::PeerAuthentication(o) => {
                 select(&mut touched, ns, o.spec.selector.as_ref().map(|s| &s.match_labels))
             }
+            Object::RequestAuthentication(o) => {
+                select(&mut touched, ns, o.spec.selector.as_ref().map(|s| &s.match_labels))
+            }
             Object::Sidecar(o) => select(&mut touched, ns, o.spec.workload_selector.as_ref().map(|s| &s.labels)),
             Object::Service(_) | Object::ServiceEntry(_) => {
                 for service in snapshot.services.values().filter(|s| s.source == l.reference) {

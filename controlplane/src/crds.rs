@@ -28,7 +28,7 @@ struct Declared {
     spec: fn() -> Value,
 }
 
-fn declared() -> [Declared; 7] {
+fn declared() -> [Declared; 8] {
     [
         Declared {
             kind: Kind::VirtualService,
@@ -66,6 +66,12 @@ fn declared() -> [Declared; 7] {
             short_names: &["pa"],
             storage: "v1beta1",
             spec: schema::<authz::PeerAuthenticationSpec>,
+        },
+        Declared {
+            kind: Kind::RequestAuthentication,
+            short_names: &["ra"],
+            storage: "v1beta1",
+            spec: schema::<sluice_translator::model::request_authentication::RequestAuthenticationSpec>,
         },
     ]
 }

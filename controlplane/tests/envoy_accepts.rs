@@ -169,7 +169,7 @@ fn envoy_accepts_warmup_keepalive_and_path_templates() {
 
 /// Authorization as istiod builds it — method, host, namespace and path-template wildcards,
 /// trust domains, Envoy filter metadata, AUDIT (LOG), dry-run (shadow rules), CUSTOM's deny
-/// rules — encodes as Envoy's API and is taken by a real Envoy.
+/// rules, JWT verification and claims — encodes as Envoy's API and is taken by a real Envoy.
 #[test]
 fn envoy_accepts_istios_authorization_shapes() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -186,7 +186,12 @@ fn envoy_accepts_istios_authorization_shapes() {
              ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: dry, namespace: default, annotations: {{istio.io/dry-run: \"true\"}}}}\n\
              spec:\n  action: DENY\n  rules: [{{from: [{{source: {{trustDomains: [\"cluster.local\", \"*.example\"]}}}}]}}]\n\
              ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: default}}\n\
-             spec:\n  action: CUSTOM\n  provider: {{name: ext}}\n  rules: [{{to: [{{operation: {{paths: [\"/ext\"]}}}}]}}]\n"
+             spec:\n  action: CUSTOM\n  provider: {{name: ext}}\n  rules: [{{to: [{{operation: {{paths: [\"/ext\"]}}}}]}}]\n\
+             ---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\n\
+             spec:\n  jwtRules:\n  - {{issuer: https://issuer.example, jwksUri: https://issuer.example/keys.json, audiences: [a], \
+             fromHeaders: [{{name: x-token, prefix: \"Bearer \"}}], fromParams: [token], forwardOriginalToken: true, \
+             outputPayloadToHeader: x-payload, outputClaimToHeaders: [{{header: x-sub, claim: sub}}], timeout: 2s, spaceDelimitedClaims: [roles]}}\n\
+             \x20 - {{issuer: local, jwks: '{{\"keys\": [{{\"kty\": \"EC\", \"crv\": \"P-256\", \"x\": \"mOJYHcpmskZdJBf35hXo-Sqks8wlD_RPKLDbqT0xZ2s\", \"y\": \"QFsven1OqOxhaPsjv65dx4AH6qPVMutsEzczNgHFlQQ\"}}]}}'}}\n"
         ),
     )
     .unwrap();
@@ -195,6 +200,7 @@ fn envoy_accepts_istios_authorization_shapes() {
         loaded.diagnostics.iter().filter(|d| d.severity == sluice_translator::diagnostic::Severity::Error).collect();
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(loaded.snapshot.authorization_policies.len(), 5);
+    assert_eq!(loaded.snapshot.request_authentications.len(), 1);
     let resources = translate_sidecar(&loaded.snapshot, common::PRODUCTPAGE, Default::default()).expect("translate");
     let listeners = serde_json::to_string(&resources.listeners.iter().map(|r| &r.body).collect::<Vec<_>>()).unwrap();
     for wanted in [
@@ -206,12 +212,21 @@ fn envoy_accepts_istios_authorization_shapes() {
         "\"path_template\":\"/**/path/template\"",
         "\"filter\":\"envoy.filters.a.b\"",
         "\"prefix\":\"spiffe://cluster.local/\"",
+        "envoy.filters.http.jwt_authn",
+        "\"cluster\":\"jwks|https|issuer.example|443\"",
+        "\"filter\":\"envoy.filters.http.jwt_authn\"",
+        "\"or_match\"",
     ] {
         assert!(listeners.contains(wanted), "no {wanted} in the listeners");
     }
+    assert!(resources.clusters.iter().any(|c| c.name == "jwks|https|issuer.example|443"), "the JWKS cluster");
     for l in &resources.listeners {
         sluice_xds::codec::encode("type.googleapis.com/envoy.config.listener.v3.Listener", &l.name, &l.body)
             .unwrap_or_else(|e| panic!("listener {} does not encode: {e}", l.name));
+    }
+    for c in &resources.clusters {
+        sluice_xds::codec::encode("type.googleapis.com/envoy.config.cluster.v3.Cluster", &c.name, &c.body)
+            .unwrap_or_else(|e| panic!("cluster {} does not encode: {e}", c.name));
     }
     if let Some(text) = envoy_refuses(dir.path(), "istio-authorization", &resources) {
         panic!("Envoy refused: {text}");

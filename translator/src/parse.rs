@@ -499,5 +499,6 @@ fn decode_object(kind: &Kind, value: &Value, origin: &str, ignored: &mut Vec<Str
         Kind::Sidecar => Object::Sidecar(Box::new(decode_istio(value, origin, ignored)?)),
         Kind::AuthorizationPolicy => Object::AuthorizationPolicy(Box::new(decode_istio(value, origin, ignored)?)),
         Kind::PeerAuthentication => Object::PeerAuthentication(Box::new(decode_istio(value, origin, ignored)?)),
+        Kind::RequestAuthentication => Object::RequestAuthentication(Box::new(decode_istio(value, origin, ignored)?)),
     })
 }

@@ -3,7 +3,9 @@
 
 use crate::diagnostic::Findings;
 use crate::model::common::{Protocol, validate_port};
-use crate::model::{Object, authorization_policy, destination_rule, service_entry, sidecar, virtual_service};
+use crate::model::{
+    Object, authorization_policy, destination_rule, request_authentication, service_entry, sidecar, virtual_service,
+};
 
 /// Validates one object on its own (cross-object checks live in the snapshot).
 pub fn validate_object(object: &Object, findings: &mut Findings) {
@@ -18,6 +20,7 @@ pub fn validate_object(object: &Object, findings: &mut Findings) {
             validate_dry_run(o, findings);
         }
         Object::PeerAuthentication(o) => authorization_policy::validate_peer_authentication(&o.spec, findings),
+        Object::RequestAuthentication(o) => request_authentication::validate(&o.spec, findings),
         Object::Service(s) => validate_service(s, findings),
         Object::EndpointSlice(s) => validate_endpoint_slice(s, findings),
         Object::Pod(p) => validate_pod(p, findings),

@@ -6,8 +6,9 @@
 //! expansions, and values that match nothing). Every request must get the same decision: allowed
 //! or denied, logged or not (AUDIT), and the same dry-run results.
 //!
-//! The requests carry no JWT: sluice does not verify JWTs yet, and a request without one is what
-//! both judge alike (an ALLOW rule on JWT attributes never matches in either).
+//! A request may carry a verified JWT (its principal, audience, presenter and the claims the
+//! policies name): Istio's filters read it as istio-proxy's `istio_authn` metadata, sluice's as
+//! upstream Envoy's `jwt_authn` payload.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -251,6 +252,8 @@ struct Request {
     headers: BTreeMap<String, String>,
     /// Dynamic metadata: filter → key → value.
     metadata: BTreeMap<String, BTreeMap<String, String>>,
+    /// The payload of a verified JWT, if the request carries one.
+    jwt: Option<Value>,
 }
 
 thread_local! {
@@ -329,41 +332,71 @@ fn cidr_contains(c: &Value, ip: IpAddr) -> bool {
     net.contains(&ip)
 }
 
-/// Dynamic metadata: istio-proxy's `istio_authn` (the peer's principal and namespace; JWT keys
-/// absent without a JWT), else what the request carries.
+/// The JWT payload as the metadata holds it: `scope` and `permission` strings split at spaces
+/// (Envoy's `normalize_payload_in_metadata`, istio-proxy's default).
+fn normalized_payload(payload: &Value) -> Value {
+    let mut p = payload.clone();
+    for claim in ["scope", "permission"] {
+        if let Some(s) = p.get(claim).and_then(Value::as_str) {
+            p[claim] = s.split(' ').filter(|x| !x.is_empty()).collect();
+        }
+    }
+    p
+}
+
+/// Dynamic metadata: istio-proxy's `istio_authn` (the peer's principal and namespace, the JWT's
+/// principal, audience, presenter and claims), upstream Envoy's `jwt_authn` payload, else what
+/// the request carries.
 fn metadata_matches(m: &Value, r: &Request) -> bool {
     let filter = m["filter"].as_str().unwrap();
     let keys: Vec<&str> = m["path"].as_array().unwrap().iter().map(|k| k["key"].as_str().unwrap()).collect();
-    let value: Option<String> = if filter == "istio_authn" {
-        let principal = r.principal.as_deref().map(|p| p.trim_start_matches("spiffe://").to_string());
-        match keys.as_slice() {
-            ["source.principal"] => principal,
-            ["source.namespace"] => {
-                principal.and_then(|p| p.split("/ns/").nth(1).map(|n| n.split('/').next().unwrap().to_string()))
+    let payload = r.jwt.as_ref().map(normalized_payload);
+    let claim = |path: &[&str]| path.iter().try_fold(payload.as_ref()?, |v, k| v.get(*k)).cloned();
+    let value: Option<Value> = match filter {
+        "istio_authn" => {
+            let principal = r.principal.as_deref().map(|p| p.trim_start_matches("spiffe://").to_string());
+            match keys.as_slice() {
+                ["source.principal"] => principal.map(Value::from),
+                ["source.namespace"] => {
+                    principal.and_then(|p| p.split("/ns/").nth(1).map(|n| Value::from(n.split('/').next().unwrap())))
+                }
+                ["request.auth.principal"] => payload.as_ref().map(|p| {
+                    Value::from(format!("{}/{}", p["iss"].as_str().unwrap_or(""), p["sub"].as_str().unwrap_or("")))
+                }),
+                ["request.auth.audiences"] => claim(&["aud"]),
+                ["request.auth.presenter"] => claim(&["azp"]),
+                // istio-proxy holds every claim as a list of strings.
+                ["request.auth.claims", path @ ..] => claim(path).map(|v| match v {
+                    Value::Array(_) => v,
+                    other => Value::Array(vec![other]),
+                }),
+                _ => None,
             }
+        }
+        "envoy.filters.http.jwt_authn" => match keys.as_slice() {
+            ["jwt_payload", path @ ..] => claim(path),
             _ => None,
-        }
-    } else if keys.len() == 1 {
-        r.metadata.get(filter).and_then(|m| m.get(keys[0])).cloned()
-    } else {
-        None
+        },
+        _ if keys.len() == 1 => r.metadata.get(filter).and_then(|m| m.get(keys[0])).cloned().map(Value::from),
+        _ => None,
     };
-    let matcher = &m["value"];
-    let matched = match value {
-        None => false,
-        Some(v) => {
-            if let Some(s) = matcher.get("string_match") {
-                string_matches(s, &v)
-            } else if let Some(l) = matcher.get("list_match") {
-                string_matches(&l["one_of"]["string_match"], &v)
-            } else if matcher.get("present_match").is_some() {
-                true
-            } else {
-                panic!("unknown metadata value matcher {matcher}")
-            }
-        }
-    };
+    let matched = value.is_some_and(|v| value_matches(&m["value"], &v));
     matched != m["invert"].as_bool().unwrap_or(false)
+}
+
+/// `envoy.type.matcher.v3.ValueMatcher`.
+fn value_matches(matcher: &Value, v: &Value) -> bool {
+    if let Some(s) = matcher.get("string_match") {
+        v.as_str().is_some_and(|v| string_matches(s, v))
+    } else if let Some(l) = matcher.get("list_match") {
+        v.as_array().is_some_and(|items| items.iter().any(|i| value_matches(&l["one_of"], i)))
+    } else if let Some(o) = matcher.get("or_match") {
+        o["value_matchers"].as_array().unwrap().iter().any(|m| value_matches(m, v))
+    } else if matcher.get("present_match").is_some() {
+        true
+    } else {
+        panic!("unknown metadata value matcher {matcher}")
+    }
 }
 
 /// Envoy's URI template match: `*` one segment, `**` any number of them (last).
@@ -557,6 +590,12 @@ struct Candidates {
     metadata: Vec<Option<String>>,
     /// Header name → its values.
     headers: Vec<(String, Vec<Option<String>>)>,
+    /// JWT `iss`/`sub` pairs (None: no token).
+    jwt_principals: Vec<Option<(String, String)>>,
+    /// JWT `aud`, `azp`, and each claim path with its values.
+    audiences: Vec<Option<String>>,
+    presenters: Vec<Option<String>>,
+    claims: Vec<(Vec<String>, Vec<Option<String>>)>,
 }
 
 fn candidates(input: &str, bundle: &[&str]) -> Candidates {
@@ -619,7 +658,23 @@ fn candidates(input: &str, bundle: &[&str]) -> Candidates {
         .filter(|name| !name.starts_with(':'))
         .map(|name| (name.to_lowercase(), optional(of(&[&format!("request.headers[{name}]")]))))
         .collect();
+    // A request principal is `<iss>/<sub>`, split at the last `/`.
+    let jwt_principals = std::iter::once(None)
+        .chain(of(&["requestPrincipals", "request.auth.principal"]).into_iter().map(|v| {
+            let (iss, sub) = v.rsplit_once('/').unwrap_or((&v, "sub"));
+            Some((iss.to_string(), sub.to_string()))
+        }))
+        .collect();
+    let claims = named
+        .keys()
+        .filter_map(|k| k.strip_prefix("request.auth.claims[")?.strip_suffix(']').map(|inner| (k, inner)))
+        .map(|(k, inner)| (inner.split("][").map(str::to_string).collect(), optional(of(&[k]))))
+        .collect();
     Candidates {
+        jwt_principals,
+        audiences: optional(of(&["request.auth.audiences"])),
+        presenters: optional(of(&["request.auth.presenter"])),
+        claims,
         principals: std::iter::once(None).chain(principals.into_iter().map(Some)).collect(),
         ips: ips.into_iter().collect(),
         ports: ports.into_iter().collect(),
@@ -636,6 +691,9 @@ fn requests(c: &Candidates) -> impl Strategy<Value = Request> + use<> {
     let ip = prop::sample::select(c.ips.clone());
     let names: Vec<String> = c.headers.iter().map(|(n, _)| n.clone()).collect();
     let header_values: Vec<_> = c.headers.iter().map(|(_, v)| prop::sample::select(v.clone())).collect();
+    let claim_paths: Vec<Vec<String>> = c.claims.iter().map(|(p, _)| p.clone()).collect();
+    // A claim is a string, or a list holding it.
+    let claim_values: Vec<_> = c.claims.iter().map(|(_, v)| (prop::sample::select(v.clone()), any::<bool>())).collect();
     (
         prop::sample::select(c.principals.clone()),
         (ip.clone(), ip.clone(), ip),
@@ -648,6 +706,12 @@ fn requests(c: &Candidates) -> impl Strategy<Value = Request> + use<> {
         prop::sample::select(c.sni.clone()),
         header_values,
         prop::sample::select(c.metadata.clone()),
+        (
+            prop::sample::select(c.jwt_principals.clone()),
+            prop::sample::select(c.audiences.clone()),
+            prop::sample::select(c.presenters.clone()),
+            claim_values,
+        ),
     )
         .prop_map(
             move |(
@@ -658,6 +722,7 @@ fn requests(c: &Candidates) -> impl Strategy<Value = Request> + use<> {
                 sni,
                 values,
                 meta,
+                (jwt_principal, aud, azp, claim_values),
             )| {
                 let mut h: BTreeMap<String, String> =
                     [(":method".to_string(), method), (":authority".into(), host), (":path".into(), path)].into();
@@ -670,7 +735,40 @@ fn requests(c: &Candidates) -> impl Strategy<Value = Request> + use<> {
                     .map(|m| ("envoy.filters.a.b".to_string(), [("c".to_string(), m)].into()))
                     .into_iter()
                     .collect();
-                Request { principal, direct_ip, remote_ip, destination_ip, destination_port, sni, headers: h, metadata }
+                // A token: its principal, and any audience, presenter or claims chosen.
+                let jwt = jwt_principal.map(|(iss, sub)| {
+                    let mut p = serde_json::json!({"iss": iss, "sub": sub});
+                    if let Some(a) = aud {
+                        p["aud"] = a.into();
+                    }
+                    if let Some(a) = azp {
+                        p["azp"] = a.into();
+                    }
+                    for (path, (v, listed)) in claim_paths.iter().zip(claim_values) {
+                        let Some(v) = v else { continue };
+                        let v = if listed { serde_json::json!(["other", v]) } else { Value::from(v) };
+                        let mut at = &mut p;
+                        for k in &path[..path.len() - 1] {
+                            if !at[k.as_str()].is_object() {
+                                at[k.as_str()] = serde_json::json!({});
+                            }
+                            at = &mut at[k.as_str()];
+                        }
+                        at[path[path.len() - 1].as_str()] = v;
+                    }
+                    p
+                });
+                Request {
+                    principal,
+                    direct_ip,
+                    remote_ip,
+                    destination_ip,
+                    destination_port,
+                    sni,
+                    headers: h,
+                    metadata,
+                    jwt,
+                }
             },
         )
 }
@@ -715,6 +813,7 @@ fn the_evaluator_tells_matches_apart() {
         sni: None,
         headers: [(":method".to_string(), "GET".to_string()), (":path".into(), "/a/b/c".into())].into(),
         metadata: BTreeMap::new(),
+        jwt: None,
     };
     let p = |v: Value| permission(&v, &r);
     let id = |v: Value| principal(&v, &r);

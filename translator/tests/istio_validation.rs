@@ -46,6 +46,32 @@ const REASONS: &[(&str, &[&str])] = &[
     ("UDS must be an absolute path or abstract socket", &["\"relative\" is not an absolute path to a file"]),
     ("UDS may not include ports", &["must not include ports"]),
     ("spec.ports: Invalid value", &["invalid port name \"@\""]),
+    ("spec.jwtRules[0] in body must be of type object", &["spec.jwtRules[0]: invalid type: null"]),
+    ("audiences[0] in body should be at least 1 chars long", &["audiences[0]: audience must not be empty"]),
+    ("url must have scheme", &["is not an http(s) URL with a host"]),
+    ("spec.jwtRules[0].fromHeaders[0].name: Required value", &["fromHeaders[0].name: header name must not be empty"]),
+    (
+        "spec.jwtRules[0].fromHeaders[0].name in body should be at least 1 chars long",
+        &["fromHeaders[0].name: header name must not be empty"],
+    ),
+    ("fromParams[0] in body should be at least 1 chars long", &["fromParams[0]: must not be empty"]),
+    ("fromCookies[0] in body should be at least 1 chars long", &["fromCookies[0]: must not be empty"]),
+    (
+        "spec.jwtRules[0].outputClaimToHeaders[0] in body must be of type object",
+        &["outputClaimToHeaders[0]: invalid type: null"],
+    ),
+    (
+        "spec.jwtRules[0].outputClaimToHeaders[0].claim in body should be at least 1 chars long",
+        &["claim: claim must not be empty"],
+    ),
+    ("header in body should be at least 1 chars long", &["is not a header name that can be set"]),
+    ("header in body should match", &["\":authority\" is not a header name that can be set"]),
+    ("must be a valid duration greater than", &["timeout: duration \"apple\""]),
+    (
+        "spaceDelimitedClaims[0] in body should be at least 1 chars long",
+        &["spaceDelimitedClaims[0]: must not be empty"],
+    ),
+    ("Unsupported value: \"MANDATORY\"", &["presence \"MANDATORY\" is not supported"]),
 ];
 
 /// The documents of a test data file, each with its `_err` (if any) taken out.
@@ -95,7 +121,7 @@ fn read(file: &str, index: usize, doc: &str) -> Vec<Diagnostic> {
     errors
 }
 
-const KINDS: &[&str] = &["authz", "destinationrule", "peerauth", "serviceentry", "workloadentry"];
+const KINDS: &[&str] = &["authz", "destinationrule", "peerauth", "reqauth", "serviceentry", "workloadentry"];
 
 #[test]
 fn every_valid_document_of_istio_is_accepted() {

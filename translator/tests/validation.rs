@@ -674,3 +674,24 @@ fn a_rejected_authorization_policy_leaves_a_fail_closed_stand_in() {
     // AUDIT enforces nothing, so a rejected one stands in for nothing.
     assert_eq!(stand_in(&ap("spec: {action: AUDIT, rules: [{when: [{key: nonsense, values: [a]}]}]}")), (None, None));
 }
+
+#[test]
+fn request_authentication_rules() {
+    let ra = |rules: &str| doc(SEC, "RequestAuthentication", &format!("spec: {{jwtRules: {rules}}}"));
+    rejected(&ra("[{issuer: a}]"), "spec.jwtRules[0].jwksUri", "one of jwksUri or jwks is required");
+    rejected(&ra("[{issuer: a, jwks: '{\"keys\": []}'}]"), "spec.jwtRules[0].jwks", "holds no key");
+    rejected(&ra("[{issuer: a, jwks: 'keys'}]"), "spec.jwtRules[0].jwks", "not a JSON Web Key Set");
+    rejected(&ra("[{issuer: a, jwks: '{\"keys\": [{\"n\": 1}]}'}]"), "spec.jwtRules[0].jwks", "key 0 has no kty");
+    rejected(
+        &ra("[{issuer: a, jwksUri: 'https://a/k', jwks: '{\"keys\": []}'}]"),
+        "spec.jwtRules[0].jwks",
+        "cannot both be set",
+    );
+    rejected(
+        &ra("[{issuer: a, jwksUri: 'https://a/k'}, {issuer: a, jwksUri: 'https://b/k'}]"),
+        "spec.jwtRules[1].issuer",
+        "given twice",
+    );
+    rejected(&ra("[{jwksUri: 'https://a/k'}]"), "spec.jwtRules[0].issuer", "issuer is required");
+    assert_eq!(diagnostics(&ra("[{issuer: a, jwksUri: 'http://127.0.0.9:8080/keys'}]")).1, vec![]);
+}

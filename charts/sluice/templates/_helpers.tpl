@@ -39,14 +39,14 @@ app.kubernetes.io/component: {{ .component }}
   resources: [virtualservices, destinationrules, serviceentries, workloadentries, sidecars]
   verbs: [get, list, watch]
 - apiGroups: [security.istio.io]
-  resources: [authorizationpolicies, peerauthentications]
+  resources: [authorizationpolicies, peerauthentications, requestauthentications]
   verbs: [get, list, watch]
 {{- if .Values.controlPlane.writeStatus }}
 - apiGroups: [networking.istio.io]
   resources: [virtualservices/status, destinationrules/status, serviceentries/status, workloadentries/status, sidecars/status]
   verbs: [patch, update]
 - apiGroups: [security.istio.io]
-  resources: [authorizationpolicies/status, peerauthentications/status]
+  resources: [authorizationpolicies/status, peerauthentications/status, requestauthentications/status]
   verbs: [patch, update]
 {{- end }}
 {{- end -}}

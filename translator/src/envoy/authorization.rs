@@ -4,11 +4,15 @@
 //! `shadow_rules` with Istio's stat prefixes; one `and_rules`/`and_ids` per `to`/`from` entry,
 //! one `or_rules`/`or_ids` per field.
 //!
-//! What sluice cannot evaluate yet fails closed, with a warning naming the policy and field:
-//! JWT attributes (RequestAuthentication is not read yet) and HTTP attributes on a TCP port —
-//! an ALLOW rule with them never matches, a DENY or AUDIT rule matches without them, as
-//! istiod does — and CUSTOM, whose rules deny what they match (Istio's answer to a CUSTOM
-//! policy whose provider it cannot use).
+//! JWT attributes (`requestPrincipals`, `request.auth.*`) match the payload the `jwt_authn`
+//! filter of [`super::jwt`] verified, in its dynamic metadata; without a verified token they
+//! match nothing, as in Istio.
+//!
+//! What sluice cannot evaluate fails closed, with a warning naming the policy and field: HTTP
+//! attributes on a TCP port — an ALLOW rule with them never matches, a DENY or AUDIT rule
+//! matches without them, as istiod does — and CUSTOM, whose rules deny what they match
+//! (Istio's answer to a CUSTOM policy whose provider it cannot use; sluice has no ext_authz
+//! yet).
 
 use serde_json::{Map, Value, json};
 
@@ -170,11 +174,7 @@ fn rule_policy(
     ns: &str,
 ) -> Option<Value> {
     let tcp = layer == Layer::Tcp;
-    let (unsupported, why) = if tcp {
-        (rule.http_only_fields(), "HTTP-only fields on a TCP port")
-    } else {
-        (rule.jwt_fields(), "JWT attributes, which sluice does not verify yet (RequestAuthentication is not read)")
-    };
+    let unsupported = if tcp { rule.http_only_fields() } else { Vec::new() };
     if !unsupported.is_empty() {
         let fields = unsupported.join(", ");
         let effect = if narrow {
@@ -182,7 +182,11 @@ fn rule_policy(
         } else {
             "this rule matches without them here (fail closed)"
         };
-        proxy.warn(reference.clone(), format!("spec.rules[{index}]"), format!("{why} ({fields}): {effect}"));
+        proxy.warn(
+            reference.clone(),
+            format!("spec.rules[{index}]"),
+            format!("HTTP-only fields on a TCP port ({fields}): {effect}"),
+        );
         if narrow {
             return None;
         }
@@ -222,7 +226,7 @@ fn rule_policy(
         principals.push(and_or_any("and_ids", "ids", when_principals.clone()));
     }
     for f in &rule.from {
-        let mut parts = f.source.as_ref().map(|s| source(s, ns, &mesh)).unwrap_or_default();
+        let mut parts = f.source.as_ref().map(|s| source(s, tcp, ns, &mesh)).unwrap_or_default();
         parts.extend(when_principals.clone());
         principals.push(and_or_any("and_ids", "ids", parts));
     }
@@ -387,9 +391,52 @@ fn source_principal(v: &str) -> Value {
     principal_name(string_match(v, "spiffe://", false))
 }
 
-/// Principal fields of a source, one `or_ids` each (request principals are left to
-/// [`rule_policy`]'s JWT rule).
-fn source(s: &Source, ns: &str, mesh: &MeshConfig) -> Vec<Value> {
+/// A claim of the verified JWT payload (`[iss]`, `[groups]`, `[a, b]` for a nested one) against
+/// a string: the claim is that string, or a list holding it.
+fn claim_id(path: &[&str], m: Value) -> Value {
+    let mut keys = vec![json!({"key": super::jwt::PAYLOAD_KEY})];
+    keys.extend(path.iter().map(|k| json!({"key": k})));
+    json!({"metadata": {"filter": super::jwt::METADATA_NAMESPACE, "path": keys, "value": {"or_match": {"value_matchers": [
+        {"string_match": m.clone()},
+        {"list_match": {"one_of": {"string_match": m}}},
+    ]}}}})
+}
+
+fn any_string() -> Value {
+    json!({"safe_regex": {"regex": ".+"}})
+}
+
+/// A request principal (`<iss>/<sub>`, split at the last `/`) as Istio matches it: `*` any
+/// verified token, `*x` and `x*` a suffix of the issuer or a prefix of the subject (or of the
+/// whole value without a `/`).
+fn request_principal_id(v: &str) -> Value {
+    let exact = |x: &str| json!({"exact": x});
+    let (iss, sub) = match v.rsplit_once('/') {
+        _ if v == "*" => (any_string(), any_string()),
+        Some((iss, sub)) if v.starts_with('*') => {
+            (if iss == "*" { any_string() } else { json!({"suffix": &iss[1..]}) }, exact(sub))
+        }
+        None if v.starts_with('*') => (any_string(), json!({"suffix": &v[1..]})),
+        Some((iss, sub)) if v.ends_with('*') => {
+            (exact(iss), if sub == "*" { any_string() } else { json!({"prefix": &sub[..sub.len() - 1]}) })
+        }
+        None if v.ends_with('*') => (json!({"prefix": &v[..v.len() - 1]}), any_string()),
+        Some((iss, sub)) => (exact(iss), exact(sub)),
+        None => (exact(v), exact("")),
+    };
+    json!({"and_ids": {"ids": [claim_id(&["iss"], iss), claim_id(&["sub"], sub)]}})
+}
+
+/// The claim path of a `request.auth.claims[a][b]` key (`[a, b]`), or None when it is not one.
+fn claim_path(key: &str) -> Option<Vec<&str>> {
+    let inner = key.strip_prefix("request.auth.claims[")?.strip_suffix(']')?;
+    let path: Vec<&str> = inner.split("][").collect();
+    path.iter().all(|k| !k.is_empty() && !k.contains(['[', ']'])).then_some(path)
+}
+
+/// Principal fields of a source, one `or_ids` each (request principals only on HTTP, where a
+/// JWT can be verified).
+fn source(s: &Source, tcp: bool, ns: &str, mesh: &MeshConfig) -> Vec<Value> {
     let mut out = Vec::new();
     let mut field = |values: &[String], negated: bool, f: &dyn Fn(&str) -> Value| {
         if values.is_empty() {
@@ -403,6 +450,10 @@ fn source(s: &Source, ns: &str, mesh: &MeshConfig) -> Vec<Value> {
     let account = |v: &str| service_account_id(v, ns);
     field(&s.service_accounts, false, &account);
     field(&s.not_service_accounts, true, &account);
+    if !tcp {
+        field(&s.request_principals, false, &request_principal_id);
+        field(&s.not_request_principals, true, &request_principal_id);
+    }
     field(&s.namespaces, false, &namespace_id);
     field(&s.not_namespaces, true, &namespace_id);
     field(&with_aliases(mesh, &s.trust_domains), false, &trust_domain_id);
@@ -481,8 +532,8 @@ fn envoy_filter_metadata(key: &str, v: &str) -> Value {
     json!({"metadata": {"filter": filter, "path": [{"key": path}], "value": value}})
 }
 
-/// The matcher of a `when` condition, or None for one that cannot be evaluated here (JWT
-/// attributes; HTTP attributes on TCP; a key validation would have refused).
+/// The matcher of a `when` condition, or None for one that cannot be evaluated here (HTTP
+/// attributes on TCP; a key validation would have refused).
 fn condition(c: &Condition, tcp: bool, ns: &str, mesh: &MeshConfig) -> Option<Matcher> {
     let key = c.key.as_str();
     // Identities in the mesh's trust domain stand for the same in its aliases (see
@@ -518,7 +569,19 @@ fn condition(c: &Condition, tcp: bool, ns: &str, mesh: &MeshConfig) -> Option<Ma
             };
             Matcher::Principal(values_or(&expanded, true, &trust_domain_id))
         }
-        _ if key.starts_with("request.headers[") && key.ends_with(']') && !tcp => {
+        _ if tcp => return None,
+        "request.auth.principal" => Matcher::Principal(values_or(c, true, &request_principal_id)),
+        "request.auth.audiences" => {
+            Matcher::Principal(values_or(c, true, &|v| claim_id(&["aud"], string_match(v, "", false))))
+        }
+        "request.auth.presenter" => {
+            Matcher::Principal(values_or(c, true, &|v| claim_id(&["azp"], string_match(v, "", false))))
+        }
+        _ if claim_path(key).is_some() => {
+            let path = claim_path(key).expect("a claim path");
+            Matcher::Principal(values_or(c, true, &|v| claim_id(&path, string_match(v, "", false))))
+        }
+        _ if key.starts_with("request.headers[") && key.ends_with(']') => {
             let name = &key["request.headers[".len()..key.len() - 1];
             Matcher::Principal(values_or(c, true, &|v| header_match(name, v, false)))
         }

@@ -133,7 +133,8 @@ pub(super) fn build(proxy: &mut Proxy<'_>) -> Vec<Resource> {
     out
 }
 
-/// The proxy's own inbound clusters (and InboundPassthroughCluster when it captures).
+/// The proxy's own inbound clusters (and InboundPassthroughCluster when it captures), and the
+/// clusters its RequestAuthentications fetch keys through.
 pub(super) fn build_inbound(proxy: &Proxy<'_>) -> Vec<Resource> {
     let mut out = Vec::new();
     let inbound = proxy.inbound_ports();
@@ -162,6 +163,7 @@ pub(super) fn build_inbound(proxy: &Proxy<'_>) -> Vec<Resource> {
         }
         out.push(Resource { name, body });
     }
+    out.extend(super::jwt::jwks_clusters(proxy).into_iter().map(|(name, body)| Resource { name, body }));
     out
 }
 

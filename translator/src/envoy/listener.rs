@@ -360,14 +360,17 @@ fn tcp_proxy(proxy: &Proxy<'_>, service: &MeshService, port: u32, stat_prefix: &
     json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", config)})
 }
 
-/// The network filters of one inbound port's chain: RBAC, then the HTTP connection manager
+/// The network filters of one inbound port's chain: RBAC (after JWT verification on HTTP), then
+/// the HTTP connection manager
 /// (which forwards the verified client certificate in `x-forwarded-client-cert`, as Istio's
 /// inbound does) or the tcp_proxy, with the audit log when an AUDIT policy applies; the same
 /// whether the chain terminates mTLS or not.
 fn inbound_filters(proxy: &mut Proxy<'_>, p: &InboundPort) -> Vec<Value> {
     let cluster = inbound_cluster_name(p.port);
     if p.protocol.is_http() {
-        let mut http = authorization::filters(proxy, Layer::Http);
+        // The token is verified before the policies that read its claims.
+        let mut http: Vec<Value> = super::jwt::filter(proxy).into_iter().collect();
+        http.extend(authorization::filters(proxy, Layer::Http));
         http.push(router());
         let route_config = json!({
             "name": cluster,

@@ -225,29 +225,6 @@ impl Rule {
         }
         out
     }
-
-    /// The fields that need a verified JWT (`requestPrincipals`, `request.auth.*`), by their
-    /// path under the rule: sluice does not verify JWTs yet, so on every port an ALLOW rule with
-    /// any of them never matches and a DENY rule matches without them (fail closed).
-    pub fn jwt_fields(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (j, f) in self.from.iter().enumerate() {
-            if let Some(s) = &f.source {
-                if !s.request_principals.is_empty() {
-                    out.push(format!("from[{j}].source.requestPrincipals"));
-                }
-                if !s.not_request_principals.is_empty() {
-                    out.push(format!("from[{j}].source.notRequestPrincipals"));
-                }
-            }
-        }
-        for (j, c) in self.when.iter().enumerate() {
-            if c.key.starts_with("request.auth.") {
-                out.push(format!("when[{j}].key={}", c.key));
-            }
-        }
-        out
-    }
 }
 
 /// The annotation that makes a policy a dry run: evaluated and counted, never enforced.

@@ -4,6 +4,7 @@ pub mod authorization_policy;
 pub mod common;
 pub mod destination_rule;
 pub mod mesh_config;
+pub mod request_authentication;
 pub mod service_entry;
 pub mod sidecar;
 pub mod virtual_service;
@@ -77,11 +78,13 @@ pub enum Kind {
     AuthorizationPolicy,
     /// security.istio.io PeerAuthentication.
     PeerAuthentication,
+    /// security.istio.io RequestAuthentication.
+    RequestAuthentication,
 }
 
 impl Kind {
     /// Every kind, Kubernetes kinds first.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -93,6 +96,7 @@ impl Kind {
         Kind::Sidecar,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
     ];
 
     /// The `kind` field.
@@ -109,6 +113,7 @@ impl Kind {
             Kind::Sidecar => "Sidecar",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 
@@ -117,7 +122,7 @@ impl Kind {
         match self {
             Kind::Service | Kind::Pod | Kind::Namespace => "",
             Kind::EndpointSlice => "discovery.k8s.io",
-            Kind::AuthorizationPolicy | Kind::PeerAuthentication => "security.istio.io",
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => "security.istio.io",
             _ => "networking.istio.io",
         }
     }
@@ -195,6 +200,8 @@ pub enum Object {
     AuthorizationPolicy(Box<IstioObject<authorization_policy::AuthorizationPolicySpec>>),
     /// Istio PeerAuthentication.
     PeerAuthentication(Box<IstioObject<authorization_policy::PeerAuthenticationSpec>>),
+    /// Istio RequestAuthentication.
+    RequestAuthentication(Box<IstioObject<request_authentication::RequestAuthenticationSpec>>),
 }
 
 /// An object with where it came from.

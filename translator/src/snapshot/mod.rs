@@ -20,6 +20,7 @@ use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::authorization_policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 use crate::model::common::{Protocol, labels_match};
 use crate::model::destination_rule::DestinationRuleSpec;
+use crate::model::request_authentication::RequestAuthenticationSpec;
 use crate::model::service_entry::{Location, Resolution, ServiceEntrySpec, WorkloadEntrySpec};
 use crate::model::sidecar::SidecarSpec;
 use crate::model::virtual_service::{Client, HttpRoute, TcpRoute, VirtualServiceSpec};
@@ -255,6 +256,8 @@ pub struct Snapshot {
     pub authorization_policies: Objects<AuthorizationPolicySpec>,
     /// PeerAuthentications.
     pub peer_authentications: Objects<PeerAuthenticationSpec>,
+    /// RequestAuthentications.
+    pub request_authentications: Objects<RequestAuthenticationSpec>,
     /// The mesh-wide settings (trust domain, auto mTLS).
     pub mesh: Arc<crate::model::mesh_config::MeshConfig>,
     /// VirtualServices by the (resolved) hosts they name.
@@ -466,6 +469,24 @@ impl Snapshot {
         labels: Option<&BTreeMap<String, String>>,
     ) -> Vec<&IstioObject<AuthorizationPolicySpec>> {
         self.authorization_policies
+            .values()
+            .map(|p| p.as_ref())
+            .filter(|p| p.meta.namespace == ROOT_NAMESPACE || p.meta.namespace == namespace)
+            .filter(|p| match &p.spec.selector {
+                Some(s) if !s.match_labels.is_empty() => labels.is_some_and(|l| labels_match(&s.match_labels, l)),
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// The RequestAuthentications that apply to a workload, chosen as
+    /// [`Snapshot::authorization_policies_for`] chooses policies.
+    pub fn request_authentications_for(
+        &self,
+        namespace: &str,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> Vec<&IstioObject<RequestAuthenticationSpec>> {
+        self.request_authentications
             .values()
             .map(|p| p.as_ref())
             .filter(|p| p.meta.namespace == ROOT_NAMESPACE || p.meta.namespace == namespace)

@@ -292,6 +292,10 @@ impl Snapshot {
                 put(&mut self.peer_authentications, r, o, adding);
                 pending.delta.rebuild = true;
             }
+            Object::RequestAuthentication(o) => {
+                put(&mut self.request_authentications, r, o, adding);
+                pending.delta.rebuild = true;
+            }
         }
     }
 
