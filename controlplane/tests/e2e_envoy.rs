@@ -43,9 +43,13 @@ fn sluice_bin() -> &'static str {
 
 fn start_sluice(dir: &Path, xds_port: u16, monitoring_port: u16, log: &str) -> Proc {
     let mut cmd = Command::new(sluice_bin());
-    cmd.args(["serve", "--debounce-ms", "20", "--config"])
-        .arg(dir.join("cfg"))
-        .arg("--state-dir")
+    cmd.args(["serve", "--debounce-ms", "20", "--config"]).arg(dir.join("cfg"));
+    // A MeshConfig the test wrote (read at start).
+    let mesh = dir.join("mesh.yaml");
+    if mesh.exists() {
+        cmd.arg("--mesh-config").arg(mesh);
+    }
+    cmd.arg("--state-dir")
         .arg(dir.join("state"))
         .args([
             "--xds-addr",
@@ -79,7 +83,15 @@ fn variant_text(variant: &str) -> String {
 
 impl Mesh {
     fn start(delta: bool, variant: &str) -> Mesh {
+        Mesh::start_with(delta, variant, None)
+    }
+
+    /// As [`Mesh::start`], with sluice reading `mesh_config` (MeshConfig YAML).
+    fn start_with(delta: bool, variant: &str, mesh_config: Option<&str>) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
+        if let Some(text) = mesh_config {
+            std::fs::write(dir.path().join("mesh.yaml"), text).unwrap();
+        }
         let cfg = dir.path().join("cfg");
         copy_dir(&common::root().join("examples/bookinfo"), &cfg);
         std::fs::write(cfg.join("variant.yaml"), variant_text(variant)).unwrap();
@@ -491,4 +503,84 @@ spec:
     assert_eq!(status("/admin", Some(&admin(serde_json::json!("admins"), "blue"))), 200, "a string claim");
     assert_eq!(status("/admin", Some(&admin(serde_json::json!(["users"]), "blue"))), 403);
     assert_eq!(status("/admin", Some(&admin(serde_json::json!(["admins"]), "red"))), 403);
+}
+
+/// A CUSTOM policy on a live Envoy with an HTTP authorizer (MeshConfig `extensionProviders`,
+/// its service a ServiceEntry): only the requests the policy's rules match are checked, under
+/// the provider's path prefix, and the authorizer's answer decides.
+#[test]
+fn custom_authorization_through_an_http_authorizer_on_a_live_envoy() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    // The authorizer: allows a check of a path with "/allow" in it, denies the rest.
+    let authorizer = std::net::TcpListener::bind(relocate("127.0.1.99:9080")).expect("authorizer");
+    let checked = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = checked.clone();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        for stream in authorizer.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            // The headers, up to the blank line (checks carry no body here).
+            let mut header = String::new();
+            while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+                header.clear();
+            }
+            let path = line.split(' ').nth(1).unwrap_or("").to_string();
+            counted.fetch_add(1, Ordering::SeqCst);
+            seen.lock().unwrap().push(path.clone());
+            let reply = if path.contains("/allow") {
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_string()
+            } else {
+                "HTTP/1.1 403 Forbidden\r\nx-reason: not-on-the-list\r\ncontent-length: 6\r\n\r\nno way".to_string()
+            };
+            let mut stream = stream;
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    let mesh = Mesh::start_with(
+        false,
+        "all-v1",
+        Some(
+            "extensionProviders:\n- name: ext-authz\n  envoyExtAuthzHttp:\n    service: default/ext-authz.local\n    port: 9080\n    \
+             pathPrefix: /check\n    headersToDownstreamOnDeny: [x-reason]\n",
+        ),
+    );
+    mesh.set_text(&relocate(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext-authz, namespace: default}
+spec:
+  hosts: [ext-authz.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.1.99}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: productpage-ext, namespace: default}
+spec:
+  selector: {matchLabels: {app: productpage}}
+  action: CUSTOM
+  provider: {name: ext-authz}
+  rules: [{to: [{operation: {paths: ["/ext/*"]}}]}]
+"#,
+    ));
+    let get = |path: &str| http_get(&inbound(), "productpage:9080", path, &[]).expect("request");
+    let applied = eventually(Duration::from_secs(10), || (get("/ext/nope").0 == 403).then_some(()));
+    assert!(applied.is_some(), "the CUSTOM policy never applied: {}", mesh.logs());
+    assert_eq!(get("/ext/allow"), (200, "productpage-app".into()), "the authorizer allowed it");
+    let (status, body) = get("/ext/other");
+    assert_eq!((status, body.as_str()), (403, "no way"), "the authorizer's denial reaches the client");
+    let before = count.load(Ordering::SeqCst);
+    assert_eq!(get("/elsewhere"), (200, "productpage-app".into()));
+    assert_eq!(count.load(Ordering::SeqCst), before, "a request the CUSTOM rules do not match is not checked");
+    let paths = checked.lock().unwrap().clone();
+    assert!(paths.contains(&"/check/ext/allow".to_string()), "checked under the path prefix: {paths:?}");
 }

@@ -8,11 +8,13 @@
 //! filter of [`super::jwt`] verified, in its dynamic metadata; without a verified token they
 //! match nothing, as in Istio.
 //!
+//! CUSTOM policies go to their provider's authorizer through [`super::ext_authz`]; when the
+//! provider cannot be used (unknown, several per workload, not in the mesh, a TCP port) their
+//! rules deny what they match, as Istio does.
+//!
 //! What sluice cannot evaluate fails closed, with a warning naming the policy and field: HTTP
 //! attributes on a TCP port — an ALLOW rule with them never matches, a DENY or AUDIT rule
-//! matches without them, as istiod does — and CUSTOM, whose rules deny what they match
-//! (Istio's answer to a CUSTOM policy whose provider it cannot use; sluice has no ext_authz
-//! yet).
+//! matches without them, as istiod does.
 
 use serde_json::{Map, Value, json};
 
@@ -75,26 +77,84 @@ fn rule_name(p: &IstioObject<AuthorizationPolicySpec>, index: usize) -> String {
     if action_of(p) == Action::Custom { format!("istio-ext-authz-{name}-deny-due-to-bad-CUSTOM-action") } else { name }
 }
 
+/// The enforced CUSTOM policies of `selected` and the provider they name, if it can be used
+/// here: Istio's rules — one provider per workload, HTTP chains (sluice has no network
+/// ext_authz yet) — else why not.
+fn custom_provider<'a>(
+    proxy: &Proxy<'a>,
+    selected: &[&IstioObject<AuthorizationPolicySpec>],
+    layer: Layer,
+) -> Option<Result<super::ext_authz::Usable<'a>, String>> {
+    let custom: Vec<_> =
+        selected.iter().filter(|p| action_of(p) == Action::Custom && dry_run(&p.meta) != Ok(true)).collect();
+    if custom.is_empty() {
+        return None;
+    }
+    let names: std::collections::BTreeSet<&str> =
+        custom.iter().filter_map(|p| p.spec.provider.as_ref()?.get("name")?.as_str()).collect();
+    Some(match names.into_iter().collect::<Vec<_>>().as_slice() {
+        _ if layer == Layer::Tcp => Err("CUSTOM on a TCP port is not translated (no network ext_authz yet)".into()),
+        [name] => super::ext_authz::provider(proxy, name),
+        [] => Err("the CUSTOM policies name no provider".into()),
+        several => Err(format!("the CUSTOM policies of one workload name several providers ({})", several.join(", "))),
+    })
+}
+
+/// The CUSTOM policies' rules as the shadow rules that enable `ext_authz`, named as Istio names
+/// them (the name is what the ext_authz filter's metadata matcher looks for).
+fn custom_shadow_filter(proxy: &mut Proxy<'_>, selected: &[&IstioObject<AuthorizationPolicySpec>]) -> Value {
+    let mut policies = Map::new();
+    for p in selected.iter().filter(|p| action_of(p) == Action::Custom && dry_run(&p.meta) != Ok(true)) {
+        let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
+        for (i, rule) in p.spec.rules.iter().enumerate() {
+            let name = format!("istio-ext-authz-ns[{}]-policy[{}]-rule[{i}]", p.meta.namespace, p.meta.name);
+            if let Some(policy) = rule_policy(proxy, &reference, i, rule, false, Layer::Http, &p.meta.namespace) {
+                policies.insert(name, policy);
+            }
+        }
+    }
+    json!({"name": "envoy.filters.http.rbac", "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", json!({
+        "shadow_rules": {"action": "DENY", "policies": policies},
+        "shadow_rules_stat_prefix": super::ext_authz::SHADOW_STAT_PREFIX,
+    }))})
+}
+
 /// The RBAC filters (AUDIT, DENY, ALLOW, each only if some policy has that action) for an
 /// inbound chain at `layer`.
 pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
     let selected = policies(proxy);
     let mut out = Vec::new();
+    // CUSTOM first, as Istio orders it: ext_authz when its provider can be used; otherwise its
+    // rules join the DENY stage.
+    let custom = custom_provider(proxy, &selected, layer);
+    let ext_authz = match custom {
+        Some(Ok(usable)) => {
+            out.push(custom_shadow_filter(proxy, &selected));
+            out.push(super::ext_authz::http_filter(&usable));
+            true
+        }
+        Some(Err(why)) => {
+            for p in selected.iter().filter(|p| action_of(p) == Action::Custom && dry_run(&p.meta) != Ok(true)) {
+                let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
+                proxy.warn(
+                    reference,
+                    "spec.provider".into(),
+                    format!("{why}: the requests its rules match are denied (fail closed), as Istio does"),
+                );
+            }
+            false
+        }
+        None => false,
+    };
     for stage in &STAGES {
         // Enforced and dry-run policies, each present once some policy of the stage is.
         let mut enforced: Option<Map<String, Value>> = None;
         let mut shadow: Option<Map<String, Value>> = None;
-        for p in selected.iter().filter(|p| stage.actions.contains(&action_of(p))) {
+        let in_stage = |p: &&&IstioObject<AuthorizationPolicySpec>| {
+            stage.actions.contains(&action_of(p)) && !(ext_authz && action_of(p) == Action::Custom)
+        };
+        for p in selected.iter().filter(in_stage) {
             let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
-            if action_of(p) == Action::Custom {
-                proxy.warn(
-                    reference.clone(),
-                    "spec.action".into(),
-                    "CUSTOM (external authorization) is not translated yet: the requests its rules match are \
-                     denied (fail closed)"
-                        .into(),
-                );
-            }
             let into = if dry_run(&p.meta) == Ok(true) { &mut shadow } else { &mut enforced }.get_or_insert_default();
             if p.spec.rules.is_empty() {
                 into.insert(rule_name(p, 0), match_never());

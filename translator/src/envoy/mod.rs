@@ -7,6 +7,7 @@
 mod authorization;
 mod cluster;
 mod endpoint;
+mod ext_authz;
 mod jwt;
 mod listener;
 mod proxy;

@@ -2,7 +2,11 @@
 //! the fields sluice reads, with Istio's defaults. Other fields are reported as ignored, not
 //! refused: a MeshConfig written for istiod keeps working.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+
+use super::common::Duration;
 
 /// The MeshConfig fields sluice reads.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -18,6 +22,103 @@ pub struct MeshConfig {
     /// says otherwise.
     #[serde(default = "yes")]
     pub enable_auto_mtls: bool,
+    /// Extension providers CUSTOM AuthorizationPolicies name (ext_authz servers).
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProvider>,
+}
+
+/// One `extensionProviders` entry; of its kinds sluice reads the external authorizers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    /// The name policies refer to it by.
+    pub name: String,
+    /// An HTTP authorizer.
+    #[serde(default)]
+    pub envoy_ext_authz_http: Option<ExtAuthzHttp>,
+    /// A gRPC authorizer (Envoy's `envoy.service.auth.v3.Authorization`).
+    #[serde(default)]
+    pub envoy_ext_authz_grpc: Option<ExtAuthzGrpc>,
+}
+
+/// Istio's `EnvoyExternalAuthorizationHttpProvider`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtAuthzHttp {
+    /// The authorizer's service: `<host>` or `<namespace>/<host>`.
+    pub service: String,
+    /// Its port.
+    pub port: u32,
+    /// How long a check may take (Istio's default 600s).
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+    /// Prepended to the checked request's path.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Allow the request when the authorizer cannot be reached.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// The status returned when the authorizer fails (default 403).
+    #[serde(default)]
+    pub status_on_error: Option<String>,
+    /// Request headers sent to the authorizer (exact names, or `x-*` / `*-x` patterns).
+    #[serde(default)]
+    pub include_request_headers_in_check: Vec<String>,
+    /// The older name of `includeRequestHeadersInCheck`.
+    #[serde(default)]
+    pub include_headers_in_check: Vec<String>,
+    /// Headers added to the check request.
+    #[serde(default)]
+    pub include_additional_headers_in_check: BTreeMap<String, String>,
+    /// The request body sent with the check.
+    #[serde(default)]
+    pub include_request_body_in_check: Option<RequestBodyInCheck>,
+    /// Authorizer response headers copied to the allowed request.
+    #[serde(default)]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    /// Authorizer response headers sent to the client on a denial.
+    #[serde(default)]
+    pub headers_to_downstream_on_deny: Vec<String>,
+    /// Authorizer response headers sent to the client when allowed.
+    #[serde(default)]
+    pub headers_to_downstream_on_allow: Vec<String>,
+}
+
+/// Istio's `EnvoyExternalAuthorizationGrpcProvider`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtAuthzGrpc {
+    /// The authorizer's service: `<host>` or `<namespace>/<host>`.
+    pub service: String,
+    /// Its port.
+    pub port: u32,
+    /// How long a check may take (Istio's default 600s).
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+    /// Allow the request when the authorizer cannot be reached.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// The status returned when the authorizer fails (default 403).
+    #[serde(default)]
+    pub status_on_error: Option<String>,
+    /// The request body sent with the check.
+    #[serde(default)]
+    pub include_request_body_in_check: Option<RequestBodyInCheck>,
+}
+
+/// How much of the request body a check carries.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestBodyInCheck {
+    /// At most this many bytes.
+    #[serde(default)]
+    pub max_request_bytes: u32,
+    /// Send what there is when the body is larger.
+    #[serde(default)]
+    pub allow_partial_message: bool,
+    /// Send it as bytes rather than as a string.
+    #[serde(default)]
+    pub pack_as_bytes: bool,
 }
 
 fn default_trust_domain() -> String {
@@ -30,7 +131,12 @@ fn yes() -> bool {
 
 impl Default for MeshConfig {
     fn default() -> Self {
-        Self { trust_domain: default_trust_domain(), trust_domain_aliases: Vec::new(), enable_auto_mtls: true }
+        Self {
+            trust_domain: default_trust_domain(),
+            trust_domain_aliases: Vec::new(),
+            enable_auto_mtls: true,
+            extension_providers: Vec::new(),
+        }
     }
 }
 
