@@ -231,4 +231,30 @@ fn envoy_accepts_istios_authorization_shapes() {
     if let Some(text) = envoy_refuses(dir.path(), "istio-authorization", &resources) {
         panic!("Envoy refused: {text}");
     }
+    // With the CUSTOM policy's provider in the MeshConfig: ext_authz, over HTTP and over gRPC.
+    let providers = [
+        "extensionProviders:\n- name: ext\n  envoyExtAuthzHttp:\n    service: details.default.svc.cluster.local\n    port: 9080\n    \
+         timeout: 2s\n    failOpen: true\n    statusOnError: \"503\"\n    pathPrefix: /check\n    includeRequestHeadersInCheck: [x-a, x-b-*]\n    \
+         includeAdditionalHeadersInCheck: {x-c: d}\n    includeRequestBodyInCheck: {maxRequestBytes: 1024, allowPartialMessage: true}\n    \
+         headersToUpstreamOnAllow: [x-e]\n    headersToDownstreamOnDeny: [x-f]\n    headersToDownstreamOnAllow: [x-g]\n",
+        "extensionProviders:\n- name: ext\n  envoyExtAuthzGrpc:\n    service: default/details.default.svc.cluster.local\n    port: 9080\n    \
+         timeout: 0.5s\n    includeRequestBodyInCheck: {maxRequestBytes: 1024, packAsBytes: true}\n",
+    ];
+    for (i, yaml) in providers.iter().enumerate() {
+        let mut snapshot = loaded.snapshot.clone();
+        snapshot.mesh =
+            std::sync::Arc::new(sluice_translator::model::mesh_config::MeshConfig::from_yaml(yaml).expect("mesh").0);
+        let resources = translate_sidecar(&snapshot, common::PRODUCTPAGE, Default::default()).expect("translate");
+        let listeners =
+            serde_json::to_string(&resources.listeners.iter().map(|r| &r.body).collect::<Vec<_>>()).unwrap();
+        assert!(listeners.contains("envoy.filters.http.ext_authz"), "provider {i}: no ext_authz");
+        assert!(!listeners.contains("deny-due-to-bad-CUSTOM-action"), "provider {i}: the provider is usable");
+        for l in &resources.listeners {
+            sluice_xds::codec::encode("type.googleapis.com/envoy.config.listener.v3.Listener", &l.name, &l.body)
+                .unwrap_or_else(|e| panic!("provider {i}: listener {} does not encode: {e}", l.name));
+        }
+        if let Some(text) = envoy_refuses(dir.path(), &format!("istio-ext-authz-{i}"), &resources) {
+            panic!("Envoy refused provider {i}: {text}");
+        }
+    }
 }

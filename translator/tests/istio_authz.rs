@@ -35,6 +35,13 @@ spec:
   selector: {app: httpbin}
   ports: [{name: http, port: 8000, targetPort: 80}, {name: tcp, port: 9000}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: my-custom-ext-authz, namespace: foo}
+spec:
+  clusterIP: 127.100.7.2
+  ports: [{name: http, port: 9000}]
+---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: httpbin-1, namespace: foo, labels: {kubernetes.io/service-name: httpbin}}
@@ -60,7 +67,41 @@ struct Pair {
     outputs: &'static [&'static str],
     tcp: bool,
     bundle: &'static [&'static str],
+    /// The MeshConfig (its extension providers) istiod built with; empty for none.
+    mesh: &'static str,
 }
+
+/// builder_test.go's `meshConfigHTTP`.
+const MESH_HTTP: &str = r#"
+extensionProviders:
+- name: default
+  envoyExtAuthzHttp:
+    service: foo/my-custom-ext-authz.foo.svc.cluster.local
+    port: 9000
+    timeout: 10s
+    failOpen: true
+    statusOnError: "403"
+    pathPrefix: /check
+    includeRequestHeadersInCheck: [x-custom-id, x-prefix-*, "*-suffix"]
+    includeHeadersInCheck: [should-not-include-when-IncludeRequestHeadersInCheck-is-set]
+    includeAdditionalHeadersInCheck: {x-header-1: value-1, x-header-2: value-2}
+    includeRequestBodyInCheck: {maxRequestBytes: 2048, allowPartialMessage: true, packAsBytes: true}
+    headersToUpstreamOnAllow: [Authorization, x-prefix-*, "*-suffix"]
+    headersToDownstreamOnDeny: [Set-cookie, x-prefix-*, "*-suffix"]
+"#;
+
+/// builder_test.go's `meshConfigGRPC`.
+const MESH_GRPC: &str = r#"
+extensionProviders:
+- name: default
+  envoyExtAuthzGrpc:
+    service: foo/my-custom-ext-authz.foo.svc.cluster.local
+    port: 9000
+    timeout: 0.002s
+    failOpen: true
+    statusOnError: "403"
+    includeRequestBodyInCheck: {maxRequestBytes: 4096, allowPartialMessage: true}
+"#;
 
 const PAIRS: &[Pair] = &[
     Pair {
@@ -68,88 +109,157 @@ const PAIRS: &[Pair] = &[
         outputs: &["http/allow-empty-rule-out.yaml"],
         tcp: false,
         bundle: &[],
+        mesh: "",
     },
-    Pair { input: "http/allow-nil-rule-in.yaml", outputs: &["http/allow-nil-rule-out.yaml"], tcp: false, bundle: &[] },
-    Pair { input: "http/allow-path-in.yaml", outputs: &["http/allow-path-out.yaml"], tcp: false, bundle: &[] },
+    Pair {
+        input: "http/allow-nil-rule-in.yaml",
+        outputs: &["http/allow-nil-rule-out.yaml"],
+        tcp: false,
+        bundle: &[],
+        mesh: "",
+    },
+    Pair {
+        input: "http/allow-path-in.yaml",
+        outputs: &["http/allow-path-out.yaml"],
+        tcp: false,
+        bundle: &[],
+        mesh: "",
+    },
     Pair {
         input: "http/deny-and-allow-in.yaml",
         outputs: &["http/deny-and-allow-out1.yaml", "http/deny-and-allow-out2.yaml"],
         tcp: false,
         bundle: &[],
+        mesh: "",
     },
     Pair {
         input: "http/deny-empty-rule-in.yaml",
         outputs: &["http/deny-empty-rule-out.yaml"],
         tcp: false,
         bundle: &[],
+        mesh: "",
     },
-    Pair { input: "http/dry-run-allow-in.yaml", outputs: &["http/dry-run-allow-out.yaml"], tcp: false, bundle: &[] },
+    Pair {
+        input: "http/dry-run-allow-in.yaml",
+        outputs: &["http/dry-run-allow-out.yaml"],
+        tcp: false,
+        bundle: &[],
+        mesh: "",
+    },
     Pair {
         input: "http/dry-run-allow-and-deny-in.yaml",
         outputs: &["http/dry-run-allow-and-deny-out1.yaml", "http/dry-run-allow-and-deny-out2.yaml"],
         tcp: false,
         bundle: &[],
+        mesh: "",
     },
-    Pair { input: "http/dry-run-mix-in.yaml", outputs: &["http/dry-run-mix-out.yaml"], tcp: false, bundle: &[] },
+    Pair {
+        input: "http/dry-run-mix-in.yaml",
+        outputs: &["http/dry-run-mix-out.yaml"],
+        tcp: false,
+        bundle: &[],
+        mesh: "",
+    },
     Pair {
         input: "http/multiple-policies-in.yaml",
         outputs: &["http/multiple-policies-out.yaml"],
         tcp: false,
         bundle: &[],
+        mesh: "",
     },
-    Pair { input: "http/single-policy-in.yaml", outputs: &["http/single-policy-out.yaml"], tcp: false, bundle: &[] },
+    Pair {
+        input: "http/single-policy-in.yaml",
+        outputs: &["http/single-policy-out.yaml"],
+        tcp: false,
+        bundle: &[],
+        mesh: "",
+    },
     Pair {
         input: "http/simple-policy-td-aliases-in.yaml",
         outputs: &["http/simple-policy-td-aliases-out.yaml"],
         tcp: false,
         bundle: &["td1", "cluster.local"],
+        mesh: "",
     },
     Pair {
         input: "http/simple-policy-principal-with-wildcard-in.yaml",
         outputs: &["http/simple-policy-principal-with-wildcard-out.yaml"],
         tcp: false,
         bundle: &["td1", "foobar"],
+        mesh: "",
     },
     Pair {
         input: "http/td-aliases-source-principal-in.yaml",
         outputs: &["http/td-aliases-source-principal-out.yaml"],
         tcp: false,
         bundle: &["new-td", "old-td", "some-trustdomain"],
+        mesh: "",
     },
     Pair {
         input: "http/trust-domains-in.yaml",
         outputs: &["http/extended-trust-domains-out.yaml"],
         tcp: false,
         bundle: &[],
+        mesh: "",
     },
-    Pair { input: "http/custom-simple-http-in.yaml", outputs: &["http/custom-bad-out.yaml"], tcp: false, bundle: &[] },
+    Pair {
+        input: "http/custom-simple-http-in.yaml",
+        outputs: &["http/custom-bad-out.yaml"],
+        tcp: false,
+        bundle: &[],
+        mesh: "",
+    },
+    Pair {
+        input: "http/custom-simple-http-in.yaml",
+        outputs: &["http/custom-http-provider-out1.yaml", "http/custom-http-provider-out2.yaml"],
+        tcp: false,
+        bundle: &[],
+        mesh: MESH_HTTP,
+    },
+    Pair {
+        input: "http/custom-simple-http-in.yaml",
+        outputs: &["http/custom-grpc-provider-out1.yaml", "http/custom-grpc-provider-out2.yaml"],
+        tcp: false,
+        bundle: &[],
+        mesh: MESH_GRPC,
+    },
     // Not Istio's file: allow-full-rule's values one field per rule (see the files' comments).
     Pair {
         input: "derived/wildcards-in.yaml",
         outputs: &["derived/wildcards-out.yaml", "derived/wildcards-out2.yaml"],
         tcp: false,
         bundle: &["new-td", "old-td", "some-trustdomain"],
+        mesh: "",
     },
     Pair {
         input: "tcp/allow-both-http-tcp-in.yaml",
         outputs: &["tcp/allow-both-http-tcp-out.yaml"],
         tcp: true,
         bundle: &[],
+        mesh: "",
     },
-    Pair { input: "tcp/allow-only-http-in.yaml", outputs: &["tcp/allow-only-http-out.yaml"], tcp: true, bundle: &[] },
+    Pair {
+        input: "tcp/allow-only-http-in.yaml",
+        outputs: &["tcp/allow-only-http-out.yaml"],
+        tcp: true,
+        bundle: &[],
+        mesh: "",
+    },
     Pair {
         input: "tcp/audit-both-http-tcp-in.yaml",
         outputs: &["tcp/audit-both-http-tcp-out.yaml"],
         tcp: true,
         bundle: &[],
+        mesh: "",
     },
     Pair {
         input: "tcp/deny-both-http-tcp-in.yaml",
         outputs: &["tcp/deny-both-http-tcp-out.yaml"],
         tcp: true,
         bundle: &[],
+        mesh: "",
     },
-    Pair { input: "tcp/dry-run-mix-in.yaml", outputs: &["tcp/dry-run-mix-out.yaml"], tcp: true, bundle: &[] },
+    Pair { input: "tcp/dry-run-mix-in.yaml", outputs: &["tcp/dry-run-mix-out.yaml"], tcp: true, bundle: &[], mesh: "" },
 ];
 
 fn read(file: &str) -> String {
@@ -212,13 +322,12 @@ fn sluice_filters(pair: &Pair) -> Vec<Value> {
     let errors: Vec<_> = diagnostics.iter().filter(|d| d.severity == Severity::Error).collect();
     assert!(errors.is_empty(), "{}: {errors:#?}", pair.input);
     let (mut snapshot, _) = Snapshot::build(objects);
+    let mut mesh = MeshConfig::from_yaml(pair.mesh).expect("MeshConfig").0;
     if let Some((td, aliases)) = pair.bundle.split_first() {
-        snapshot.mesh = std::sync::Arc::new(MeshConfig {
-            trust_domain: td.to_string(),
-            trust_domain_aliases: aliases.iter().map(|a| a.to_string()).collect(),
-            ..Default::default()
-        });
+        mesh.trust_domain = td.to_string();
+        mesh.trust_domain_aliases = aliases.iter().map(|a| a.to_string()).collect();
     }
+    snapshot.mesh = std::sync::Arc::new(mesh);
     let r = translate_sidecar(&snapshot, PROXY, Certificates::None).expect("translate");
     let inbound = &r.listeners.iter().find(|l| l.name == "virtualInbound").expect("virtualInbound").body;
     let port = if pair.tcp { 9000 } else { 80 };
@@ -234,7 +343,7 @@ fn sluice_filters(pair: &Pair) -> Vec<Value> {
         None => filters.clone(),
     };
     list.into_iter()
-        .filter(|f| f["name"].as_str().is_some_and(|n| n.ends_with(".rbac")))
+        .filter(|f| f["name"].as_str().is_some_and(|n| n.ends_with(".rbac") || n.ends_with(".ext_authz")))
         .map(|f| f["typed_config"].clone())
         .collect()
 }
@@ -506,16 +615,50 @@ fn some_policy_matches(rules: &Value, r: &Request) -> bool {
 struct Outcome {
     allowed: bool,
     logged: bool,
-    /// Per dry-run config reached, in chain order: its action and whether a policy matched.
+    /// Per dry-run config reached, in chain order (the one that enables ext_authz aside): its
+    /// action and whether a policy matched.
     shadow: Vec<(String, bool)>,
+    /// The authorizer the request is sent to (its cluster), if an ext_authz filter is enabled
+    /// for it.
+    checked_by: Option<String>,
+}
+
+/// The policy of an RBAC config that matches a request first, by name.
+fn matching_policy(rules: &Value, r: &Request) -> Option<String> {
+    rules["policies"].as_object().into_iter().flatten().find_map(|(name, p)| {
+        let matched = p["permissions"].as_array().unwrap().iter().any(|x| permission(x, r))
+            && p["principals"].as_array().unwrap().iter().any(|x| principal(x, r));
+        matched.then(|| name.clone())
+    })
 }
 
 fn decide(filters: &[Value], r: &Request) -> Outcome {
-    let mut outcome = Outcome { allowed: true, logged: false, shadow: Vec::new() };
+    let mut outcome = Outcome { allowed: true, logged: false, shadow: Vec::new(), checked_by: None };
+    // The RBAC filters' metadata: `<shadow stat prefix>shadow_effective_policy_id` → policy.
+    let mut rbac_metadata: BTreeMap<String, String> = BTreeMap::new();
     for f in filters {
+        if let Some(service) = f.get("http_service").or_else(|| f.get("grpc_service")) {
+            let enabled = &f["filter_enabled_metadata"];
+            assert_eq!(enabled["filter"], "envoy.filters.http.rbac", "{f}");
+            let key = enabled["path"][0]["key"].as_str().unwrap();
+            if rbac_metadata.get(key).is_some_and(|id| string_matches(&enabled["value"]["string_match"], id)) {
+                let cluster =
+                    service["server_uri"]["cluster"].as_str().or(service["envoy_grpc"]["cluster_name"].as_str());
+                outcome.checked_by = cluster.map(str::to_string);
+            }
+            continue;
+        }
         if let Some(shadow) = f.get("shadow_rules") {
-            let action = shadow["action"].as_str().unwrap_or("ALLOW").to_string();
-            outcome.shadow.push((action, some_policy_matches(shadow, r)));
+            let prefix = f["shadow_rules_stat_prefix"].as_str().unwrap_or("");
+            let matched = matching_policy(shadow, r);
+            if let Some(id) = &matched {
+                rbac_metadata.insert(format!("{prefix}shadow_effective_policy_id"), id.clone());
+            }
+            // The shadow rules that only enable ext_authz are not a dry run.
+            if !shadow["policies"].as_object().is_some_and(|p| p.keys().all(|n| n.starts_with("istio-ext-authz"))) {
+                let action = shadow["action"].as_str().unwrap_or("ALLOW").to_string();
+                outcome.shadow.push((action, matched.is_some()));
+            }
         }
         let Some(rules) = f.get("rules") else { continue };
         let matched = some_policy_matches(rules, r);
@@ -832,7 +975,7 @@ fn the_evaluator_tells_matches_apart() {
     ));
     assert!(id(serde_json::json!({"direct_remote_ip": {"address_prefix": "127.0.0.0", "prefix_len": 24}})));
     let deny_all = serde_json::json!({"rules": {"action": "DENY", "policies": {"x": {"permissions": [{"any": true}], "principals": [{"any": true}]}}}});
-    assert_eq!(decide(&[deny_all], &r), Outcome { allowed: false, logged: false, shadow: vec![] });
+    assert_eq!(decide(&[deny_all], &r), Outcome { allowed: false, logged: false, shadow: vec![], checked_by: None });
     let empty_allow = serde_json::json!({"rules": {}});
     assert!(!decide(&[empty_allow], &r).allowed, "an ALLOW with no policies denies");
 }

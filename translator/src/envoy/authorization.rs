@@ -102,12 +102,16 @@ fn custom_provider<'a>(
 
 /// The CUSTOM policies' rules as the shadow rules that enable `ext_authz`, named as Istio names
 /// them (the name is what the ext_authz filter's metadata matcher looks for).
-fn custom_shadow_filter(proxy: &mut Proxy<'_>, selected: &[&IstioObject<AuthorizationPolicySpec>]) -> Value {
+fn custom_shadow_filter(
+    proxy: &mut Proxy<'_>,
+    selected: &[&IstioObject<AuthorizationPolicySpec>],
+    provider: &str,
+) -> Value {
     let mut policies = Map::new();
     for p in selected.iter().filter(|p| action_of(p) == Action::Custom && dry_run(&p.meta) != Ok(true)) {
         let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
         for (i, rule) in p.spec.rules.iter().enumerate() {
-            let name = format!("istio-ext-authz-ns[{}]-policy[{}]-rule[{i}]", p.meta.namespace, p.meta.name);
+            let name = format!("istio-ext-authz-{provider}-ns[{}]-policy[{}]-rule[{i}]", p.meta.namespace, p.meta.name);
             if let Some(policy) = rule_policy(proxy, &reference, i, rule, false, Layer::Http, &p.meta.namespace) {
                 policies.insert(name, policy);
             }
@@ -129,7 +133,7 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
     let custom = custom_provider(proxy, &selected, layer);
     let ext_authz = match custom {
         Some(Ok(usable)) => {
-            out.push(custom_shadow_filter(proxy, &selected));
+            out.push(custom_shadow_filter(proxy, &selected, &usable.name));
             out.push(super::ext_authz::http_filter(&usable));
             true
         }

@@ -20,9 +20,12 @@ const DEFAULT_TIMEOUT: &str = "600s";
 
 /// A provider that can be used: its kind and the cluster of its service.
 pub(super) struct Usable<'a> {
+    /// The provider's name (part of the shadow rules' names).
+    pub(super) name: String,
     provider: Kind<'a>,
     cluster: String,
     host: String,
+    authority: String,
 }
 
 enum Kind<'a> {
@@ -46,7 +49,13 @@ pub(super) fn provider<'a>(proxy: &Proxy<'a>, name: &str) -> Result<Usable<'a>, 
         Some(s) if !s.ports.iter().any(|sp| sp.port == port) => {
             Err(format!("extension provider {name:?}: service {host} has no port {port}"))
         }
-        Some(_) => Ok(Usable { provider: kind, cluster: outbound_cluster_name(port, "", &host), host }),
+        Some(_) => Ok(Usable {
+            name: name.to_string(),
+            provider: kind,
+            cluster: outbound_cluster_name(port, "", &host),
+            authority: format!("outbound_.{port}_._.{host}"),
+            host,
+        }),
     }
 }
 
@@ -141,8 +150,9 @@ pub(super) fn http_filter(usable: &Usable<'_>) -> Value {
         }
         Kind::Grpc(g) => {
             let mut config = json!({
-                "grpc_service": {"envoy_grpc": {"cluster_name": usable.cluster, "authority": usable.host}, "timeout": timeout(&g.timeout)},
-                "transport_api_version": "V3",
+                // Istio's authority: the cluster's SNI form.
+                "grpc_service": {"envoy_grpc": {"cluster_name": usable.cluster, "authority": usable.authority}, "timeout": timeout(&g.timeout)},
+                "transport_api_version": "V3", "clear_route_cache": true,
                 "failure_mode_allow": g.fail_open, "status_on_error": status(&g.status_on_error),
             });
             if let Some(body) = &g.include_request_body_in_check {
