@@ -367,8 +367,15 @@ impl Parsed<'_> {
             }
         };
         let mut findings = Findings::default();
+        // In a security policy an unknown field may be a misspelt condition (`form:` for
+        // `from:`): ignoring it would enforce less than written, so it is refused.
+        let security = matches!(resolved, Kind::AuthorizationPolicy | Kind::RequestAuthentication);
         for path in ignored {
-            findings.warn(path, "unknown field, ignored");
+            if security && path.starts_with("spec") {
+                findings.error(path, "unknown field; a security policy is refused rather than enforced without it");
+            } else {
+                findings.warn(path, "unknown field, ignored");
+            }
         }
         if name.is_empty() {
             findings.error("metadata.name", "name is required");

@@ -210,6 +210,13 @@ const PAIRS: &[Pair] = &[
         mesh: "",
     },
     Pair {
+        input: "http/custom-bad-multiple-providers-in.yaml",
+        outputs: &["http/custom-bad-out.yaml"],
+        tcp: false,
+        bundle: &[],
+        mesh: MESH_HTTP,
+    },
+    Pair {
         input: "http/custom-simple-http-in.yaml",
         outputs: &["http/custom-http-provider-out1.yaml", "http/custom-http-provider-out2.yaml"],
         tcp: false,

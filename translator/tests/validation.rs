@@ -695,3 +695,20 @@ fn request_authentication_rules() {
     rejected(&ra("[{jwksUri: 'https://a/k'}]"), "spec.jwtRules[0].issuer", "issuer is required");
     assert_eq!(diagnostics(&ra("[{issuer: a, jwksUri: 'http://127.0.0.9:8080/keys'}]")).1, vec![]);
 }
+
+#[test]
+fn unknown_fields_of_security_policies_are_refused() {
+    // A misspelt `from` would otherwise leave a rule that allows every source.
+    rejected(
+        &ap("spec: {rules: [{form: [{source: {namespaces: [a]}}], to: [{operation: {methods: [GET]}}]}]}"),
+        "spec.rules[0].form",
+        "a security policy is refused rather than enforced without it",
+    );
+    rejected(
+        &doc(SEC, "RequestAuthentication", "spec: {jwtRules: [{issuer: a, jwksUri: 'https://a/k', audience: [b]}]}"),
+        "spec.jwtRules[0].audience",
+        "unknown field",
+    );
+    // Elsewhere an unknown field is a warning.
+    warned(&dr("  tyop: 1"), "spec.tyop", "unknown field, ignored");
+}
