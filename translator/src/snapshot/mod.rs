@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity};
 use crate::model::authorization_policy::{AuthorizationPolicySpec, PeerAuthenticationSpec};
-use crate::model::common::{Protocol, labels_match};
+use crate::model::common::{LabelSelector, Protocol, labels_match};
 use crate::model::destination_rule::DestinationRuleSpec;
 use crate::model::request_authentication::RequestAuthenticationSpec;
 use crate::model::service_entry::{Location, Resolution, ServiceEntrySpec, WorkloadEntrySpec};
@@ -459,42 +459,43 @@ impl Snapshot {
     }
 }
 
+/// The objects of `objects` that apply to a workload in `namespace` with `labels`, in name
+/// order: the root namespace's and the workload namespace's, selector-less or selecting it.
+/// `labels` is None for a proxy whose workload is unknown (only selector-less ones apply).
+fn selecting<'a, S>(
+    objects: &'a Objects<S>,
+    selector: impl Fn(&S) -> Option<&LabelSelector>,
+    namespace: &str,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Vec<&'a IstioObject<S>> {
+    objects
+        .values()
+        .map(|p| p.as_ref())
+        .filter(|p| p.meta.namespace == ROOT_NAMESPACE || p.meta.namespace == namespace)
+        .filter(|p| match selector(&p.spec) {
+            Some(s) if !s.match_labels.is_empty() => labels.is_some_and(|l| labels_match(&s.match_labels, l)),
+            _ => true,
+        })
+        .collect()
+}
+
 impl Snapshot {
-    /// The policies (of every action) that apply to a workload in `namespace` with `labels`, in
-    /// name order: the root namespace's and the workload namespace's, selector-less or selecting it.
-    /// `labels` is None for a proxy whose workload is unknown (only selector-less ones apply).
+    /// The AuthorizationPolicies (of every action) that apply to a workload (see [`selecting`]).
     pub fn authorization_policies_for(
         &self,
         namespace: &str,
         labels: Option<&BTreeMap<String, String>>,
     ) -> Vec<&IstioObject<AuthorizationPolicySpec>> {
-        self.authorization_policies
-            .values()
-            .map(|p| p.as_ref())
-            .filter(|p| p.meta.namespace == ROOT_NAMESPACE || p.meta.namespace == namespace)
-            .filter(|p| match &p.spec.selector {
-                Some(s) if !s.match_labels.is_empty() => labels.is_some_and(|l| labels_match(&s.match_labels, l)),
-                _ => true,
-            })
-            .collect()
+        selecting(&self.authorization_policies, |s| s.selector.as_ref(), namespace, labels)
     }
 
-    /// The RequestAuthentications that apply to a workload, chosen as
-    /// [`Snapshot::authorization_policies_for`] chooses policies.
+    /// The RequestAuthentications that apply to a workload (see [`selecting`]).
     pub fn request_authentications_for(
         &self,
         namespace: &str,
         labels: Option<&BTreeMap<String, String>>,
     ) -> Vec<&IstioObject<RequestAuthenticationSpec>> {
-        self.request_authentications
-            .values()
-            .map(|p| p.as_ref())
-            .filter(|p| p.meta.namespace == ROOT_NAMESPACE || p.meta.namespace == namespace)
-            .filter(|p| match &p.spec.selector {
-                Some(s) if !s.match_labels.is_empty() => labels.is_some_and(|l| labels_match(&s.match_labels, l)),
-                _ => true,
-            })
-            .collect()
+        selecting(&self.request_authentications, |s| s.selector.as_ref(), namespace, labels)
     }
 }
 
