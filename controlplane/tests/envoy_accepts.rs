@@ -191,7 +191,8 @@ fn envoy_accepts_istios_authorization_shapes() {
              spec:\n  jwtRules:\n  - {{issuer: https://issuer.example, jwksUri: https://issuer.example/keys.json, audiences: [a], \
              fromHeaders: [{{name: x-token, prefix: \"Bearer \"}}], fromParams: [token], forwardOriginalToken: true, \
              outputPayloadToHeader: x-payload, outputClaimToHeaders: [{{header: x-sub, claim: sub}}], timeout: 2s, spaceDelimitedClaims: [roles]}}\n\
-             \x20 - {{issuer: local, jwks: '{{\"keys\": [{{\"kty\": \"EC\", \"crv\": \"P-256\", \"x\": \"mOJYHcpmskZdJBf35hXo-Sqks8wlD_RPKLDbqT0xZ2s\", \"y\": \"QFsven1OqOxhaPsjv65dx4AH6qPVMutsEzczNgHFlQQ\"}}]}}'}}\n"
+             \x20 - {{issuer: local, jwks: '{{\"keys\": [{{\"kty\": \"EC\", \"crv\": \"P-256\", \"x\": \"mOJYHcpmskZdJBf35hXo-Sqks8wlD_RPKLDbqT0xZ2s\", \"y\": \"QFsven1OqOxhaPsjv65dx4AH6qPVMutsEzczNgHFlQQ\"}}]}}'}}\n\
+             \x20 - {{issuer: no-keys-here}}\n"
         ),
     )
     .unwrap();

@@ -155,3 +155,18 @@ fn every_invalid_document_of_istio_is_rejected_for_its_reason() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// Istio's validation dataset for the security kinds (`tests/istio-validation/dataset/`, from
+/// `pkg/test/datasets/validation/dataset`): each `*-invalid.yaml` is refused, the others taken.
+#[test]
+fn istios_security_dataset() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/istio-validation/dataset");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("dataset").map(|e| e.expect("entry").path()).collect();
+    files.sort();
+    assert_eq!(files.len(), 5);
+    for file in files {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let errors = read(&name, 0, &std::fs::read_to_string(&file).unwrap());
+        assert_eq!(!errors.is_empty(), name.ends_with("-invalid.yaml"), "{name}: {errors:?}");
+    }
+}

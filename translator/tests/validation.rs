@@ -678,7 +678,7 @@ fn a_rejected_authorization_policy_leaves_a_fail_closed_stand_in() {
 #[test]
 fn request_authentication_rules() {
     let ra = |rules: &str| doc(SEC, "RequestAuthentication", &format!("spec: {{jwtRules: {rules}}}"));
-    rejected(&ra("[{issuer: a}]"), "spec.jwtRules[0].jwksUri", "one of jwksUri or jwks is required");
+    warned(&ra("[{issuer: a}]"), "spec.jwtRules[0].jwksUri", "its tokens are refused (401)");
     rejected(&ra("[{issuer: a, jwks: '{\"keys\": []}'}]"), "spec.jwtRules[0].jwks", "holds no key");
     rejected(&ra("[{issuer: a, jwks: 'keys'}]"), "spec.jwtRules[0].jwks", "not a JSON Web Key Set");
     rejected(&ra("[{issuer: a, jwks: '{\"keys\": [{\"n\": 1}]}'}]"), "spec.jwtRules[0].jwks", "key 0 has no kty");
