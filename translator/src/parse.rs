@@ -399,7 +399,10 @@ impl Parsed<'_> {
         reference: ObjectRef,
         value: &Value,
     ) {
-        let Some(stand_in) = model::authorization_policy::rejected_stand_in(policy) else { return };
+        let Some(mut stand_in) = model::authorization_policy::rejected_stand_in(policy) else { return };
+        // Named as the document is, even when its metadata could not be read.
+        stand_in.meta.name = reference.name.to_string();
+        stand_in.meta.namespace = reference.namespace.to_string();
         let scope = match &stand_in.spec.selector {
             Some(s) if !s.match_labels.is_empty() => "the workloads it selects deny",
             _ if policy.meta.namespace == crate::snapshot::ROOT_NAMESPACE => "every workload of the mesh denies",
