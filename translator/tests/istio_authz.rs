@@ -182,6 +182,13 @@ const PAIRS: &[Pair] = &[
         mesh: "",
     },
     Pair {
+        input: "http/simple-policy-multiple-td-aliases-in.yaml",
+        outputs: &["http/simple-policy-multiple-td-aliases-out.yaml"],
+        tcp: false,
+        bundle: &["td1", "cluster.local", "some-td"],
+        mesh: "",
+    },
+    Pair {
         input: "http/simple-policy-principal-with-wildcard-in.yaml",
         outputs: &["http/simple-policy-principal-with-wildcard-out.yaml"],
         tcp: false,
