@@ -60,6 +60,11 @@ fn action_of(p: &IstioObject<AuthorizationPolicySpec>) -> Action {
     p.spec.action.unwrap_or(Action::Allow)
 }
 
+/// True for a policy of `action` that is enforced (not a dry run).
+fn enforced(p: &IstioObject<AuthorizationPolicySpec>, action: Action) -> bool {
+    action_of(p) == action && dry_run(&p.meta) != Ok(true)
+}
+
 /// The policies that select this proxy's workload, in name order.
 fn policies<'a>(proxy: &Proxy<'a>) -> Vec<&'a IstioObject<AuthorizationPolicySpec>> {
     proxy.snapshot.authorization_policies_for(&proxy.node.namespace, proxy.workload.map(|_| &proxy.labels))
@@ -85,8 +90,7 @@ fn custom_provider<'a>(
     selected: &[&IstioObject<AuthorizationPolicySpec>],
     layer: Layer,
 ) -> Option<Result<super::ext_authz::Usable<'a>, String>> {
-    let custom: Vec<_> =
-        selected.iter().filter(|p| action_of(p) == Action::Custom && dry_run(&p.meta) != Ok(true)).collect();
+    let custom: Vec<_> = selected.iter().filter(|p| enforced(p, Action::Custom)).collect();
     if custom.is_empty() {
         return None;
     }
@@ -108,7 +112,7 @@ fn custom_shadow_filter(
     provider: &str,
 ) -> Value {
     let mut policies = Map::new();
-    for p in selected.iter().filter(|p| action_of(p) == Action::Custom && dry_run(&p.meta) != Ok(true)) {
+    for p in selected.iter().filter(|p| enforced(p, Action::Custom)) {
         let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
         for (i, rule) in p.spec.rules.iter().enumerate() {
             let name = format!("istio-ext-authz-{provider}-ns[{}]-policy[{}]-rule[{i}]", p.meta.namespace, p.meta.name);
@@ -138,7 +142,7 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
             true
         }
         Some(Err(why)) => {
-            for p in selected.iter().filter(|p| action_of(p) == Action::Custom && dry_run(&p.meta) != Ok(true)) {
+            for p in selected.iter().filter(|p| enforced(p, Action::Custom)) {
                 let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
                 proxy.warn(
                     reference,
@@ -200,7 +204,7 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
 /// enforced AUDIT policy selects this proxy's workload. Envoy's RBAC `LOG` action only sets the
 /// `envoy.common` `access_log_hint`; this log, on the proxy's stdout, is where it shows.
 pub(super) fn audit_log(proxy: &Proxy<'_>, layer: Layer) -> Option<Value> {
-    let audited = policies(proxy).iter().any(|p| action_of(p) == Action::Audit && dry_run(&p.meta) != Ok(true));
+    let audited = policies(proxy).iter().any(|p| enforced(p, Action::Audit));
     if !audited {
         return None;
     }

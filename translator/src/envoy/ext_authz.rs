@@ -42,9 +42,9 @@ pub(super) fn provider<'a>(proxy: &Proxy<'a>, name: &str) -> Result<Usable<'a>, 
     };
     let (kind, service, port) = kind_of(p)?;
     let (namespace, host) = service.split_once('/').unwrap_or(("", service));
-    let host = resolve_host(host, if namespace.is_empty() { &proxy.node.namespace } else { namespace });
-    let known = proxy.snapshot.services.values().find(|s| s.hostname == host);
-    match known {
+    let namespace = if namespace.is_empty() { proxy.node.namespace.as_str() } else { namespace };
+    let host = resolve_host(host, namespace);
+    match proxy.snapshot.lookup(&host, namespace) {
         None => Err(format!("extension provider {name:?}: service {service:?} is not in the mesh")),
         Some(s) if !s.ports.iter().any(|sp| sp.port == port) => {
             Err(format!("extension provider {name:?}: service {host} has no port {port}"))
