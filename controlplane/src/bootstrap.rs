@@ -104,3 +104,28 @@ mod tests {
         assert!(bootstrap(&BootstrapOptions { xds_addr: "nohostport".into(), ..o }).is_err());
     }
 }
+
+/// gRPC's xDS bootstrap (`GRPC_XDS_BOOTSTRAP`) for the proxyless client or server `proxy`:
+/// sluice over plaintext ADS with xDS v3, the node marked `GENERATOR: grpc` (what sends it
+/// the proxyless config), and Istio's server listener template, so an `xds=True` server asks
+/// for `xds.istio.io/grpc/lds/inbound/<ip:port>`.
+pub fn grpc_bootstrap(proxy: &str, xds_addr: &str) -> Result<Value, String> {
+    let node = sluice_translator::envoy::NodeId::parse(proxy).map_err(|e| e.to_string())?;
+    if !xds_addr.contains(':') {
+        return Err(format!("--xds-addr {xds_addr:?} must be host:port"));
+    }
+    Ok(json!({
+        "xds_servers": [{
+            "server_uri": xds_addr,
+            "channel_creds": [{"type": "insecure"}],
+            "server_features": ["xds_v3"],
+        }],
+        "node": {
+            "id": proxy,
+            "cluster": format!("{}.{}", node.pod, node.namespace),
+            "metadata": {"GENERATOR": "grpc", "NAMESPACE": node.namespace, "INSTANCE_IPS": node.ip},
+            "locality": {},
+        },
+        "server_listener_resource_name_template": format!("{}%s", sluice_translator::envoy::ISTIO_SERVER_LISTENER_PREFIX),
+    }))
+}

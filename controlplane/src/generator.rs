@@ -38,7 +38,7 @@ use sluice_translator::dataplane::{
 };
 use sluice_translator::envoy::{
     Certificates, ProxyClass, ProxyResources, ProxyTranslation, Resource, RouteTable, VIRTUAL_HOST_TYPE,
-    VIRTUAL_HOSTS_FIELD, route_shell,
+    VIRTUAL_HOSTS_FIELD, XdsClient, route_shell,
 };
 use sluice_translator::snapshot::{Snapshot, SnapshotDelta};
 use sluice_xds::cache::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SharedTypes};
@@ -87,11 +87,15 @@ struct OutboundCache {
     stale: HashMap<ProxyClass, ClassOutbound>,
     stale_hosts: BTreeSet<String>,
     stale_routing: BTreeSet<String>,
+    /// What proxyless gRPC clients of each class share, for this version only (translated
+    /// again after any change).
+    proxyless: HashMap<ProxyClass, Arc<SharedTypes>>,
 }
 
 impl OutboundCache {
     /// Moves the cache to `version`, which `delta` leads to.
     fn advance(&mut self, version: u64, delta: &SnapshotDelta) {
+        self.proxyless.clear();
         if delta.patchable() && self.stale_hosts.len() + delta.services.len() <= STALE_HOSTS {
             if self.stale.is_empty() {
                 self.stale_hosts.clear();
@@ -314,6 +318,39 @@ impl MeshGenerator {
         Ok((outbound, encoded))
     }
 
+    /// The proxyless gRPC client `node_id`'s snapshot parts: what its class shares (translated
+    /// once per class and version) and its own server listeners.
+    fn proxyless(
+        &self,
+        current: &Current,
+        node_id: &str,
+    ) -> Result<(Arc<SharedTypes>, Vec<Arc<Encoded>>), GenerateError> {
+        let node = || node_id.to_string();
+        let mut translation = ProxyTranslation::new(&current.snapshot, node_id)
+            .map_err(|e| GenerateError::UnservableNode { node: node(), reason: e.to_string() })?;
+        let build = |reason| GenerateError::Build { node: node(), reason };
+        let class = translation.class();
+        let cached = {
+            let cache = self.outbound.lock().expect("outbound cache lock");
+            (cache.version == current.version).then(|| cache.proxyless.get(&class).cloned()).flatten()
+        };
+        let shared = match cached {
+            Some(hit) => hit,
+            None => {
+                let mut encoded = Vec::new();
+                self.encode(translation.proxyless_outbound(), &mut encoded).map_err(build)?;
+                let built = Arc::new(SharedTypes::new(encoded));
+                let mut cache = self.outbound.lock().expect("outbound cache lock");
+                if cache.version == current.version {
+                    cache.proxyless.insert(class, built.clone());
+                }
+                built
+            }
+        };
+        let own = self.intern(LISTENER, translation.proxyless_inbound()).map_err(build)?;
+        Ok((shared, own))
+    }
+
     /// Generates `node_id`'s config as a push would, for checking only: the first error.
     pub fn check(&self, node_id: &str, inbound: bool) -> Result<(), GenerateError> {
         let current = self.current.read().expect("generator lock").clone();
@@ -358,8 +395,13 @@ impl Generator for MeshGenerator {
             });
             return Ok(patched.unwrap_or_else(|| agent_snapshot(&current, node_name, previous)));
         }
-        let certificates = Certificates::from_metadata(&node.metadata);
-        let (outbound, inbound) = self.sidecar(&current, &node.id, certificates, true)?;
+        let (outbound, inbound) = match XdsClient::from_metadata(&node.metadata) {
+            XdsClient::ProxylessGrpc => self.proxyless(&current, &node.id)?,
+            XdsClient::Envoy => {
+                let certificates = Certificates::from_metadata(&node.metadata);
+                self.sidecar(&current, &node.id, certificates, true)?
+            }
+        };
         // On a name clash the snapshot keeps the outbound listener, as `translate_sidecar` does.
         Ok(sluice_xds::cache::Snapshot::layered(current.version, &outbound, inbound, previous))
     }

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use sluice_translator::diagnostic::Diagnostic;
-use sluice_translator::envoy::{Certificates, ProxyResources, Resource, translate_sidecar};
+use sluice_translator::envoy::{Certificates, ProxyResources, Resource, XdsClient, translate_sidecar};
 use sluice_translator::snapshot::{Change, Snapshot};
 
 /// A loaded config: the snapshot of every accepted object and every diagnostic on the way.
@@ -77,8 +77,12 @@ pub fn translate_config_dump(
     snapshot: &Snapshot,
     node_id: &str,
     certificates: Certificates,
+    client: XdsClient,
 ) -> Result<(Value, ProxyResources), TranslateError> {
-    let resources = translate_sidecar(snapshot, node_id, certificates)?;
+    let resources = match client {
+        XdsClient::Envoy => translate_sidecar(snapshot, node_id, certificates)?,
+        XdsClient::ProxylessGrpc => sluice_translator::envoy::translate_proxyless(snapshot, node_id)?,
+    };
     let named = |list: &[Resource]| list.iter().map(|r| (r.name.clone(), r.body.clone())).collect::<Vec<_>>();
     let dump = sluice_xds::config_dump::config_dump(
         "1",
@@ -96,11 +100,12 @@ pub fn translate_json(
     snapshot: &Snapshot,
     node_id: &str,
     certificates: Certificates,
+    client: XdsClient,
 ) -> Result<(Value, Vec<Diagnostic>), TranslateError> {
     if let Some(node) = node_id.strip_prefix(sluice_translator::dataplane::AGENT_NODE_PREFIX) {
         let (entries, diagnostics) = sluice_translator::dataplane::translate_node(snapshot, node);
         return Ok((serde_json::to_value(entries).expect("serializable"), diagnostics));
     }
-    let (dump, resources) = translate_config_dump(snapshot, node_id, certificates)?;
+    let (dump, resources) = translate_config_dump(snapshot, node_id, certificates, client)?;
     Ok((dump, resources.diagnostics))
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_controlplane::{load_config, translate_json};
 use sluice_translator::diagnostic::Severity;
-use sluice_translator::envoy::Certificates;
+use sluice_translator::envoy::{Certificates, XdsClient};
 use sluice_translator::model::mesh_config::MeshConfig;
 
 /// sluice: an Istio-compatible service-mesh control plane.
@@ -35,6 +35,10 @@ enum Command {
         /// `--sds-socket`): mesh mTLS in its clusters and inbound chains.
         #[arg(long)]
         sds: bool,
+        /// Translate for a proxyless gRPC client or server (node metadata `GENERATOR: grpc`):
+        /// what gRPC's own xDS client gets.
+        #[arg(long, conflicts_with = "sds")]
+        grpc: bool,
         /// Istio's MeshConfig YAML (trustDomain, trustDomainAliases, enableAutoMtls).
         #[arg(long)]
         mesh_config: Option<PathBuf>,
@@ -150,6 +154,10 @@ enum Command {
         /// The node agent's SDS socket (`sluice agent --sds-socket`): adds the sds-grpc cluster.
         #[arg(long)]
         sds_socket: Option<String>,
+        /// Write gRPC's xDS bootstrap (for GRPC_XDS_BOOTSTRAP) for a proxyless gRPC client or
+        /// server instead of Envoy's.
+        #[arg(long, conflicts_with_all = ["delta", "sds_socket"])]
+        grpc: bool,
     },
     /// The node agent (root): loads sluice's eBPF programs and keeps their maps in sync with the
     /// control plane. `sluice agent dump` prints the maps; `sluice agent detach` removes it all.
@@ -271,14 +279,16 @@ fn read_mesh_config(path: Option<&std::path::Path>) -> anyhow::Result<MeshConfig
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Translate { config, proxy, sds, mesh_config } => {
+        Command::Translate { config, proxy, sds, grpc, mesh_config } => {
             let mut loaded = load_config(&config);
             for d in &loaded.diagnostics {
                 eprintln!("{d}");
             }
             loaded.snapshot.mesh = std::sync::Arc::new(read_mesh_config(mesh_config.as_deref())?);
             let certificates = if sds { Certificates::Sds } else { Certificates::None };
-            let (dump, diagnostics) = translate_json(&loaded.snapshot, &proxy, certificates).context("translating")?;
+            let client = if grpc { XdsClient::ProxylessGrpc } else { XdsClient::Envoy };
+            let (dump, diagnostics) =
+                translate_json(&loaded.snapshot, &proxy, certificates, client).context("translating")?;
             for d in &diagnostics {
                 eprintln!("{d}");
             }
@@ -385,7 +395,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(sluice_controlplane::serve::serve(options, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bootstrap { proxy, xds_addr, admin_port, delta, sds_socket } => {
+        Command::Bootstrap { proxy, xds_addr, grpc: true, .. } => {
+            let b = sluice_controlplane::bootstrap::grpc_bootstrap(&proxy, &xds_addr).map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string_pretty(&b)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bootstrap { proxy, xds_addr, admin_port, delta, sds_socket, grpc: false } => {
             let options =
                 sluice_controlplane::bootstrap::BootstrapOptions { proxy, xds_addr, admin_port, delta, sds_socket };
             let b = sluice_controlplane::bootstrap::bootstrap(&options).map_err(anyhow::Error::msg)?;

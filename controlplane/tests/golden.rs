@@ -6,17 +6,25 @@ mod common;
 
 use sluice_controlplane::{load_config, translate_json};
 use sluice_translator::diagnostic::Severity;
+use sluice_translator::envoy::XdsClient;
 
 #[test]
 fn examples_match_golden_files() {
     let update = std::env::var_os("SLUICE_UPDATE_GOLDEN").is_some();
     let dir = common::root().join("controlplane/tests/golden");
     let mut mismatches = Vec::new();
-    for (name, paths, node, certificates) in common::cases() {
+    let envoy = common::cases()
+        .into_iter()
+        .map(|(name, paths, node, certificates)| (name, paths, node, certificates, XdsClient::Envoy));
+    let proxyless = common::proxyless_cases()
+        .into_iter()
+        .map(|(name, paths, node)| (name, paths, node, Default::default(), XdsClient::ProxylessGrpc));
+    for (name, paths, node, certificates, client) in envoy.chain(proxyless) {
         let loaded = load_config(&paths);
         let errors: Vec<_> = loaded.diagnostics.iter().filter(|d| d.severity == Severity::Error).collect();
         assert!(errors.is_empty(), "{name}: example config has errors: {errors:#?}");
-        let (dump, _) = translate_json(&loaded.snapshot, node, certificates).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (dump, _) =
+            translate_json(&loaded.snapshot, node, certificates, client).unwrap_or_else(|e| panic!("{name}: {e}"));
         let text = serde_json::to_string_pretty(&dump).expect("json") + "\n";
         let file = dir.join(format!("{name}.json"));
         if update {

@@ -28,7 +28,8 @@ fn each_broken_object_is_reported_precisely() {
 fn valid_objects_next_to_broken_ones_still_translate() {
     let dir = common::root().join("controlplane/tests/invalid");
     let loaded = load_config(&[dir]);
-    let (dump, _) = translate_config_dump(&loaded.snapshot, NODE, Default::default()).expect("translate");
+    let (dump, _) =
+        translate_config_dump(&loaded.snapshot, NODE, Default::default(), Default::default()).expect("translate");
     let text = dump.to_string();
     assert!(
         text.contains("outbound|8080|v1|cart.shop.svc.cluster.local"),

@@ -61,6 +61,16 @@ pub fn envoy_bin() -> String {
     std::env::var("ENVOY_BIN").unwrap_or_else(|_| "envoy".into())
 }
 
+/// Python with grpcio (the proxyless gRPC tests' client and servers) from `$SLUICE_PYTHON`,
+/// else the venv `./test` makes, else `python3` on PATH.
+pub fn python_bin() -> String {
+    if let Ok(p) = std::env::var("SLUICE_PYTHON") {
+        return p;
+    }
+    let cached = std::env::var("HOME").map(|h| format!("{h}/.cache/sluice/venv/bin/python")).unwrap_or_default();
+    if std::path::Path::new(&cached).exists() { cached } else { "python3".into() }
+}
+
 /// helm (v4) from `$SLUICE_HELM`, else where `.ci/run` unpacks it, else `helm` on PATH.
 pub fn helm_bin() -> String {
     if let Ok(h) = std::env::var("SLUICE_HELM") {

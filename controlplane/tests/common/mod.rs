@@ -55,3 +55,14 @@ pub fn cases() -> Vec<(String, Vec<PathBuf>, &'static str, Certificates)> {
     }
     out
 }
+
+/// Golden cases of proxyless gRPC nodes in `examples/grpc`: (name, config paths, node id).
+pub fn proxyless_cases() -> Vec<(String, Vec<PathBuf>, &'static str)> {
+    let grpc = vec![root().join("examples/grpc")];
+    vec![
+        // A client: API listeners, routes, clusters and endpoints, no server listeners.
+        ("grpc-client".to_string(), grpc.clone(), "sidecar~127.0.3.20~client.grpcdemo~grpcdemo.svc.cluster.local"),
+        // An xds=True server with a policy: its listeners carry RBAC.
+        ("grpc-echo-v3".to_string(), grpc, "sidecar~127.0.3.13~echo-v3.grpcdemo~grpcdemo.svc.cluster.local"),
+    ]
+}

@@ -35,6 +35,9 @@ pub(super) enum Layer {
     Http,
     /// `envoy.filters.network.rbac`.
     Tcp,
+    /// A proxyless gRPC server's `envoy.filters.http.rbac` (gRFC A41): ALLOW and DENY only, no
+    /// dynamic metadata, so no JWT attributes.
+    Grpc,
 }
 
 /// One RBAC filter of the chain: its Envoy action, the policy actions it holds, and the stat
@@ -98,6 +101,7 @@ fn custom_provider<'a>(
         custom.iter().filter_map(|p| p.spec.provider.as_ref()?.get("name")?.as_str()).collect();
     Some(match names.into_iter().collect::<Vec<_>>().as_slice() {
         _ if layer == Layer::Tcp => Err("CUSTOM on a TCP port is not translated (no network ext_authz yet)".into()),
+        _ if layer == Layer::Grpc => Err("proxyless gRPC servers have no ext_authz".into()),
         [name] => super::ext_authz::provider(proxy, name),
         [] => Err("the CUSTOM policies name no provider".into()),
         several => Err(format!("the CUSTOM policies of one workload name several providers ({})", several.join(", "))),
@@ -155,6 +159,18 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
         None => false,
     };
     for stage in &STAGES {
+        if layer == Layer::Grpc && stage.envoy_action == "LOG" {
+            // gRPC ignores an RBAC filter whose action is LOG (gRFC A41).
+            for p in selected.iter().filter(|p| enforced(p, Action::Audit)) {
+                let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
+                proxy.warn(
+                    reference,
+                    "spec.action".into(),
+                    "proxyless gRPC servers do not audit: nothing is logged".into(),
+                );
+            }
+            continue;
+        }
         // Enforced and dry-run policies, each present once some policy of the stage is.
         let mut enforced: Option<Map<String, Value>> = None;
         let mut shadow: Option<Map<String, Value>> = None;
@@ -162,6 +178,10 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
             stage.actions.contains(&action_of(p)) && !(ext_authz && action_of(p) == Action::Custom)
         };
         for p in selected.iter().filter(in_stage) {
+            if layer == Layer::Grpc && dry_run(&p.meta) == Ok(true) {
+                // gRPC has no shadow rules; a dry run enforces nothing either way.
+                continue;
+            }
             let reference = ObjectRef::new("AuthorizationPolicy", &p.meta.namespace, &p.meta.name);
             let into = if dry_run(&p.meta) == Ok(true) { &mut shadow } else { &mut enforced }.get_or_insert_default();
             if p.spec.rules.is_empty() {
@@ -169,9 +189,29 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
             }
             for (i, rule) in p.spec.rules.iter().enumerate() {
                 let narrow = action_of(p) == Action::Allow;
-                if let Some(policy) = rule_policy(proxy, &reference, i, rule, narrow, layer, &p.meta.namespace) {
-                    into.insert(rule_name(p, i), policy);
+                let Some(policy) = rule_policy(proxy, &reference, i, rule, narrow, layer, &p.meta.namespace) else {
+                    continue;
+                };
+                if layer == Layer::Grpc && !grpc_evaluable(&policy) {
+                    let effect = if narrow {
+                        "this ALLOW rule never matches (fail closed)"
+                    } else {
+                        "this rule matches every request (fail closed)"
+                    };
+                    proxy.warn(
+                        reference.clone(),
+                        format!("spec.rules[{i}]"),
+                        format!("a proxyless gRPC server cannot evaluate JWT claims, Envoy metadata, path templates or grpc- headers: {effect}"),
+                    );
+                    if !narrow {
+                        into.insert(
+                            rule_name(p, i),
+                            json!({"permissions": [{"any": true}], "principals": [{"any": true}]}),
+                        );
+                    }
+                    continue;
                 }
+                into.insert(rule_name(p, i), policy);
             }
         }
         let mut config = Map::new();
@@ -188,6 +228,11 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
             continue;
         }
         out.push(match layer {
+            // gRPC wants distinct filter names; these are istiod's.
+            Layer::Grpc => {
+                let name = if stage.envoy_action == "DENY" { "envoy.filters.http.rbac.DENY" } else { "envoy.filters.http.rbac" };
+                json!({"name": name, "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", Value::Object(config))})
+            }
             Layer::Http => {
                 json!({"name": "envoy.filters.http.rbac", "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", Value::Object(config))})
             }
@@ -209,7 +254,7 @@ pub(super) fn audit_log(proxy: &Proxy<'_>, layer: Layer) -> Option<Value> {
         return None;
     }
     let format = match layer {
-        Layer::Http => {
+        Layer::Http | Layer::Grpc => {
             "[%START_TIME%] sluice-audit %REQ(:METHOD)% %REQ(:AUTHORITY)% %REQ(:PATH)% %RESPONSE_CODE% \
              peer=%DOWNSTREAM_PEER_URI_SAN% from=%DOWNSTREAM_REMOTE_ADDRESS%\n"
         }
@@ -227,6 +272,20 @@ pub(super) fn audit_log(proxy: &Proxy<'_>, layer: Layer) -> Option<Value> {
             "log_format": {"text_format_source": {"inline_string": format}},
         })),
     }))
+}
+
+/// True when gRPC can evaluate every matcher of `policy` (gRFC A41): gRPC has no dynamic
+/// metadata (where JWT claims and request principals live), no path templates, and refuses
+/// `grpc-` headers and `:scheme`.
+fn grpc_evaluable(policy: &Value) -> bool {
+    match policy {
+        Value::Object(m) => m.iter().all(|(k, v)| {
+            let header = k == "header" && v["name"].as_str().is_some_and(|n| n.starts_with("grpc-") || n == ":scheme");
+            k != "metadata" && k != "uri_template" && !header && grpc_evaluable(v)
+        }),
+        Value::Array(items) => items.iter().all(grpc_evaluable),
+        _ => true,
+    }
 }
 
 /// One rule as an RBAC policy, or None when it cannot match here. `narrow` is true for ALLOW:

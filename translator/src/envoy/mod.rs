@@ -8,6 +8,7 @@ mod authorization;
 mod cluster;
 mod endpoint;
 mod ext_authz;
+mod grpc;
 mod jwt;
 mod listener;
 mod proxy;
@@ -16,6 +17,7 @@ mod tls;
 
 use serde_json::Value;
 
+pub use grpc::{GRPC_SERVER_LISTENER_PREFIX, ISTIO_SERVER_LISTENER_PREFIX};
 pub use proxy::{NodeError, NodeId, Proxy};
 pub use route::{RouteTable, TableHost};
 pub use tls::{Certificates, ROOT_SECRET, SDS_CLUSTER, SDS_METADATA, WORKLOAD_SECRET};
@@ -195,6 +197,46 @@ impl<'a> ProxyTranslation<'a> {
     pub fn diagnostics(self) -> Vec<Diagnostic> {
         self.proxy.diagnostics
     }
+}
+
+/// The xDS client a node is, from its metadata: gRPC's own client marks itself with
+/// `GENERATOR: grpc`, as for istiod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XdsClient {
+    /// An Envoy proxy (sidecar or router).
+    #[default]
+    Envoy,
+    /// A proxyless gRPC client or server.
+    ProxylessGrpc,
+}
+
+impl XdsClient {
+    /// Reads `GENERATOR` from a node's metadata.
+    pub fn from_metadata(metadata: &std::collections::BTreeMap<String, String>) -> Self {
+        if metadata.get("GENERATOR").is_some_and(|g| g == "grpc") { Self::ProxylessGrpc } else { Self::Envoy }
+    }
+}
+
+impl ProxyTranslation<'_> {
+    /// What every proxyless gRPC client of this class gets: API listeners for every name it
+    /// may dial, route configurations per service port, clusters and load assignments.
+    pub fn proxyless_outbound(&mut self) -> ProxyResources {
+        grpc::outbound(&mut self.proxy)
+    }
+
+    /// A proxyless gRPC server's own listeners (gRFC A36), one per inbound port and name.
+    pub fn proxyless_inbound(&mut self) -> Vec<Resource> {
+        grpc::server_listeners(&mut self.proxy)
+    }
+}
+
+/// Translates `snapshot` for the proxyless gRPC node `node_id` (a sidecar-form id): both
+/// halves, each list sorted by name.
+pub fn translate_proxyless(snapshot: &Snapshot, node_id: &str) -> Result<ProxyResources, NodeError> {
+    let mut t = ProxyTranslation::new(snapshot, node_id)?;
+    let mut out = grpc::translate(&mut t.proxy);
+    out.diagnostics = t.diagnostics();
+    Ok(out)
 }
 
 /// Translates `snapshot` for the sidecar proxy `node_id`

@@ -117,16 +117,7 @@ fn table(proxy: &Proxy<'_>, hp: &HttpPort) -> RouteTable {
             continue;
         }
         let mut domains = Vec::new();
-        let mut names = vec![service.hostname.clone()];
-        if let Some(short) = service.hostname.strip_suffix(&format!(".svc.{}", crate::snapshot::DOMAIN_SUFFIX)) {
-            names.push(format!("{short}.svc"));
-            names.push(short.to_string());
-            if service.namespace == proxy.node.namespace {
-                names.push(short.split('.').next().unwrap_or(short).to_string());
-            }
-        }
-        names.extend(service.addresses.iter().filter(|a| !a.contains('/')).cloned());
-        for n in names {
+        for n in spellings(service, &proxy.node.namespace) {
             let with_port = format!("{n}:{}", hp.port);
             for d in [n, with_port] {
                 if used.insert(d.clone()) {
@@ -137,6 +128,21 @@ fn table(proxy: &Proxy<'_>, hp: &HttpPort) -> RouteTable {
         hosts.push(TableHost { service: service.hostname.clone(), domains });
     }
     RouteTable { name: hp.route_name.clone(), port: hp.port, hosts }
+}
+
+/// The names a client in `namespace` may reach `service` by, without a port: its FQDN,
+/// `<name>.<ns>.svc`, `<name>.<ns>`, the bare name from its own namespace, and its VIPs.
+pub(super) fn spellings(service: &MeshService, namespace: &str) -> Vec<String> {
+    let mut names = vec![service.hostname.clone()];
+    if let Some(short) = service.hostname.strip_suffix(&format!(".svc.{}", crate::snapshot::DOMAIN_SUFFIX)) {
+        names.push(format!("{short}.svc"));
+        names.push(short.to_string());
+        if service.namespace == namespace {
+            names.push(short.split('.').next().unwrap_or(short).to_string());
+        }
+    }
+    names.extend(service.addresses.iter().filter(|a| !a.contains('/')).cloned());
+    names
 }
 
 /// A route configuration without its virtual hosts.

@@ -1,0 +1,212 @@
+//! Proxyless gRPC end to end: gRPC's own xDS client (Python `grpcio`, `xds:///` targets with
+//! `GRPC_XDS_BOOTSTRAP` from `sluice bootstrap --grpc`) routed by `sluice serve` from
+//! `examples/grpc`, with `xds=True` servers that take their listener and RBAC from sluice.
+//! Everything runs on this run's own loopback block ([`relocate`]).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use sluice_testkit::{Proc, eventually, free_port, http_get, python_bin, relocate};
+
+const CLIENT: &str = "sidecar~127.0.3.20~client.grpcdemo~grpcdemo.svc.cluster.local";
+const ECHO_V3: &str = "sidecar~127.0.3.13~echo-v3.grpcdemo~grpcdemo.svc.cluster.local";
+const TARGET: &str = "xds:///echo.grpcdemo.svc.cluster.local:7070";
+
+fn echo_py() -> PathBuf {
+    common::root().join("controlplane/tests/grpc/echo.py")
+}
+
+/// Writes `sluice bootstrap --grpc` for `node` into `dir` and returns its path.
+fn grpc_bootstrap(dir: &Path, name: &str, node: &str, xds_port: u16) -> PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["bootstrap", "--grpc", "--proxy", &relocate(node), "--xds-addr", &format!("127.0.0.1:{xds_port}")])
+        .output()
+        .expect("sluice bootstrap --grpc");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, out.stdout).unwrap();
+    path
+}
+
+/// An echo server answering with `name` on `addr` (relocated), with extra `flags`.
+fn echo_server(dir: &Path, name: &str, addr: &str, flags: &[&str], bootstrap: Option<&Path>) -> Proc {
+    let mut cmd = Command::new(python_bin());
+    cmd.arg(echo_py()).args(["serve", name, &relocate(addr)]).args(flags);
+    if let Some(b) = bootstrap {
+        cmd.env("GRPC_XDS_BOOTSTRAP", b);
+    }
+    Proc::spawn(name, &mut cmd, &dir.join(format!("{name}.log")))
+}
+
+/// The line-driven client of `echo.py`: one channel for its whole life.
+struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Client {
+    fn start(target: &str, bootstrap: &Path, log: &Path) -> Client {
+        let mut child = Command::new(python_bin())
+            .arg(echo_py())
+            .args(["client", target])
+            .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("python echo client");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Client { child, stdin, stdout }
+    }
+
+    /// `count` calls of `method` with `metadata`: answers by server name, failures by
+    /// `status:<CODE>`.
+    fn call(&mut self, method: &str, count: usize, metadata: &[&str]) -> BTreeMap<String, usize> {
+        writeln!(self.stdin, "{method} {count} {}", metadata.join(" ")).unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("client answered {line:?}: {e}"))
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-off call with a plain (non-xDS) channel straight to `addr`.
+fn direct_call(addr: &str) -> BTreeMap<String, usize> {
+    let mut child = Command::new(python_bin())
+        .arg(echo_py())
+        .args(["client", addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python echo client");
+    writeln!(child.stdin.take().unwrap(), "/echo.Echo/Call 1").unwrap();
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+fn share(counts: &BTreeMap<String, usize>, name: &str) -> f64 {
+    let total: usize = counts.values().sum();
+    100.0 * counts.get(name).copied().unwrap_or(0) as f64 / total.max(1) as f64
+}
+
+/// The second VirtualService: everything to v2, except a fault for `x-fault: yes` and the
+/// Flaky method, which goes to every echo endpoint with `retries`.
+fn edited(retries: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: grpcdemo}}
+spec:
+  hosts: [echo]
+  http:
+  - match: [{{headers: {{x-fault: {{exact: "yes"}}}}}}]
+    fault: {{abort: {{grpcStatus: RESOURCE_EXHAUSTED, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: echo, subset: v1}}}}]
+  - match: [{{uri: {{exact: /echo.Echo/Flaky}}}}]
+    route: [{{destination: {{host: echo}}}}]
+    retries: {retries}
+  - route: [{{destination: {{host: echo, subset: v2}}}}]
+"#
+    )
+}
+
+#[test]
+fn python_grpc_clients_and_servers_follow_the_mesh_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    std::fs::create_dir(&cfg).unwrap();
+    // The example with its VirtualService in a file of its own, which the test then edits.
+    let example = relocate(&std::fs::read_to_string(common::root().join("examples/grpc/mesh.yaml")).unwrap());
+    let (routing, rest): (Vec<&str>, Vec<&str>) =
+        example.split("\n---\n").partition(|d| d.contains("kind: VirtualService"));
+    assert_eq!(routing.len(), 1, "examples/grpc has one VirtualService");
+    std::fs::write(cfg.join("mesh.yaml"), rest.join("\n---\n")).unwrap();
+    std::fs::write(cfg.join("vs.yaml"), routing[0]).unwrap();
+    let (xds_port, monitoring_port) = (free_port(), free_port());
+
+    // v3 is an xds=True server: with no control plane yet, it does not serve.
+    let v3_bootstrap = grpc_bootstrap(dir.path(), "v3-bootstrap", ECHO_V3, xds_port);
+    let _v1 = echo_server(dir.path(), "v1", "127.0.3.11:7070", &[], None);
+    let _v2 = echo_server(dir.path(), "v2", "127.0.3.12:7070", &["--flaky"], None);
+    let _v3 = echo_server(dir.path(), "v3", "127.0.3.13:7070", &["--xds"], Some(&v3_bootstrap));
+    std::thread::sleep(Duration::from_secs(2));
+    let before = direct_call(&relocate("127.0.3.13:7070"));
+    assert!(before.get("v3").is_none(), "the xds server served before it had its listener: {before:?}");
+
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    serve
+        .args(["serve", "--debounce-ms", "20", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
+        .args(["--monitoring-addr", &format!("127.0.0.1:{monitoring_port}")]);
+    let _sluice = Proc::spawn("sluice", &mut serve, &dir.path().join("sluice.log"));
+    let logs = || {
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+        format!("--- sluice\n{}\n--- v3\n{}\n--- client\n{}", read("sluice.log"), read("v3.log"), read("client.log"))
+    };
+    let ready = eventually(Duration::from_secs(20), || {
+        http_get(&format!("127.0.0.1:{monitoring_port}"), "x", "/ready", &[]).ok().filter(|(s, _)| *s == 200)
+    });
+    assert!(ready.is_some(), "sluice did not become ready: {}", logs());
+    let served = eventually(Duration::from_secs(20), || {
+        direct_call(&relocate("127.0.3.13:7070")).get("v3").copied().filter(|n| *n == 1)
+    });
+    assert!(served.is_some(), "the xds server never served once sluice sent its listener: {}", logs());
+
+    let client_bootstrap = grpc_bootstrap(dir.path(), "client-bootstrap", CLIENT, xds_port);
+    let mut client = Client::start(TARGET, &client_bootstrap, &dir.path().join("client.log"));
+    // 75/25 over v1 and v2 on one channel.
+    let split = client.call("/echo.Echo/Call", 800, &[]);
+    assert_eq!(split.values().sum::<usize>(), 800, "{split:?}: {}", logs());
+    assert_eq!(split.keys().filter(|k| *k != "v1" && *k != "v2").count(), 0, "{split:?}");
+    let v1 = share(&split, "v1");
+    assert!((68.0..=82.0).contains(&v1), "v1 got {v1:.1}% of 800 calls, want 75 ± 7: {split:?}");
+    // The header match routes to v3, whose own policy (from sluice, on the server) allows
+    // Call and denies Admin.
+    assert_eq!(client.call("/echo.Echo/Call", 20, &["x-version=v3"]), BTreeMap::from([("v3".to_string(), 20)]));
+    let denied = client.call("/echo.Echo/Admin", 5, &["x-version=v3"]);
+    assert_eq!(denied, BTreeMap::from([("status:PERMISSION_DENIED".to_string(), 5)]), "{}", logs());
+
+    // A live edit converges on the same channel: everything to v2, and Flaky (which v2 fails)
+    // over all three endpoints without retries, so about a third of those calls fail.
+    let write = |text: String| {
+        let tmp = cfg.join("vs.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, cfg.join("vs.yaml")).unwrap();
+    };
+    write(edited("{attempts: 0}"));
+    let converged = eventually(Duration::from_secs(20), || {
+        let c = client.call("/echo.Echo/Call", 20, &[]);
+        (c.get("v2") == Some(&20)).then_some(c)
+    });
+    assert!(converged.is_some(), "the channel never moved to v2: {}", logs());
+    let faulted = client.call("/echo.Echo/Call", 10, &["x-fault=yes"]);
+    assert_eq!(faulted, BTreeMap::from([("status:RESOURCE_EXHAUSTED".to_string(), 10)]), "{}", logs());
+    let flaky = client.call("/echo.Echo/Flaky", 30, &[]);
+    let failed = flaky.get("status:UNAVAILABLE").copied().unwrap_or(0);
+    assert!((5..=15).contains(&failed), "without retries about a third of 30 Flaky calls fail: {flaky:?}");
+
+    // With retries on unavailable, the failing backend is hidden.
+    write(edited("{attempts: 3, retryOn: unavailable}"));
+    let hidden = eventually(Duration::from_secs(20), || {
+        let c = client.call("/echo.Echo/Flaky", 30, &[]);
+        (!c.contains_key("status:UNAVAILABLE")).then_some(c)
+    });
+    let hidden = hidden.unwrap_or_else(|| panic!("retries never hid the failing backend: {}", logs()));
+    assert_eq!(hidden.get("v1").copied().unwrap_or(0) + hidden.get("v3").copied().unwrap_or(0), 30, "{hidden:?}");
+}
