@@ -33,17 +33,32 @@ fn grpc_bootstrap(dir: &Path, name: &str, node: &str, xds_port: u16) -> PathBuf 
     path
 }
 
-/// An echo server answering with `name` on `addr` (relocated), with extra `flags`.
+/// An echo server answering with `name` on `addr`, with extra `flags`.
 fn echo_server(dir: &Path, name: &str, addr: &str, flags: &[&str], bootstrap: Option<&Path>) -> Proc {
     let mut cmd = Command::new(python_bin());
-    cmd.arg(echo_py()).args(["serve", name, &relocate(addr)]).args(flags);
+    cmd.arg(echo_py()).args(["serve", name, addr]).args(flags);
     if let Some(b) = bootstrap {
         cmd.env("GRPC_XDS_BOOTSTRAP", b);
     }
     Proc::spawn(name, &mut cmd, &dir.join(format!("{name}.log")))
 }
 
-/// The line-driven client of `echo.py`: one channel for its whole life.
+/// Which xDS client implementation runs the calls.
+#[derive(Clone, Copy)]
+enum Implementation {
+    /// Python `grpcio` (`echo.py client`).
+    Python,
+    /// Node.js `@grpc/grpc-js` with `@grpc/grpc-js-xds` (`echo.js`).
+    Node,
+}
+
+/// Where `./test` installs grpc-js: `$SLUICE_NODE_PATH`, else its cache.
+fn node_path() -> String {
+    std::env::var("SLUICE_NODE_PATH")
+        .unwrap_or_else(|_| format!("{}/.cache/sluice/grpc-js/node_modules", std::env::var("HOME").unwrap_or_default()))
+}
+
+/// The line-driven client of `echo.py` / `echo.js`: one channel for its whole life.
 struct Client {
     child: Child,
     stdin: ChildStdin,
@@ -51,10 +66,21 @@ struct Client {
 }
 
 impl Client {
-    fn start(target: &str, bootstrap: &Path, log: &Path) -> Client {
-        let mut child = Command::new(python_bin())
-            .arg(echo_py())
-            .args(["client", target])
+    fn start(implementation: Implementation, target: &str, bootstrap: &Path, log: &Path) -> Client {
+        let mut cmd = match implementation {
+            Implementation::Python => {
+                let mut cmd = Command::new(python_bin());
+                cmd.arg(echo_py()).arg("client");
+                cmd
+            }
+            Implementation::Node => {
+                let mut cmd = Command::new("node");
+                cmd.arg(common::root().join("controlplane/tests/grpc/echo.js")).env("NODE_PATH", node_path());
+                cmd
+            }
+        };
+        let mut child = cmd
+            .arg(target)
             .env("GRPC_XDS_BOOTSTRAP", bootstrap)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -125,11 +151,24 @@ spec:
 
 #[test]
 fn python_grpc_clients_and_servers_follow_the_mesh_config() {
+    follows_the_mesh_config(Implementation::Python, 7070);
+}
+
+#[test]
+fn grpc_js_clients_follow_the_mesh_config() {
+    // Another port than the Python test's, which runs at the same time on the same addresses.
+    follows_the_mesh_config(Implementation::Node, 7071);
+}
+
+/// The checks, for a client of `implementation`, with the example's port moved to `port`.
+fn follows_the_mesh_config(implementation: Implementation, port: u16) {
+    let at = |addr: &str| relocate(addr).replace(":7070", &format!(":{port}"));
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cfg");
     std::fs::create_dir(&cfg).unwrap();
     // The example with its VirtualService in a file of its own, which the test then edits.
-    let example = relocate(&std::fs::read_to_string(common::root().join("examples/grpc/mesh.yaml")).unwrap());
+    let example = relocate(&std::fs::read_to_string(common::root().join("examples/grpc/mesh.yaml")).unwrap())
+        .replace("7070", &port.to_string());
     let (routing, rest): (Vec<&str>, Vec<&str>) =
         example.split("\n---\n").partition(|d| d.contains("kind: VirtualService"));
     assert_eq!(routing.len(), 1, "examples/grpc has one VirtualService");
@@ -139,11 +178,11 @@ fn python_grpc_clients_and_servers_follow_the_mesh_config() {
 
     // v3 is an xds=True server: with no control plane yet, it does not serve.
     let v3_bootstrap = grpc_bootstrap(dir.path(), "v3-bootstrap", ECHO_V3, xds_port);
-    let _v1 = echo_server(dir.path(), "v1", "127.0.3.11:7070", &[], None);
-    let _v2 = echo_server(dir.path(), "v2", "127.0.3.12:7070", &["--flaky"], None);
-    let _v3 = echo_server(dir.path(), "v3", "127.0.3.13:7070", &["--xds"], Some(&v3_bootstrap));
+    let _v1 = echo_server(dir.path(), "v1", &at("127.0.3.11:7070"), &[], None);
+    let _v2 = echo_server(dir.path(), "v2", &at("127.0.3.12:7070"), &["--flaky"], None);
+    let _v3 = echo_server(dir.path(), "v3", &at("127.0.3.13:7070"), &["--xds"], Some(&v3_bootstrap));
     std::thread::sleep(Duration::from_secs(2));
-    let before = direct_call(&relocate("127.0.3.13:7070"));
+    let before = direct_call(&at("127.0.3.13:7070"));
     assert!(before.get("v3").is_none(), "the xds server served before it had its listener: {before:?}");
 
     let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"));
@@ -164,12 +203,13 @@ fn python_grpc_clients_and_servers_follow_the_mesh_config() {
     });
     assert!(ready.is_some(), "sluice did not become ready: {}", logs());
     let served = eventually(Duration::from_secs(20), || {
-        direct_call(&relocate("127.0.3.13:7070")).get("v3").copied().filter(|n| *n == 1)
+        direct_call(&at("127.0.3.13:7070")).get("v3").copied().filter(|n| *n == 1)
     });
     assert!(served.is_some(), "the xds server never served once sluice sent its listener: {}", logs());
 
     let client_bootstrap = grpc_bootstrap(dir.path(), "client-bootstrap", CLIENT, xds_port);
-    let mut client = Client::start(TARGET, &client_bootstrap, &dir.path().join("client.log"));
+    let target = TARGET.replace("7070", &port.to_string());
+    let mut client = Client::start(implementation, &target, &client_bootstrap, &dir.path().join("client.log"));
     // 75/25 over v1 and v2 on one channel.
     let split = client.call("/echo.Echo/Call", 800, &[]);
     assert_eq!(split.values().sum::<usize>(), 800, "{split:?}: {}", logs());
