@@ -5,6 +5,7 @@
 //! changes) and (ii) an endpoint-only change, and sluice's RSS and CPU seconds per push. With
 //! `--silent M`, M more clients subscribe the same way once the others are synced and never
 //! answer a response (hostile or stuck proxies): the times are still the answering clients'.
+//! With `--proxyless`, the clients are proxyless gRPC clients instead (SotW, by name).
 //! With `--tls`, every client uses the TLS port with a client certificate of the mesh (one
 //! identity of namespace `bench`, signed by sluice's own CA), as sidecars on 15012 do.
 
@@ -65,6 +66,72 @@ async fn client(channel: tonic::transport::Channel, id: usize, acks: Acks) -> an
         .await?;
         let type_url = [CLUSTER, ENDPOINT, LISTENER, ROUTE].into_iter().find(|t| *t == r.type_url).unwrap_or(CLUSTER);
         let version: u64 = r.system_version_info.parse().unwrap_or(0);
+        let mut a = acks.lock().expect("acks");
+        let entry = a[id].entry(type_url).or_insert((0, Instant::now()));
+        if version >= entry.0 {
+            *entry = (version, Instant::now());
+        }
+    }
+    Ok(())
+}
+
+/// The names a proxyless gRPC client that dials every service of `services` subscribes to, by
+/// type: gRPC never subscribes by wildcard.
+fn proxyless_names(services: usize, type_url: &str) -> Vec<String> {
+    let host = |i: usize| format!("svc-{i}.bench.svc.cluster.local");
+    let mut out = Vec::new();
+    for i in 0..services {
+        match type_url {
+            LISTENER => out.push(format!("{}:8080", host(i))),
+            ROUTE => out.push(format!("outbound|8080||{}", host(i))),
+            _ => out.extend(["", "v1", "v2"].map(|subset| format!("outbound|8080|{subset}|{}", host(i)))),
+        }
+    }
+    out
+}
+
+/// A proxyless gRPC client as gRPC's own is: State-of-the-World, node metadata
+/// `GENERATOR: grpc`, every type subscribed by name, each response ACKed with the names again.
+async fn proxyless_client(
+    channel: tonic::transport::Channel,
+    id: usize,
+    services: usize,
+    acks: Acks,
+) -> anyhow::Result<()> {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let generator = Value { kind: Some(Kind::StringValue("grpc".into())) };
+    let node = Node {
+        id: format!("sidecar~127.0.3.1~grpc-{id}.bench~bench.svc.cluster.local"),
+        metadata: Some(Struct { fields: [("GENERATOR".to_string(), generator)].into_iter().collect() }),
+        ..Default::default()
+    };
+    for type_url in [LISTENER, ROUTE, CLUSTER, ENDPOINT] {
+        let request = DiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: type_url.into(),
+            resource_names: proxyless_names(services, type_url),
+            ..Default::default()
+        };
+        tx.send(request).await?;
+    }
+    let mut responses = ads.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    while let Some(r) = responses.message().await? {
+        let type_url = [CLUSTER, ENDPOINT, LISTENER, ROUTE].into_iter().find(|t| *t == r.type_url).unwrap_or(CLUSTER);
+        tx.send(DiscoveryRequest {
+            type_url: r.type_url.clone(),
+            version_info: r.version_info.clone(),
+            response_nonce: r.nonce.clone(),
+            resource_names: proxyless_names(services, type_url),
+            ..Default::default()
+        })
+        .await?;
+        // Every name exists: a response without one of them is a wrong response.
+        let asked = proxyless_names(services, type_url).len();
+        anyhow::ensure!(r.resources.len() == asked, "{type_url}: {} resources for {asked} names", r.resources.len());
+        let version: u64 = r.version_info.parse().unwrap_or(0);
         let mut a = acks.lock().expect("acks");
         let entry = a[id].entry(type_url).or_insert((0, Instant::now()));
         if version >= entry.0 {
@@ -137,6 +204,7 @@ fn point(
     pushes: usize,
     quiet: usize,
     tls: bool,
+    proxyless: bool,
 ) -> anyhow::Result<String> {
     let dir = std::env::temp_dir().join(format!("sluice-conv-{}-{clients}-{services}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -199,7 +267,12 @@ fn point(
     for id in 0..clients {
         let (channel, acks) = (channels[id / STREAMS_PER_CONNECTION].clone(), acks.clone());
         runtime.spawn(async move {
-            if let Err(e) = client(channel, id, acks).await {
+            let done = if proxyless {
+                proxyless_client(channel, id, services, acks).await
+            } else {
+                client(channel, id, acks).await
+            };
+            if let Err(e) = done {
                 eprintln!("client {id}: {e}");
             }
         });
@@ -227,11 +300,18 @@ fn point(
     let (mut full, mut eds) = (Vec::new(), Vec::new());
     let mut cpu = Vec::new();
     for p in 0..pushes {
-        // (i) A new service: clusters, endpoints, listeners' and routes' contents all change.
-        let before = (versions(&acks, CLUSTER), cpu_seconds(pid).unwrap_or(0.0));
+        // (i) Envoy: a new service, so clusters, endpoints, listeners' and routes' contents all
+        // change. Proxyless: a new service is nothing its clients asked for, so svc-0's weights
+        // change instead (its route configuration).
+        let watched = if proxyless { ROUTE } else { CLUSTER };
+        let before = (versions(&acks, watched), cpu_seconds(pid).unwrap_or(0.0));
         let t = Instant::now();
-        std::fs::write(dir.join(format!("config/extra-{p}.yaml")), service_yaml(services + p, 2, 80))?;
-        let mut times = wait_all(&acks, CLUSTER, &before.0, t, Duration::from_secs(900))?;
+        if proxyless {
+            std::fs::write(dir.join("config/svc-0.yaml"), service_yaml(0, 2, 70 - p as u32 % 50))?;
+        } else {
+            std::fs::write(dir.join(format!("config/extra-{p}.yaml")), service_yaml(services + p, 2, 80))?;
+        }
+        let mut times = wait_all(&acks, watched, &before.0, t, Duration::from_secs(900))?;
         times.sort_by(f64::total_cmp);
         full.push(times);
         std::thread::sleep(Duration::from_millis(200));
@@ -239,7 +319,8 @@ fn point(
         // (ii) One service's endpoints move: only EDS changes.
         let before = versions(&acks, ENDPOINT);
         let t = Instant::now();
-        std::fs::write(dir.join("config/svc-0.yaml"), service_yaml_at(0, 2, 80, 200_000 + 2 * p))?;
+        let weight = if proxyless { 70 - p as u32 % 50 } else { 80 };
+        std::fs::write(dir.join("config/svc-0.yaml"), service_yaml_at(0, 2, weight, 200_000 + 2 * p))?;
         let mut times = wait_all(&acks, ENDPOINT, &before, t, Duration::from_secs(900))?;
         times.sort_by(f64::total_cmp);
         eds.push(times);
@@ -286,7 +367,13 @@ pub fn run(
     pushes: usize,
     quiet: usize,
     tls: bool,
+    proxyless: bool,
 ) -> anyhow::Result<()> {
+    if proxyless {
+        println!(
+            "Proxyless gRPC clients (State-of-the-World, GENERATOR: grpc, every service's listener, route, clusters and endpoints subscribed by name); the full push is a routing change of one service."
+        );
+    }
     let port = if tls { "the TLS port with a mesh client certificate" } else { "plaintext xDS" };
     println!(
         "Convergence: Delta ADS clients in the benchmark process over {port}, sluice serve in its own; {pushes} pushes per point."
@@ -300,7 +387,7 @@ pub fn run(
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in services {
         for n in clients {
-            println!("{}", point(sluice, *n, *s, pushes, quiet, tls)?);
+            println!("{}", point(sluice, *n, *s, pushes, quiet, tls, proxyless)?);
         }
     }
     Ok(())

@@ -122,6 +122,10 @@ enum Bench {
         /// sluice's own CA, as sidecars do, instead of plaintext 15010.
         #[arg(long)]
         tls: bool,
+        /// The clients are proxyless gRPC clients (node metadata GENERATOR: grpc, SotW,
+        /// subscribing by name) instead of Envoys.
+        #[arg(long)]
+        proxyless: bool,
     },
     /// (internal) the data path's echo backend.
     #[command(hide = true)]
@@ -172,10 +176,10 @@ fn main() -> anyhow::Result<()> {
             println!("machine: {}", stats::machine());
             datapath::run(count, rate, runs)
         }
-        Bench::Convergence { clients, services, pushes, silent, tls } => {
+        Bench::Convergence { clients, services, pushes, silent, tls, proxyless } => {
             println!("machine: {}\n", stats::machine());
             let sluice = std::env::current_exe()?.with_file_name("sluice");
-            convergence::run(&sluice, &clients, &services, pushes, silent, tls)
+            convergence::run(&sluice, &clients, &services, pushes, silent, tls, proxyless)
         }
         Bench::Echo { addr } => datapath::echo(&addr),
         Bench::Client { target, host, persistent, count, rate } => {

@@ -235,6 +235,16 @@ fn follows_the_mesh_config(implementation: Implementation, port: u16) {
         (c.get("v2") == Some(&20)).then_some(c)
     });
     assert!(converged.is_some(), "the channel never moved to v2: {}", logs());
+    // /debug/syncz shows the proxyless client like any proxy: every type acknowledged.
+    let (_, syncz) = http_get(&format!("127.0.0.1:{monitoring_port}"), "x", "/debug/syncz", &[]).unwrap();
+    let syncz: serde_json::Value = serde_json::from_str(&syncz).unwrap();
+    let proxies = syncz["proxies"].as_array().unwrap();
+    let me = proxies.iter().find(|p| p["node_id"] == relocate(CLIENT)).unwrap_or_else(|| panic!("{syncz}"));
+    let types = me["types"].as_object().unwrap();
+    assert_eq!(types.len(), 4, "LDS, RDS, CDS and EDS: {me}");
+    for (type_url, t) in types {
+        assert_eq!(t["acked_version"], t["sent_version"], "{type_url} in sync: {me}");
+    }
     let faulted = client.call("/echo.Echo/Call", 10, &["x-fault=yes"]);
     assert_eq!(faulted, BTreeMap::from([("status:RESOURCE_EXHAUSTED".to_string(), 10)]), "{}", logs());
     let flaky = client.call("/echo.Echo/Flaky", 30, &[]);

@@ -17,6 +17,20 @@ struct TypeState {
     wildcard: bool,
     nonce: String,
     sent_version: String,
+    /// What the last response held (names and versions), for named subscriptions: a new
+    /// version of the type that changes none of them is not sent.
+    sent_digest: u64,
+}
+
+/// The digest of the resources a response holds.
+fn digest<'a>(resources: impl Iterator<Item = &'a std::sync::Arc<crate::resource::Encoded>>) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    for r in resources {
+        r.name.hash(&mut h);
+        r.version.hash(&mut h);
+    }
+    h.finish()
 }
 
 /// A SotW stream's per-type state.
@@ -68,14 +82,22 @@ impl Protocol for Sotw {
     }
 
     async fn push(&mut self, core: &mut SotwCore, type_url: &str) -> Result<(), Gone> {
-        let due = self
-            .types
-            .get(type_url)
-            .is_some_and(|s| !s.nonce.is_empty() && s.sent_version != core.type_version(type_url));
-        if due {
-            self.send(core, type_url).await?;
+        let version = core.type_version(type_url);
+        let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
+        if state.nonce.is_empty() || state.sent_version == version {
+            return Ok(());
         }
-        Ok(())
+        // A client that asked for names (gRPC always does) hears of a change to those only.
+        if !state.wildcard {
+            let items = core.snapshot.of(type_url).map(|t| &t.items);
+            let held = state.names.iter().filter_map(|n| items?.get(n));
+            if digest(held) == state.sent_digest {
+                core.current_without_response(type_url, &version);
+                state.sent_version = version;
+                return Ok(());
+            }
+        }
+        self.send(core, type_url).await
     }
 
     fn sent_versions(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -93,8 +115,14 @@ impl Sotw {
         let state = self.types.get_mut(type_url).expect("state exists for requested type");
         let resources: Vec<_> = match core.snapshot.of(type_url) {
             Some(t) if state.wildcard => t.items.values().map(|r| r.to_any()).collect(),
-            Some(t) => state.names.iter().filter_map(|n| t.items.get(n)).map(|r| r.to_any()).collect(),
-            None => Vec::new(),
+            Some(t) => {
+                state.sent_digest = digest(state.names.iter().filter_map(|n| t.items.get(n)));
+                state.names.iter().filter_map(|n| t.items.get(n)).map(|r| r.to_any()).collect()
+            }
+            None => {
+                state.sent_digest = digest(std::iter::empty());
+                Vec::new()
+            }
         };
         state.nonce = core.next_nonce();
         state.sent_version = version.clone();

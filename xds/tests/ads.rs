@@ -193,6 +193,32 @@ async fn sotw_wildcard_named_ack_and_eds_only_push() {
 }
 
 #[tokio::test]
+async fn sotw_named_subscriptions_hear_only_of_changes_to_their_names() {
+    let h = Harness::start().await;
+    h.generator.set(1, vec![cluster("a", true), endpoints("a", 1000), endpoints("b", 1000)]);
+    let (tx, mut rx) = sotw(&h, "grpc").await;
+    let cds = next(&mut rx).await;
+    tx.send(ack(&cds, &[])).await.unwrap();
+    tx.send(DiscoveryRequest { type_url: ENDPOINT.into(), resource_names: vec!["a".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let eds = next(&mut rx).await;
+    tx.send(ack(&eds, &["a"])).await.unwrap();
+    nothing(&mut rx).await;
+    // Only b's endpoints change: the EDS type has a new version, and this client, which asked
+    // for a only, hears nothing of it but is current.
+    h.generator.set(2, vec![cluster("a", true), endpoints("a", 1000), endpoints("b", 2000)]);
+    assert_eq!(h.server.refresh(), 1);
+    nothing(&mut rx).await;
+    assert_eq!(h.server.statuses()[0].types[ENDPOINT].acked_version, "2", "current without a response");
+    // a's endpoints change: pushed.
+    h.generator.set(3, vec![cluster("a", true), endpoints("a", 3000), endpoints("b", 2000)]);
+    h.server.refresh();
+    let eds3 = next(&mut rx).await;
+    assert_eq!((eds3.type_url.as_str(), eds3.version_info.as_str(), eds3.resources.len()), (ENDPOINT, "3", 1));
+}
+
+#[tokio::test]
 async fn single_type_services_serve_their_type() {
     use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
     use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient;
