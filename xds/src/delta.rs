@@ -6,13 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::cache::{Difference, ResourceSet};
 use crate::resource::Encoded;
 use crate::stream::{Core, Gone, Protocol};
+use crate::transport::WireAny;
 use crate::type_url::is_wildcard_type;
 
 #[derive(Default)]
@@ -219,15 +220,6 @@ impl Delta {
     }
 }
 
-/// `google.protobuf.Any` whose value is a shared encoding.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WireAny {
-    #[prost(string, tag = "1")]
-    type_url: String,
-    #[prost(bytes = "bytes", tag = "2")]
-    value: Bytes,
-}
-
 /// `envoy.service.discovery.v3.Resource`, the fields sluice sends.
 #[derive(Clone, PartialEq, prost::Message)]
 struct WireResource {
@@ -285,10 +277,5 @@ pub(crate) fn frame(response: DeltaResponse<'_>) -> Bytes {
         removed_resources: response.removed_resources,
         control_plane: Some(ControlPlane { identifier: response.identifier.to_string() }),
     };
-    let len = prost::Message::encoded_len(&message);
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
-    prost::Message::encode(&message, &mut buf).expect("the buffer has room for the message");
-    buf.freeze()
+    crate::transport::frame(&message)
 }

@@ -13,17 +13,15 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::authorization::{Authorizer, Gate};
 use crate::cache::Snapshot;
-use crate::delta_transport::DeltaService;
 use crate::shared::Shared;
-use crate::sotw::Sotw;
 use crate::status::ProxyStatus;
-use crate::stream::STREAM_BUFFER;
+use crate::transport::FramedService;
 
 pub use crate::shared::{GenerateError, Generator, NoObserver, NodeInfo, Observer};
 
@@ -173,10 +171,10 @@ impl XdsServer {
     > + Clone
     + Send
     + 'static {
-        let generated = AggregatedDiscoveryServiceServer::new(Ads { shared: self.shared.clone(), gate: gate.clone() })
+        let generated = AggregatedDiscoveryServiceServer::new(Ads)
             .max_decoding_message_size(16 * 1024 * 1024)
             .max_encoding_message_size(256 * 1024 * 1024);
-        DeltaService::new(generated, self.shared.clone(), ADS_DELTA_PATH, None, gate)
+        FramedService::new(generated, self.shared.clone(), (ADS_DELTA_PATH, ADS_SOTW_PATH), None, gate)
     }
 
     /// Serves ADS and the per-type services on `listener` until `shutdown` resolves, then closes
@@ -249,17 +247,17 @@ pub const DEFAULT_IDENTIFIER: &str = "sluice";
 
 /// The Delta ADS method's path.
 const ADS_DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// The State-of-the-World ADS method's path.
+const ADS_SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 
 /// The default split of large Delta responses (see [`XdsServer::with_delta_chunk_bytes`]): an
 /// initial sync of a large mesh then builds and encodes 64 KiB at a time per stream instead of
 /// the whole config at once (twice: the response and its encoding).
 pub const DELTA_CHUNK_BYTES: usize = 64 * 1024;
 
-/// The Aggregated Discovery Service.
-pub struct Ads {
-    pub(crate) shared: Arc<Shared>,
-    gate: Gate,
-}
+/// The Aggregated Discovery Service as tonic generates it: every streaming method is served
+/// by [`FramedService`] in front of it, so it holds nothing.
+pub struct Ads;
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Ads {
@@ -268,26 +266,17 @@ impl AggregatedDiscoveryService for Ads {
 
     async fn stream_aggregated_resources(
         &self,
-        request: Request<Streaming<DiscoveryRequest>>,
+        _request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let admission = self.gate.admission(request.metadata().as_ref(), request.extensions());
-        tokio::spawn(crate::stream::run(
-            self.shared.clone(),
-            request.into_inner(),
-            tx,
-            None,
-            admission,
-            Sotw::default(),
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // Never reached: `FramedService` serves this method before the generated service.
+        Err(Status::internal("ADS is served by sluice's own transport"))
     }
 
     async fn delta_aggregated_resources(
         &self,
         _request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        // Never reached: `DeltaService` serves this method before the generated service.
+        // Never reached: `FramedService` serves this method before the generated service.
         Err(Status::internal("Delta ADS is served by sluice's own transport"))
     }
 }

@@ -5,10 +5,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::stream::{Core, Gone, Protocol};
+use crate::transport::WireAny;
 use crate::type_url::is_wildcard_type;
 
 #[derive(Default)]
@@ -39,11 +41,11 @@ pub(crate) struct Sotw {
     types: HashMap<String, TypeState>,
 }
 
-type SotwCore = Core<DiscoveryResponse>;
+type SotwCore = Core<Bytes>;
 
 impl Protocol for Sotw {
     type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
+    type Response = Bytes;
     const NAME: &'static str = "sotw";
 
     fn node(request: &DiscoveryRequest) -> Option<&Node> {
@@ -113,11 +115,11 @@ impl Sotw {
         let start = Instant::now();
         let version = core.type_version(type_url);
         let state = self.types.get_mut(type_url).expect("state exists for requested type");
-        let resources: Vec<_> = match core.snapshot.of(type_url) {
-            Some(t) if state.wildcard => t.items.values().map(|r| r.to_any()).collect(),
+        let resources: Vec<WireAny> = match core.snapshot.of(type_url) {
+            Some(t) if state.wildcard => t.items.values().map(|r| wire(r)).collect(),
             Some(t) => {
                 state.sent_digest = digest(state.names.iter().filter_map(|n| t.items.get(n)));
-                state.names.iter().filter_map(|n| t.items.get(n)).map(|r| r.to_any()).collect()
+                state.names.iter().filter_map(|n| t.items.get(n)).map(|r| wire(r)).collect()
             }
             None => {
                 state.sent_digest = digest(std::iter::empty());
@@ -127,16 +129,35 @@ impl Sotw {
         state.nonce = core.next_nonce();
         state.sent_version = version.clone();
         core.record_sent(type_url, &version, &state.nonce, resources.len());
-        let response = DiscoveryResponse {
+        let response = WireResponse {
             version_info: version,
             resources,
             type_url: type_url.to_string(),
             nonce: state.nonce.clone(),
             control_plane: Some(ControlPlane { identifier: core.shared.identifier.clone() }),
-            ..Default::default()
         };
-        core.send(response).await?;
+        core.send(crate::transport::frame(&response)).await?;
         core.pushed(type_url, start);
         Ok(())
     }
+}
+
+/// A resource as the response holds it: its shared encoding, not a copy.
+fn wire(r: &crate::resource::Encoded) -> WireAny {
+    WireAny { type_url: r.type_url.clone(), value: r.bytes.clone() }
+}
+
+/// `envoy.service.discovery.v3.DiscoveryResponse`, the fields sluice sends.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WireResponse {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<WireAny>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+    #[prost(message, optional, tag = "6")]
+    control_plane: Option<ControlPlane>,
 }

@@ -17,22 +17,17 @@ use envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_se
 use envoy_types::pb::envoy::service::route::v3::route_discovery_service_server::{
     RouteDiscoveryService, RouteDiscoveryServiceServer,
 };
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::authorization::Gate;
-use crate::delta_transport::DeltaService;
 use crate::shared::Shared;
-use crate::sotw::Sotw;
-use crate::stream::STREAM_BUFFER;
+use crate::transport::FramedService;
 use crate::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
-/// One single-type service.
-pub struct Typed {
-    shared: Arc<Shared>,
-    gate: Gate,
-}
+/// One single-type service as tonic generates it: its streaming methods are served by
+/// [`FramedService`] in front of it, so it holds nothing.
+pub struct Typed;
 
 macro_rules! single_type_service {
     ($trait:ident, $type_url:expr, $stream:ident, $delta:ident, $fetch:ident, $stream_ty:ident, $delta_ty:ident) => {
@@ -43,26 +38,17 @@ macro_rules! single_type_service {
 
             async fn $stream(
                 &self,
-                request: Request<Streaming<DiscoveryRequest>>,
+                _request: Request<Streaming<DiscoveryRequest>>,
             ) -> Result<Response<Self::$stream_ty>, Status> {
-                let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-                let admission = self.gate.admission(request.metadata().as_ref(), request.extensions());
-                tokio::spawn(crate::stream::run(
-                    self.shared.clone(),
-                    request.into_inner(),
-                    tx,
-                    Some($type_url),
-                    admission,
-                    Sotw::default(),
-                ));
-                Ok(Response::new(ReceiverStream::new(rx)))
+                // Never reached: `FramedService` serves this method before the generated service.
+                Err(Status::internal("served by sluice's own transport"))
             }
 
             async fn $delta(
                 &self,
                 _request: Request<Streaming<DeltaDiscoveryRequest>>,
             ) -> Result<Response<Self::$delta_ty>, Status> {
-                // Never reached: `DeltaService` serves this method before the generated service.
+                // Never reached: `FramedService` serves this method before the generated service.
                 Err(Status::internal("Delta is served by sluice's own transport"))
             }
 
@@ -112,43 +98,55 @@ single_type_service!(
 
 /// The four single-type services.
 type Services = (
-    DeltaService<ClusterDiscoveryServiceServer<Typed>>,
-    DeltaService<EndpointDiscoveryServiceServer<Typed>>,
-    DeltaService<ListenerDiscoveryServiceServer<Typed>>,
-    DeltaService<RouteDiscoveryServiceServer<Typed>>,
+    FramedService<ClusterDiscoveryServiceServer<Typed>>,
+    FramedService<EndpointDiscoveryServiceServer<Typed>>,
+    FramedService<ListenerDiscoveryServiceServer<Typed>>,
+    FramedService<RouteDiscoveryServiceServer<Typed>>,
 );
 
-/// CDS, EDS, LDS and RDS services sharing the server's state (their Delta methods served by
-/// [`DeltaService`]), their streams let through `gate`.
+/// CDS, EDS, LDS and RDS services sharing the server's state (their streaming methods served by
+/// [`FramedService`]), their streams let through `gate`.
 pub(crate) fn services(shared: &Arc<Shared>, gate: &Gate) -> Services {
-    let t = || Typed { shared: shared.clone(), gate: gate.clone() };
+    let t = || Typed;
     let s = || shared.clone();
     (
-        DeltaService::new(
+        FramedService::new(
             ClusterDiscoveryServiceServer::new(t()),
             s(),
-            "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
+            (
+                "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
+                "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters",
+            ),
             Some(CLUSTER),
             gate.clone(),
         ),
-        DeltaService::new(
+        FramedService::new(
             EndpointDiscoveryServiceServer::new(t()),
             s(),
-            "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints",
+            (
+                "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints",
+                "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints",
+            ),
             Some(ENDPOINT),
             gate.clone(),
         ),
-        DeltaService::new(
+        FramedService::new(
             ListenerDiscoveryServiceServer::new(t()),
             s(),
-            "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners",
+            (
+                "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners",
+                "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners",
+            ),
             Some(LISTENER),
             gate.clone(),
         ),
-        DeltaService::new(
+        FramedService::new(
             RouteDiscoveryServiceServer::new(t()),
             s(),
-            "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes",
+            (
+                "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes",
+                "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes",
+            ),
             Some(ROUTE),
             gate.clone(),
         ),
