@@ -90,6 +90,19 @@ fn proxyless_names(services: usize, type_url: &str) -> Vec<String> {
     out
 }
 
+/// The name of a resource of `type_url` from its encoding.
+fn resource_name(type_url: &str, value: &[u8]) -> anyhow::Result<String> {
+    use envoy_types::pb::envoy::config::{cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment};
+    use envoy_types::pb::envoy::config::{listener::v3::Listener, route::v3::RouteConfiguration};
+    use prost::Message;
+    Ok(match type_url {
+        LISTENER => Listener::decode(value)?.name,
+        ROUTE => RouteConfiguration::decode(value)?.name,
+        CLUSTER => Cluster::decode(value)?.name,
+        _ => ClusterLoadAssignment::decode(value)?.cluster_name,
+    })
+}
+
 /// A proxyless gRPC client as gRPC's own is: State-of-the-World, node metadata
 /// `GENERATOR: grpc`, every type subscribed by name, each response ACKed with the names again.
 async fn proxyless_client(
@@ -118,6 +131,8 @@ async fn proxyless_client(
         tx.send(request).await?;
     }
     let mut responses = ads.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    // The names received per type: endpoints and routes come only when they change.
+    let mut held: HashMap<&'static str, std::collections::HashSet<String>> = HashMap::new();
     while let Some(r) = responses.message().await? {
         let type_url = [CLUSTER, ENDPOINT, LISTENER, ROUTE].into_iter().find(|t| *t == r.type_url).unwrap_or(CLUSTER);
         tx.send(DiscoveryRequest {
@@ -128,9 +143,13 @@ async fn proxyless_client(
             ..Default::default()
         })
         .await?;
-        // Every name exists once the config is loaded: only a response with all of them counts
-        // (sluice answers before it has read the config, with none).
-        if r.resources.len() != proxyless_names(services, type_url).len() {
+        // Every name exists once the config is loaded: the client is synced once it has all of
+        // them (sluice answers before it has read the config, with none).
+        let names = held.entry(type_url).or_default();
+        for a in &r.resources {
+            names.insert(resource_name(type_url, &a.value)?);
+        }
+        if names.len() != proxyless_names(services, type_url).len() {
             continue;
         }
         let version: u64 = r.version_info.parse().unwrap_or(0);

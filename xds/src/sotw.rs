@@ -3,15 +3,17 @@
 //! response holds.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
+use crate::resource::Encoded;
 use crate::stream::{Core, Gone, Protocol};
 use crate::transport::WireAny;
-use crate::type_url::is_wildcard_type;
+use crate::type_url::{is_full_state_type, is_wildcard_type};
 
 #[derive(Default)]
 struct TypeState {
@@ -19,20 +21,11 @@ struct TypeState {
     wildcard: bool,
     nonce: String,
     sent_version: String,
-    /// What the last response held (names and versions), for named subscriptions: a new
-    /// version of the type that changes none of them is not sent.
-    sent_digest: u64,
-}
-
-/// The digest of the resources a response holds.
-fn digest<'a>(resources: impl Iterator<Item = &'a std::sync::Arc<crate::resource::Encoded>>) -> u64 {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let mut h = DefaultHasher::new();
-    for r in resources {
-        r.name.hash(&mut h);
-        r.version.hash(&mut h);
-    }
-    h.finish()
+    /// For a subscription by name: what the client holds, name → version. Only what changed
+    /// is sent to it: of listeners and clusters (whose responses are the whole state, and
+    /// whose absence is a removal) all it asked for once one of them changed; of the other
+    /// types the changed resources alone, as xDS lets a server group them.
+    held: HashMap<String, String>,
 }
 
 /// A SotW stream's per-type state.
@@ -74,32 +67,25 @@ impl Protocol for Sotw {
         let wildcard = names.contains("*") || (names.is_empty() && is_wildcard_type(&type_url));
         let first = state.nonce.is_empty();
         let names_changed = names != state.names || wildcard != state.wildcard;
+        state.held.retain(|n, _| names.contains(n));
         state.names = names;
         state.wildcard = wildcard;
         let stale = state.sent_version != current_version;
         if first || names_changed || (stale && req.error_detail.is_none()) {
-            self.send(core, &type_url).await?;
+            self.send(core, &type_url, first || names_changed).await?;
         }
         Ok(())
     }
 
     async fn push(&mut self, core: &mut SotwCore, type_url: &str) -> Result<(), Gone> {
-        let version = core.type_version(type_url);
-        let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
-        if state.nonce.is_empty() || state.sent_version == version {
-            return Ok(());
+        let due = self
+            .types
+            .get(type_url)
+            .is_some_and(|s| !s.nonce.is_empty() && s.sent_version != core.type_version(type_url));
+        if due {
+            self.send(core, type_url, false).await?;
         }
-        // A client that asked for names (gRPC always does) hears of a change to those only.
-        if !state.wildcard {
-            let items = core.snapshot.of(type_url).map(|t| &t.items);
-            let held = state.names.iter().filter_map(|n| items?.get(n));
-            if digest(held) == state.sent_digest {
-                core.current_without_response(type_url, &version);
-                state.sent_version = version;
-                return Ok(());
-            }
-        }
-        self.send(core, type_url).await
+        Ok(())
     }
 
     fn sent_versions(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -108,27 +94,48 @@ impl Protocol for Sotw {
 }
 
 impl Sotw {
-    /// Sends every resource of `type_url` the client asked for.
-    async fn send(&mut self, core: &mut SotwCore, type_url: &str) -> Result<(), Gone> {
+    /// Sends what the client asked for of `type_url`: everything to a wildcard subscription;
+    /// to one by name, what changed since it was last sent (see `TypeState::held`), or nothing
+    /// when nothing did, unless `always` (a new or changed request).
+    async fn send(&mut self, core: &mut SotwCore, type_url: &str, always: bool) -> Result<(), Gone> {
+        let version = core.type_version(type_url);
+        let state = self.types.get_mut(type_url).expect("state exists for requested type");
+        let items = core.snapshot.of(type_url).map(|t| &t.items);
+        let selected: Vec<Arc<Encoded>> = if state.wildcard {
+            items.iter().flat_map(|i| i.values()).cloned().collect()
+        } else {
+            let present: Vec<Arc<Encoded>> = state.names.iter().filter_map(|n| items?.get(n)).cloned().collect();
+            let changed = |r: &Arc<Encoded>| state.held.get(r.name.as_str()) != Some(&r.version);
+            // A resource the client holds is gone (of listeners and clusters, a removal to send).
+            let gone =
+                is_full_state_type(type_url) && state.held.keys().any(|n| items.and_then(|i| i.get(n)).is_none());
+            let selected: Vec<Arc<Encoded>> = if !is_full_state_type(type_url) {
+                present.into_iter().filter(|r| changed(r)).collect()
+            } else if present.iter().any(changed) || gone || always {
+                present
+            } else {
+                Vec::new()
+            };
+            if selected.is_empty() && !gone && !always {
+                // Nothing this client holds changed: it is current at the new version already.
+                core.current_without_response(type_url, &version);
+                state.sent_version = version;
+                return Ok(());
+            }
+            // Held and gone: a listener or cluster removed by this response; an endpoint or
+            // route no longer served, which the client keeps until it stops asking.
+            state.held.retain(|n, _| items.and_then(|i| i.get(n)).is_some());
+            state.held.extend(selected.iter().map(|r| (r.name.to_string(), r.version.clone())));
+            selected
+        };
         // Before the response is built: it holds a copy of every resource.
         core.in_flight.acquire(&core.shared.pushes).await;
         let start = Instant::now();
-        let version = core.type_version(type_url);
-        let state = self.types.get_mut(type_url).expect("state exists for requested type");
-        let resources: Vec<WireAny> = match core.snapshot.of(type_url) {
-            Some(t) if state.wildcard => t.items.values().map(|r| wire(r)).collect(),
-            Some(t) => {
-                state.sent_digest = digest(state.names.iter().filter_map(|n| t.items.get(n)));
-                state.names.iter().filter_map(|n| t.items.get(n)).map(|r| wire(r)).collect()
-            }
-            None => {
-                state.sent_digest = digest(std::iter::empty());
-                Vec::new()
-            }
-        };
+        let resources: Vec<WireAny> = selected.iter().map(|r| wire(r)).collect();
         state.nonce = core.next_nonce();
         state.sent_version = version.clone();
-        core.record_sent(type_url, &version, &state.nonce, resources.len());
+        let holds = if state.wildcard { resources.len() } else { state.held.len() };
+        core.record_sent(type_url, &version, &state.nonce, holds);
         let response = WireResponse {
             version_info: version,
             resources,
@@ -143,7 +150,7 @@ impl Sotw {
 }
 
 /// A resource as the response holds it: its shared encoding, not a copy.
-fn wire(r: &crate::resource::Encoded) -> WireAny {
+fn wire(r: &Encoded) -> WireAny {
     WireAny { type_url: r.type_url.clone(), value: r.bytes.clone() }
 }
 

@@ -17,3 +17,9 @@ pub const PUSH_ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
 pub fn is_wildcard_type(type_url: &str) -> bool {
     type_url == LISTENER || type_url == CLUSTER
 }
+
+/// True for types whose SotW responses hold every resource the client asked for (a missing
+/// one is removed): listeners and clusters, in xDS the same two as [`is_wildcard_type`].
+pub fn is_full_state_type(type_url: &str) -> bool {
+    is_wildcard_type(type_url)
+}

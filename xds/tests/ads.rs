@@ -216,6 +216,31 @@ async fn sotw_named_subscriptions_hear_only_of_changes_to_their_names() {
     h.server.refresh();
     let eds3 = next(&mut rx).await;
     assert_eq!((eds3.type_url.as_str(), eds3.version_info.as_str(), eds3.resources.len()), (ENDPOINT, "3", 1));
+    tx.send(ack(&eds3, &["a"])).await.unwrap();
+    // Asking for b too: only b comes (the client holds a), and then, of a change to both
+    // names' type, only what changed (xDS lets a server group endpoints and routes so; not
+    // listeners and clusters, which the next check shows).
+    tx.send(ack(&eds3, &["a", "b"])).await.unwrap();
+    let eds_b = next(&mut rx).await;
+    let names = |r: &DiscoveryResponse| {
+        r.resources
+            .iter()
+            .map(|a| {
+                use prost::Message;
+                envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(a.value.as_slice())
+                    .unwrap()
+                    .cluster_name
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&eds_b), ["b"]);
+    tx.send(ack(&eds_b, &["a", "b"])).await.unwrap();
+    h.generator.set(4, vec![cluster("a", true), cluster("c", false), endpoints("a", 4000), endpoints("b", 2000)]);
+    h.server.refresh();
+    let (first, second) = (next(&mut rx).await, next(&mut rx).await);
+    let (cds, eds) = if first.type_url == CLUSTER { (first, second) } else { (second, first) };
+    assert_eq!(names(&eds), ["a"], "only the changed load assignment");
+    assert_eq!(cds.resources.len(), 2, "clusters: every one asked for (wildcard here), as their absence removes them");
 }
 
 #[tokio::test]
