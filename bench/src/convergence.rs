@@ -90,19 +90,6 @@ fn proxyless_names(services: usize, type_url: &str) -> Vec<String> {
     out
 }
 
-/// The name of a resource of `type_url` from its encoding.
-fn resource_name(type_url: &str, value: &[u8]) -> anyhow::Result<String> {
-    use envoy_types::pb::envoy::config::{cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment};
-    use envoy_types::pb::envoy::config::{listener::v3::Listener, route::v3::RouteConfiguration};
-    use prost::Message;
-    Ok(match type_url {
-        LISTENER => Listener::decode(value)?.name,
-        ROUTE => RouteConfiguration::decode(value)?.name,
-        CLUSTER => Cluster::decode(value)?.name,
-        _ => ClusterLoadAssignment::decode(value)?.cluster_name,
-    })
-}
-
 /// A proxyless gRPC client as gRPC's own is: State-of-the-World, node metadata
 /// `GENERATOR: grpc`, every type subscribed by name, each response ACKed with the names again.
 async fn proxyless_client(
@@ -131,8 +118,9 @@ async fn proxyless_client(
         tx.send(request).await?;
     }
     let mut responses = ads.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-    // The names received per type: endpoints and routes come only when they change.
-    let mut held: HashMap<&'static str, std::collections::HashSet<String>> = HashMap::new();
+    // The types of which a response held every name: after that, endpoints and routes come
+    // one by one as they change.
+    let mut complete = std::collections::HashSet::new();
     while let Some(r) = responses.message().await? {
         let type_url = [CLUSTER, ENDPOINT, LISTENER, ROUTE].into_iter().find(|t| *t == r.type_url).unwrap_or(CLUSTER);
         tx.send(DiscoveryRequest {
@@ -143,15 +131,12 @@ async fn proxyless_client(
             ..Default::default()
         })
         .await?;
-        // Every name exists once the config is loaded: the client is synced once it has all of
-        // them (sluice answers before it has read the config, with none).
-        let names = held.entry(type_url).or_default();
-        for a in &r.resources {
-            names.insert(resource_name(type_url, &a.value)?);
-        }
-        if names.len() != proxyless_names(services, type_url).len() {
+        // Every name exists once the config is loaded, and the first response after that holds
+        // them all (sluice answers before it has read the config, with none).
+        if !complete.contains(type_url) && r.resources.len() != proxyless_names(services, type_url).len() {
             continue;
         }
+        complete.insert(type_url);
         let version: u64 = r.version_info.parse().unwrap_or(0);
         let mut a = acks.lock().expect("acks");
         let entry = a[id].entry(type_url).or_insert((0, Instant::now()));
