@@ -75,6 +75,46 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, String> {
     Ok(b)
 }
 
+/// gRPC's xDS bootstrap (`GRPC_XDS_BOOTSTRAP`) for the proxyless client or server `proxy`:
+/// sluice over plaintext ADS with xDS v3, the node marked `GENERATOR: grpc` (what sends it
+/// the proxyless config), and Istio's server listener template, so an `xds=True` server asks
+/// for `xds.istio.io/grpc/lds/inbound/<ip:port>`.
+///
+/// With `cert_dir`, the certificate provider `default` (gRFC A29) reads the workload's
+/// certificate, key and the mesh root from Istio's file names there (`cert-chain.pem`,
+/// `key.pem`, `root-cert.pem`) and follows their changes; mTLS then works for clients and
+/// servers that use gRPC's xDS credentials.
+pub fn grpc_bootstrap(proxy: &str, xds_addr: &str, cert_dir: Option<&std::path::Path>) -> Result<Value, String> {
+    let node = sluice_translator::envoy::NodeId::parse(proxy).map_err(|e| e.to_string())?;
+    if !xds_addr.contains(':') {
+        return Err(format!("--xds-addr {xds_addr:?} must be host:port"));
+    }
+    let mut b = json!({
+        "xds_servers": [{
+            "server_uri": xds_addr,
+            "channel_creds": [{"type": "insecure"}],
+            "server_features": ["xds_v3"],
+        }],
+        "node": {
+            "id": proxy,
+            "cluster": format!("{}.{}", node.pod, node.namespace),
+            "metadata": {"GENERATOR": "grpc", "NAMESPACE": node.namespace, "INSTANCE_IPS": node.ip},
+            "locality": {},
+        },
+        "server_listener_resource_name_template": format!("{}%s", sluice_translator::envoy::ISTIO_SERVER_LISTENER_PREFIX),
+    });
+    if let Some(dir) = cert_dir {
+        let file = |name: &str| dir.join(name).display().to_string();
+        b["certificate_providers"] = json!({"default": {"plugin_name": "file_watcher", "config": {
+            "certificate_file": file("cert-chain.pem"),
+            "private_key_file": file("key.pem"),
+            "ca_certificate_file": file("root-cert.pem"),
+            "refresh_interval": "60s",
+        }}});
+    }
+    Ok(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,29 +143,19 @@ mod tests {
         assert!(bootstrap(&BootstrapOptions { proxy: "nope".into(), ..o.clone() }).is_err());
         assert!(bootstrap(&BootstrapOptions { xds_addr: "nohostport".into(), ..o }).is_err());
     }
-}
 
-/// gRPC's xDS bootstrap (`GRPC_XDS_BOOTSTRAP`) for the proxyless client or server `proxy`:
-/// sluice over plaintext ADS with xDS v3, the node marked `GENERATOR: grpc` (what sends it
-/// the proxyless config), and Istio's server listener template, so an `xds=True` server asks
-/// for `xds.istio.io/grpc/lds/inbound/<ip:port>`.
-pub fn grpc_bootstrap(proxy: &str, xds_addr: &str) -> Result<Value, String> {
-    let node = sluice_translator::envoy::NodeId::parse(proxy).map_err(|e| e.to_string())?;
-    if !xds_addr.contains(':') {
-        return Err(format!("--xds-addr {xds_addr:?} must be host:port"));
+    #[test]
+    fn grpc_bootstrap_names_the_node_the_server_template_and_the_certificate_files() {
+        let id = "sidecar~127.0.3.20~client.grpcdemo~grpcdemo.svc.cluster.local";
+        let plain = grpc_bootstrap(id, "127.0.0.1:15010", None).unwrap();
+        assert_eq!(plain["node"]["metadata"]["GENERATOR"], "grpc");
+        assert_eq!(plain["xds_servers"][0]["server_features"], serde_json::json!(["xds_v3"]));
+        assert_eq!(plain["server_listener_resource_name_template"], "xds.istio.io/grpc/lds/inbound/%s");
+        assert!(plain.get("certificate_providers").is_none());
+        let tls = grpc_bootstrap(id, "127.0.0.1:15010", Some(std::path::Path::new("/certs"))).unwrap();
+        let provider = &tls["certificate_providers"]["default"];
+        assert_eq!(provider["plugin_name"], "file_watcher");
+        assert_eq!(provider["config"]["ca_certificate_file"], "/certs/root-cert.pem");
+        assert!(grpc_bootstrap("not-an-id", "127.0.0.1:15010", None).is_err());
     }
-    Ok(json!({
-        "xds_servers": [{
-            "server_uri": xds_addr,
-            "channel_creds": [{"type": "insecure"}],
-            "server_features": ["xds_v3"],
-        }],
-        "node": {
-            "id": proxy,
-            "cluster": format!("{}.{}", node.pod, node.namespace),
-            "metadata": {"GENERATOR": "grpc", "NAMESPACE": node.namespace, "INSTANCE_IPS": node.ip},
-            "locality": {},
-        },
-        "server_listener_resource_name_template": format!("{}%s", sluice_translator::envoy::ISTIO_SERVER_LISTENER_PREFIX),
-    }))
 }

@@ -158,6 +158,10 @@ enum Command {
         /// server instead of Envoy's.
         #[arg(long, conflicts_with_all = ["delta", "sds_socket"])]
         grpc: bool,
+        /// With --grpc: the directory of the workload's certificate files (cert-chain.pem,
+        /// key.pem, root-cert.pem), for mTLS through gRPC's file_watcher certificate provider.
+        #[arg(long, requires = "grpc")]
+        cert_dir: Option<PathBuf>,
     },
     /// The node agent (root): loads sluice's eBPF programs and keeps their maps in sync with the
     /// control plane. `sluice agent dump` prints the maps; `sluice agent detach` removes it all.
@@ -395,12 +399,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(sluice_controlplane::serve::serve(options, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bootstrap { proxy, xds_addr, grpc: true, .. } => {
-            let b = sluice_controlplane::bootstrap::grpc_bootstrap(&proxy, &xds_addr).map_err(anyhow::Error::msg)?;
+        Command::Bootstrap { proxy, xds_addr, grpc: true, cert_dir, .. } => {
+            let b = sluice_controlplane::bootstrap::grpc_bootstrap(&proxy, &xds_addr, cert_dir.as_deref())
+                .map_err(anyhow::Error::msg)?;
             println!("{}", serde_json::to_string_pretty(&b)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bootstrap { proxy, xds_addr, admin_port, delta, sds_socket, grpc: false } => {
+        Command::Bootstrap { proxy, xds_addr, admin_port, delta, sds_socket, grpc: false, .. } => {
             let options =
                 sluice_controlplane::bootstrap::BootstrapOptions { proxy, xds_addr, admin_port, delta, sds_socket };
             let b = sluice_controlplane::bootstrap::bootstrap(&options).map_err(anyhow::Error::msg)?;

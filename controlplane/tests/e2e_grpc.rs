@@ -183,7 +183,7 @@ fn follows_the_mesh_config(implementation: Implementation, port: u16) {
     let _v3 = echo_server(dir.path(), "v3", &at("127.0.3.13:7070"), &["--xds"], Some(&v3_bootstrap));
     std::thread::sleep(Duration::from_secs(2));
     let before = direct_call(&at("127.0.3.13:7070"));
-    assert!(before.get("v3").is_none(), "the xds server served before it had its listener: {before:?}");
+    assert!(!before.contains_key("v3"), "the xds server served before it had its listener: {before:?}");
 
     let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"));
     serve
@@ -259,4 +259,136 @@ fn follows_the_mesh_config(implementation: Implementation, port: u16) {
     });
     let hidden = hidden.unwrap_or_else(|| panic!("retries never hid the failing backend: {}", logs()));
     assert_eq!(hidden.get("v1").copied().unwrap_or(0) + hidden.get("v3").copied().unwrap_or(0), 30, "{hidden:?}");
+}
+
+/// A workload's certificate files as the file_watcher provider reads them (Istio's names),
+/// signed by the CA in `ca_dir` — what the node agent would keep fresh — for `namespace`/`sa`.
+fn write_certificates(ca: &sluice_identity::CertificateAuthority, dir: &Path, namespace: &str, sa: &str) -> PathBuf {
+    let out = dir.join(format!("certs-{namespace}-{sa}"));
+    std::fs::create_dir_all(&out).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+    let identity = sluice_identity::SpiffeId::new("cluster.local", namespace, sa);
+    let chain = ca.sign(&csr.pem().unwrap(), &identity, None).unwrap().concat();
+    std::fs::write(out.join("cert-chain.pem"), chain).unwrap();
+    std::fs::write(out.join("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(out.join("root-cert.pem"), ca.root_pem()).unwrap();
+    out
+}
+
+/// mTLS between proxyless gRPC clients and an `xds=True` server (gRFC A29), and a policy by
+/// namespace on the server: the client in grpcdemo gets in, the one in `other` is refused, and
+/// plain text to the STRICT server is refused.
+#[test]
+fn python_grpc_mtls_and_a_policy_by_namespace() {
+    const OUTSIDER: &str = "sidecar~127.0.3.30~outsider.other~other.svc.cluster.local";
+    let port = 7072;
+    let at = |addr: &str| relocate(addr).replace(":7070", &format!(":{port}"));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    std::fs::create_dir(&cfg).unwrap();
+    let example = relocate(&std::fs::read_to_string(common::root().join("examples/grpc/mesh.yaml")).unwrap())
+        .replace("7070", &port.to_string());
+    // Everything to v3, over mesh mTLS; v3's port STRICT and open to grpcdemo only.
+    let kept: Vec<&str> = example
+        .split("\n---\n")
+        .filter(|d| !d.contains("kind: VirtualService") && !d.contains("kind: AuthorizationPolicy"))
+        .collect();
+    let policy = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: grpcdemo}
+spec:
+  hosts: [echo]
+  http: [{route: [{destination: {host: echo, subset: v3}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo-mtls, namespace: grpcdemo}
+spec:
+  host: echo.grpcdemo.svc.cluster.local
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: grpcdemo}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: echo-v3, namespace: grpcdemo}
+spec:
+  selector: {matchLabels: {version: v3}}
+  rules: [{from: [{source: {namespaces: [grpcdemo]}}]}]
+"#;
+    // One DestinationRule per host: the example's (with the subsets) gets the TLS setting.
+    let kept = kept.join("\n---\n").replace(
+        "spec:\n  host: echo\n  subsets:",
+        "spec:\n  host: echo\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n  subsets:",
+    );
+    std::fs::write(cfg.join("mesh.yaml"), kept).unwrap();
+    let policy = policy.split("\n---\n").filter(|d| !d.contains("name: echo-mtls")).collect::<Vec<_>>().join("\n---\n");
+    std::fs::write(cfg.join("policy.yaml"), policy).unwrap();
+
+    // sluice's CA, made before serve starts so that the test can sign what the agent would.
+    let state = dir.path().join("state");
+    let ca = sluice_identity::CertificateAuthority::self_signed(&state.join("ca"), "cluster.local").unwrap();
+    let (xds_port, monitoring_port) = (free_port(), free_port());
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    serve
+        .args(["serve", "--debounce-ms", "20", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
+        .args(["--monitoring-addr", &format!("127.0.0.1:{monitoring_port}")]);
+    let _sluice = Proc::spawn("sluice", &mut serve, &dir.path().join("sluice.log"));
+    let bootstrap = |name: &str, node: &str, certs: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["bootstrap", "--grpc", "--proxy", &relocate(node), "--xds-addr", &format!("127.0.0.1:{xds_port}")])
+            .arg("--cert-dir")
+            .arg(certs)
+            .output()
+            .expect("sluice bootstrap --grpc");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, out.stdout).unwrap();
+        path
+    };
+    let v3_certs = write_certificates(&ca, dir.path(), "grpcdemo", "echo");
+    let v3_bootstrap = bootstrap("v3", ECHO_V3, &v3_certs);
+    let _v3 = echo_server(dir.path(), "v3", &at("127.0.3.13:7070"), &["--xds"], Some(&v3_bootstrap));
+    let logs = || {
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+        format!("--- sluice\n{}\n--- v3\n{}\n--- client\n{}", read("sluice.log"), read("v3.log"), read("client.log"))
+    };
+    let serving = eventually(Duration::from_secs(30), || {
+        std::fs::read_to_string(dir.path().join("v3.log")).ok().filter(|l| l.contains("start serving")).map(|_| ())
+    });
+    assert!(serving.is_some(), "v3 never got its listener: {}", logs());
+
+    let target = TARGET.replace("7070", &port.to_string());
+    let client_certs = write_certificates(&ca, dir.path(), "grpcdemo", "client");
+    let mut client = Client::start(
+        Implementation::Python,
+        &target,
+        &bootstrap("client", CLIENT, &client_certs),
+        &dir.path().join("client.log"),
+    );
+    let admitted = eventually(Duration::from_secs(20), || {
+        let c = client.call("/echo.Echo/Call", 5, &[]);
+        (c.get("v3") == Some(&5)).then_some(c)
+    });
+    assert!(admitted.is_some(), "the client in grpcdemo never got through over mTLS: {}", logs());
+    let outsider_certs = write_certificates(&ca, dir.path(), "other", "outsider");
+    let mut outsider = Client::start(
+        Implementation::Python,
+        &target,
+        &bootstrap("outsider", OUTSIDER, &outsider_certs),
+        &dir.path().join("outsider.log"),
+    );
+    let refused = outsider.call("/echo.Echo/Call", 5, &[]);
+    assert_eq!(refused, BTreeMap::from([("status:PERMISSION_DENIED".to_string(), 5)]), "{}", logs());
+    // Plain text to the STRICT port: no handshake, no answer.
+    let plain = direct_call(&at("127.0.3.13:7070"));
+    assert!(!plain.contains_key("v3"), "plain text got through to a STRICT server: {plain:?}");
 }

@@ -180,14 +180,51 @@ spec:
 }
 
 #[test]
-fn a_destination_rule_asking_for_tls_fails_closed() {
-    let r = translate(
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: cart, namespace: shop}\nspec:\n  host: cart\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n",
-        WEB,
+fn istio_mutual_is_mtls_through_the_certificate_provider_and_other_tls_fails_closed() {
+    let dr = |tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: cart, namespace: shop}}\nspec:\n  host: cart\n  trafficPolicy: {{tls: {tls}}}\n"
+        )
+    };
+    let r = translate(&dr("{mode: ISTIO_MUTUAL}"), WEB);
+    let cluster = find(&r.clusters, &format!("outbound|8080||{HOST}"));
+    let socket = &cluster["transport_socket"];
+    assert_eq!(socket["name"], "envoy.transport_sockets.tls");
+    let common = &socket["typed_config"]["common_tls_context"];
+    assert_eq!(
+        common["tls_certificate_provider_instance"],
+        json!({"instance_name": "default", "certificate_name": "default"})
     );
+    let validation = &common["validation_context"];
+    assert_eq!(validation["ca_certificate_provider_instance"]["certificate_name"], "ROOTCA");
+    assert_eq!(validation["match_subject_alt_names"], json!([{"exact": "spiffe://cluster.local/ns/shop/sa/default"}]));
+    let cla = find(&r.endpoints, &format!("outbound|8080||{HOST}"));
+    assert_eq!(cla["endpoints"].as_array().unwrap().len(), 2, "reachable over mTLS");
+    let r = translate(&dr("{mode: SIMPLE, caCertificates: /etc/ca.pem}"), WEB);
     let cla = find(&r.endpoints, &format!("outbound|8080||{HOST}"));
     assert_eq!(cla["endpoints"], json!([]), "no endpoints rather than plain text");
+    assert!(find(&r.clusters, &format!("outbound|8080||{HOST}")).get("transport_socket").is_none());
     assert!(warnings(&r).contains("spec.trafficPolicy.tls"), "{}", warnings(&r));
+}
+
+#[test]
+fn a_strict_port_serves_mtls_only_and_permissive_serves_plain_text_unless_labelled_for_mesh_tls() {
+    let strict = translate(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
+        CART_V1,
+    );
+    let chain = &find(&strict.listeners, "xds.istio.io/grpc/lds/inbound/127.0.5.1:9090")["filter_chains"][0];
+    assert_eq!(chain["name"], "inbound-mtls");
+    let tls = &chain["transport_socket"]["typed_config"];
+    assert_eq!(tls["require_client_certificate"], true);
+    assert_eq!(
+        tls["common_tls_context"]["validation_context"]["ca_certificate_provider_instance"]["certificate_name"],
+        "ROOTCA"
+    );
+    let permissive = translate("", CART_V1);
+    let chain = &find(&permissive.listeners, "xds.istio.io/grpc/lds/inbound/127.0.5.1:9090")["filter_chains"][0];
+    assert_eq!(chain["name"], "inbound-plaintext");
+    assert!(chain.get("transport_socket").is_none());
 }
 
 #[test]

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
+use crate::cache::{Difference, ResourceSet};
 use crate::resource::Encoded;
 use crate::stream::{Core, Gone, Protocol};
 use crate::transport::WireAny;
@@ -21,11 +22,13 @@ struct TypeState {
     wildcard: bool,
     nonce: String,
     sent_version: String,
-    /// For a subscription by name: what the client holds, name → version. Only what changed
-    /// is sent to it: of listeners and clusters (whose responses are the whole state, and
-    /// whose absence is a removal) all it asked for once one of them changed; of the other
-    /// types the changed resources alone, as xDS lets a server group them.
-    held: HashMap<String, String>,
+    /// For a subscription by name: the type's set when it was last sent, and the names asked
+    /// for since. Only what changed is sent to such a client: of listeners and clusters
+    /// (whose responses are the whole state, and whose absence is a removal) all it asked for
+    /// once one of them changed; of the other types the changed resources alone, as xDS lets
+    /// a server group them.
+    sent: Option<Arc<ResourceSet>>,
+    added: Vec<String>,
 }
 
 /// A SotW stream's per-type state.
@@ -67,7 +70,7 @@ impl Protocol for Sotw {
         let wildcard = names.contains("*") || (names.is_empty() && is_wildcard_type(&type_url));
         let first = state.nonce.is_empty();
         let names_changed = names != state.names || wildcard != state.wildcard;
-        state.held.retain(|n, _| names.contains(n));
+        state.added.extend(names.difference(&state.names).cloned());
         state.names = names;
         state.wildcard = wildcard;
         let stale = state.sent_version != current_version;
@@ -95,7 +98,7 @@ impl Protocol for Sotw {
 
 impl Sotw {
     /// Sends what the client asked for of `type_url`: everything to a wildcard subscription;
-    /// to one by name, what changed since it was last sent (see `TypeState::held`), or nothing
+    /// to one by name, what changed since it was last sent (see `TypeState::sent`), or nothing
     /// when nothing did, unless `always` (a new or changed request).
     async fn send(&mut self, core: &mut SotwCore, type_url: &str, always: bool) -> Result<(), Gone> {
         let version = core.type_version(type_url);
@@ -104,28 +107,46 @@ impl Sotw {
         let selected: Vec<Arc<Encoded>> = if state.wildcard {
             items.iter().flat_map(|i| i.values()).cloned().collect()
         } else {
-            let present: Vec<Arc<Encoded>> = state.names.iter().filter_map(|n| items?.get(n)).cloned().collect();
-            let changed = |r: &Arc<Encoded>| state.held.get(r.name.as_str()) != Some(&r.version);
-            // A resource the client holds is gone (of listeners and clusters, a removal to send).
-            let gone =
-                is_full_state_type(type_url) && state.held.keys().any(|n| items.and_then(|i| i.get(n)).is_none());
-            let selected: Vec<Arc<Encoded>> = if !is_full_state_type(type_url) {
-                present.into_iter().filter(|r| changed(r)).collect()
-            } else if present.iter().any(changed) || gone || always {
-                present
+            let asked = |name: &str| state.names.contains(name);
+            let (mut changed, mut gone) = (Vec::new(), false);
+            match (&state.sent, items) {
+                // The difference of two sets walks past what they share.
+                (Some(before), Some(now)) => {
+                    for d in now.diff(before) {
+                        match d {
+                            Difference::Put(r) if asked(&r.name) => changed.push(r.clone()),
+                            Difference::Removed(name) if asked(name) => gone = true,
+                            _ => {}
+                        }
+                    }
+                }
+                (None, Some(now)) => changed.extend(state.names.iter().filter_map(|n| now.get(n)).cloned()),
+                (Some(before), None) => gone = state.names.iter().any(|n| before.get(n).is_some()),
+                (None, None) => {}
+            }
+            // Names new to the client come even when they did not change (a first send has
+            // them all already).
+            let added = std::mem::take(&mut state.added);
+            if state.sent.is_some() && !added.is_empty() {
+                let have: std::collections::HashSet<String> = changed.iter().map(|r| r.name.to_string()).collect();
+                let new = added.iter().filter(|n| !have.contains(*n)).filter_map(|n| items?.get(n));
+                changed.extend(new.cloned().collect::<Vec<_>>());
+            }
+            let full = is_full_state_type(type_url);
+            let selected = if !full {
+                changed
+            } else if !changed.is_empty() || gone || always {
+                state.names.iter().filter_map(|n| items?.get(n)).cloned().collect()
             } else {
                 Vec::new()
             };
-            if selected.is_empty() && !gone && !always {
+            state.sent = items.cloned();
+            if selected.is_empty() && !(full && gone) && !always {
                 // Nothing this client holds changed: it is current at the new version already.
                 core.current_without_response(type_url, &version);
                 state.sent_version = version;
                 return Ok(());
             }
-            // Held and gone: a listener or cluster removed by this response; an endpoint or
-            // route no longer served, which the client keeps until it stops asking.
-            state.held.retain(|n, _| items.and_then(|i| i.get(n)).is_some());
-            state.held.extend(selected.iter().map(|r| (r.name.to_string(), r.version.clone())));
             selected
         };
         // Before the response is built: it holds a copy of every resource.
@@ -134,7 +155,8 @@ impl Sotw {
         let resources: Vec<WireAny> = selected.iter().map(|r| wire(r)).collect();
         state.nonce = core.next_nonce();
         state.sent_version = version.clone();
-        let holds = if state.wildcard { resources.len() } else { state.held.len() };
+        // A client that asked by name holds at most what it asked for.
+        let holds = if state.wildcard { resources.len() } else { state.names.len() };
         core.record_sent(type_url, &version, &state.nonce, holds);
         let response = WireResponse {
             version_info: version,

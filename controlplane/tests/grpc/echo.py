@@ -3,11 +3,12 @@ generic handlers (raw bytes, no protoc).
 
   echo.py serve NAME ADDR [--xds] [--flaky]
       Answers every method with NAME. With --flaky, /echo.Echo/Flaky fails with UNAVAILABLE.
-      With --xds it is an xds=True server: it takes its listener (and RBAC) from the control
-      plane named in $GRPC_XDS_BOOTSTRAP and serves only once it has it. Prints "serving".
+      With --xds it is an xds=True server: it takes its listener (RBAC, and mTLS through the
+      bootstrap's certificate provider) from the control plane named in $GRPC_XDS_BOOTSTRAP
+      and serves only once it has it. Prints "serving".
   echo.py client TARGET
-      One channel to TARGET (e.g. xds:///echo.grpcdemo.svc.cluster.local:7070) for its whole
-      life. Reads lines "METHOD COUNT [key=value ...]" from stdin and prints, per line, a JSON
+      One channel to TARGET (e.g. xds:///echo.grpcdemo.svc.cluster.local:7070, with xDS
+      credentials: mTLS where the cluster asks for it) for its whole life. Reads lines "METHOD COUNT [key=value ...]" from stdin and prints, per line, a JSON
       object counting the answers by server name and the failures by status code.
 """
 
@@ -16,6 +17,7 @@ import sys
 from concurrent import futures
 
 import grpc
+import grpc.experimental
 
 
 def serve(name, addr, xds, flaky):
@@ -35,14 +37,23 @@ def serve(name, addr, xds, flaky):
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), xds=xds)
     server.add_generic_rpc_handlers((Handler(),))
-    server.add_insecure_port(addr)
+    if xds:
+        # TLS as the listener from the control plane says (gRFC A29), else plain text.
+        server.add_secure_port(addr, grpc.xds_server_credentials(grpc.insecure_server_credentials()))
+    else:
+        server.add_insecure_port(addr)
     server.start()
     print("serving", flush=True)
     server.wait_for_termination()
 
 
 def client(target):
-    channel = grpc.insecure_channel(target)
+    if target.startswith("xds:"):
+        # TLS as the cluster from the control plane says (gRFC A29), else plain text.
+        fallback = grpc.experimental.insecure_channel_credentials()
+        channel = grpc.secure_channel(target, grpc.xds_channel_credentials(fallback))
+    else:
+        channel = grpc.insecure_channel(target)
     for line in sys.stdin:
         parts = line.split()
         if not parts:

@@ -10,7 +10,8 @@
 //!   the VirtualService timeout as `max_stream_duration` (gRFC A31), per-route filter configs
 //!   other than fault left out.
 //! * CDS: EDS clusters (LOGICAL_DNS for DNS services), round robin unless ring hash is asked for
-//!   (gRFC A42), outlier detection (A50), `max_requests` (A32).
+//!   (gRFC A42), outlier detection (A50), `max_requests` (A32), and mesh mTLS through the
+//!   bootstrap's certificate provider (A29) where a DestinationRule asks for `ISTIO_MUTUAL`.
 //! * EDS: every locality with `locality` and `load_balancing_weight`, which gRPC requires.
 //!
 //! gRPC subscribes by name. Every name a client of this class may ask for is generated once per
@@ -24,6 +25,7 @@ use super::proxy::Proxy;
 use super::route::{RouteTable, TableHost, spellings};
 use super::{ProxyResources, Resource, ads_source, object, outbound_cluster_name, typed};
 use crate::diagnostic::ObjectRef;
+use crate::model::authorization_policy::MtlsMode;
 use crate::model::common::Protocol;
 use crate::model::destination_rule::{ClientTlsMode, SimpleLb};
 use crate::snapshot::{MeshService, ServicePort, ServiceResolution};
@@ -156,30 +158,76 @@ fn reshape_routes(host: &mut Value) -> Vec<String> {
     dropped
 }
 
-/// The policy in force for one cluster, and whether its DestinationRule asks for TLS, which
-/// these clients cannot make yet: such a cluster gets no endpoints (fail closed), with a
-/// warning when `warn`.
+/// How a proxyless client reaches one cluster's endpoints.
+enum Security {
+    /// Plain text.
+    Plain,
+    /// Mesh mTLS (`ISTIO_MUTUAL`) with the certificates of the bootstrap's provider, the peer
+    /// checked against these SANs.
+    Mesh(Vec<String>),
+    /// TLS it cannot make (files or credentials of a DestinationRule): no endpoints (fail
+    /// closed).
+    Refused,
+}
+
+/// The policy in force for one cluster, and what its DestinationRule asks of the connection.
+/// As istiod, only an explicit `ISTIO_MUTUAL` makes a proxyless client speak mTLS: whether it
+/// uses xDS credentials is the application's choice, and gRPC has no permissive mode. A
+/// refusal is warned of when `warn`.
 fn policy(
     proxy: &mut Proxy<'_>,
     service: &MeshService,
     port: u32,
     subset: Option<&str>,
     warn: bool,
-) -> (Effective, bool) {
+) -> (Effective, Security) {
     let dr = destination_rule(proxy, service);
     let policy = Effective::resolve(dr.map(|d| &d.spec), subset, port);
-    let refused = policy.tls.as_ref().is_some_and(|(tls, _)| tls.mode() != ClientTlsMode::Disable);
-    if let (true, true, Some(dr), Some((_, path))) = (refused, warn, dr, &policy.tls) {
+    let security = match &policy.tls {
+        None => Security::Plain,
+        Some((tls, _)) => match tls.mode() {
+            ClientTlsMode::Disable => Security::Plain,
+            ClientTlsMode::IstioMutual if !tls.subject_alt_names.is_empty() => {
+                Security::Mesh(tls.subject_alt_names.clone())
+            }
+            ClientTlsMode::IstioMutual => Security::Mesh(super::tls::spiffe_ids(
+                &proxy.snapshot.mesh,
+                &service.namespace,
+                &service.service_accounts(),
+            )),
+            _ => Security::Refused,
+        },
+    };
+    if let (Security::Refused, true, Some(dr), Some((_, path))) = (&security, warn, dr, &policy.tls) {
         proxy.warn(
             ObjectRef::new("DestinationRule", &dr.meta.namespace, &dr.meta.name),
             path.clone(),
             format!(
-                "proxyless gRPC clients have no certificates from sluice yet: their calls to {} port {port} fail (UNAVAILABLE) instead of going without TLS",
+                "proxyless gRPC clients speak only mesh mTLS (ISTIO_MUTUAL): their calls to {} port {port} fail (UNAVAILABLE) instead of going without this TLS",
                 service.hostname
             ),
         );
     }
-    (policy, refused)
+    (policy, security)
+}
+
+/// gRPC's TLS context (gRFC A29): the workload's certificate and the mesh root from the
+/// bootstrap's certificate provider `default` (`file_watcher`, as `sluice bootstrap --grpc
+/// --cert-dir` writes it), as certificates `default` and `ROOTCA`, as istiod names them.
+fn tls_socket(context: &str, sans: &[String], require_client_certificate: bool) -> Value {
+    let mut validation =
+        json!({"ca_certificate_provider_instance": {"instance_name": "default", "certificate_name": "ROOTCA"}});
+    if !sans.is_empty() {
+        validation["match_subject_alt_names"] = sans.iter().map(|s| json!({"exact": s})).collect();
+    }
+    let mut body = json!({"common_tls_context": {
+        "tls_certificate_provider_instance": {"instance_name": "default", "certificate_name": "default"},
+        "validation_context": validation,
+    }});
+    if require_client_certificate {
+        body["require_client_certificate"] = json!(true);
+    }
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": typed(&format!("envoy.extensions.transport_sockets.tls.v3.{context}"), body)})
 }
 
 /// The subsets of a service's DestinationRule for this proxy, after the default (None).
@@ -199,7 +247,7 @@ pub(super) fn clusters(proxy: &mut Proxy<'_>) -> Vec<Resource> {
             for subset in subsets(proxy, service) {
                 let subset = subset.as_deref();
                 let name = outbound_cluster_name(port.port, subset.unwrap_or(""), &service.hostname);
-                let (policy, _) = policy(proxy, service, port.port, subset, true);
+                let (policy, security) = policy(proxy, service, port.port, subset, true);
                 let mut c = Map::new();
                 c.insert("name".into(), json!(name));
                 match service.resolution {
@@ -228,6 +276,9 @@ pub(super) fn clusters(proxy: &mut Proxy<'_>) -> Vec<Resource> {
                 }
                 if let Some(o) = &policy.outlier_detection {
                     c.insert("outlier_detection".into(), outlier(o));
+                }
+                if let Security::Mesh(sans) = &security {
+                    c.insert("transport_socket".into(), tls_socket("UpstreamTlsContext", sans, false));
                 }
                 out.push(Resource { name, body: Value::Object(c) });
             }
@@ -297,9 +348,9 @@ pub(super) fn endpoints(proxy: &mut Proxy<'_>) -> Vec<Resource> {
             for subset in subsets(proxy, service) {
                 let subset = subset.as_deref();
                 let name = outbound_cluster_name(port.port, subset.unwrap_or(""), &service.hostname);
-                let (_, refused) = policy(proxy, service, port.port, subset, false);
+                let (_, security) = policy(proxy, service, port.port, subset, false);
                 let mut cla = super::endpoint::load_assignment(proxy.snapshot, &name, service, port, subset, dr);
-                if refused {
+                if matches!(security, Security::Refused) {
                     cla["endpoints"] = json!([]);
                 } else {
                     weigh_localities(&mut cla);
@@ -330,8 +381,10 @@ fn weigh_localities(cla: &mut Value) {
 
 /// Server LDS (gRFC A36): per inbound port of the proxy's workload, a listener under Istio's
 /// name and gRPC's default one, for the workload's address and the unspecified ones a server
-/// may bind; one plaintext filter chain whose inline route config only lets calls through to
-/// the server (`non_forwarding_action`), after RBAC DENY then ALLOW.
+/// may bind; one filter chain — mTLS where the port is STRICT (or PERMISSIVE on a workload
+/// labelled for mesh TLS: gRPC cannot serve both, and its clients then speak mTLS), else plain
+/// text — whose inline route config only lets calls through to the server
+/// (`non_forwarding_action`), after RBAC DENY then ALLOW.
 pub(super) fn server_listeners(proxy: &mut Proxy<'_>) -> Vec<Resource> {
     let inbound = proxy.inbound_ports();
     if inbound.is_empty() {
@@ -349,13 +402,24 @@ pub(super) fn server_listeners(proxy: &mut Proxy<'_>) -> Vec<Resource> {
         ),
         ("http_filters", Value::Array(http)),
     ]);
-    let chain = json!({
-        "name": "inbound-plaintext",
-        "filters": [{"name": "inbound-hcm-plaintext", "typed_config": typed(HCM, hcm)}],
-    });
+    let mtls = proxy.mtls();
+    let labelled = proxy.labels.get("security.istio.io/tlsMode").is_some_and(|m| m == "istio");
     let ip = proxy.workload.and_then(|w| w.ip.clone()).unwrap_or_else(|| proxy.node.ip.clone());
     let mut out = Vec::new();
     for p in &inbound {
+        let strict = match mtls.port(p.port).mode {
+            MtlsMode::Strict => true,
+            MtlsMode::Permissive => labelled,
+            MtlsMode::Disable | MtlsMode::Unset => false,
+        };
+        let suffix = if strict { "mtls" } else { "plaintext" };
+        let mut chain = json!({
+            "name": format!("inbound-{suffix}"),
+            "filters": [{"name": format!("inbound-hcm-{suffix}"), "typed_config": typed(HCM, hcm.clone())}],
+        });
+        if strict {
+            chain["transport_socket"] = tls_socket("DownstreamTlsContext", &[], true);
+        }
         for host in [ip.as_str(), "0.0.0.0", "::"] {
             let address = join_host_port(host, p.port);
             for prefix in [ISTIO_SERVER_LISTENER_PREFIX, GRPC_SERVER_LISTENER_PREFIX] {
