@@ -75,8 +75,8 @@ async fn client(channel: tonic::transport::Channel, id: usize, acks: Acks) -> an
     Ok(())
 }
 
-/// The names a proxyless gRPC client that dials every service of `services` subscribes to, by
-/// type: gRPC never subscribes by wildcard.
+/// The names a proxyless gRPC client that dials the first `services` services subscribes to,
+/// by type: gRPC never subscribes by wildcard.
 fn proxyless_names(services: usize, type_url: &str) -> Vec<String> {
     let host = |i: usize| format!("svc-{i}.bench.svc.cluster.local");
     let mut out = Vec::new();
@@ -210,7 +210,7 @@ fn point(
     pushes: usize,
     quiet: usize,
     tls: bool,
-    proxyless: bool,
+    proxyless: Option<usize>,
 ) -> anyhow::Result<String> {
     let dir = std::env::temp_dir().join(format!("sluice-conv-{}-{clients}-{services}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -273,10 +273,9 @@ fn point(
     for id in 0..clients {
         let (channel, acks) = (channels[id / STREAMS_PER_CONNECTION].clone(), acks.clone());
         runtime.spawn(async move {
-            let done = if proxyless {
-                proxyless_client(channel, id, services, acks).await
-            } else {
-                client(channel, id, acks).await
+            let done = match proxyless {
+                Some(dials) => proxyless_client(channel, id, dials, acks).await,
+                None => client(channel, id, acks).await,
             };
             if let Err(e) = done {
                 eprintln!("client {id}: {e}");
@@ -309,10 +308,10 @@ fn point(
         // (i) Envoy: a new service, so clusters, endpoints, listeners' and routes' contents all
         // change. Proxyless: a new service is nothing its clients asked for, so svc-0's weights
         // change instead (its route configuration).
-        let watched = if proxyless { ROUTE } else { CLUSTER };
+        let watched = if proxyless.is_some() { ROUTE } else { CLUSTER };
         let before = (versions(&acks, watched), cpu_seconds(pid).unwrap_or(0.0));
         let t = Instant::now();
-        if proxyless {
+        if proxyless.is_some() {
             std::fs::write(dir.join("config/svc-0.yaml"), service_yaml(0, 2, 70 - p as u32 % 50))?;
         } else {
             std::fs::write(dir.join(format!("config/extra-{p}.yaml")), service_yaml(services + p, 2, 80))?;
@@ -325,7 +324,7 @@ fn point(
         // (ii) One service's endpoints move: only EDS changes.
         let before = versions(&acks, ENDPOINT);
         let t = Instant::now();
-        let weight = if proxyless { 70 - p as u32 % 50 } else { 80 };
+        let weight = if proxyless.is_some() { 70 - p as u32 % 50 } else { 80 };
         std::fs::write(dir.join("config/svc-0.yaml"), service_yaml_at(0, 2, weight, 200_000 + 2 * p))?;
         let mut times = wait_all(&acks, ENDPOINT, &before, t, Duration::from_secs(900))?;
         times.sort_by(f64::total_cmp);
@@ -373,11 +372,12 @@ pub fn run(
     pushes: usize,
     quiet: usize,
     tls: bool,
-    proxyless: bool,
+    proxyless: Option<Option<usize>>,
 ) -> anyhow::Result<()> {
-    if proxyless {
+    if let Some(dials) = proxyless {
+        let dials = dials.map_or("every service".to_string(), |d| format!("{d} services"));
         println!(
-            "Proxyless gRPC clients (State-of-the-World, GENERATOR: grpc, every service's listener, route, clusters and endpoints subscribed by name); the full push is a routing change of one service."
+            "Proxyless gRPC clients (State-of-the-World, GENERATOR: grpc), each dialling {dials}: their listeners, routes, clusters and endpoints subscribed by name; the full push is a routing change of a service they all dial."
         );
     }
     let port = if tls { "the TLS port with a mesh client certificate" } else { "plaintext xDS" };
@@ -393,7 +393,8 @@ pub fn run(
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in services {
         for n in clients {
-            println!("{}", point(sluice, *n, *s, pushes, quiet, tls, proxyless)?);
+            let dials = proxyless.map(|d| d.unwrap_or(*s).min(*s));
+            println!("{}", point(sluice, *n, *s, pushes, quiet, tls, dials)?);
         }
     }
     Ok(())

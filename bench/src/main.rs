@@ -126,6 +126,9 @@ enum Bench {
         /// subscribing by name) instead of Envoys.
         #[arg(long)]
         proxyless: bool,
+        /// With --proxyless: how many services each client dials (default: all).
+        #[arg(long, requires = "proxyless")]
+        dials: Option<usize>,
     },
     /// (internal) the data path's echo backend.
     #[command(hide = true)]
@@ -176,10 +179,10 @@ fn main() -> anyhow::Result<()> {
             println!("machine: {}", stats::machine());
             datapath::run(count, rate, runs)
         }
-        Bench::Convergence { clients, services, pushes, silent, tls, proxyless } => {
+        Bench::Convergence { clients, services, pushes, silent, tls, proxyless, dials } => {
             println!("machine: {}\n", stats::machine());
             let sluice = std::env::current_exe()?.with_file_name("sluice");
-            convergence::run(&sluice, &clients, &services, pushes, silent, tls, proxyless)
+            convergence::run(&sluice, &clients, &services, pushes, silent, tls, proxyless.then_some(dials))
         }
         Bench::Echo { addr } => datapath::echo(&addr),
         Bench::Client { target, host, persistent, count, rate } => {
