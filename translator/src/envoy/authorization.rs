@@ -201,7 +201,7 @@ pub(super) fn filters(proxy: &mut Proxy<'_>, layer: Layer) -> Vec<Value> {
                     proxy.warn(
                         reference.clone(),
                         format!("spec.rules[{i}]"),
-                        format!("a proxyless gRPC server cannot evaluate JWT claims, Envoy metadata, path templates or grpc- headers: {effect}"),
+                        format!("a proxyless gRPC server cannot evaluate JWT claims, Envoy metadata, path templates, SNI or grpc- headers: {effect}"),
                     );
                     if !narrow {
                         into.insert(
@@ -275,13 +275,13 @@ pub(super) fn audit_log(proxy: &Proxy<'_>, layer: Layer) -> Option<Value> {
 }
 
 /// True when gRPC can evaluate every matcher of `policy` (gRFC A41): gRPC has no dynamic
-/// metadata (where JWT claims and request principals live), no path templates, and refuses
-/// `grpc-` headers and `:scheme`.
+/// metadata (where JWT claims and request principals live), no path templates, sees every
+/// requested server name as empty, and refuses `grpc-` headers and `:scheme`.
 fn grpc_evaluable(policy: &Value) -> bool {
     match policy {
         Value::Object(m) => m.iter().all(|(k, v)| {
             let header = k == "header" && v["name"].as_str().is_some_and(|n| n.starts_with("grpc-") || n == ":scheme");
-            k != "metadata" && k != "uri_template" && !header && grpc_evaluable(v)
+            !["metadata", "uri_template", "requested_server_name"].contains(&k.as_str()) && !header && grpc_evaluable(v)
         }),
         Value::Array(items) => items.iter().all(grpc_evaluable),
         _ => true,
