@@ -21,16 +21,44 @@ fn echo_py() -> PathBuf {
     common::root().join("controlplane/tests/grpc/echo.py")
 }
 
-/// Writes `sluice bootstrap --grpc` for `node` into `dir` and returns its path.
-fn grpc_bootstrap(dir: &Path, name: &str, node: &str, xds_port: u16) -> PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["bootstrap", "--grpc", "--proxy", &relocate(node), "--xds-addr", &format!("127.0.0.1:{xds_port}")])
-        .output()
-        .expect("sluice bootstrap --grpc");
+/// Writes `sluice bootstrap --grpc` for `node` (with its certificate files in `certs`, if any)
+/// into `dir` and returns its path.
+fn grpc_bootstrap(dir: &Path, name: &str, node: &str, xds_port: u16, certs: Option<&Path>) -> PathBuf {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["bootstrap", "--grpc", "--proxy", &relocate(node), "--xds-addr", &format!("127.0.0.1:{xds_port}")]);
+    if let Some(certs) = certs {
+        cmd.arg("--cert-dir").arg(certs);
+    }
+    let out = cmd.output().expect("sluice bootstrap --grpc");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, out.stdout).unwrap();
     path
+}
+
+/// `examples/grpc`, relocated, with its port moved to `port`: its documents.
+fn example(port: u16) -> Vec<String> {
+    let text = relocate(&std::fs::read_to_string(common::root().join("examples/grpc/mesh.yaml")).unwrap())
+        .replace("7070", &port.to_string());
+    text.split("\n---\n").map(str::to_string).collect()
+}
+
+/// `sluice serve` of the config in `dir/cfg`, with its state in `dir/state`.
+fn serve(dir: &Path, xds_port: u16, monitoring_port: u16) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["serve", "--debounce-ms", "20", "--config"])
+        .arg(dir.join("cfg"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
+        .args(["--monitoring-addr", &format!("127.0.0.1:{monitoring_port}")]);
+    Proc::spawn("sluice", &mut cmd, &dir.join("sluice.log"))
+}
+
+/// The logs of a test's processes in `dir`, for failure messages.
+fn logs(dir: &Path) -> String {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    ["sluice", "v3", "client", "outsider"].map(|n| format!("--- {n}\n{}", read(&format!("{n}.log")))).join("\n")
 }
 
 /// An echo server answering with `name` on `addr`, with extra `flags`.
@@ -167,17 +195,15 @@ fn follows_the_mesh_config(implementation: Implementation, port: u16) {
     let cfg = dir.path().join("cfg");
     std::fs::create_dir(&cfg).unwrap();
     // The example with its VirtualService in a file of its own, which the test then edits.
-    let example = relocate(&std::fs::read_to_string(common::root().join("examples/grpc/mesh.yaml")).unwrap())
-        .replace("7070", &port.to_string());
-    let (routing, rest): (Vec<&str>, Vec<&str>) =
-        example.split("\n---\n").partition(|d| d.contains("kind: VirtualService"));
+    let (routing, rest): (Vec<String>, Vec<String>) =
+        example(port).into_iter().partition(|d| d.contains("kind: VirtualService"));
     assert_eq!(routing.len(), 1, "examples/grpc has one VirtualService");
     std::fs::write(cfg.join("mesh.yaml"), rest.join("\n---\n")).unwrap();
-    std::fs::write(cfg.join("vs.yaml"), routing[0]).unwrap();
+    std::fs::write(cfg.join("vs.yaml"), &routing[0]).unwrap();
     let (xds_port, monitoring_port) = (free_port(), free_port());
 
     // v3 is an xds=True server: with no control plane yet, it does not serve.
-    let v3_bootstrap = grpc_bootstrap(dir.path(), "v3-bootstrap", ECHO_V3, xds_port);
+    let v3_bootstrap = grpc_bootstrap(dir.path(), "v3-bootstrap", ECHO_V3, xds_port, None);
     let _v1 = echo_server(dir.path(), "v1", &at("127.0.3.11:7070"), &[], None);
     let _v2 = echo_server(dir.path(), "v2", &at("127.0.3.12:7070"), &["--flaky"], None);
     let _v3 = echo_server(dir.path(), "v3", &at("127.0.3.13:7070"), &["--xds"], Some(&v3_bootstrap));
@@ -185,19 +211,8 @@ fn follows_the_mesh_config(implementation: Implementation, port: u16) {
     let before = direct_call(&at("127.0.3.13:7070"));
     assert!(!before.contains_key("v3"), "the xds server served before it had its listener: {before:?}");
 
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    serve
-        .args(["serve", "--debounce-ms", "20", "--config"])
-        .arg(&cfg)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-        .args(["--monitoring-addr", &format!("127.0.0.1:{monitoring_port}")]);
-    let _sluice = Proc::spawn("sluice", &mut serve, &dir.path().join("sluice.log"));
-    let logs = || {
-        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
-        format!("--- sluice\n{}\n--- v3\n{}\n--- client\n{}", read("sluice.log"), read("v3.log"), read("client.log"))
-    };
+    let _sluice = serve(dir.path(), xds_port, monitoring_port);
+    let logs = || self::logs(dir.path());
     let ready = eventually(Duration::from_secs(20), || {
         http_get(&format!("127.0.0.1:{monitoring_port}"), "x", "/ready", &[]).ok().filter(|(s, _)| *s == 200)
     });
@@ -207,7 +222,7 @@ fn follows_the_mesh_config(implementation: Implementation, port: u16) {
     });
     assert!(served.is_some(), "the xds server never served once sluice sent its listener: {}", logs());
 
-    let client_bootstrap = grpc_bootstrap(dir.path(), "client-bootstrap", CLIENT, xds_port);
+    let client_bootstrap = grpc_bootstrap(dir.path(), "client-bootstrap", CLIENT, xds_port, None);
     let target = TARGET.replace("7070", &port.to_string());
     let mut client = Client::start(implementation, &target, &client_bootstrap, &dir.path().join("client.log"));
     // 75/25 over v1 and v2 on one channel.
@@ -287,11 +302,9 @@ fn python_grpc_mtls_and_a_policy_by_namespace() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cfg");
     std::fs::create_dir(&cfg).unwrap();
-    let example = relocate(&std::fs::read_to_string(common::root().join("examples/grpc/mesh.yaml")).unwrap())
-        .replace("7070", &port.to_string());
     // Everything to v3, over mesh mTLS; v3's port STRICT and open to grpcdemo only.
-    let kept: Vec<&str> = example
-        .split("\n---\n")
+    let kept: Vec<String> = example(port)
+        .into_iter()
         .filter(|d| !d.contains("kind: VirtualService") && !d.contains("kind: AuthorizationPolicy"))
         .collect();
     let policy = r#"apiVersion: networking.istio.io/v1
@@ -300,13 +313,6 @@ metadata: {name: echo, namespace: grpcdemo}
 spec:
   hosts: [echo]
   http: [{route: [{destination: {host: echo, subset: v3}}]}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo-mtls, namespace: grpcdemo}
-spec:
-  host: echo.grpcdemo.svc.cluster.local
-  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -326,41 +332,19 @@ spec:
         "spec:\n  host: echo\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n  subsets:",
     );
     std::fs::write(cfg.join("mesh.yaml"), kept).unwrap();
-    let policy = policy.split("\n---\n").filter(|d| !d.contains("name: echo-mtls")).collect::<Vec<_>>().join("\n---\n");
     std::fs::write(cfg.join("policy.yaml"), policy).unwrap();
 
     // sluice's CA, made before serve starts so that the test can sign what the agent would.
     let state = dir.path().join("state");
     let ca = sluice_identity::CertificateAuthority::self_signed(&state.join("ca"), "cluster.local").unwrap();
     let (xds_port, monitoring_port) = (free_port(), free_port());
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    serve
-        .args(["serve", "--debounce-ms", "20", "--config"])
-        .arg(&cfg)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-        .args(["--monitoring-addr", &format!("127.0.0.1:{monitoring_port}")]);
-    let _sluice = Proc::spawn("sluice", &mut serve, &dir.path().join("sluice.log"));
-    let bootstrap = |name: &str, node: &str, certs: &Path| {
-        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["bootstrap", "--grpc", "--proxy", &relocate(node), "--xds-addr", &format!("127.0.0.1:{xds_port}")])
-            .arg("--cert-dir")
-            .arg(certs)
-            .output()
-            .expect("sluice bootstrap --grpc");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let path = dir.path().join(format!("{name}.json"));
-        std::fs::write(&path, out.stdout).unwrap();
-        path
-    };
+    let _sluice = serve(dir.path(), xds_port, monitoring_port);
+    let bootstrap =
+        |name: &str, node: &str, certs: &Path| grpc_bootstrap(dir.path(), name, node, xds_port, Some(certs));
     let v3_certs = write_certificates(&ca, dir.path(), "grpcdemo", "echo");
     let v3_bootstrap = bootstrap("v3", ECHO_V3, &v3_certs);
     let _v3 = echo_server(dir.path(), "v3", &at("127.0.3.13:7070"), &["--xds"], Some(&v3_bootstrap));
-    let logs = || {
-        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
-        format!("--- sluice\n{}\n--- v3\n{}\n--- client\n{}", read("sluice.log"), read("v3.log"), read("client.log"))
-    };
+    let logs = || self::logs(dir.path());
     let serving = eventually(Duration::from_secs(30), || {
         std::fs::read_to_string(dir.path().join("v3.log")).ok().filter(|l| l.contains("start serving")).map(|_| ())
     });

@@ -479,6 +479,13 @@ fn outlier(o: &OutlierDetection) -> Value {
     if let Some(b) = o.split_external_local_origin_errors {
         m.insert("split_external_local_origin_errors".into(), json!(b));
     }
+    ejection(o, &mut m);
+    Value::Object(m)
+}
+
+/// How often hosts are judged and for how long they are ejected, with success-rate ejection
+/// off (Istio never turns it on): what Envoy's and gRPC's outlier detection share.
+pub(super) fn ejection(o: &OutlierDetection, m: &mut Map<String, Value>) {
     if let Some(d) = o.interval {
         m.insert("interval".into(), json!(d.to_proto_json()));
     }
@@ -489,5 +496,4 @@ fn outlier(o: &OutlierDetection) -> Value {
         m.insert("max_ejection_percent".into(), json!(p));
     }
     m.insert("enforcing_success_rate".into(), json!(0));
-    Value::Object(m)
 }

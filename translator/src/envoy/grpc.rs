@@ -317,16 +317,7 @@ fn lb_policy(proxy: &mut Proxy<'_>, service: &MeshService, policy: &Effective, c
 /// become a failure-percentage ejection that takes every failing host out.
 fn outlier(o: &crate::model::destination_rule::OutlierDetection) -> Value {
     let mut m = Map::new();
-    if let Some(d) = o.interval {
-        m.insert("interval".into(), json!(d.to_proto_json()));
-    }
-    if let Some(d) = o.base_ejection_time {
-        m.insert("base_ejection_time".into(), json!(d.to_proto_json()));
-    }
-    if let Some(p) = o.max_ejection_percent {
-        m.insert("max_ejection_percent".into(), json!(p));
-    }
-    m.insert("enforcing_success_rate".into(), json!(0));
+    super::cluster::ejection(o, &mut m);
     let counts = o.consecutive_5xx_errors.is_some_and(|n| n > 0)
         || o.consecutive_gateway_errors.is_some_and(|n| n > 0)
         || o.consecutive_errors.is_some_and(|n| n > 0);
