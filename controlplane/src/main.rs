@@ -174,6 +174,15 @@ enum Command {
         /// The agent's local socket.
         #[arg(long, default_value = sluice_dataplane::socket::DEFAULT_SOCKET)]
         agent_socket: PathBuf,
+        /// Keep the workload's certificate files (cert-chain.pem, key.pem, root-cert.pem) in
+        /// this directory, from the agent's SDS, for as long as the command runs: what a
+        /// proxyless gRPC application's file_watcher provider reads (`sluice bootstrap --grpc
+        /// --cert-dir`).
+        #[arg(long, requires = "sds_socket")]
+        cert_dir: Option<PathBuf>,
+        /// The agent's SDS socket (`sluice agent --sds-socket`), for --cert-dir.
+        #[arg(long)]
+        sds_socket: Option<PathBuf>,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -279,6 +288,59 @@ fn read_mesh_config(path: Option<&std::path::Path>) -> anyhow::Result<MeshConfig
         tracing::info!(file = %path.display(), fields = ?ignored, "MeshConfig fields sluice does not read");
     }
     Ok(mesh)
+}
+
+/// `sluice run --cert-dir`: this process, in the workload's cgroup, keeps the workload's
+/// certificate files current (the agent knows it by that cgroup) and runs `command` as its
+/// child once they are there; the child dies with it and its exit code is this one's.
+// The one unsafe call: `pre_exec` to set the child's parent-death signal; std has no safe way.
+#[allow(unsafe_code)]
+fn run_with_certificate_files(
+    workload: &str,
+    sds: PathBuf,
+    dir: PathBuf,
+    command: &[String],
+) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let keeper = tokio::spawn(sluice_dataplane::cert_files::keep(sds, dir.clone(), workload.to_string()));
+        let chain = dir.join(sluice_dataplane::cert_files::CHAIN_FILE);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !chain.exists() {
+            anyhow::ensure!(!keeper.is_finished(), "cannot keep the certificate files in {}", dir.display());
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no certificate for {workload} from the agent within 30 s (see the warnings above)"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let mut cmd = std::process::Command::new(&command[0]);
+        cmd.args(&command[1..]);
+        // SAFETY: prctl is async-signal-safe; it makes the child die with this process, which
+        // is what keeps its certificate fresh.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("running {:?}", command[0]))?;
+        let waited = tokio::task::spawn_blocking(move || child.wait());
+        tokio::select! {
+            status = waited => {
+                let status = status??;
+                Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
+            }
+            failed = keeper => {
+                let reason = match failed { Ok(e) => e.to_string(), Err(e) => e.to_string() };
+                // The child is killed with this process (PR_SET_PDEATHSIG).
+                Err(anyhow::anyhow!("the certificate files of {workload} can no longer be kept: {reason}"))
+            }
+        }
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -413,10 +475,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => agent(args),
-        Command::Run { workload, agent_socket, command } => {
+        Command::Run { workload, agent_socket, cert_dir, sds_socket, command } => {
             use std::os::unix::process::CommandExt;
             let cgroup = sluice_dataplane::socket::register(&agent_socket, &workload)?;
             sluice_dataplane::cgroup::add_process(&cgroup, std::process::id())?;
+            if let (Some(dir), Some(sds)) = (cert_dir, sds_socket) {
+                return run_with_certificate_files(&workload, sds, dir, &command);
+            }
             // exec only returns on failure; the command inherits this process's new cgroup.
             let err = std::process::Command::new(&command[0]).args(&command[1..]).exec();
             Err(anyhow::anyhow!("running {:?}: {err}", command[0]))

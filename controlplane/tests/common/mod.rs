@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+pub mod grpc;
+
 pub use sluice_translator::envoy::Certificates;
 
 /// productpage's node id (no iptables; Sidecar binds real addresses).

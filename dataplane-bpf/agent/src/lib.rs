@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod backends;
+pub mod cert_files;
 pub mod cgroup;
 pub mod delivery;
 pub mod dump;
