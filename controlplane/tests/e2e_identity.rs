@@ -609,3 +609,67 @@ fn sidecars_talk_mesh_mtls_and_policies_see_the_callers_identity() {
     mesh.expect(FROM_WEB, "/", 200, "after serve's restart");
     drop(std::mem::take(&mut mesh.envoys));
 }
+
+/// Proxyless gRPC with its certificates from the node agent: `sluice run --cert-dir` keeps the
+/// workload's files (gRPC's file_watcher provider reads them) from the agent's SDS, which knows
+/// the process by its cgroup. The server in grpcdemo is STRICT and open to grpcdemo only: the
+/// client in grpcdemo gets in over mTLS, the one in `other` is refused, and each one's files
+/// hold its own workload's identity.
+#[test]
+fn proxyless_grpc_takes_its_certificate_files_from_the_agent() {
+    use common::grpc::{CLIENT, Client, ECHO_V3, Implementation, TARGET, grpc_bootstrap, mtls_config};
+    let port = 7073;
+    let config = tempfile::tempdir().unwrap();
+    let (mesh, policy) = mtls_config(port);
+    std::fs::write(config.path().join("mesh.yaml"), mesh).unwrap();
+    std::fs::write(config.path().join("policy.yaml"), policy).unwrap();
+    let node = Node::start("e2e-grpc-certs", config.path(), None, true);
+    // `sluice run` as `workload`, keeping its certificate files in `certs-<workload>`.
+    let wrapper = |workload: &str| -> (Vec<String>, PathBuf) {
+        drop(node.run(workload, &["true"])); // once the agent knows the workload
+        let certs = node.path(&format!("certs-{workload}"));
+        let mut w: Vec<String> = vec![SLUICE.into(), "run".into(), "--workload".into(), workload.into()];
+        for (flag, path) in [("--agent-socket", node.path("agent.sock")), ("--cert-dir", certs.clone())] {
+            w.push(flag.into());
+            w.push(path.display().to_string());
+        }
+        w.extend(["--sds-socket".into(), node.path("sds.sock").display().to_string(), "--".into()]);
+        (w, certs)
+    };
+    let (v3_run, v3_certs) = wrapper("echo-v3.grpcdemo");
+    let v3_bootstrap = grpc_bootstrap(node.dir.path(), "v3-bootstrap", ECHO_V3, node.xds, Some(&v3_certs));
+    let addr = relocate("127.0.3.13:7070").replace(":7070", &format!(":{port}"));
+    let mut server = Command::new(&v3_run[0]);
+    server.args(&v3_run[1..]).arg(sluice_testkit::python_bin()).arg(common::grpc::echo_py());
+    server.args(["serve", "v3", &addr, "--xds"]).env("GRPC_XDS_BOOTSTRAP", &v3_bootstrap);
+    let _v3 = Proc::spawn("v3", &mut server, &node.path("v3.log"));
+    let serving = eventually(Duration::from_secs(30), || node.log("v3.log").contains("start serving").then_some(()));
+    assert!(serving.is_some(), "v3 never served:{}", node.logs(&["v3.log"]));
+    let chain = std::fs::read_to_string(v3_certs.join("cert-chain.pem")).unwrap();
+    let leaf = pem::parse_many(&chain).unwrap().remove(0);
+    let identity = certificate_identity(leaf.contents());
+    assert_eq!(identity, Some(SpiffeId::new("cluster.local", "grpcdemo", "echo")), "v3's own identity in its files");
+
+    let target = TARGET.replace("7070", &port.to_string());
+    let start = |workload: &str, node_id: &str, log: &str| {
+        let (run, certs) = wrapper(workload);
+        let bootstrap =
+            grpc_bootstrap(node.dir.path(), &format!("{workload}-bootstrap"), node_id, node.xds, Some(&certs));
+        Client::start_under(&run, Implementation::Python, &target, &bootstrap, &node.path(log))
+    };
+    let mut client = start("client.grpcdemo", CLIENT, "client.log");
+    let admitted = eventually(Duration::from_secs(30), || {
+        let c = client.call("/echo.Echo/Call", 5, &[]);
+        (c.get("v3") == Some(&5)).then_some(c)
+    });
+    assert!(admitted.is_some(), "the client in grpcdemo never got through:{}", node.logs(&["v3.log", "client.log"]));
+    let mut outsider =
+        start("outsider.other", "sidecar~127.0.3.30~outsider.other~other.svc.cluster.local", "outsider.log");
+    let refused = outsider.call("/echo.Echo/Call", 5, &[]);
+    assert_eq!(
+        refused,
+        std::collections::BTreeMap::from([("status:PERMISSION_DENIED".to_string(), 5)]),
+        "{}",
+        node.logs(&["v3.log", "outsider.log"])
+    );
+}

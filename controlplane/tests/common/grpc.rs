@@ -90,20 +90,35 @@ pub struct Client {
 
 impl Client {
     pub fn start(implementation: Implementation, target: &str, bootstrap: &Path, log: &Path) -> Client {
-        let mut cmd = match implementation {
-            Implementation::Python => {
-                let mut cmd = Command::new(python_bin());
-                cmd.arg(echo_py()).arg("client");
-                cmd
-            }
+        Self::start_under(&[], implementation, target, bootstrap, log)
+    }
+
+    /// [`Client::start`] with the client's command run by `wrapper` (e.g. `sluice run … --`).
+    pub fn start_under(
+        wrapper: &[String],
+        implementation: Implementation,
+        target: &str,
+        bootstrap: &Path,
+        log: &Path,
+    ) -> Client {
+        let (program, mut args): (String, Vec<String>) = match implementation {
+            Implementation::Python => (python_bin(), vec![echo_py().display().to_string(), "client".into()]),
             Implementation::Node => {
-                let mut cmd = Command::new("node");
-                cmd.arg(super::root().join("controlplane/tests/grpc/echo.js")).env("NODE_PATH", node_path());
-                cmd
+                ("node".into(), vec![super::root().join("controlplane/tests/grpc/echo.js").display().to_string()])
             }
         };
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(&program);
+                cmd
+            }
+            None => Command::new(&program),
+        };
+        args.push(target.to_string());
         let mut child = cmd
-            .arg(target)
+            .args(&args)
+            .env("NODE_PATH", node_path())
             .env("GRPC_XDS_BOOTSTRAP", bootstrap)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
