@@ -673,3 +673,140 @@ fn proxyless_grpc_takes_its_certificate_files_from_the_agent() {
         node.logs(&["v3.log", "outsider.log"])
     );
 }
+
+/// Mesh mTLS between proxyless gRPC and Envoy sidecars, both ways: a client's sidecar (its app
+/// a plain gRPC client) calls the proxyless `xds=True` server v3, and a proxyless client (files
+/// from the agent) calls v1 through v1's inbound sidecar; STRICT everywhere, v3's policy by
+/// namespace.
+#[test]
+fn proxyless_grpc_and_envoy_sidecars_talk_mesh_mtls_both_ways() {
+    use common::grpc::{CLIENT, Client, ECHO_V3, Implementation, TARGET, echo_py, grpc_bootstrap, mtls_config};
+    let port = 7074;
+    let app_port = free_port();
+    let config = tempfile::tempdir().unwrap();
+    let (mesh, policy) = mtls_config(port);
+    // v1 and the client get sidecars that bind real addresses (no iptables): v1's inbound on
+    // its pod IP in front of its app, the client's outbound on the client's pod IP. The header
+    // x-version: v1 routes to v1, the rest to v3.
+    let sidecars = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: echo-v1, namespace: grpcdemo}}
+spec:
+  workloadSelector: {{labels: {{version: v1}}}}
+  ingress:
+  - {{port: {{number: {port}, protocol: GRPC, name: grpc}}, bind: 127.0.3.11, captureMode: NONE, defaultEndpoint: "127.0.0.1:{app_port}"}}
+  egress:
+  - {{hosts: ["./*"]}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: client, namespace: grpcdemo}}
+spec:
+  workloadSelector: {{labels: {{app: client}}}}
+  egress:
+  - {{port: {{number: {port}, protocol: GRPC, name: grpc}}, bind: 127.0.3.20, captureMode: NONE, hosts: ["./*"]}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: grpcdemo}}
+spec:
+  hosts: [echo]
+  http:
+  - match: [{{headers: {{x-version: {{exact: v1}}}}}}]
+    route: [{{destination: {{host: echo, subset: v1}}}}]
+  - route: [{{destination: {{host: echo, subset: v3}}}}]
+"#
+    );
+    let policy: Vec<&str> = policy.split("\n---\n").filter(|d| !d.contains("kind: VirtualService")).collect();
+    // v1 is labelled for mesh TLS, as Istio's injector labels a pod with a sidecar.
+    let mesh = mesh.replace(
+        "  name: echo-v1\n  namespace: grpcdemo\n  labels: {app: echo, version: v1}",
+        "  name: echo-v1\n  namespace: grpcdemo\n  labels: {app: echo, version: v1, security.istio.io/tlsMode: istio}",
+    );
+    assert!(mesh.contains("tlsMode: istio"), "the example's echo-v1 Pod changed shape");
+    std::fs::write(config.path().join("mesh.yaml"), mesh).unwrap();
+    std::fs::write(config.path().join("policy.yaml"), policy.join("\n---\n")).unwrap();
+    std::fs::write(config.path().join("sidecars.yaml"), relocate(&sidecars)).unwrap();
+    let node = Node::start("e2e-grpc-sidecars", config.path(), None, true);
+    let logs = |extra: &[&str]| node.logs(extra);
+    // `sluice run` as `workload`, keeping its certificate files in `certs-<workload>`.
+    let wrapper = |workload: &str| -> (Vec<String>, PathBuf) {
+        drop(node.run(workload, &["true"])); // once the agent knows the workload
+        let certs = node.path(&format!("certs-{workload}-proxyless"));
+        let mut w: Vec<String> = vec![SLUICE.into(), "run".into(), "--workload".into(), workload.into()];
+        for (flag, path) in [
+            ("--agent-socket", node.path("agent.sock")),
+            ("--cert-dir", certs.clone()),
+            ("--sds-socket", node.path("sds.sock")),
+        ] {
+            w.push(flag.into());
+            w.push(path.display().to_string());
+        }
+        w.push("--".into());
+        (w, certs)
+    };
+    let sidecar = |workload: &str, node_id: &str| {
+        let out = Command::new(SLUICE)
+            .args(["bootstrap", "--proxy", &relocate(node_id), "--xds-addr", &format!("127.0.0.1:{}", node.xds)])
+            .args(["--admin-port", &free_port().to_string()])
+            .arg("--sds-socket")
+            .arg(node.path("sds.sock"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let path = node.path(&format!("{workload}-envoy.json"));
+        std::fs::write(&path, out.stdout).unwrap();
+        node.envoy(workload, &path)
+    };
+    // v3, proxyless, with its files from the agent.
+    let (v3_run, v3_certs) = wrapper("echo-v3.grpcdemo");
+    let v3_bootstrap = grpc_bootstrap(node.dir.path(), "v3-bootstrap", ECHO_V3, node.xds, Some(&v3_certs));
+    let v3_addr = relocate("127.0.3.13:7070").replace(":7070", &format!(":{port}"));
+    let mut server = Command::new(&v3_run[0]);
+    server.args(&v3_run[1..]).arg(sluice_testkit::python_bin()).arg(echo_py());
+    server.args(["serve", "v3", &v3_addr, "--xds"]).env("GRPC_XDS_BOOTSTRAP", &v3_bootstrap);
+    let _v3 = Proc::spawn("v3", &mut server, &node.path("v3.log"));
+    // v1: a plain gRPC server behind its sidecar.
+    let app = relocate(&format!("127.0.0.1:{app_port}"));
+    let _v1_app = Proc::spawn(
+        "v1",
+        Command::new(sluice_testkit::python_bin()).arg(echo_py()).args(["serve", "v1", &app]),
+        &node.path("v1.log"),
+    );
+    let _v1_sidecar = sidecar("echo-v1.grpcdemo", "sidecar~127.0.3.11~echo-v1.grpcdemo~grpcdemo.svc.cluster.local");
+    let _client_sidecar = sidecar("client.grpcdemo", CLIENT);
+
+    // Sidecar → proxyless: the client's app calls its sidecar in plain text, which speaks mesh
+    // mTLS to v3 with the client's certificate; v3's policy lets grpcdemo in.
+    let outbound = relocate("127.0.3.20:7070").replace(":7070", &format!(":{port}"));
+    let mut through_sidecar = {
+        let authority = format!("echo.grpcdemo.svc.cluster.local:{port}");
+        let wrapper = vec!["env".to_string(), format!("ECHO_AUTHORITY={authority}")];
+        Client::start_under(&wrapper, Implementation::Python, &outbound, Path::new("/dev/null"), &node.path("app.log"))
+    };
+    let to_v3 = eventually(Duration::from_secs(30), || {
+        let c = through_sidecar.call("/echo.Echo/Call", 3, &[]);
+        (c.get("v3") == Some(&3)).then_some(c)
+    });
+    assert!(to_v3.is_some(), "sidecar → proxyless over mTLS:{}", logs(&["v3.log", "app.log", "client.grpcdemo.log"]));
+    // Proxyless → sidecar: a proxyless client in grpcdemo with the header for v1.
+    let (client_run, client_certs) = wrapper("client.grpcdemo");
+    let bootstrap = grpc_bootstrap(node.dir.path(), "client-bootstrap", CLIENT, node.xds, Some(&client_certs));
+    let target = TARGET.replace("7070", &port.to_string());
+    let mut proxyless =
+        Client::start_under(&client_run, Implementation::Python, &target, &bootstrap, &node.path("client.log"));
+    let to_v1 = eventually(Duration::from_secs(30), || {
+        let c = proxyless.call("/echo.Echo/Call", 3, &["x-version=v1"]);
+        (c.get("v1") == Some(&3)).then_some(c)
+    });
+    assert!(
+        to_v1.is_some(),
+        "proxyless → sidecar over mTLS:{}",
+        logs(&["client.log", "echo-v1.grpcdemo.log", "v1.log"])
+    );
+    // v1's port is STRICT: plain text to its sidecar is refused.
+    let plain = common::grpc::direct_call(&relocate("127.0.3.11:7070").replace(":7070", &format!(":{port}")));
+    assert!(!plain.contains_key("v1"), "plain text through a STRICT sidecar: {plain:?}");
+}

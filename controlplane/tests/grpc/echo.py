@@ -13,6 +13,7 @@ generic handlers (raw bytes, no protoc).
 """
 
 import json
+import os
 import sys
 from concurrent import futures
 
@@ -53,7 +54,10 @@ def client(target):
         fallback = grpc.experimental.insecure_channel_credentials()
         channel = grpc.secure_channel(target, grpc.xds_channel_credentials(fallback))
     else:
-        channel = grpc.insecure_channel(target)
+        # A sidecar's outbound listener routes by authority: $ECHO_AUTHORITY names the service.
+        authority = os.environ.get("ECHO_AUTHORITY")
+        options = [("grpc.default_authority", authority)] if authority else []
+        channel = grpc.insecure_channel(target, options=options)
     for line in sys.stdin:
         parts = line.split()
         if not parts:
