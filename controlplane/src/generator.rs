@@ -87,22 +87,24 @@ struct OutboundCache {
     stale: HashMap<ProxyClass, ClassOutbound>,
     stale_hosts: BTreeSet<String>,
     stale_routing: BTreeSet<String>,
-    /// What proxyless gRPC clients of each class share, for this version only (translated
-    /// again after any change).
+    /// What proxyless gRPC clients of each class share, for this version.
     proxyless: HashMap<ProxyClass, Arc<SharedTypes>>,
+    /// The same of an earlier version, to be patched like `stale` (same hosts).
+    proxyless_stale: HashMap<ProxyClass, Arc<SharedTypes>>,
 }
 
 impl OutboundCache {
     /// Moves the cache to `version`, which `delta` leads to.
     fn advance(&mut self, version: u64, delta: &SnapshotDelta) {
-        self.proxyless.clear();
         if delta.patchable() && self.stale_hosts.len() + delta.services.len() <= STALE_HOSTS {
-            if self.stale.is_empty() {
+            if self.stale.is_empty() && self.proxyless_stale.is_empty() {
                 self.stale_hosts.clear();
                 self.stale_routing.clear();
             }
             let fresh = std::mem::take(&mut self.classes);
             self.stale.extend(fresh);
+            let fresh = std::mem::take(&mut self.proxyless);
+            self.proxyless_stale.extend(fresh);
             self.stale_hosts.extend(delta.services.keys().cloned());
             self.stale_routing.extend(delta.routing.iter().cloned());
         } else {
@@ -331,8 +333,31 @@ impl MeshGenerator {
         let build = |reason| GenerateError::Build { node: node(), reason };
         let class = translation.class();
         let cached = {
-            let cache = self.outbound.lock().expect("outbound cache lock");
-            (cache.version == current.version).then(|| cache.proxyless.get(&class).cloned()).flatten()
+            let mut cache = self.outbound.lock().expect("outbound cache lock");
+            let hit = (cache.version == current.version).then(|| cache.proxyless.get(&class).cloned()).flatten();
+            let stale = (cache.version == current.version && hit.is_none())
+                .then(|| {
+                    let types = cache.proxyless_stale.remove(&class)?;
+                    Some((types, cache.stale_hosts.clone(), cache.stale_routing.clone()))
+                })
+                .flatten();
+            match (hit, stale) {
+                (Some(hit), _) => Some(hit),
+                (None, Some((types, hosts, routing))) => {
+                    // Patched as a sidecar class is: the endpoints of the hosts whose endpoints
+                    // changed, the routes of those whose VirtualServices did.
+                    let endpoints = self.intern(ENDPOINT, translation.proxyless_endpoints_of(&hosts)).map_err(build)?;
+                    let mut types = types.with(ENDPOINT, endpoints);
+                    if !routing.is_empty() {
+                        let routes = self.intern(ROUTE, translation.proxyless_routes_of(&routing)).map_err(build)?;
+                        types = types.with(ROUTE, routes);
+                    }
+                    let patched = Arc::new(types);
+                    cache.proxyless.insert(class.clone(), patched.clone());
+                    Some(patched)
+                }
+                (None, None) => None,
+            }
         };
         let shared = match cached {
             Some(hit) => hit,
@@ -378,6 +403,12 @@ impl MeshGenerator {
     #[cfg(test)]
     fn stale_classes(&self) -> usize {
         self.outbound.lock().expect("outbound cache lock").stale.len()
+    }
+
+    /// Proxyless classes cached for an earlier version, waiting to be patched.
+    #[cfg(test)]
+    fn stale_proxyless_classes(&self) -> usize {
+        self.outbound.lock().expect("outbound cache lock").proxyless_stale.len()
     }
 }
 
@@ -600,6 +631,43 @@ status: {podIP: 127.0.1.31}
         assert_eq!(contents(&patched), contents(&full));
         assert_ne!(contents(&before), contents(&full), "the weights changed");
         assert_eq!(contents(&sidecar_patched), contents(&generator.generate(&sidecar, None).unwrap()));
+    }
+
+    #[test]
+    fn proxyless_classes_are_patched_like_sidecar_classes_and_equal_a_full_generation() {
+        let mut snapshot = bookinfo_80_20();
+        let generator = MeshGenerator::new(Current { version: 1, snapshot: snapshot.clone() });
+        let mut grpc = node("sidecar~127.0.9.1~a.default~default.svc.cluster.local");
+        grpc.metadata.insert("GENERATOR".into(), "grpc".into());
+        let mut previous = generator.generate(&grpc, None).unwrap();
+        assert!(previous.types[LISTENER].items.get("reviews:9080").is_some(), "the proxyless listeners");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let (routing, _) = crate::file_source::load(&[root.join("bookinfo-variants/reviews-50-50")]);
+        let steps: [(Vec<sluice_translator::snapshot::Change>, &str); 2] = [
+            (
+                sluice_translator::parse::parse_documents("moved.yaml", RATINGS_MOVED)
+                    .0
+                    .into_iter()
+                    .map(|l| sluice_translator::snapshot::Change::Upsert(Arc::new(l)))
+                    .collect(),
+                ENDPOINT,
+            ),
+            (routing.into_iter().map(|l| sluice_translator::snapshot::Change::Upsert(Arc::new(l))).collect(), ROUTE),
+        ];
+        for (version, (changes, changed)) in (2..).step_by(2).zip(steps) {
+            let delta = snapshot.apply(changes);
+            assert!(delta.patchable(), "{delta:?}");
+            generator.set(Current { version, snapshot: snapshot.clone() }, delta);
+            assert_eq!(generator.stale_proxyless_classes(), 1, "the class waits to be patched");
+            let patched = generator.generate(&grpc, Some(&previous)).unwrap();
+            assert_eq!(generator.stale_proxyless_classes(), 0, "patched");
+            assert_eq!(changed_types(&previous, &patched), [changed], "step {version}");
+            let rebuild = SnapshotDelta { rebuild: true, ..Default::default() };
+            generator.set(Current { version: version + 1, snapshot: snapshot.clone() }, rebuild);
+            let full = generator.generate(&grpc, None).unwrap();
+            assert_eq!(contents(&patched), contents(&full), "step {version}");
+            previous = full;
+        }
     }
 
     /// Two TCP services and a VirtualService splitting one's connections between them.

@@ -17,6 +17,8 @@
 //! gRPC subscribes by name. Every name a client of this class may ask for is generated once per
 //! class and served by name, so one translation serves every client of the class.
 
+use std::collections::BTreeSet;
+
 use serde_json::{Map, Value, json};
 
 use super::authorization::{self, Layer};
@@ -28,7 +30,7 @@ use crate::diagnostic::ObjectRef;
 use crate::model::authorization_policy::MtlsMode;
 use crate::model::common::Protocol;
 use crate::model::destination_rule::{ClientTlsMode, SimpleLb};
-use crate::snapshot::{MeshService, ServicePort, ServiceResolution};
+use crate::snapshot::{MeshService, ServicePort, ServiceResolution, host_matches};
 
 /// Istio's prefix of server-side listener names (its gRPC bootstrap template).
 pub const ISTIO_SERVER_LISTENER_PREFIX: &str = "xds.istio.io/grpc/lds/inbound/";
@@ -91,10 +93,18 @@ pub(super) fn client_listeners(proxy: &Proxy<'_>) -> Vec<Resource> {
     out
 }
 
-/// RDS: per service port, the sidecar's virtual host for it, reshaped for gRPC.
-pub(super) fn routes(proxy: &mut Proxy<'_>) -> Vec<Resource> {
+/// True when `hosts` (resolved names, possibly wildcards) names `service`; None names all.
+fn named(hosts: Option<&BTreeSet<String>>, service: &MeshService) -> bool {
+    hosts.is_none_or(|h| {
+        h.contains(&service.hostname) || h.iter().any(|w| w.starts_with('*') && host_matches(w, &service.hostname))
+    })
+}
+
+/// RDS: per service port, the sidecar's virtual host for it, reshaped for gRPC; with `hosts`,
+/// only of the services they name (what a change of their VirtualServices changes).
+pub(super) fn routes(proxy: &mut Proxy<'_>, hosts: Option<&BTreeSet<String>>) -> Vec<Resource> {
     let mut out = Vec::new();
-    for service in proxy.visible_services() {
+    for service in proxy.visible_services().into_iter().filter(|s| named(hosts, s)) {
         let mut domains: Vec<String> = Vec::new();
         for port in ports(service) {
             domains.clear();
@@ -330,10 +340,12 @@ fn outlier(o: &crate::model::destination_rule::OutlierDetection) -> Value {
     Value::Object(m)
 }
 
-/// EDS: the sidecar's load assignments, every locality named and weighted.
-pub(super) fn endpoints(proxy: &mut Proxy<'_>) -> Vec<Resource> {
+/// EDS: the sidecar's load assignments, every locality named and weighted; with `hosts`, only
+/// of those services (what an endpoint-only change of them changes).
+pub(super) fn endpoints(proxy: &mut Proxy<'_>, hosts: Option<&BTreeSet<String>>) -> Vec<Resource> {
     let mut out = Vec::new();
-    for service in proxy.visible_services().into_iter().filter(|s| s.resolution == ServiceResolution::Eds) {
+    let eds = |s: &&MeshService| s.resolution == ServiceResolution::Eds && named(hosts, s);
+    for service in proxy.visible_services().into_iter().filter(eds) {
         let dr = destination_rule(proxy, service).map(|d| &d.spec);
         for port in ports(service) {
             for subset in subsets(proxy, service) {
@@ -439,9 +451,9 @@ pub(super) fn translate(proxy: &mut Proxy<'_>) -> ProxyResources {
 pub(super) fn outbound(proxy: &mut Proxy<'_>) -> ProxyResources {
     let mut out = ProxyResources {
         listeners: client_listeners(proxy),
-        routes: routes(proxy),
+        routes: routes(proxy, None),
         clusters: clusters(proxy),
-        endpoints: endpoints(proxy),
+        endpoints: endpoints(proxy, None),
         diagnostics: Vec::new(),
     };
     for list in [&mut out.listeners, &mut out.routes, &mut out.clusters, &mut out.endpoints] {

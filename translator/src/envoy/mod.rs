@@ -224,6 +224,18 @@ impl ProxyTranslation<'_> {
         grpc::outbound(&mut self.proxy)
     }
 
+    /// The proxyless route configurations a change of the VirtualServices naming `hosts`
+    /// (resolved, possibly wildcards) may change.
+    pub fn proxyless_routes_of(&mut self, hosts: &std::collections::BTreeSet<String>) -> Vec<Resource> {
+        grpc::routes(&mut self.proxy, Some(hosts))
+    }
+
+    /// The proxyless load assignments of the services `hosts` (what an endpoint-only change
+    /// of them changes).
+    pub fn proxyless_endpoints_of(&mut self, hosts: &std::collections::BTreeSet<String>) -> Vec<Resource> {
+        grpc::endpoints(&mut self.proxy, Some(hosts))
+    }
+
     /// A proxyless gRPC server's own listeners (gRFC A36), one per inbound port and name.
     pub fn proxyless_inbound(&mut self) -> Vec<Resource> {
         grpc::server_listeners(&mut self.proxy)
