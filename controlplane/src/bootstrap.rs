@@ -147,15 +147,15 @@ mod tests {
     #[test]
     fn grpc_bootstrap_names_the_node_the_server_template_and_the_certificate_files() {
         let id = "sidecar~127.0.3.20~client.grpcdemo~grpcdemo.svc.cluster.local";
-        let plain = grpc_bootstrap(id, "127.0.0.1:15010", None).unwrap();
+        let plain = grpc_bootstrap(id, "sluice.sluice-system:15010", None).unwrap();
         assert_eq!(plain["node"]["metadata"]["GENERATOR"], "grpc");
         assert_eq!(plain["xds_servers"][0]["server_features"], serde_json::json!(["xds_v3"]));
         assert_eq!(plain["server_listener_resource_name_template"], "xds.istio.io/grpc/lds/inbound/%s");
         assert!(plain.get("certificate_providers").is_none());
-        let tls = grpc_bootstrap(id, "127.0.0.1:15010", Some(std::path::Path::new("/certs"))).unwrap();
+        let tls = grpc_bootstrap(id, "sluice.sluice-system:15010", Some(std::path::Path::new("/certs"))).unwrap();
         let provider = &tls["certificate_providers"]["default"];
         assert_eq!(provider["plugin_name"], "file_watcher");
         assert_eq!(provider["config"]["ca_certificate_file"], "/certs/root-cert.pem");
-        assert!(grpc_bootstrap("not-an-id", "127.0.0.1:15010", None).is_err());
+        assert!(grpc_bootstrap("not-an-id", "sluice.sluice-system:15010", None).is_err());
     }
 }
