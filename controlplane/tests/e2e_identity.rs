@@ -180,6 +180,37 @@ impl Node {
         )
     }
 
+    /// `sluice run` as `workload` (once the agent knows it) keeping the workload's certificate
+    /// files in `certs-<workload>` from the agent's SDS, as a command prefix; and that directory.
+    fn with_certificate_files(&self, workload: &str) -> (Vec<String>, PathBuf) {
+        drop(self.run(workload, &["true"]));
+        let certs = self.path(&format!("certs-{workload}"));
+        let mut prefix: Vec<String> = vec![SLUICE.into(), "run".into(), "--workload".into(), workload.into()];
+        for (flag, path) in [
+            ("--agent-socket", self.path("agent.sock")),
+            ("--cert-dir", certs.clone()),
+            ("--sds-socket", self.path("sds.sock")),
+        ] {
+            prefix.push(flag.into());
+            prefix.push(path.display().to_string());
+        }
+        prefix.push("--".into());
+        (prefix, certs)
+    }
+
+    /// `examples/grpc`'s v3 on `port`: an `xds=True` server with its certificate files from the
+    /// agent; and where they are.
+    fn proxyless_v3(&self, port: u16) -> (Proc, PathBuf) {
+        use common::grpc::{ECHO_V3, echo_py, grpc_bootstrap};
+        let (prefix, certs) = self.with_certificate_files("echo-v3.grpcdemo");
+        let bootstrap = grpc_bootstrap(self.dir.path(), "v3-bootstrap", ECHO_V3, self.xds, Some(&certs));
+        let addr = relocate("127.0.3.13:7070").replace(":7070", &format!(":{port}"));
+        let mut server = Command::new(&prefix[0]);
+        server.args(&prefix[1..]).arg(sluice_testkit::python_bin()).arg(echo_py());
+        server.args(["serve", "v3", &addr, "--xds"]).env("GRPC_XDS_BOOTSTRAP", &bootstrap);
+        (Proc::spawn("v3", &mut server, &self.path("v3.log")), certs)
+    }
+
     /// An Envoy as `workload`, configured by `config` (a bootstrap).
     fn envoy(&self, workload: &str, config: &Path) -> Proc {
         let config = config.display().to_string();
@@ -617,32 +648,15 @@ fn sidecars_talk_mesh_mtls_and_policies_see_the_callers_identity() {
 /// hold its own workload's identity.
 #[test]
 fn proxyless_grpc_takes_its_certificate_files_from_the_agent() {
-    use common::grpc::{CLIENT, Client, ECHO_V3, Implementation, TARGET, grpc_bootstrap, mtls_config};
+    use common::grpc::{CLIENT, Client, Implementation, TARGET, grpc_bootstrap, mtls_config};
     let port = 7073;
     let config = tempfile::tempdir().unwrap();
     let (mesh, policy) = mtls_config(port);
     std::fs::write(config.path().join("mesh.yaml"), mesh).unwrap();
     std::fs::write(config.path().join("policy.yaml"), policy).unwrap();
     let node = Node::start("e2e-grpc-certs", config.path(), None, true);
-    // `sluice run` as `workload`, keeping its certificate files in `certs-<workload>`.
-    let wrapper = |workload: &str| -> (Vec<String>, PathBuf) {
-        drop(node.run(workload, &["true"])); // once the agent knows the workload
-        let certs = node.path(&format!("certs-{workload}"));
-        let mut w: Vec<String> = vec![SLUICE.into(), "run".into(), "--workload".into(), workload.into()];
-        for (flag, path) in [("--agent-socket", node.path("agent.sock")), ("--cert-dir", certs.clone())] {
-            w.push(flag.into());
-            w.push(path.display().to_string());
-        }
-        w.extend(["--sds-socket".into(), node.path("sds.sock").display().to_string(), "--".into()]);
-        (w, certs)
-    };
-    let (v3_run, v3_certs) = wrapper("echo-v3.grpcdemo");
-    let v3_bootstrap = grpc_bootstrap(node.dir.path(), "v3-bootstrap", ECHO_V3, node.xds, Some(&v3_certs));
-    let addr = relocate("127.0.3.13:7070").replace(":7070", &format!(":{port}"));
-    let mut server = Command::new(&v3_run[0]);
-    server.args(&v3_run[1..]).arg(sluice_testkit::python_bin()).arg(common::grpc::echo_py());
-    server.args(["serve", "v3", &addr, "--xds"]).env("GRPC_XDS_BOOTSTRAP", &v3_bootstrap);
-    let _v3 = Proc::spawn("v3", &mut server, &node.path("v3.log"));
+    let wrapper = |workload: &str| node.with_certificate_files(workload);
+    let (_v3, v3_certs) = node.proxyless_v3(port);
     let serving = eventually(Duration::from_secs(30), || node.log("v3.log").contains("start serving").then_some(()));
     assert!(serving.is_some(), "v3 never served:{}", node.logs(&["v3.log"]));
     let chain = std::fs::read_to_string(v3_certs.join("cert-chain.pem")).unwrap();
@@ -680,7 +694,7 @@ fn proxyless_grpc_takes_its_certificate_files_from_the_agent() {
 /// namespace.
 #[test]
 fn proxyless_grpc_and_envoy_sidecars_talk_mesh_mtls_both_ways() {
-    use common::grpc::{CLIENT, Client, ECHO_V3, Implementation, TARGET, echo_py, grpc_bootstrap, mtls_config};
+    use common::grpc::{CLIENT, Client, Implementation, TARGET, echo_py, grpc_bootstrap, mtls_config};
     let port = 7074;
     let app_port = free_port();
     let config = tempfile::tempdir().unwrap();
@@ -731,22 +745,7 @@ spec:
     std::fs::write(config.path().join("sidecars.yaml"), relocate(&sidecars)).unwrap();
     let node = Node::start("e2e-grpc-sidecars", config.path(), None, true);
     let logs = |extra: &[&str]| node.logs(extra);
-    // `sluice run` as `workload`, keeping its certificate files in `certs-<workload>`.
-    let wrapper = |workload: &str| -> (Vec<String>, PathBuf) {
-        drop(node.run(workload, &["true"])); // once the agent knows the workload
-        let certs = node.path(&format!("certs-{workload}-proxyless"));
-        let mut w: Vec<String> = vec![SLUICE.into(), "run".into(), "--workload".into(), workload.into()];
-        for (flag, path) in [
-            ("--agent-socket", node.path("agent.sock")),
-            ("--cert-dir", certs.clone()),
-            ("--sds-socket", node.path("sds.sock")),
-        ] {
-            w.push(flag.into());
-            w.push(path.display().to_string());
-        }
-        w.push("--".into());
-        (w, certs)
-    };
+    let wrapper = |workload: &str| node.with_certificate_files(workload);
     let sidecar = |workload: &str, node_id: &str| {
         let out = Command::new(SLUICE)
             .args(["bootstrap", "--proxy", &relocate(node_id), "--xds-addr", &format!("127.0.0.1:{}", node.xds)])
@@ -761,13 +760,7 @@ spec:
         node.envoy(workload, &path)
     };
     // v3, proxyless, with its files from the agent.
-    let (v3_run, v3_certs) = wrapper("echo-v3.grpcdemo");
-    let v3_bootstrap = grpc_bootstrap(node.dir.path(), "v3-bootstrap", ECHO_V3, node.xds, Some(&v3_certs));
-    let v3_addr = relocate("127.0.3.13:7070").replace(":7070", &format!(":{port}"));
-    let mut server = Command::new(&v3_run[0]);
-    server.args(&v3_run[1..]).arg(sluice_testkit::python_bin()).arg(echo_py());
-    server.args(["serve", "v3", &v3_addr, "--xds"]).env("GRPC_XDS_BOOTSTRAP", &v3_bootstrap);
-    let _v3 = Proc::spawn("v3", &mut server, &node.path("v3.log"));
+    let (_v3, _) = node.proxyless_v3(port);
     // v1: a plain gRPC server behind its sidecar.
     let app = relocate(&format!("127.0.0.1:{app_port}"));
     let _v1_app = Proc::spawn(
