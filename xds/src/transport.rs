@@ -11,9 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use bytes::{BufMut, BytesMut};
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use http_body::Frame;
 use tokio::sync::mpsc;
@@ -21,11 +19,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::server::NamedService;
 
-use crate::authorization::Gate;
+use crate::authorization::{Admission, Gate};
 use crate::delta::Delta;
 use crate::shared::Shared;
 use crate::sotw::Sotw;
-use crate::stream::STREAM_BUFFER;
+use crate::stream::{Protocol, STREAM_BUFFER};
 
 /// A gRPC service whose streaming methods (Delta at `delta_path`, State-of-the-World at
 /// `sotw_path`) are served by [`Delta`] and [`Sotw`] streams with framed responses; every other
@@ -106,27 +104,33 @@ where
             return Box::pin(self.inner.call(request));
         }
         let admission = self.gate.admission(request.headers(), request.extensions());
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let (shared, fixed_type) = (self.shared.clone(), self.fixed_type);
-        if delta {
-            let requests = tonic::codec::Streaming::<DeltaDiscoveryRequest>::new_request(
-                tonic_prost::ProstCodec::<(), DeltaDiscoveryRequest>::raw_decoder(Default::default()),
-                request.into_body(),
-                None,
-                Some(MAX_REQUEST),
-            );
-            tokio::spawn(crate::stream::run(shared, requests, tx, fixed_type, admission, Delta::default()));
+        let (shared, fixed_type, body) = (self.shared.clone(), self.fixed_type, request.into_body());
+        let rx = if delta {
+            spawn_stream(shared, body, fixed_type, admission, Delta::default())
         } else {
-            let requests = tonic::codec::Streaming::<DiscoveryRequest>::new_request(
-                tonic_prost::ProstCodec::<(), DiscoveryRequest>::raw_decoder(Default::default()),
-                request.into_body(),
-                None,
-                Some(MAX_REQUEST),
-            );
-            tokio::spawn(crate::stream::run(shared, requests, tx, fixed_type, admission, Sotw::default()));
-        }
+            spawn_stream(shared, body, fixed_type, admission, Sotw::default())
+        };
         Box::pin(async move { Ok(response(rx)) })
     }
+}
+
+/// Runs a `protocol` stream reading its requests from `body`; returns its framed responses.
+fn spawn_stream<P: Protocol<Response = Bytes>>(
+    shared: Arc<Shared>,
+    body: tonic::body::Body,
+    fixed_type: Option<&'static str>,
+    admission: Option<Admission>,
+    protocol: P,
+) -> mpsc::Receiver<Result<Bytes, Status>> {
+    let requests = tonic::codec::Streaming::<P::Request>::new_request(
+        tonic_prost::ProstCodec::<(), P::Request>::raw_decoder(Default::default()),
+        body,
+        None,
+        Some(MAX_REQUEST),
+    );
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(crate::stream::run(shared, requests, tx, fixed_type, admission, protocol));
+    rx
 }
 
 /// The streamed HTTP response: each frame as data, then the trailers with the final status
