@@ -27,9 +27,10 @@ use super::proxy::Proxy;
 use super::route::{RouteTable, TableHost, spellings};
 use super::{ProxyResources, Resource, ads_source, object, outbound_cluster_name, typed};
 use crate::diagnostic::ObjectRef;
+use crate::model::IstioObject;
 use crate::model::authorization_policy::MtlsMode;
 use crate::model::common::Protocol;
-use crate::model::destination_rule::{ClientTlsMode, SimpleLb};
+use crate::model::destination_rule::{ClientTlsMode, DestinationRuleSpec, SimpleLb};
 use crate::snapshot::{MeshService, ServicePort, ServiceResolution, host_matches};
 
 /// Istio's prefix of server-side listener names (its gRPC bootstrap template).
@@ -187,11 +188,11 @@ enum Security {
 fn policy(
     proxy: &mut Proxy<'_>,
     service: &MeshService,
+    dr: Option<&IstioObject<DestinationRuleSpec>>,
     port: u32,
     subset: Option<&str>,
     warn: bool,
 ) -> (Effective, Security) {
-    let dr = destination_rule(proxy, service);
     let policy = Effective::resolve(dr.map(|d| &d.spec), subset, port);
     let security = match &policy.tls {
         None => Security::Plain,
@@ -240,10 +241,9 @@ fn tls_socket(context: &str, sans: &[String], require_client_certificate: bool) 
     json!({"name": "envoy.transport_sockets.tls", "typed_config": typed(&format!("envoy.extensions.transport_sockets.tls.v3.{context}"), body)})
 }
 
-/// The subsets of a service's DestinationRule for this proxy, after the default (None).
-fn subsets<'a>(proxy: &Proxy<'a>, service: &MeshService) -> Vec<Option<String>> {
-    let dr = destination_rule(proxy, service);
-    std::iter::once(None).chain(dr.iter().flat_map(|d| d.spec.subsets.iter().map(|s| Some(s.name.clone())))).collect()
+/// The subsets of a service's DestinationRule `dr`, after the default (None).
+fn subsets(dr: Option<&IstioObject<DestinationRuleSpec>>) -> impl Iterator<Item = Option<&str>> {
+    std::iter::once(None).chain(dr.into_iter().flat_map(|d| d.spec.subsets.iter().map(|s| Some(s.name.as_str()))))
 }
 
 /// CDS: a cluster per service port and subset.
@@ -253,11 +253,11 @@ pub(super) fn clusters(proxy: &mut Proxy<'_>) -> Vec<Resource> {
         if service.resolution == ServiceResolution::Passthrough {
             continue;
         }
+        let dr = destination_rule(proxy, service);
         for port in ports(service) {
-            for subset in subsets(proxy, service) {
-                let subset = subset.as_deref();
+            for subset in subsets(dr) {
                 let name = outbound_cluster_name(port.port, subset.unwrap_or(""), &service.hostname);
-                let (policy, security) = policy(proxy, service, port.port, subset, true);
+                let (policy, security) = policy(proxy, service, dr, port.port, subset, true);
                 let mut c = Map::new();
                 c.insert("name".into(), json!(name));
                 match service.resolution {
@@ -279,7 +279,7 @@ pub(super) fn clusters(proxy: &mut Proxy<'_>) -> Vec<Resource> {
                         );
                     }
                 }
-                lb_policy(proxy, service, &policy, &mut c);
+                lb_policy(proxy, service, dr, &policy, &mut c);
                 let max_requests = policy.connection_pool.as_ref().and_then(|p| p.http.as_ref()?.http2_max_requests);
                 if let Some(n) = max_requests.filter(|n| *n > 0) {
                     c.insert("circuit_breakers".into(), json!({"thresholds": [{"max_requests": n}]}));
@@ -299,7 +299,13 @@ pub(super) fn clusters(proxy: &mut Proxy<'_>) -> Vec<Resource> {
 
 /// Round robin, or ring hash for `consistentHash` (gRFC A42); what gRPC lacks is said and
 /// falls back to round robin, as istiod does.
-fn lb_policy(proxy: &mut Proxy<'_>, service: &MeshService, policy: &Effective, c: &mut Map<String, Value>) {
+fn lb_policy(
+    proxy: &mut Proxy<'_>,
+    service: &MeshService,
+    dr: Option<&IstioObject<DestinationRuleSpec>>,
+    policy: &Effective,
+    c: &mut Map<String, Value>,
+) {
     let lb = policy.load_balancer.as_ref();
     if let Some(ch) = lb.and_then(|l| l.consistent_hash.as_ref()) {
         c.insert("lb_policy".into(), json!("RING_HASH"));
@@ -312,7 +318,7 @@ fn lb_policy(proxy: &mut Proxy<'_>, service: &MeshService, policy: &Effective, c
     c.insert("lb_policy".into(), json!("ROUND_ROBIN"));
     let simple = lb.and_then(|l| l.simple);
     if let Some(other) = simple.filter(|s| !matches!(s, SimpleLb::RoundRobin | SimpleLb::Unspecified))
-        && let Some(dr) = destination_rule(proxy, service)
+        && let Some(dr) = dr
     {
         proxy.warn(
             ObjectRef::new("DestinationRule", &dr.meta.namespace, &dr.meta.name),
@@ -346,13 +352,13 @@ pub(super) fn endpoints(proxy: &mut Proxy<'_>, hosts: Option<&BTreeSet<String>>)
     let mut out = Vec::new();
     let eds = |s: &&MeshService| s.resolution == ServiceResolution::Eds && named(hosts, s);
     for service in proxy.visible_services().into_iter().filter(eds) {
-        let dr = destination_rule(proxy, service).map(|d| &d.spec);
+        let dr = destination_rule(proxy, service);
         for port in ports(service) {
-            for subset in subsets(proxy, service) {
-                let subset = subset.as_deref();
+            for subset in subsets(dr) {
                 let name = outbound_cluster_name(port.port, subset.unwrap_or(""), &service.hostname);
-                let (_, security) = policy(proxy, service, port.port, subset, false);
-                let mut cla = super::endpoint::load_assignment(proxy.snapshot, &name, service, port, subset, dr);
+                let (_, security) = policy(proxy, service, dr, port.port, subset, false);
+                let spec = dr.map(|d| &d.spec);
+                let mut cla = super::endpoint::load_assignment(proxy.snapshot, &name, service, port, subset, spec);
                 if matches!(security, Security::Refused) {
                     cla["endpoints"] = json!([]);
                 } else {
