@@ -320,6 +320,43 @@ impl MeshGenerator {
         Ok((outbound, encoded))
     }
 
+    /// What every proxyless client of `translation`'s class shares, translated at most once per
+    /// class and config version, and patched as sidecar classes are (see
+    /// [`MeshGenerator::outbound`]): the endpoints of the hosts whose endpoints changed, the
+    /// routes of those whose VirtualServices did.
+    fn proxyless_shared(
+        &self,
+        version: u64,
+        translation: &mut ProxyTranslation<'_>,
+    ) -> Result<Arc<SharedTypes>, String> {
+        let class = translation.class();
+        let mut cache = self.outbound.lock().expect("outbound cache lock");
+        if cache.version == version {
+            if let Some(hit) = cache.proxyless.get(&class) {
+                return Ok(hit.clone());
+            }
+            if let Some(stale) = cache.proxyless_stale.remove(&class) {
+                let endpoints = self.intern(ENDPOINT, translation.proxyless_endpoints_of(&cache.stale_hosts))?;
+                let mut types = stale.with(ENDPOINT, endpoints);
+                if !cache.stale_routing.is_empty() {
+                    types =
+                        types.with(ROUTE, self.intern(ROUTE, translation.proxyless_routes_of(&cache.stale_routing))?);
+                }
+                let patched = Arc::new(types);
+                cache.proxyless.insert(class, patched.clone());
+                return Ok(patched);
+            }
+        }
+        let mut encoded = Vec::new();
+        self.encode(translation.proxyless_outbound(), &mut encoded)?;
+        let built = Arc::new(SharedTypes::new(encoded));
+        // A generation for another config (racing a change) is not cached.
+        if cache.version == version {
+            cache.proxyless.insert(class, built.clone());
+        }
+        Ok(built)
+    }
+
     /// The proxyless gRPC client `node_id`'s snapshot parts: what its class shares (translated
     /// once per class and version) and its own server listeners.
     fn proxyless(
@@ -331,47 +368,7 @@ impl MeshGenerator {
         let mut translation = ProxyTranslation::new(&current.snapshot, node_id)
             .map_err(|e| GenerateError::UnservableNode { node: node(), reason: e.to_string() })?;
         let build = |reason| GenerateError::Build { node: node(), reason };
-        let class = translation.class();
-        let cached = {
-            let mut cache = self.outbound.lock().expect("outbound cache lock");
-            let hit = (cache.version == current.version).then(|| cache.proxyless.get(&class).cloned()).flatten();
-            let stale = (cache.version == current.version && hit.is_none())
-                .then(|| {
-                    let types = cache.proxyless_stale.remove(&class)?;
-                    Some((types, cache.stale_hosts.clone(), cache.stale_routing.clone()))
-                })
-                .flatten();
-            match (hit, stale) {
-                (Some(hit), _) => Some(hit),
-                (None, Some((types, hosts, routing))) => {
-                    // Patched as a sidecar class is: the endpoints of the hosts whose endpoints
-                    // changed, the routes of those whose VirtualServices did.
-                    let endpoints = self.intern(ENDPOINT, translation.proxyless_endpoints_of(&hosts)).map_err(build)?;
-                    let mut types = types.with(ENDPOINT, endpoints);
-                    if !routing.is_empty() {
-                        let routes = self.intern(ROUTE, translation.proxyless_routes_of(&routing)).map_err(build)?;
-                        types = types.with(ROUTE, routes);
-                    }
-                    let patched = Arc::new(types);
-                    cache.proxyless.insert(class.clone(), patched.clone());
-                    Some(patched)
-                }
-                (None, None) => None,
-            }
-        };
-        let shared = match cached {
-            Some(hit) => hit,
-            None => {
-                let mut encoded = Vec::new();
-                self.encode(translation.proxyless_outbound(), &mut encoded).map_err(build)?;
-                let built = Arc::new(SharedTypes::new(encoded));
-                let mut cache = self.outbound.lock().expect("outbound cache lock");
-                if cache.version == current.version {
-                    cache.proxyless.insert(class, built.clone());
-                }
-                built
-            }
-        };
+        let shared = self.proxyless_shared(current.version, &mut translation).map_err(build)?;
         let own = self.intern(LISTENER, translation.proxyless_inbound()).map_err(build)?;
         Ok((shared, own))
     }
